@@ -1,0 +1,140 @@
+// Splits one Adam step over the thread pool and calls the active SIMD variant.
+#include <pthread.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "adam.h"
+#include "cpu_features.h"
+#include "runtime.h"
+#include "thread_pool.h"
+
+namespace offload::native {
+namespace {
+
+// Work is split into per-thread ranges whose boundaries are multiples of this many elements (256 B of fp32,
+// 128 B of bf16), so two threads never write the same cache line of a buffer that starts line-aligned.
+constexpr std::size_t kSplitGranule = 64;
+// Below this many elements a step runs on the calling thread: waking workers would cost more than it saves.
+constexpr std::size_t kMinElementsPerThread = 1 << 15;
+
+// Guards the pool pointer and serialises parallel loops (the pool runs one at a time).
+std::mutex g_pool_mutex;
+std::unique_ptr<ThreadPool> g_pool;
+int g_requested_threads = 0;  // 0: default_num_threads()
+
+// fork() handlers. A fork waits for a running step (prepare takes the mutex), so the child starts with the
+// mutex in a known state. The child has none of the parent's worker threads: it forgets the pool, and the next
+// step there starts a new one.
+void lock_pool_before_fork() { g_pool_mutex.lock(); }
+void unlock_pool_in_parent() { g_pool_mutex.unlock(); }
+void forget_pool_in_child() {
+  // Leaked on purpose: destroying (or detaching) its std::thread objects would act on parent threads that do
+  // not exist in the child. Only the handful of bytes of the pool object itself are lost.
+  (void)g_pool.release();
+  g_pool_mutex.unlock();
+}
+
+ThreadPool& pool_locked() {
+  static const bool fork_handlers_installed =
+      pthread_atfork(lock_pool_before_fork, unlock_pool_in_parent, forget_pool_in_child) == 0;
+  (void)fork_handlers_installed;
+  if (!g_pool) {
+    g_pool = std::make_unique<ThreadPool>(g_requested_threads > 0 ? g_requested_threads : default_num_threads());
+  }
+  return *g_pool;
+}
+
+AdamRangeFn kernel_for(SimdVariant variant) {
+  switch (variant) {
+#if defined(OFFLOAD_HAVE_X86_VARIANTS)
+    case SimdVariant::kAvx512: return &avx512::adam_range;
+    case SimdVariant::kAvx2: return &avx2::adam_range;
+#endif
+    default: return &scalar::adam_range;
+  }
+}
+
+struct StepJob {
+  const AdamSpan* spans;
+  std::size_t nspans;
+  const std::size_t* span_starts;  // prefix sums: span k covers global elements [span_starts[k], span_starts[k+1])
+  std::size_t total;
+  int nparts;
+  AdamRangeFn kernel;
+  AdamConstants constants;
+  bool adamw;
+  GradDtype grad_dtype;
+  LowpDtype lowp_dtype;
+};
+
+// Part `part` updates the global element range [lo, hi), which may cross span boundaries.
+void run_part(void* ctx, int part) {
+  const auto& job = *static_cast<const StepJob*>(ctx);
+  const std::size_t granules = (job.total + kSplitGranule - 1) / kSplitGranule;
+  const std::size_t lo = std::min(job.total, granules * part / job.nparts * kSplitGranule);
+  const std::size_t hi = std::min(job.total, granules * (part + 1) / job.nparts * kSplitGranule);
+  if (lo >= hi) return;
+  std::size_t k = static_cast<std::size_t>(
+      std::upper_bound(job.span_starts, job.span_starts + job.nspans + 1, lo) - job.span_starts - 1);
+  for (std::size_t pos = lo; pos < hi && k < job.nspans; ++k) {
+    const std::size_t span_end = job.span_starts[k + 1];
+    if (span_end <= pos) continue;  // empty span
+    const std::size_t begin = pos - job.span_starts[k];
+    const std::size_t end = std::min(hi, span_end) - job.span_starts[k];
+    job.kernel(job.spans[k], begin, end, job.constants, job.adamw, job.grad_dtype, job.lowp_dtype);
+    pos = job.span_starts[k] + end;
+  }
+}
+
+}  // namespace
+
+AdamConstants make_adam_constants(const AdamHyper& h) {
+  const double step = static_cast<double>(h.step);
+  const double bias_correction1 = h.bias_correction ? 1.0 - std::pow(h.beta1, step) : 1.0;
+  const double bias_correction2 = h.bias_correction ? 1.0 - std::pow(h.beta2, step) : 1.0;
+  AdamConstants c;
+  c.grad_scale = static_cast<float>(h.grad_scale);
+  c.weight_decay = static_cast<float>(h.weight_decay);
+  c.decay = static_cast<float>(1.0 - h.lr * h.weight_decay);
+  c.beta2 = static_cast<float>(h.beta2);
+  c.one_minus_beta1 = static_cast<float>(1.0 - h.beta1);
+  c.one_minus_beta2 = static_cast<float>(1.0 - h.beta2);
+  c.step_size = static_cast<float>(h.lr / bias_correction1);
+  c.inv_bias_correction2_sqrt = static_cast<float>(1.0 / std::sqrt(bias_correction2));
+  c.eps = static_cast<float>(h.eps);
+  return c;
+}
+
+void adam_step(const AdamSpan* spans, std::size_t nspans, const AdamHyper& hyper, GradDtype grad_dtype,
+               LowpDtype lowp_dtype) {
+  // Allocated once per call, never inside the element loop.
+  std::vector<std::size_t> span_starts(nspans + 1, 0);
+  for (std::size_t k = 0; k < nspans; ++k) span_starts[k + 1] = span_starts[k] + spans[k].numel;
+  const std::size_t total = span_starts[nspans];
+  if (total == 0) return;
+
+  StepJob job{spans, nspans, span_starts.data(), total, 1, kernel_for(active_simd_variant()),
+              make_adam_constants(hyper), hyper.adamw, grad_dtype, lowp_dtype};
+  std::lock_guard<std::mutex> lock(g_pool_mutex);
+  ThreadPool& pool = pool_locked();
+  const std::size_t useful = std::max<std::size_t>(1, total / kMinElementsPerThread);
+  job.nparts = static_cast<int>(std::min<std::size_t>(static_cast<std::size_t>(pool.size()), useful));
+  pool.run(job.nparts, &run_part, &job);
+}
+
+int num_threads() {
+  std::lock_guard<std::mutex> lock(g_pool_mutex);
+  return pool_locked().size();
+}
+
+void set_num_threads(int nthreads) {
+  std::lock_guard<std::mutex> lock(g_pool_mutex);
+  g_requested_threads = nthreads;
+  g_pool.reset();  // joins the old workers; the next step starts a pool of the new size
+}
+
+}  // namespace offload::native

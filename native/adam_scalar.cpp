@@ -1,0 +1,18 @@
+// Portable scalar Adam: the reference every SIMD variant is tested against, and the fallback on CPUs without
+// AVX2. Compiled without ISA flags (see CMakeLists.txt).
+
+#include "adam.h"
+
+namespace offload::native::scalar {
+namespace {
+
+#include "adam_kernel.inc"
+
+}  // namespace
+
+void adam_range(const AdamSpan& span, std::size_t begin, std::size_t end, const AdamConstants& c, bool adamw,
+                GradDtype grad_dtype, LowpDtype lowp_dtype) {
+  adam_range_impl<Scalar>(span, begin, end, c, adamw, grad_dtype, lowp_dtype);
+}
+
+}  // namespace offload::native::scalar

@@ -1,0 +1,10 @@
+"""offload: train models larger than GPU memory on one machine.
+
+Parameter and optimizer state live in host RAM or on NVMe; a native SIMD Adam updates the fp32 state on the
+CPU. See README.md for the concepts and the configuration reference.
+"""
+
+from offload.optim.cpu_adam import CPUAdam
+
+__all__ = ["CPUAdam", "__version__"]
+__version__ = "0.1.0"
