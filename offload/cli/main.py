@@ -1,0 +1,39 @@
+"""The `offload` command line (also `python -m offload`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="offload",
+        description="offload: train models larger than GPU memory on one machine.",
+        epilog="Run 'offload bench adam --help' for the benchmark's options.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    bench = sub.add_parser("bench", help="paired benchmarks against torch (and DeepSpeed where installed)")
+    bench.add_argument("what", choices=["adam"], help="what to benchmark")
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    info = sub.add_parser("info", help="print the native core's SIMD variant and thread count")
+    info.set_defaults(command="info")
+
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        from offload.bench import adam
+
+        return adam.main(args.rest)
+    if args.command == "info":
+        from offload import __version__, native
+
+        print(f"offload {__version__}: simd={native.simd_variant()} "
+              f"(supported: {', '.join(native.supported_simd_variants())}), threads={native.num_threads()}")
+        return 0
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
