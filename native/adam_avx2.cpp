@@ -32,19 +32,24 @@ struct Vec {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
   }
   // Integer round-to-nearest-even, as Scalar::store_bf16 (vcvtneps2bf16 would flush subnormals to zero).
-  static void store_bf16(std::uint16_t* x, F a) {
+  static __m128i to_bf16(F a) {
     const __m256i u = _mm256_castps_si256(a);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
     __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
     const __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(a, a, _CMP_UNORD_Q));
     rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), is_nan);
     // packus works per 128-bit lane: [r0..r3 r0..r3 | r4..r7 r4..r7]; gather qwords 0 and 2 into the low half.
-    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(rounded, rounded), 0x08);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(x), _mm256_castsi256_si128(packed));
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(rounded, rounded), 0x08));
   }
-  static void store_f16(std::uint16_t* x, F a) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(x), _mm256_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  }
+  static __m128i to_f16(F a) { return _mm256_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static void store_bf16(std::uint16_t* x, F a) { _mm_storeu_si128(reinterpret_cast<__m128i*>(x), to_bf16(a)); }
+  static void store_f16(std::uint16_t* x, F a) { _mm_storeu_si128(reinterpret_cast<__m128i*>(x), to_f16(a)); }
+
+  // Note [streaming the low-precision copy] in adam_kernel.inc.
+  static constexpr std::size_t kStreamAlign = 16;
+  static void stream_bf16(std::uint16_t* x, F a) { _mm_stream_si128(reinterpret_cast<__m128i*>(x), to_bf16(a)); }
+  static void stream_f16(std::uint16_t* x, F a) { _mm_stream_si128(reinterpret_cast<__m128i*>(x), to_f16(a)); }
+  static void stream_fence() { _mm_sfence(); }
 };
 
 }  // namespace

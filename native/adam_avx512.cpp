@@ -32,18 +32,23 @@ struct Vec {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
   }
   // Integer round-to-nearest-even, as Scalar::store_bf16 (vcvtneps2bf16 would flush subnormals to zero).
-  static void store_bf16(std::uint16_t* x, F a) {
+  static __m256i to_bf16(F a) {
     const __m512i u = _mm512_castps_si512(a);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
     const __mmask16 is_nan = _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
     rounded = _mm512_mask_blend_epi32(is_nan, rounded, _mm512_set1_epi32(0x7FC0));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(x), _mm512_cvtepi32_epi16(rounded));
+    return _mm512_cvtepi32_epi16(rounded);
   }
-  static void store_f16(std::uint16_t* x, F a) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(x),
-                        _mm512_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  }
+  static __m256i to_f16(F a) { return _mm512_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static void store_bf16(std::uint16_t* x, F a) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(x), to_bf16(a)); }
+  static void store_f16(std::uint16_t* x, F a) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(x), to_f16(a)); }
+
+  // Note [streaming the low-precision copy] in adam_kernel.inc.
+  static constexpr std::size_t kStreamAlign = 32;
+  static void stream_bf16(std::uint16_t* x, F a) { _mm256_stream_si256(reinterpret_cast<__m256i*>(x), to_bf16(a)); }
+  static void stream_f16(std::uint16_t* x, F a) { _mm256_stream_si256(reinterpret_cast<__m256i*>(x), to_f16(a)); }
+  static void stream_fence() { _mm_sfence(); }
 };
 
 }  // namespace
