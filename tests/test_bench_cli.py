@@ -1,0 +1,56 @@
+"""The `offload` command line and the paired Adam benchmark (run tiny, for behaviour, not for speed)."""
+
+import json
+import subprocess
+import sys
+
+from offload.bench.adam import Record, markdown_table, summarize
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "offload", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_info_names_the_active_variant():
+    out = run_cli("info")
+    assert out.returncode == 0, out.stderr
+    assert "simd=" in out.stdout and "threads=" in out.stdout
+
+
+def test_no_command_prints_help_and_fails():
+    out = run_cli()
+    assert out.returncode == 2 and "bench" in out.stdout
+
+
+def test_bench_adam_runs_interleaved_and_prints_json_and_table(tmp_path):
+    raw = tmp_path / "raw.jsonl"
+    out = run_cli("bench", "adam", "--rounds", "2", "--numel", "200000", "--ntensors", "10", "--threads", "1",
+                  "--impls", "ours,ours_optim,torch_fused", "--steps", "2", "--out", str(raw))
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    # 2 shapes x 2 gradient dtypes x 2 copy modes at 1 thread; each with both implementations and their ratio.
+    assert len(rows) == 8
+    for row in rows:
+        assert row["ours"] > 0 and row["torch_fused"] > 0 and "ours/torch_fused" in row
+    assert sum("ours_optim/torch_fused" in row for row in rows) == 2  # CPUAdam: fp32 grads, no copy only
+    assert "| shape | grads | bf16 copy | threads |" in out.stdout
+    records = [json.loads(line) for line in raw.read_text().splitlines()]
+    assert {r["round"] for r in records} == {0, 1}
+    # Rounds alternate the order of the implementations.
+    assert "round 1/2 threads=1 ours:" in out.stderr and "round 2/2 threads=1 torch_fused:" in out.stderr
+
+
+def test_summary_takes_medians_of_per_round_ratios():
+    def rec(impl, rnd, mps):
+        return Record(impl=impl, threads=1, shape="flat", grad="fp32", write="none", round=rnd, mparam_s=mps,
+                      roofline_gbs=56.0)
+
+    # Ours is 10% faster than the baseline in every round, while both drift by 2x between rounds.
+    records = [rec("ours", 0, 1100), rec("base", 0, 1000), rec("ours", 1, 2200), rec("base", 1, 2000),
+               rec("ours", 2, 1650), rec("base", 2, 1500)]
+    (row,) = summarize(records, [("ours", "base")])
+    assert row["ours/base"] == 1.1 and row["ours/base range"] == [1.1, 1.1]
+    assert row["ours"] == 1650 and row["base"] == 1500
+    assert row["ours/roofline"] == round(1650 * 28 / 1e3 / 56.0, 3)
+    table = markdown_table([row], ["ours", "base"], [("ours", "base")])
+    assert "1.10 [1.10-1.10]" in table
