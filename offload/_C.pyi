@@ -1,4 +1,5 @@
-"""Private native core of offload. Buffers are DLPack-capable CPU arrays (torch tensors, numpy arrays).
+"""Private native core of offload. Buffers are DLPack-capable CPU arrays (torch tensors, numpy arrays) or,
+for adam_step_ptrs, addresses.
 
 Every buffer is checked (CPU, dtype, C-contiguous, element-aligned, equal lengths, no overlap) and rejected
 with ValueError naming the argument; nothing is copied. Calls block until done and release the GIL.
@@ -29,25 +30,22 @@ def adam_step(
     by ``grad_scale`` first. If ``param_lowp`` (bf16 or fp16) is given, it receives the updated parameters
     rounded to nearest even, in the same pass."""
 
-def adam_step_many(
-    params: Sequence[Buffer],
-    grads: Sequence[Buffer],
-    exp_avgs: Sequence[Buffer],
-    exp_avg_sqs: Sequence[Buffer],
-    param_lowps: Sequence[Buffer] | None = None,
-    *,
-    step: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    adamw: bool = True,
-    bias_correction: bool = True,
-    grad_scale: float = 1.0,
+def adam_step_ptrs(
+    params: Sequence[int],
+    grads: Sequence[int],
+    exp_avgs: Sequence[int],
+    exp_avg_sqs: Sequence[int],
+    param_lowps: Sequence[int],
+    numels: Sequence[int],
+    grad_dtype: str,
+    lowp_dtype: str,
+    **hyper: float | int | bool,
 ) -> None:
-    """:func:`adam_step` over many tensors with shared hyper-parameters and one gradient dtype, in one call
-    split across the thread pool."""
+    """:func:`adam_step` over many tensors given by address (``data_ptr()``), with shared hyper-parameters
+    (the keyword arguments of :func:`adam_step`), one ``grad_dtype`` ("float32", "bfloat16", "float16") and
+    one ``lowp_dtype`` ("none", "bfloat16", "float16"; ``param_lowps`` is empty for "none"). Trusted caller:
+    it must have checked that every tensor is a contiguous CPU tensor of that dtype with ``numels[i]``
+    elements. This call checks counts, null pointers, alignment and overlap between any two buffers."""
 
 def simd_variant() -> str: ...
 def supported_simd_variants() -> list[str]: ...
