@@ -1,5 +1,9 @@
 // Splits one Adam step over the thread pool and calls the active SIMD variant.
 #include <pthread.h>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#define OFFLOAD_HAVE_MXCSR 1
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -69,11 +73,17 @@ struct StepJob {
   bool adamw;
   GradDtype grad_dtype;
   LowpDtype lowp_dtype;
+  unsigned floating_point_mode;  // the caller's MXCSR (flush-to-zero / denormals-are-zero), see run_part
 };
 
 // Part `part` updates the global element range [lo, hi), which may cross span boundaries.
-void run_part(void* ctx, int part) {
+void run_part(void* ctx, int part) noexcept {
   const auto& job = *static_cast<const StepJob*>(ctx);
+#if defined(OFFLOAD_HAVE_MXCSR)
+  // Workers compute in the caller's floating-point mode (torch.set_flush_denormal sets FTZ/DAZ on the calling
+  // thread only), so that results do not depend on which thread updated an element.
+  if (part != 0) _mm_setcsr(job.floating_point_mode);
+#endif
   const std::size_t granules = (job.total + kSplitGranule - 1) / kSplitGranule;
   const std::size_t lo = std::min(job.total, granules * part / job.nparts * kSplitGranule);
   const std::size_t hi = std::min(job.total, granules * (part + 1) / job.nparts * kSplitGranule);
@@ -117,8 +127,13 @@ void adam_step(const AdamSpan* spans, std::size_t nspans, const AdamHyper& hyper
   const std::size_t total = span_starts[nspans];
   if (total == 0) return;
 
-  StepJob job{spans, nspans, span_starts.data(), total, 1, kernel_for(active_simd_variant()),
-              make_adam_constants(hyper), hyper.adamw, grad_dtype, lowp_dtype};
+  unsigned floating_point_mode = 0;
+#if defined(OFFLOAD_HAVE_MXCSR)
+  floating_point_mode = _mm_getcsr();
+#endif
+  StepJob job{spans,       nspans,     span_starts.data(), total,
+              1,           kernel_for(active_simd_variant()), make_adam_constants(hyper),
+              hyper.adamw, grad_dtype, lowp_dtype,         floating_point_mode};
   std::lock_guard<std::mutex> lock(g_pool_mutex);
   ThreadPool& pool = pool_locked();
   const std::size_t useful = std::max<std::size_t>(1, total / kMinElementsPerThread);

@@ -27,6 +27,7 @@ namespace offload::native {
 namespace {
 
 using Array = nb::ndarray<>;
+using ReadOnlyArray = nb::ndarray<nb::ro>;  // gradients are only read: read-only arrays are fine
 
 // A checked buffer. Its name for messages is role[index] (or just role when index is kNoIndex); it is only
 // formatted on failure, since a step over thousands of tensors checks tens of thousands of buffers.
@@ -56,7 +57,8 @@ std::string dtype_name(const nb::dlpack::dtype& d) {
   return "dtype(code=" + std::to_string(d.code) + ", bits=" + std::to_string(d.bits) + ")";
 }
 
-std::string shape_string(const Array& a, bool strides) {
+template <class A>
+std::string shape_string(const A& a, bool strides) {
   std::string s = "(";
   for (std::size_t i = 0; i < a.ndim(); ++i) {
     if (i) s += ", ";
@@ -72,7 +74,8 @@ std::string shape_string(const Array& a, bool strides) {
 
 // Checks device, contiguity and alignment (to the element size) and returns the buffer. Dtypes are checked by
 // the callers, which know which ones each role accepts.
-Buffer check_buffer(const char* where, const Array& a, const char* name) {
+template <class A>
+Buffer check_buffer(const char* where, const A& a, const char* name) {
   if (a.device_type() != nb::device::cpu::value) fail(where, name, "must be a CPU buffer");
   std::size_t numel = 1;
   std::int64_t expected_stride = 1;
@@ -91,7 +94,8 @@ Buffer check_buffer(const char* where, const Array& a, const char* name) {
   if (reinterpret_cast<std::uintptr_t>(a.data()) % itemsize != 0) {
     fail(where, name, "data pointer is not aligned to its " + std::to_string(itemsize) + "-byte element size");
   }
-  return Buffer{a.data(), numel, itemsize, name, kNoIndex};
+  // const_cast: read-only arrays (gradients) go into Buffer only for the checks; the kernel never writes them.
+  return Buffer{const_cast<void*>(static_cast<const void*>(a.data())), numel, itemsize, name, kNoIndex};
 }
 
 void require_f32(const char* where, const Array& a, const std::string& name) {
@@ -100,7 +104,7 @@ void require_f32(const char* where, const Array& a, const std::string& name) {
   }
 }
 
-GradDtype grad_dtype_of(const char* where, const Array& a, const std::string& name) {
+GradDtype grad_dtype_of(const char* where, const ReadOnlyArray& a, const std::string& name) {
   const auto d = a.dtype();
   if (is_dtype(d, nb::dlpack::dtype_code::Float, 32)) return GradDtype::kF32;
   if (is_dtype(d, nb::dlpack::dtype_code::Bfloat, 16)) return GradDtype::kBF16;
@@ -115,6 +119,13 @@ LowpDtype lowp_dtype_of(const char* where, const Array& a, const std::string& na
   fail(where, name, "must be bfloat16 or float16; got " + dtype_name(d));
 }
 
+// True when [address, address + numel * itemsize) is representable: a bogus length from a caller must not wrap
+// around and slip past the overlap check.
+bool byte_extent_ok(std::uintptr_t address, std::size_t numel, std::size_t itemsize) {
+  if (numel > SIZE_MAX / itemsize) return false;
+  return address <= UINTPTR_MAX - numel * itemsize;
+}
+
 // Rejects any two buffers sharing a byte: every buffer but the gradient is written, so an overlap is either a
 // caller bug (a state buffer passed twice) or a data race between threads. Sorting keeps this O(n log n).
 void check_disjoint(const char* where, const std::vector<Buffer>& buffers) {
@@ -125,7 +136,7 @@ void check_disjoint(const char* where, const std::vector<Buffer>& buffers) {
   std::size_t reach_owner = buffers.size();  // the buffer that extends furthest among those seen so far
   std::uintptr_t reach = 0;
   for (std::size_t i : order) {
-    const std::size_t bytes = buffers[i].numel * buffers[i].itemsize;
+    const std::size_t bytes = buffers[i].numel * buffers[i].itemsize;  // no overflow: see byte_extent_ok
     if (bytes == 0) continue;
     if (reach_owner != buffers.size() && start(i) < reach) {
       fail(where, buffers[i].name(), "overlaps '" + buffers[reach_owner].name() + "' in memory");
@@ -154,7 +165,7 @@ AdamHyper make_hyper(const char* where, std::int64_t step, double lr, double bet
   return AdamHyper{lr, beta1, beta2, eps, weight_decay, step, adamw, bias_correction, grad_scale};
 }
 
-void adam_step_one(const Array& param, const Array& grad, const Array& exp_avg, const Array& exp_avg_sq,
+void adam_step_one(const Array& param, const ReadOnlyArray& grad, const Array& exp_avg, const Array& exp_avg_sq,
                    const std::optional<Array>& param_lowp, std::int64_t step, double lr, double beta1, double beta2,
                    double eps, double weight_decay, bool adamw, bool bias_correction, double grad_scale) {
   const char* where = "adam_step";
@@ -233,6 +244,9 @@ void adam_step_ptrs(const std::vector<std::uintptr_t>& params, const std::vector
   auto add = [&](std::uintptr_t address, std::size_t numel, std::size_t itemsize, const char* role, std::size_t i) {
     buffers.push_back(Buffer{reinterpret_cast<void*>(address), numel, itemsize, role, i});
     if (numel > 0 && address == 0) fail(where, buffers.back().name(), "is a null pointer");
+    if (!byte_extent_ok(address, numel, itemsize)) {
+      fail(where, buffers.back().name(), "with " + std::to_string(numel) + " elements overflows the address space");
+    }
     if (address % itemsize != 0) {
       fail(where, buffers.back().name(), "is not aligned to its " + std::to_string(itemsize) + "-byte element size");
     }
@@ -282,9 +296,14 @@ NB_MODULE(_C, m) {
   m.def("supported_simd_variants", &supported_variants, "The variants this CPU and build can run.");
   m.def("force_simd_variant", [](const std::string& name) { force_simd_variant(parse_simd_variant(name)); },
         "name"_a, "Use this variant for every later call; raises if it is not supported here.");
-  m.def("num_threads", &num_threads, "Threads (including the caller) each kernel call may use.");
+  // Both wait for a running step (they take the pool mutex), so they release the GIL meanwhile.
+  m.def("num_threads", &num_threads, nb::call_guard<nb::gil_scoped_release>(),
+        "Threads (including the caller) each kernel call may use.");
   m.def("set_num_threads", [](int n) {
-        if (n < 1) throw nb::value_error(("set_num_threads: nthreads must be >= 1; got " + std::to_string(n)).c_str());
+        if (n < 1 || n > 4096) {
+          throw nb::value_error(("set_num_threads: nthreads must be between 1 and 4096; got " + std::to_string(n)).c_str());
+        }
+        nb::gil_scoped_release no_gil;
         set_num_threads(n);
-      }, "nthreads"_a, "Set the kernel thread count (>= 1), including the calling thread.");
+      }, "nthreads"_a, "Set the kernel thread count (1..4096), including the calling thread.");
 }

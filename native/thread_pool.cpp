@@ -11,18 +11,26 @@ namespace offload::native {
 ThreadPool::ThreadPool(int nthreads) {
   const int nworkers = nthreads > 1 ? nthreads - 1 : 0;
   workers_.reserve(static_cast<std::size_t>(nworkers));
-  for (int i = 0; i < nworkers; ++i) {
-    workers_.emplace_back([this, i] { worker_loop(i + 1); });
+  try {
+    for (int i = 0; i < nworkers; ++i) {
+      workers_.emplace_back([this, i] { worker_loop(i + 1); });
+    }
+  } catch (...) {  // e.g. the process hit its thread limit: stop the workers already started, then report
+    stop_and_join();
+    throw;
   }
 }
 
-ThreadPool::~ThreadPool() {
+ThreadPool::~ThreadPool() { stop_and_join(); }
+
+void ThreadPool::stop_and_join() {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     stop_ = true;
   }
   work_ready_.notify_all();
   for (auto& t : workers_) t.join();
+  workers_.clear();
 }
 
 void ThreadPool::worker_loop(int index) {

@@ -13,10 +13,12 @@ namespace offload::native {
 
 class ThreadPool {
  public:
-  // A part of a parallel loop: `fn(ctx, part)` for part in [0, nparts).
-  using PartFn = void (*)(void* ctx, int part);
+  // A part of a parallel loop: `fn(ctx, part)` for part in [0, nparts). Must not throw: the caller's `ctx`
+  // lives on its stack and must outlive every part.
+  using PartFn = void (*)(void* ctx, int part) noexcept;
 
-  // `nthreads` >= 1 counts the calling thread, so nthreads - 1 workers are started.
+  // `nthreads` >= 1 counts the calling thread, so nthreads - 1 workers are started. If a thread cannot be
+  // created, the ones already started are stopped and the std::system_error propagates.
   explicit ThreadPool(int nthreads);
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
@@ -30,6 +32,7 @@ class ThreadPool {
 
  private:
   void worker_loop(int index);
+  void stop_and_join();
 
   // Note [pool hand-off]: the job fields, the generation counter and `pending_` are only read or written
   // with `mutex_` held. The mutex gives the ordering: a worker sees the job the caller published before
