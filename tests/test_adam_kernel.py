@@ -113,27 +113,71 @@ def test_fused_copy_equals_torch_cast_bit_for_bit(simd_variant, lowp_dtype):
         assert torch.equal(lowp.view(torch.int16), expected.view(torch.int16))
 
 
-def test_nan_parameter_gives_quiet_nan_copy():
-    p = torch.tensor([float("nan")] * 20)
-    g, m, v = torch.zeros(20), torch.zeros(20), torch.zeros(20)
-    for dtype in (torch.bfloat16, torch.float16):
-        lowp = torch.zeros(20, dtype=dtype)
-        _C.adam_step(p, g, m, v, lowp, step=1, lr=0.0, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
-        assert torch.isnan(lowp.float()).all()
+@pytest.mark.parametrize("simd_variant", VARIANTS, indirect=True)
+def test_nan_parameters_give_quiet_nan_copies(simd_variant):
+    # NaNs whose naive rounding would carry into the sign or exponent (0xFFFFFFFF -> +0.0) or lose the NaN
+    # (0x7F800001 -> inf): bf16 must be exactly the canonical 0x7FC0; fp16 a quiet NaN, same bits everywhere.
+    patterns = [0x7FC00000, 0xFFFFFFFF, 0x7F800001, 0xFF800001, 0x7FFFFFFF, 0xFFC00000, 0x7FBFFFFF] * 5
+    nan_bits = torch.tensor([b - (1 << 32) if b >= 1 << 31 else b for b in patterns], dtype=torch.int32)
+    p = nan_bits.view(torch.float32).clone()
+    n = p.numel()
+    g, m, v = torch.zeros(n), torch.zeros(n), torch.zeros(n)
+    bf16 = torch.zeros(n, dtype=torch.bfloat16)
+    _C.adam_step(p, g, m, v, bf16, step=1, lr=0.0, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    assert (bf16.view(torch.int16) == 0x7FC0).all()
+    f16 = torch.zeros(n, dtype=torch.float16)
+    _C.adam_step(p, g, m, v, f16, step=1, lr=0.0, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    assert torch.isnan(f16.float()).all()
+    assert ((f16.view(torch.int16) & 0x0200) != 0).all()  # quiet
+    native.force_simd_variant("scalar")
+    f16_scalar = torch.zeros(n, dtype=torch.float16)
+    _C.adam_step(p, g, m, v, f16_scalar, step=1, lr=0.0, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    assert torch.equal(f16.view(torch.int16), f16_scalar.view(torch.int16))
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 5])
-def test_result_does_not_depend_on_thread_count(kernel_threads, threads):
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+def test_result_does_not_depend_on_thread_count(kernel_threads, threads, grad_dtype):
     n = 1_000_003
-    ref = make_state(n)
+    ref = make_state(n, grad_dtype)
+    ref_copy = torch.empty(n, dtype=torch.bfloat16)
     kernel_threads(1)
-    kernel_step(*ref, **HYPER, step=2)
-    got = make_state(n)
+    kernel_step(*ref, ref_copy, **HYPER, step=2)
+    got = make_state(n, grad_dtype)
+    got_copy = torch.empty(n, dtype=torch.bfloat16)
     kernel_threads(threads)
     assert native.num_threads() == threads
-    kernel_step(*got, **HYPER, step=2)
-    for a, b in zip(got, ref):
+    kernel_step(*got, got_copy, **HYPER, step=2)
+    for a, b in zip(got + (got_copy,), ref + (ref_copy,)):
         assert torch.equal(a, b)
+
+
+def test_workers_use_the_callers_flush_denormal_mode(kernel_threads):
+    # With flush-to-zero on the calling thread only, worker threads must flush too, or results would depend on
+    # which thread updated an element. Gradients of ~1e-20 from zero state make v = (1 - b2) g^2 ~ 1e-43, a
+    # denormal that FTZ flushes to zero.
+    def tiny_state():
+        p, g, m, v = make_state(n)
+        g.mul_(1e-19)
+        m.zero_()
+        v.zero_()
+        return p, g, m, v
+
+    n = 1_000_000
+    kernel_threads(2)
+    kernel_step(*make_state(n), step=1, **HYPER)  # start the workers first: new threads inherit the mode
+    torch.set_flush_denormal(True)
+    try:
+        a = tiny_state()
+        kernel_step(*a, step=1, **HYPER)
+        kernel_threads(1)
+        b = tiny_state()
+        kernel_step(*b, step=1, **HYPER)
+    finally:
+        torch.set_flush_denormal(False)
+    assert (b[3] == 0).all()  # flushed on the calling thread
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
 
 
 def test_many_spans_match_one_span_each(kernel_threads):
@@ -252,13 +296,29 @@ def test_ptrs_entry_rejects_bad_tables():
     with pytest.raises(ValueError, match="overlaps"):
         _C.adam_step_ptrs(ptrs[0] * 2, ptrs[1] * 2, ptrs[2] * 2, ptrs[3] * 2, [], [64, 64], "float32", "none",
                           step=1, **HYPER)
+    with pytest.raises(ValueError, match=r"'params\[0\]' with 4611686018427387904 elements overflows"):
+        _C.adam_step_ptrs(*ptrs, [], [2**62], "float32", "none", step=1, **HYPER)
     with pytest.raises(ValueError, match="grad_dtype 'float64' is not one of"):
         _C.adam_step_ptrs(*ptrs, [], [64], "float64", "none", step=1, **HYPER)
 
 
-def test_force_unknown_or_unsupported_variant_raises():
+def test_force_unknown_variant_raises():
     with pytest.raises(ValueError, match="not one of: scalar, avx2, avx512"):
         native.force_simd_variant("sse9")
+
+
+def test_force_unsupported_variant_raises():
+    unsupported = [v for v in VARIANTS if v not in native.supported_simd_variants()]
+    if not unsupported:
+        pytest.skip("this CPU runs every variant")
+    with pytest.raises(RuntimeError, match="not supported by this CPU"):
+        native.force_simd_variant(unsupported[0])
+
+
+def test_read_only_gradients_are_accepted():
+    p, g, m, v = (t.numpy() for t in make_state(64))
+    g.setflags(write=False)
+    _C.adam_step(p, g, m, v, step=1, **HYPER)
 
 
 def test_env_var_forces_variant_and_rejects_bad_values():
@@ -272,8 +332,9 @@ def test_env_var_forces_variant_and_rejects_bad_values():
 
 
 def test_bad_thread_counts_raise():
-    with pytest.raises(ValueError, match="nthreads must be >= 1"):
-        native.set_num_threads(0)
+    for bad in (0, 4097):
+        with pytest.raises(ValueError, match="nthreads must be between 1 and 4096"):
+            native.set_num_threads(bad)
     code = "from offload import native; native.num_threads()"
     out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, OFFLOAD_NUM_THREADS="two"),
                          capture_output=True, text=True)

@@ -162,6 +162,144 @@ def test_state_dict_has_torch_adamw_layout_both_ways():
     assert_close_trajectory(ours, ref2)
 
 
+def test_torch_adam_checkpoint_keeps_l2_weight_decay_both_ways():
+    data = batches(20)
+    ours, ref = small_model(), small_model()
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-3, weight_decay=0.05)
+    train(ref, ref_opt, data[:10])
+    ours.load_state_dict(ref.state_dict())
+    opt = offload.CPUAdam(ours.parameters(), lr=1e-3, weight_decay=0.05)  # AdamW by default ...
+    opt.load_state_dict(copy.deepcopy(ref_opt.state_dict()))               # ... but the checkpoint says L2
+    assert opt.param_groups[0]["decoupled_weight_decay"] is False
+    back = torch.optim.Adam(small_model().parameters())  # (torch's AdamW always forces decoupled decay)
+    back.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert back.param_groups[0]["decoupled_weight_decay"] is False
+    adamw_sd = offload.CPUAdam(small_model().parameters()).state_dict()
+    back.load_state_dict(adamw_sd)
+    assert back.param_groups[0]["decoupled_weight_decay"] is True
+    train(ours, opt, data[10:])
+    train(ref, ref_opt, data[10:])
+    assert_close_trajectory(ours, ref)
+
+
+def test_adam_mode_defaults_to_torch_adams_weight_decay():
+    assert offload.CPUAdam(small_model().parameters(), adamw=False).param_groups[0]["weight_decay"] == 0.0
+    assert offload.CPUAdam(small_model().parameters()).param_groups[0]["weight_decay"] == 0.01
+
+
+def test_saved_step_counters_do_not_share_memory():
+    model = small_model()
+    opt = offload.CPUAdam(model.parameters())
+    train(model, opt, batches(2))
+    steps = [entry["step"] for entry in opt.state_dict()["state"].values()]
+    assert len({t.untyped_storage().data_ptr() for t in steps}) == len(steps)
+    assert all(t.item() == 2.0 for t in steps)
+
+
+def test_failed_step_changes_nothing():
+    model = small_model()
+    opt = offload.CPUAdam(model.parameters(), lr=1e-2)
+    train(model, opt, batches(2))
+    x, y = batches(1, seed=9)[0]
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    before = flat(model).clone()
+    steps = [opt.state[p]["step"].item() for p in model.parameters()]
+
+    last_weight = list(model.parameters())[6]
+    good_grad = last_weight.grad
+    last_weight.grad = torch.zeros(last_weight.shape[::-1]).t()  # right shape, not contiguous: found late
+    with pytest.raises(ValueError, match=r"\['params'\]\[6\]: the gradient is not contiguous"):
+        opt.step()
+    last_weight.grad = good_grad
+    opt.param_groups[0]["lr"] = -1.0
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: Invalid learning rate: -1.0"):
+        opt.step()
+    assert torch.equal(flat(model), before)
+    assert [opt.state[p]["step"].item() for p in model.parameters()] == steps
+
+
+def test_swapped_state_storage_is_followed():
+    # Replacing the storage behind a state tensor (as moving state into a pinned or flat buffer does) keeps the
+    # tensor object: the optimizer must write to the new memory, never the freed one.
+    ours, ref = small_model(), small_model()
+    data = batches(10)
+    opt, ref_opt = offload.CPUAdam(ours.parameters(), lr=1e-3), torch.optim.AdamW(ref.parameters(), lr=1e-3)
+    train(ours, opt, data[:5])
+    train(ref, ref_opt, data[:5])
+    for p in ours.parameters():
+        for name in ("exp_avg", "exp_avg_sq"):
+            opt.state[p][name].data = opt.state[p][name].clone()
+    train(ours, opt, data[5:])
+    train(ref, ref_opt, data[5:])
+    assert_close_trajectory(ours, ref)
+
+
+def test_params_appended_or_reordered_keep_their_step_counts():
+    ours, ref = small_model(), small_model()
+    extra = torch.nn.Parameter(torch.randn(64))
+    ref_extra = torch.nn.Parameter(extra.detach().clone())
+    opt = offload.CPUAdam(list(ours.parameters())[:4], lr=1e-3)
+    ref_opt = torch.optim.AdamW(list(ref.parameters())[:4], lr=1e-3)
+    data = batches(12)
+
+    def run(model, o, extra_param, part):
+        for x, y in part:
+            o.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y) + (extra_param ** 2).sum() * 1e-3
+            loss.backward()
+            o.step()
+
+    run(ours, opt, extra, data[:4])
+    run(ref, ref_opt, ref_extra, data[:4])
+    for o, m, e in ((opt, ours, extra), (ref_opt, ref, ref_extra)):  # grow the group in place, as users do
+        o.param_groups[0]["params"].extend(list(m.parameters())[4:] + [e])
+    run(ours, opt, extra, data[4:8])
+    run(ref, ref_opt, ref_extra, data[4:8])
+    opt.param_groups[0]["params"].reverse()  # order in the group is not identity
+    ref_opt.param_groups[0]["params"].reverse()
+    run(ours, opt, extra, data[8:])
+    run(ref, ref_opt, ref_extra, data[8:])
+    assert_close_trajectory(ours, ref)
+    assert torch.allclose(extra, ref_extra, rtol=0, atol=1e-6)
+    assert opt.state[list(ours.parameters())[0]]["step"].item() == 12.0
+    assert opt.state[extra]["step"].item() == 8.0
+
+
+def test_grad_scale_in_l2_mode_equals_scaled_gradients():
+    a, b = small_model(), small_model()
+    x, y = batches(1)[0]
+    opt_a = offload.CPUAdam(a.parameters(), lr=1e-2, adamw=False, weight_decay=0.1)
+    opt_b = offload.CPUAdam(b.parameters(), lr=1e-2, adamw=False, weight_decay=0.1)
+    for _ in range(3):
+        for m, o in ((a, opt_a), (b, opt_b)):
+            o.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+        for p in b.parameters():
+            p.grad.mul_(0.3)
+        opt_a.step(grad_scale=0.3)
+        opt_b.step()
+    assert torch.equal(flat(a), flat(b))
+
+
+@pytest.mark.skipif(not hasattr(torch.Tensor, "grad_dtype"), reason="this torch has no Tensor.grad_dtype")
+def test_low_precision_gradients_through_cpu_adam():
+    ours, ref = small_model(), small_model()
+    for p in ours.parameters():
+        p.grad_dtype = torch.bfloat16
+    data = batches(30)
+    opt, ref_opt = offload.CPUAdam(ours.parameters(), lr=1e-3), torch.optim.AdamW(ref.parameters(), lr=1e-3)
+    for x, y in data:
+        for m, o in ((ours, opt), (ref, ref_opt)):
+            o.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+        assert all(p.grad.dtype == torch.bfloat16 for p in ours.parameters())
+        for p, q in zip(ours.parameters(), ref.parameters()):
+            q.grad = p.grad.float()  # the reference reads the same bf16 values, upcast
+        opt.step()
+        ref_opt.step()
+    assert_close_trajectory(ours, ref)
+
+
 def test_kernel_with_bf16_and_fp16_grads_tracks_torch_over_100_steps():
     # Gradients in low precision (as the engine streams them from the device); the reference reads the same
     # values upcast to fp32.
