@@ -2,14 +2,21 @@
 # Installs offload (editable, with the test extra) into the current Python environment.
 #
 # torch comes first, because an unpinned torch requirement on a machine without torch pulls a multi-GB CUDA
-# build: an installed torch is always kept (GPU users keep theirs); on a machine with an NVIDIA driver the
+# build: an installed torch >= 2.11 is kept (GPU users keep theirs; an older one is replaced); on a machine with an NVIDIA driver the
 # package index's default (CUDA) build is installed; otherwise the CPU build torch==2.13.0. Set OFFLOAD_TORCH
 # to a pip requirement (e.g. "torch==2.14.1") to choose another one.
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
 
-if "$PYTHON" -c "import torch" 2>/dev/null; then
+# The oldest torch offload supports; keep in step with pyproject.toml.
+TORCH_MIN=2.11
+if "$PYTHON" - "$TORCH_MIN" 2>/dev/null <<'PY'
+import sys, torch
+have = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+sys.exit(0 if have >= tuple(int(x) for x in sys.argv[1].split(".")) else 1)
+PY
+then
   echo "install.sh: keeping the installed torch $("$PYTHON" -c 'import torch; print(torch.__version__)')"
 elif [ -n "${OFFLOAD_TORCH:-}" ]; then
   echo "install.sh: installing $OFFLOAD_TORCH (from OFFLOAD_TORCH)"

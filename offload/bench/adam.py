@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterable
 
 WORKER = Path(__file__).with_name("adam_worker.py")
+IMPLS = ("ours", "ours_optim", "torch_fused", "ds")
 # DRAM bytes per parameter and step: read p, g, m, v; write p, m, v; plus the bf16 copy when written.
 BYTES_PER_PARAM = {("fp32", "none"): 28, ("fp32", "bf16"): 30, ("bf16", "none"): 26, ("bf16", "bf16"): 28}
 
@@ -62,7 +63,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="path of the anchors' membw binary; measures the rw4w3 roofline in every round")
     ap.add_argument("--membw-n", default="100000000")
     ap.add_argument("--out", default=None, help="append every raw record as a JSON line to this file")
-    return ap.parse_args(argv)
+    a = ap.parse_args(argv)
+    for name, accepted in (("impls", IMPLS), ("shapes", ("flat", "many")), ("grads", ("fp32", "bf16")),
+                           ("writes", ("none", "bf16"))):
+        bad = [v for v in getattr(a, name).split(",") if v not in accepted]
+        if bad:
+            ap.error(f"--{name}: {', '.join(bad)} not in {', '.join(accepted)}")
+    if a.rounds < 1 or a.steps < 1 or a.numel < 1 or a.ntensors < 1:
+        ap.error("--rounds, --steps, --numel and --ntensors must be >= 1")
+    return a
 
 
 def default_threads() -> list[int]:
@@ -177,8 +186,6 @@ def markdown_table(rows: list[dict], impls: list[str], pairs: list[tuple[str, st
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    if a.rounds < 1:
-        raise SystemExit("offload bench adam: --rounds must be >= 1")
     impls = [i for i in a.impls.split(",") if i]
     python_of = {i: sys.executable for i in impls}
     if "ds" in impls:
