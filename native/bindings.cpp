@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "adam.h"
+#include "buffer_checks.h"
 #include "cpu_features.h"
 #include "runtime.h"
 
@@ -26,77 +27,7 @@ using namespace nb::literals;
 namespace offload::native {
 namespace {
 
-using Array = nb::ndarray<>;
-using ReadOnlyArray = nb::ndarray<nb::ro>;  // gradients are only read: read-only arrays are fine
-
-// A checked buffer. Its name for messages is role[index] (or just role when index is kNoIndex); it is only
-// formatted on failure, since a step over thousands of tensors checks tens of thousands of buffers.
-constexpr std::size_t kNoIndex = ~std::size_t{0};
-
-struct Buffer {
-  void* data;
-  std::size_t numel;
-  std::size_t itemsize;
-  const char* role;
-  std::size_t index;
-
-  std::string name() const {
-    return index == kNoIndex ? std::string(role) : std::string(role) + "[" + std::to_string(index) + "]";
-  }
-};
-
-bool is_dtype(const nb::dlpack::dtype& d, nb::dlpack::dtype_code code, int bits) {
-  return d.code == static_cast<std::uint8_t>(code) && d.bits == bits && d.lanes == 1;
-}
-
-std::string dtype_name(const nb::dlpack::dtype& d) {
-  if (is_dtype(d, nb::dlpack::dtype_code::Float, 32)) return "float32";
-  if (is_dtype(d, nb::dlpack::dtype_code::Float, 16)) return "float16";
-  if (is_dtype(d, nb::dlpack::dtype_code::Bfloat, 16)) return "bfloat16";
-  if (is_dtype(d, nb::dlpack::dtype_code::Float, 64)) return "float64";
-  return "dtype(code=" + std::to_string(d.code) + ", bits=" + std::to_string(d.bits) + ")";
-}
-
-template <class A>
-std::string shape_string(const A& a, bool strides) {
-  std::string s = "(";
-  for (std::size_t i = 0; i < a.ndim(); ++i) {
-    if (i) s += ", ";
-    s += std::to_string(strides ? a.stride(i) : static_cast<std::int64_t>(a.shape(i)));
-  }
-  if (a.ndim() == 1) s += ",";
-  return s + ")";
-}
-
-[[noreturn]] void fail(const std::string& where, const std::string& name, const std::string& what) {
-  throw nb::value_error((where + ": '" + name + "' " + what).c_str());
-}
-
-// Checks device, contiguity and alignment (to the element size) and returns the buffer. Dtypes are checked by
-// the callers, which know which ones each role accepts.
-template <class A>
-Buffer check_buffer(const char* where, const A& a, const char* name) {
-  if (a.device_type() != nb::device::cpu::value) fail(where, name, "must be a CPU buffer");
-  std::size_t numel = 1;
-  std::int64_t expected_stride = 1;
-  bool contiguous = true;
-  for (std::size_t i = a.ndim(); i-- > 0;) {
-    const std::size_t extent = a.shape(i);
-    if (extent != 1 && a.stride(i) != expected_stride) contiguous = false;
-    expected_stride *= static_cast<std::int64_t>(extent);
-    numel *= extent;
-  }
-  if (!contiguous && numel > 0) {
-    fail(where, name, "must be C-contiguous; got shape " + shape_string(a, false) + " strides " +
-                          shape_string(a, true) + " (elements)");
-  }
-  const std::size_t itemsize = a.dtype().bits / 8;
-  if (reinterpret_cast<std::uintptr_t>(a.data()) % itemsize != 0) {
-    fail(where, name, "data pointer is not aligned to its " + std::to_string(itemsize) + "-byte element size");
-  }
-  // const_cast: read-only arrays (gradients) go into Buffer only for the checks; the kernel never writes them.
-  return Buffer{const_cast<void*>(static_cast<const void*>(a.data())), numel, itemsize, name, kNoIndex};
-}
+using namespace checks;
 
 void require_f32(const char* where, const Array& a, const std::string& name) {
   if (!is_dtype(a.dtype(), nb::dlpack::dtype_code::Float, 32)) {
@@ -276,11 +207,15 @@ std::vector<std::string> supported_variants() {
 }
 
 }  // namespace
+
+void bind_io(nb::module_& m);  // bindings_io.cpp
+
 }  // namespace offload::native
 
 NB_MODULE(_C, m) {
   using namespace offload::native;
-  m.doc() = "offload native core: SIMD Adam/AdamW kernels (private; use offload.CPUAdam / offload.native).";
+  m.doc() = "offload native core: SIMD Adam/AdamW kernels and the I/O engine (private; see offload.*).";
+  bind_io(m);
 
   m.def("adam_step", &adam_step_one, "param"_a, "grad"_a, "exp_avg"_a, "exp_avg_sq"_a,
         "param_lowp"_a = nb::none(), nb::kw_only(), "step"_a, "lr"_a, "beta1"_a, "beta2"_a, "eps"_a,
