@@ -1,0 +1,206 @@
+#include "io_engine.h"
+
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+namespace offload::native {
+namespace {
+
+// Test hook state (see inject_io_fault). The countdown is decremented by every transfer while a fault is armed;
+// the transfer that takes it to zero gets the fault and disarms it. Relaxed ordering: tests arm it before
+// submitting, and the submit's queue mutex orders that store before any worker's read.
+std::atomic<int> g_fault{0};
+std::atomic<std::uint64_t> g_fault_countdown{0};
+
+IoFault take_fault() {
+  const int fault = g_fault.load(std::memory_order_relaxed);
+  if (fault == 0) return IoFault::kNone;
+  if (g_fault_countdown.fetch_sub(1, std::memory_order_relaxed) != 1) return IoFault::kNone;
+  g_fault.store(0, std::memory_order_relaxed);
+  return static_cast<IoFault>(fault);
+}
+
+}  // namespace
+
+void inject_io_fault(IoFault fault, std::uint64_t after_transfers) {
+  g_fault_countdown.store(after_transfers == 0 ? 1 : after_transfers, std::memory_order_relaxed);
+  g_fault.store(static_cast<int>(fault), std::memory_order_relaxed);
+}
+
+struct IoEngine::Request {
+  int fd;
+  bool write;
+  std::string path;
+  std::mutex mutex;  // guards everything below
+  std::condition_variable done;
+  std::size_t blocks_left = 0;
+  bool failed = false;
+  int error_number = 0;
+  std::uint64_t error_offset = 0;
+  std::string error_what;
+
+  void finish_block(bool ok, int error_number_, std::uint64_t offset, const std::string& what) {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (!ok && !failed) {  // keep the first failure
+      failed = true;
+      error_number = error_number_;
+      error_offset = offset;
+      error_what = what;
+    }
+    if (--blocks_left == 0) done.notify_all();
+  }
+};
+
+IoEngine::IoEngine(int threads, std::size_t block_size, int queue_depth)
+    : block_size_(block_size), queue_depth_(static_cast<std::size_t>(queue_depth)) {
+  if (threads < 1 || threads > 256) throw std::invalid_argument("IoEngine: threads must be between 1 and 256");
+  if (block_size == 0 || block_size % 4096 != 0) {
+    throw std::invalid_argument("IoEngine: block_size must be a positive multiple of 4096");
+  }
+  if (queue_depth < 1) throw std::invalid_argument("IoEngine: queue_depth must be >= 1");
+  try {
+    for (int i = 0; i < threads; ++i) workers_.emplace_back([this] { worker_loop(); });
+  } catch (...) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+    }
+    queue_ready_.notify_all();
+    for (auto& t : workers_) t.join();
+    throw;
+  }
+}
+
+IoEngine::~IoEngine() {
+  try {
+    wait_all();
+  } catch (const IoError&) {
+    // Failures of requests nobody waited for are dropped here: the owner closed the engine without asking.
+  }
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stop_ = true;
+  }
+  queue_ready_.notify_all();
+  for (auto& t : workers_) t.join();
+}
+
+std::uint64_t IoEngine::submit(int fd, bool write, void* buffer, std::uint64_t offset, std::size_t length,
+                               std::string path) {
+  auto request = std::make_shared<Request>();
+  request->fd = fd;
+  request->write = write;
+  request->path = std::move(path);
+  request->blocks_left = (length + block_size_ - 1) / block_size_;
+  std::unique_lock<std::mutex> lock(mutex_);
+  const std::uint64_t handle = next_handle_++;
+  requests_.emplace(handle, request);
+  for (std::size_t done = 0; done < length; done += block_size_) {
+    // Back-pressure: see Note [io queue]. Waiting releases mutex_, so workers keep draining the queue.
+    queue_space_.wait(lock, [&] { return queue_.size() < queue_depth_; });
+    const std::size_t piece = length - done < block_size_ ? length - done : block_size_;
+    queue_.push_back(Block{request, offset + done, static_cast<char*>(buffer) + done, piece});
+    queue_ready_.notify_one();
+  }
+  return handle;
+}
+
+void IoEngine::worker_loop() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  for (;;) {
+    queue_ready_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+    if (queue_.empty()) return;  // stop_ and nothing left
+    Block block = std::move(queue_.front());
+    queue_.pop_front();
+    queue_space_.notify_one();
+    lock.unlock();
+    transfer(block);
+    lock.lock();
+  }
+}
+
+void IoEngine::transfer(const Block& block) {
+  Request& r = *block.request;
+  std::size_t done = 0;
+  while (done < block.length) {
+    std::size_t want = block.length - done;
+    const IoFault fault = take_fault();
+    if (fault == IoFault::kShort) {  // half of it, still whole 4 KiB pages (O_DIRECT), never nothing
+      const std::size_t half = (want / 2) & ~std::size_t{4095};
+      if (half > 0) want = half;
+    }
+    ssize_t n;
+    if (fault == IoFault::kEio) {
+      n = -1;
+      errno = EIO;
+    } else if (r.write) {
+      n = ::pwrite(r.fd, block.buffer + done, want, static_cast<off_t>(block.offset + done));
+    } else {
+      n = ::pread(r.fd, block.buffer + done, want, static_cast<off_t>(block.offset + done));
+    }
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      const int err = n < 0 ? errno : EIO;
+      const std::string what = std::string(r.write ? "write" : "read") + " of " + std::to_string(block.length - done) +
+                               " bytes at offset " + std::to_string(block.offset + done) + " failed: " +
+                               (n < 0 ? std::strerror(err) : "unexpected end of file");
+      r.finish_block(false, err, block.offset + done, what);
+      return;
+    }
+    done += static_cast<std::size_t>(n);  // a short transfer continues from where it stopped
+  }
+  r.finish_block(true, 0, 0, {});
+}
+
+std::shared_ptr<IoEngine::Request> IoEngine::find(std::uint64_t handle) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = requests_.find(handle);
+  if (it == requests_.end()) {
+    throw std::invalid_argument("IoEngine: unknown or already waited-for handle " + std::to_string(handle));
+  }
+  return it->second;
+}
+
+bool IoEngine::poll(std::uint64_t handle) {
+  auto request = find(handle);
+  std::lock_guard<std::mutex> lock(request->mutex);
+  return request->blocks_left == 0;
+}
+
+void IoEngine::wait(std::uint64_t handle) {
+  auto request = find(handle);
+  {
+    std::unique_lock<std::mutex> lock(request->mutex);
+    request->done.wait(lock, [&] { return request->blocks_left == 0; });
+  }
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    requests_.erase(handle);
+  }
+  if (request->failed) {
+    throw IoError(request->error_number, request->path, request->error_offset, request->error_what);
+  }
+}
+
+void IoEngine::wait_all() {
+  std::vector<std::uint64_t> handles;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (const auto& entry : requests_) handles.push_back(entry.first);
+  }
+  std::exception_ptr first;
+  for (std::uint64_t handle : handles) {
+    try {
+      wait(handle);
+    } catch (const std::invalid_argument&) {
+      // waited for by another thread meanwhile
+    } catch (const IoError&) {
+      if (!first) first = std::current_exception();
+    }
+  }
+  if (first) std::rethrow_exception(first);
+}
+
+}  // namespace offload::native
