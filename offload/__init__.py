@@ -4,7 +4,9 @@ Parameter and optimizer state live in host RAM or on NVMe; a native SIMD Adam up
 CPU. See README.md for the concepts and the configuration reference.
 """
 
+from offload.config import IOConfig
+from offload.errors import ConfigError, MemoryBudgetError
 from offload.optim.cpu_adam import CPUAdam
 
-__all__ = ["CPUAdam", "__version__"]
+__all__ = ["CPUAdam", "ConfigError", "IOConfig", "MemoryBudgetError", "__version__"]
 __version__ = "0.1.0"

@@ -1,0 +1,30 @@
+"""Exceptions raised by offload."""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the accepted values."""
+
+
+class MemoryBudgetError(MemoryError):
+    """A host or device allocation would exceed the budget the configuration set.
+
+    ``needed`` and ``available`` are bytes; ``setting`` names the configuration field to change.
+    """
+
+    def __init__(self, what: str, needed: int, available: int, setting: str) -> None:
+        self.needed = needed
+        self.available = available
+        self.setting = setting
+        super().__init__(
+            f"{what}: needs {_fmt(needed)} but only {_fmt(available)} of the budget is left; "
+            f"raise {setting} or place more state on NVMe"
+        )
+
+
+def _fmt(nbytes: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= size:
+            return f"{nbytes / size:.2f} {unit}"
+    return f"{nbytes} B"
