@@ -2,7 +2,6 @@
 
 import errno
 import os
-import subprocess
 
 import pytest
 import torch
@@ -164,18 +163,6 @@ def test_unknown_handle_raises(engine, scratch):
     engine.wait(h)
     with pytest.raises(ValueError, match="unknown or already waited-for handle"):
         engine.wait(h)
-
-
-@pytest.fixture
-def tiny_tmpfs(tmp_path):
-    mount_point = tmp_path / "tiny"
-    mount_point.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.strip()}")
-    yield mount_point
-    subprocess.run(["umount", str(mount_point)], check=True)
 
 
 def test_full_disk_gives_enospc_and_keeps_earlier_data(engine, tiny_tmpfs):

@@ -19,12 +19,23 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     info = sub.add_parser("info", help="print the native core's SIMD variant and thread count")
     info.set_defaults(command="info")
+    clean = sub.add_parser("clean", help="remove swap directories left in DIR by runs that were killed")
+    clean.add_argument("dir", metavar="DIR", help="the swap root (nvme_dir) to clean")
 
     args = parser.parse_args(argv)
     if args.command == "bench":
         from offload.bench import adam
 
         return adam.main(args.rest)
+    if args.command == "clean":
+        import logging
+
+        from offload.storage.swap_store import clean_stale_runs
+
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        removed = clean_stale_runs(args.dir)
+        print(f"removed {len(removed)} stale swap director{'y' if len(removed) == 1 else 'ies'} from {args.dir}")
+        return 0
     if args.command == "info":
         from offload import __version__, native
 
