@@ -11,11 +11,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="offload",
         description="offload: train models larger than GPU memory on one machine.",
-        epilog="Run 'offload bench adam --help' for the benchmark's options.",
+        epilog="Run 'offload bench adam --help' or 'offload bench io --help' for the benchmarks' options.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     bench = sub.add_parser("bench", help="paired benchmarks against torch (and DeepSpeed where installed)")
-    bench.add_argument("what", choices=["adam"], help="what to benchmark")
+    bench.add_argument("what", choices=["adam", "io"], help="what to benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     info = sub.add_parser("info", help="print the native core's SIMD variant and thread count")
     info.set_defaults(command="info")
@@ -24,6 +24,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     if args.command == "bench":
+        if args.what == "io":
+            from offload.bench import io
+
+            return io.main(args.rest)
         from offload.bench import adam
 
         return adam.main(args.rest)
