@@ -46,10 +46,10 @@ def _choice(field: str, value: object, accepted: tuple) -> None:
 class IOConfig:
     """How the swap store moves data to and from files.
 
-    block_size: bytes per transfer (a multiple of 4 KiB). queue_depth: transfers that may wait in the queue.
-    threads: transfers in flight at once, one per worker thread. direct: ``"auto"`` opens swap files with
-    O_DIRECT and falls back to buffered I/O (with one warning) where the filesystem refuses it; ``True`` requires
-    O_DIRECT; ``False`` always uses buffered I/O.
+    block_size: bytes per transfer (a multiple of 4 KiB). threads x queue_depth: transfers in flight at once,
+    as fio's numjobs x iodepth (the engine runs one worker thread per transfer in flight, at most 256).
+    direct: ``"auto"`` opens swap files with O_DIRECT and falls back to buffered I/O (with one warning) where
+    the filesystem refuses it; ``True`` requires O_DIRECT; ``False`` always uses buffered I/O.
     """
 
     block_size: int | str = "8MiB"
@@ -62,8 +62,16 @@ class IOConfig:
         if block == 0 or block % 4096:
             raise ConfigError(f"io.block_size: must be a positive multiple of 4 KiB; got {block} bytes")
         object.__setattr__(self, "block_size", block)
-        for field, value, low, high in (("io.queue_depth", self.queue_depth, 1, 4096),
+        for field, value, low, high in (("io.queue_depth", self.queue_depth, 1, 256),
                                         ("io.threads", self.threads, 1, 256)):
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise ConfigError(f"{field}: must be an integer from {low} to {high}; got {value!r}")
+        if self.in_flight > 256:
+            raise ConfigError(f"io.threads x io.queue_depth: at most 256 transfers in flight; got "
+                              f"{self.threads} x {self.queue_depth} = {self.in_flight}")
         _choice("io.direct", self.direct, ("auto", True, False))
+
+    @property
+    def in_flight(self) -> int:
+        """Transfers in flight at once: threads x queue_depth."""
+        return self.threads * self.queue_depth

@@ -54,3 +54,25 @@ def test_summary_takes_medians_of_per_round_ratios():
     assert row["ours/roofline"] == round(1650 * 28 / 1e3 / 56.0, 3)
     table = markdown_table([row], ["ours", "base"], [("ours", "base")])
     assert "1.10 [1.10-1.10]" in table
+
+
+def test_bench_io_runs_ours_and_removes_its_files(tmp_path):
+    out = run_cli("bench", "io", "--dir", str(tmp_path), "--size", "8MiB", "--rounds", "2", "--impls", "ours")
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [row["op"] for row in rows] == ["write", "read"] and all(row["ours"] > 0 for row in rows)
+    assert "| op | ours GB/s (best config) |" in out.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_io_summary_compares_best_configs_within_rounds():
+    from offload.bench.io import summarize
+
+    records = []
+    for rnd, scale in ((0, 1.0), (1, 2.0)):  # the disk doubles its speed between rounds; ratios do not move
+        records += [dict(impl="ours", op="read", config="a", gbs=1.0 * scale, round=rnd),
+                    dict(impl="ours", op="read", config="b", gbs=2.2 * scale, round=rnd),
+                    dict(impl="ds", op="read", config="x", gbs=2.0 * scale, round=rnd)]
+    (read,) = [row for row in summarize(records, ["ours", "ds"]) if row["op"] == "read"]
+    assert read["ours/ds"] == 1.1 and read["ours/ds range"] == [1.1, 1.1]
+    assert read["ours best config"] == "b"

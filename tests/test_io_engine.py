@@ -21,7 +21,7 @@ def random_bytes(n, seed=0):
 
 @pytest.fixture
 def engine():
-    return IoEngine(IOConfig(block_size="64KiB", queue_depth=4, threads=3))
+    return IoEngine(IOConfig(block_size="64KiB", queue_depth=2, threads=2))  # 4 transfers in flight, 4 queued
 
 
 @pytest.fixture
@@ -186,7 +186,8 @@ def test_io_config_is_validated_with_field_names():
     for kwargs, message in (
         (dict(block_size="8MiBs"), r"io.block_size: .* \(did you mean '8MiB'\?\)"),
         (dict(block_size=1000), "io.block_size: must be a positive multiple of 4 KiB"),
-        (dict(queue_depth=0), "io.queue_depth: must be an integer from 1 to 4096"),
+        (dict(queue_depth=0), "io.queue_depth: must be an integer from 1 to 256"),
+        (dict(threads=16, queue_depth=32), r"at most 256 transfers in flight; got 16 x 32 = 512"),
         (dict(threads=1.5), "io.threads: must be an integer from 1 to 256"),
         (dict(direct="auot"), r"io.direct: 'auot' is not one of 'auto', True, False \(did you mean 'auto'\?\)"),
     ):

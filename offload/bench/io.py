@@ -21,7 +21,7 @@ from pathlib import Path
 from offload.config import IOConfig, parse_bytes
 
 DS_WORKER = Path(__file__).with_name("io_worker_ds.py")
-OURS_CONFIGS = [("8MiB", 8), ("8MiB", 32), ("1MiB", 32)]          # block size, threads (= transfers in flight)
+OURS_CONFIGS = [("8MiB", 1, 8), ("8MiB", 1, 32), ("2MiB", 2, 32), ("1MiB", 1, 32)]  # block, threads, queue depth
 DS_CONFIGS = ["1048576:8:1", "8388608:32:2", "1048576:32:2"]       # block bytes : queue depth : intra-op threads
 FIO_CONFIGS = [(1, 32), (2, 32)]                                   # jobs, iodepth (8 MiB blocks, libaio)
 
@@ -51,15 +51,15 @@ def run_ours(path: Path, nbytes: int) -> list[dict]:
     records = []
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o600)
     try:
-        for block, threads in OURS_CONFIGS:
-            engine = IoEngine(IOConfig(block_size=block, threads=threads, queue_depth=2 * threads))
+        for block, threads, depth in OURS_CONFIGS:
+            engine = IoEngine(IOConfig(block_size=block, threads=threads, queue_depth=depth))
             for op in ("write", "read"):
                 submit = engine.write if op == "write" else engine.read
                 start = time.perf_counter()
                 engine.wait(submit(fd, 0, buffer.tensor, str(path)))
                 seconds = time.perf_counter() - start
-                records.append(dict(impl="ours", op=op, config=f"bs={block} threads={threads}", seconds=seconds,
-                                    gbs=nbytes / seconds / 1e9))
+                records.append(dict(impl="ours", op=op, config=f"bs={block} threads={threads} qd={depth}",
+                                    seconds=seconds, gbs=nbytes / seconds / 1e9))
     finally:
         os.close(fd)
         pool.close()

@@ -26,8 +26,8 @@ class IoHandle(NamedTuple):
 
 
 class IoEngine:
-    """Reads and writes between host buffers and open files on ``config.threads`` worker threads, in blocks of
-    ``config.block_size`` bytes.
+    """Reads and writes between host buffers and open files, ``config.in_flight`` (threads x queue_depth)
+    transfers at a time, one per worker thread, in blocks of ``config.block_size`` bytes.
 
     ``read``/``write`` return at once with an :class:`IoHandle`; ``wait(handle)`` blocks (without the GIL)
     until that transfer is complete and raises ``OSError(errno, message, path)`` if any part of it failed
@@ -38,7 +38,9 @@ class IoEngine:
 
     def __init__(self, config: IOConfig | None = None) -> None:
         self.config = config or IOConfig()
-        self._engine = _C.IoEngine(self.config.threads, self.config.block_size, self.config.queue_depth)
+        # One worker per transfer in flight; as many blocks may wait in the queue behind them.
+        in_flight = self.config.in_flight
+        self._engine = _C.IoEngine(in_flight, self.config.block_size, in_flight)
 
     def read(self, fd: int, offset: int, buffer: torch.Tensor, path: str) -> IoHandle:
         """Queues a read of ``buffer.nbytes`` bytes at ``offset`` of ``fd`` into ``buffer`` (a contiguous CPU tensor)."""
