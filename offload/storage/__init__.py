@@ -1,4 +1,4 @@
-"""Where offloaded state lives: the bounded host pool (and, next, the NVMe swap store)."""
+"""Where offloaded state lives: the bounded host pool, the I/O engine, and the swap store on NVMe."""
 
 from offload.storage.host_pool import HostBuffer, HostPool, HostPoolStats
 from offload.storage.io_engine import IoEngine, IoHandle
