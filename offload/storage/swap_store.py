@@ -100,8 +100,12 @@ class SwapStore:
         except OSError as e:
             raise OSError(e.errno, f"cannot create a swap directory under {self.root}: {e.strerror}",
                           str(self.root)) from None
-        self.direct = self._choose_direct()
-        self._engine = IoEngine(self.io)
+        try:
+            self.direct = self._choose_direct()
+            self._engine = IoEngine(self.io)
+        except BaseException:
+            shutil.rmtree(self.run_dir, ignore_errors=True)  # a store that failed to start leaves nothing
+            raise
         self._files: dict[str, SwapFile] = {}
         # Runs once: from close(), when the store is collected, or at interpreter exit (finalize's own hook).
         self._finalizer = weakref.finalize(self, SwapStore._remove, self._engine, self.run_dir, self._files)
@@ -112,7 +116,6 @@ class SwapStore:
         if _probe_direct(self.run_dir):
             return True
         if self.io.direct is True:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
             raise ConfigError(f"io.direct: the filesystem of {self.root} refuses O_DIRECT; "
                               "use io.direct='auto' (buffered fallback) or another nvme_dir")
         log.warning("%s refuses O_DIRECT (ramfs, an older tmpfs or an overlay filesystem?): swap files use "
