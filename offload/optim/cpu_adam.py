@@ -51,7 +51,6 @@ class _Slot(NamedTuple):
     """What CPUAdam checked about one parameter and its state. Valid while every tensor and address matches."""
 
     group_index: int
-    index: int
     bank_slot: int
     step: torch.Tensor
     exp_avg: torch.Tensor
@@ -193,7 +192,6 @@ class CPUAdam(torch.optim.Optimizer):
             if (
                 slot is None
                 or slot.group_index != group_index
-                or slot.index != index
                 or slot.step is not state.get("step")
                 or slot.exp_avg is not state.get("exp_avg")
                 or slot.exp_avg_sq is not state.get("exp_avg_sq")
@@ -302,7 +300,6 @@ class CPUAdam(torch.optim.Optimizer):
             bank_slot, step = bank.bind(state, _as_float("step", step))
         slot = _Slot(
             group_index=group_index,
-            index=index,
             bank_slot=bank_slot,
             step=step,
             exp_avg=state["exp_avg"],
