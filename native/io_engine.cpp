@@ -62,15 +62,20 @@ IoEngine::IoEngine(int threads, std::size_t block_size, int queue_depth)
   if (queue_depth < 1) throw std::invalid_argument("IoEngine: queue_depth must be >= 1");
   try {
     for (int i = 0; i < threads; ++i) workers_.emplace_back([this] { worker_loop(); });
-  } catch (...) {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      stop_ = true;
-    }
-    queue_ready_.notify_all();
-    for (auto& t : workers_) t.join();
+  } catch (...) {  // e.g. the process hit its thread limit: stop the workers already started, then report
+    stop_workers();
     throw;
   }
+}
+
+void IoEngine::stop_workers() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stop_ = true;
+  }
+  queue_ready_.notify_all();
+  for (auto& t : workers_) t.join();
+  workers_.clear();
 }
 
 IoEngine::~IoEngine() {
@@ -79,12 +84,7 @@ IoEngine::~IoEngine() {
   } catch (const IoError&) {
     // Failures of requests nobody waited for are dropped here: the owner closed the engine without asking.
   }
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    stop_ = true;
-  }
-  queue_ready_.notify_all();
-  for (auto& t : workers_) t.join();
+  stop_workers();
 }
 
 std::uint64_t IoEngine::submit(int fd, bool write, void* buffer, std::uint64_t offset, std::size_t length,

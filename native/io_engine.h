@@ -67,6 +67,7 @@ class IoEngine {
 
   void worker_loop();
   void transfer(const Block& block);
+  void stop_workers();  // sets stop_, wakes every worker, joins them
   std::shared_ptr<Request> find(std::uint64_t handle);
 
   const std::size_t block_size_;
