@@ -4,9 +4,11 @@ Parameter and optimizer state live in host RAM or on NVMe; a native SIMD Adam up
 CPU. See README.md for the concepts and the configuration reference.
 """
 
-from offload.config import IOConfig
+from offload.config import Config, IOConfig
+from offload.engine import Engine, EngineStats, StepInfo
 from offload.errors import ConfigError, MemoryBudgetError
 from offload.optim.cpu_adam import CPUAdam
 
-__all__ = ["CPUAdam", "ConfigError", "IOConfig", "MemoryBudgetError", "__version__"]
+__all__ = ["CPUAdam", "Config", "ConfigError", "Engine", "EngineStats", "IOConfig", "MemoryBudgetError",
+           "StepInfo", "__version__"]
 __version__ = "0.1.0"

@@ -1,0 +1,109 @@
+"""DeviceWeights: each group's parameters as views into one flat buffer on the compute device.
+
+The model keeps its ``nn.Parameter`` objects; only their ``.data`` is pointed at the group's flat buffer
+(``weight_device``) in the compute dtype. After Adam, the new weights reach that buffer by the cheapest route:
+- CPU device, bf16/fp16: the native kernel writes them straight into ``weight_device`` in the Adam pass.
+- CPU device, fp32, optimizer state in RAM: ``weight_device`` *is* the fp32 master, updated in place.
+- CPU device, fp32, state on NVMe: copied from the master in the staging slot after the group's update.
+- CUDA: the kernel (or, for fp32, a copy) fills a pinned host buffer ``weight_host``, which is uploaded on a
+  side stream; see Note [weight uploads on CUDA].
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from offload.layout.flat_group import FlatGroup
+from offload.storage.host_pool import HostBuffer, HostPool
+
+
+class DeviceWeights:
+    def __init__(self, device: torch.device, dtype: torch.dtype, pool: HostPool) -> None:
+        self.device = device
+        self.dtype = dtype
+        self.pool = pool
+        self.groups: list[FlatGroup] = []
+        self.weight_device: list[torch.Tensor] = []
+        self.weight_host: list[HostBuffer | None] = []
+        self._aliased: list[bool] = []
+        self._uploaded: list[torch.cuda.Event | None] = []
+        self._upload_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def add(self, group: FlatGroup, master: torch.Tensor, alias: torch.Tensor | None) -> None:
+        """Creates group g's device buffer from ``master`` (its fp32 flat weights) and points the parameters at
+        it. ``alias``: a CPU fp32 flat tensor to use as the buffer itself (the master in RAM when the device is
+        the CPU and the dtype fp32), or None."""
+        if alias is not None:
+            weights = alias
+        else:
+            weights = torch.empty(group.numel, dtype=self.dtype, device=self.device)
+            weights.copy_(master)
+        staged = self.device.type == "cuda" and self.dtype != torch.float32  # kernel output must be host memory
+        self.weight_host.append(self.pool.allocate(group.numel * weights.element_size(),
+                                                   f"weights {group.name or '<root>'}") if staged else None)
+        self.groups.append(group)
+        self.weight_device.append(weights)
+        self._aliased.append(alias is not None)
+        self._uploaded.append(None)
+        for slot in group.slots:
+            slot.param.data = group.view(weights, slot)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.numel() * w.element_size() for w in self.weight_device)
+
+    def kernel_output(self, g: int) -> torch.Tensor | None:
+        """Where the Adam kernel writes group g's low-precision weights (None for fp32, see after_update).
+        Call once per step before group g's update."""
+        if self.device.type == "cuda":
+            self._wait_upload(g)  # the previous upload must have read its host source before it is rewritten
+        if self.dtype == torch.float32:
+            return None
+        return self.weight_device[g] if self.device.type == "cpu" else self.weight_host[g].view(self.dtype)
+
+    def after_update(self, g: int, master_is_staged: bool) -> Callable[[torch.Tensor], None] | None:
+        """The callback that moves group g's new weights to the device once its fp32 master is final (None
+        when the kernel already put them there)."""
+        if self.device.type == "cpu":
+            if self.dtype != torch.float32 or self._aliased[g]:
+                return None
+            return self.weight_device[g].copy_
+        if self.dtype != torch.float32:
+            return lambda master: self._upload(g, self.weight_host[g].view(self.dtype), wait=False)
+        return lambda master: self._upload(g, master, wait=master_is_staged)
+
+    # Note [weight uploads on CUDA]: the upload stream first waits for the compute stream, so the copy cannot
+    # overwrite weights that queued kernels still read; the copy reads the pinned host buffer (weight_host, or
+    # the fp32 master) asynchronously and records ``uploaded``. Before the kernel rewrites weight_host in the
+    # next step, ``_wait_upload`` blocks on that event. An fp32 master in a staging slot is reused by the
+    # optimizer pipeline right after the callback, so that upload is waited for before returning. At the end
+    # of the step ``finish_step`` makes the compute stream wait for all uploads: whatever the caller queues
+    # next (forward, generate) sees the new weights, without blocking the host.
+    def _upload(self, g: int, source: torch.Tensor, wait: bool) -> None:
+        self._upload_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._upload_stream):
+            self.weight_device[g].copy_(source, non_blocking=True)
+            uploaded = torch.cuda.Event()
+            uploaded.record(self._upload_stream)
+        self._uploaded[g] = uploaded
+        if wait:
+            uploaded.synchronize()
+
+    def _wait_upload(self, g: int) -> None:
+        if self._uploaded[g] is not None:
+            self._uploaded[g].synchronize()
+            self._uploaded[g] = None
+
+    def finish_step(self) -> None:
+        if self._upload_stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self._upload_stream)
+
+    def close(self) -> None:
+        for g in range(len(self.groups)):
+            self._wait_upload(g)
+        for buffer in self.weight_host:
+            if buffer is not None:
+                self.pool.release(buffer)
+        self.weight_host.clear()

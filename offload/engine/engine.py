@@ -1,0 +1,314 @@
+"""Engine: trains a model with its optimizer state (and, later, its parameters) offloaded to host RAM or NVMe."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from offload.config import Config
+from offload.engine.device_weights import DeviceWeights
+from offload.engine.grad_stream import GradientStream
+from offload.engine.types import EngineStats, StepInfo
+from offload.errors import ConfigError
+from offload.layout.flat_group import FlatGroup, build_flat_group
+from offload.layout.partition import partition_model
+from offload.optim.group_stepper import GroupStepper, GroupUpdate, Segment
+from offload.optim.hyper import resolve_param_groups
+from offload.optim.loss_scale import LossScaler
+from offload.optim.state_store import (FP32_BYTES, OptimizerStateStore, StatePlacement, plan_placement,
+                                       split_state)
+from offload.storage.host_pool import HostBuffer, HostPool
+from offload.storage.swap_store import SwapStore
+
+log = logging.getLogger("offload")
+
+_GRAD_STAGING_MIN_BYTES = 64 << 20  # CUDA: pinned ring the gradients stream through (at least 2 of the largest)
+
+
+def _cast_inputs(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """Floating-point tensors to the compute dtype, every tensor to the device, through lists, tuples, dicts."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=dtype if value.is_floating_point() else None)
+    if isinstance(value, (list, tuple)):
+        cast = [_cast_inputs(v, device, dtype) for v in value]
+        return type(value)(cast) if not hasattr(value, "_fields") else type(value)(*cast)
+    if isinstance(value, dict):
+        return {k: _cast_inputs(v, device, dtype) for k, v in value.items()}
+    return value
+
+
+def _gather_master(group: FlatGroup) -> torch.Tensor:
+    """Group ``group``'s current parameter values as one fp32 CPU flat tensor in its layout (padding zero)."""
+    master = torch.zeros(group.numel, dtype=torch.float32)
+    for slot in group.slots:
+        group.view(master, slot).copy_(slot.param.detach())
+    return master
+
+
+class Engine:
+    """Trains ``model`` with the placement ``config`` chooses; see DESIGN.md "Public API" and the README.
+
+    The model's trainable parameters are regrouped (one group per block, see ``offload.layout``) into flat
+    buffers: the weights in ``config.dtype`` on ``config.device``, and per group an fp32 master copy, Adam's
+    moments and an fp32 gradient accumulator on the host, the state in RAM or in swap files on NVMe. Adam
+    (``torch.optim.AdamW`` arithmetic, decoupled weight decay) runs on the CPU in the native kernel.
+    Frozen parameters (``requires_grad=False``) are only cast and moved: no state, no gradient traffic.
+    Everything is allocated here: a budget or disk that is too small fails now, not during training.
+    """
+
+    def __init__(self, model: nn.Module, config: Config | None = None, *, lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 max_grad_norm: float | None = None, loss_scale: str | float = "dynamic",
+                 param_groups: list[dict[str, Any]] | None = None, skip_nonfinite: bool = False) -> None:
+        self.config = config = config if config is not None else Config()
+        if not isinstance(config, Config):
+            raise ConfigError(f"config: expected an offload.Config; got {type(config).__name__}")
+        if config.params != "device":
+            raise ConfigError(f"params: {config.params!r} placement is not available in this version; use "
+                              "params='device' (parameters stay on the device, optimizer state is offloaded)")
+        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and
+                                              math.isfinite(max_grad_norm) and max_grad_norm > 0):
+            raise ConfigError(f"max_grad_norm: expected None or a positive number; got {max_grad_norm!r}")
+        if any(p.is_meta for p in model.parameters()):
+            raise ConfigError("model: it has parameters on the meta device; materialise them first")
+        self.model = model
+        self.device = torch.device(config.device)
+        self.dtype = config.torch_dtype
+        self.max_grad_norm = max_grad_norm
+        self.skip_nonfinite = skip_nonfinite
+        self._scaler = LossScaler(loss_scale, enabled=self.dtype == torch.float16)
+        partition = partition_model(model)
+        trainable = [(n, p) for spec in partition.groups for n, p in zip(spec.param_names, spec.params)]
+        if not trainable:
+            raise ConfigError("model: it has no trainable parameters (every parameter has requires_grad=False)")
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        self.param_groups, hyper_of = resolve_param_groups(model, trainable, param_groups, defaults)
+        self.groups = [build_flat_group(i, spec, hyper_of) for i, spec in enumerate(partition.groups)]
+        self._frozen = partition.frozen
+        self._param_steps = [[0] * len(g.slots) for g in self.groups]
+        self._step = 0
+        self._nvme_read = self._nvme_written = 0
+        self._closed = False
+        self.pool = HostPool(config.host_memory_limit, pin=self.device.type == "cuda")
+        self.swap: SwapStore | None = None
+        self._grad_hosts: list[HostBuffer] = []
+        try:
+            self._build()
+        except BaseException:
+            self._release()
+            raise
+
+    def _build(self) -> None:
+        config = self.config
+        for group in self.groups:
+            self._grad_hosts.append(self.pool.allocate(group.numel * FP32_BYTES,
+                                                       f"gradient accumulator {group.name or '<root>'}"))
+        lowp_bytes = torch.empty((), dtype=self.dtype).element_size()
+        largest_param = max(s.numel for g in self.groups for s in g.slots) * lowp_bytes
+        grad_staging = max(_GRAD_STAGING_MIN_BYTES, 2 * largest_param) if self.device.type == "cuda" else 0
+        weights_host = sum(g.numel for g in self.groups) * lowp_bytes \
+            if self.device.type == "cuda" and self.dtype != torch.float32 else 0
+        budget_left = None
+        if config.host_memory_limit is not None:
+            budget_left = config.host_memory_limit - self.pool.stats().in_use - grad_staging - weights_host
+        placement = plan_placement(self.groups, config.optimizer == "nvme", budget_left)
+        nvme_numels = [g.numel for g, p in zip(self.groups, placement) if p is StatePlacement.NVME]
+        if nvme_numels:
+            self.swap = SwapStore(config.nvme_dir, config.io)
+        self.store = OptimizerStateStore(self.pool, self.swap, max(nvme_numels, default=0))
+        self.weights = DeviceWeights(self.device, self.dtype, self.pool)
+        alias_master = self.device.type == "cpu" and self.dtype == torch.float32
+        for group, where in zip(self.groups, placement):
+            master = _gather_master(group)
+            state = self.store.add(group, where, master)
+            alias = None
+            if alias_master and where is StatePlacement.HOST:
+                alias = split_state(state.state_host.view(torch.float32), group.numel)[0]
+            self.weights.add(group, master, alias)
+        for _, param in self._frozen:
+            param.data = param.data.to(self.device, self.dtype if param.is_floating_point() else None)
+        if self.device.type != "cpu":
+            for module in self.model.modules():
+                for name, buffer in module._buffers.items():
+                    if buffer is not None:
+                        module._buffers[name] = buffer.to(self.device)
+        self._grads = GradientStream(self.groups, [b.view(torch.float32) for b in self._grad_hosts],
+                                     self.device, self.pool, grad_staging)
+        self._stepper = GroupStepper(self.store)
+        self._device_bytes = self.weights.nbytes + sum(p.numel() * p.element_size() for _, p in self._frozen)
+        on_nvme = len(nvme_numels)
+        log.info("offload: %d groups, %d trainable parameters; optimizer state of %d groups in RAM, %d on NVMe",
+                 len(self.groups), sum(s.numel for g in self.groups for s in g.slots), len(self.groups) - on_nvme,
+                 on_nvme)
+
+    # ---- training loop ---------------------------------------------------------------------------------------
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's forward, with floating-point tensor inputs cast to the compute dtype and every tensor
+        input moved to the device."""
+        self._check_open()
+        return self.model(*_cast_inputs(args, self.device, self.dtype),
+                          **_cast_inputs(kwargs, self.device, self.dtype))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagates ``loss`` (scaled by the fp16 loss scale); gradients add up until ``step()``."""
+        self._check_open()
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ValueError("engine.backward: loss must be a tensor with one element")
+        if self.dtype == torch.float16:
+            loss = loss.float() * self._scaler.scale
+        loss.backward()
+
+    def step(self) -> StepInfo:
+        """Updates every parameter that received a gradient since the last step (torch's rule: one that got
+        none is left alone, state and step count included), then starts a new accumulation. Blocks until
+        the state is written back; the device sees the new weights from its next queued work on."""
+        self._check_open()
+        start = time.perf_counter()
+        self._grads.finish()
+        if not self._grads.any_received():
+            raise RuntimeError("engine.step(): no parameter received a gradient since the last step; "
+                               "call engine.backward(loss) first")
+        scale = self._scaler.scale
+        grad_norm = math.sqrt(self._grads.squared_norm()) / scale
+        overflow = not math.isfinite(grad_norm)
+        skip = overflow and (self.dtype == torch.float16 or self.skip_nonfinite)
+        adam_s = io_wait_s = 0.0
+        nvme_read = nvme_written = on_nvme = 0
+        if not skip:
+            clip = 1.0
+            if self.max_grad_norm is not None and math.isfinite(grad_norm):
+                # torch.nn.utils.clip_grad_norm_: coefficient max_norm / (norm + 1e-6), applied only when < 1
+                clip = min(self.max_grad_norm / (grad_norm + 1e-6), 1.0)
+            updates = [self._update_of(g) for g in range(len(self.groups))]
+            counters = self._stepper.run(updates, clip / scale)
+            self.weights.finish_step()
+            for g, group in enumerate(self.groups):
+                for i in range(len(group.slots)):
+                    self._param_steps[g][i] += self._grads.received[g][i]
+            self._step += 1
+            adam_s, io_wait_s = counters.adam_s, counters.io_wait_s
+            nvme_read, nvme_written = counters.nvme_bytes_read, counters.nvme_bytes_written
+            on_nvme = counters.groups_on_nvme
+            self._nvme_read += nvme_read
+            self._nvme_written += nvme_written
+        if self.dtype == torch.float16:
+            self._scaler.update(overflow)
+        grad_bytes, self._grads.bytes_to_host = self._grads.bytes_to_host, 0
+        self._grads.reset()
+        return StepInfo(step=self._step, grad_norm=grad_norm, skipped=skip, loss_scale=self._scaler.scale,
+                        time_s=time.perf_counter() - start, adam_s=adam_s, io_wait_s=io_wait_s,
+                        nvme_bytes_read=nvme_read, nvme_bytes_written=nvme_written,
+                        grad_bytes_to_host=grad_bytes, groups_on_nvme=on_nvme)
+
+    def _update_of(self, g: int) -> GroupUpdate:
+        group = self.groups[g]
+        received = self._grads.received[g]
+        segments: list[Segment] = []
+        for i, slot in enumerate(group.slots):
+            if not received[i]:
+                continue
+            step = self._param_steps[g][i] + 1
+            hyper = self.param_groups[slot.hyper_index]
+            last = segments[-1] if segments else None
+            contiguous = last is not None and received[i - 1] and group.slots[i - 1].hyper_index == slot.hyper_index
+            if contiguous and last.step == step:
+                segments[-1] = Segment(last.start, slot.end, step, last.lr, last.beta1, last.beta2, last.eps,
+                                       last.weight_decay)
+            else:
+                segments.append(Segment(slot.offset, slot.end, step, hyper["lr"], hyper["betas"][0],
+                                        hyper["betas"][1], hyper["eps"], hyper["weight_decay"]))
+        state = self.store.states[g]
+        return GroupUpdate(state=state, grad_host=self._grad_hosts[g].view(torch.float32), segments=segments,
+                           lowp_out=self.weights.kernel_output(g),
+                           after_update=self.weights.after_update(g, state.placement is StatePlacement.NVME))
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the first parameter group; setting it sets every group's (next step on)."""
+        return self.param_groups[0]["lr"]
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        value = float(value)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"engine.lr: expected a finite number >= 0; got {value}")
+        for group in self.param_groups:
+            group["lr"] = value
+
+    # ---- inspection ------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's state with the fp32 master weights for trainable parameters: CPU tensors the caller
+        owns (each its own storage; they stay valid after ``close()``), under the keys of
+        ``model.state_dict()``. Frozen parameters and buffers are copied to the CPU as they are on the device,
+        frozen floating-point parameters converted to fp32."""
+        self._check_open()
+        where = {id(slot.param): (g, slot) for g, group in enumerate(self.groups) for slot in group.slots}
+        masters: dict[int, torch.Tensor] = {}
+        out: dict[str, torch.Tensor] = {}
+        copies: dict[int, torch.Tensor] = {}
+        for key, value in self.model.state_dict(keep_vars=True).items():
+            if id(value) in copies:  # a tied parameter: the same tensor under every name, as torch does
+                out[key] = copies[id(value)]
+                continue
+            if id(value) in where:
+                g, slot = where[id(value)]
+                if g not in masters:
+                    masters[g] = self.store.read_master(self.store.states[g])
+                tensor = self.groups[g].view(masters[g], slot).clone()
+            else:
+                tensor = value.detach().to("cpu", copy=True)
+                if isinstance(value, nn.Parameter) and tensor.is_floating_point():
+                    tensor = tensor.float()
+            copies[id(value)] = out[key] = tensor
+        return out
+
+    def stats(self) -> EngineStats:
+        pool = self.pool.stats()
+        placements = [s.placement for s in self.store.states] if not self._closed else []
+        return EngineStats(device_param_bytes=self._device_bytes, device_param_bytes_peak=self._device_bytes,
+                           host_bytes_in_use=pool.in_use, host_bytes_peak=pool.peak,
+                           host_memory_limit=self.config.host_memory_limit,
+                           nvme_bytes_read=self._nvme_read, nvme_bytes_written=self._nvme_written,
+                           optimizer_groups_on_host=placements.count(StatePlacement.HOST),
+                           optimizer_groups_on_nvme=placements.count(StatePlacement.NVME))
+
+    # ---- lifetime --------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Removes the hooks, frees the host buffers and removes the swap files. The model keeps working with
+        its current weights; the engine cannot be used afterwards. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._release()
+
+    def _release(self) -> None:
+        if hasattr(self, "_grads"):
+            self._grads.close(self.pool)
+        if hasattr(self, "weights"):
+            self.weights.close()
+        if hasattr(self, "store"):
+            self.store.close()
+        for buffer in self._grad_hosts:
+            self.pool.release(buffer)
+        self._grad_hosts.clear()
+        if self.swap is not None:
+            self.swap.close()
+        self.pool.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("offload.Engine: this engine is closed")
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,130 @@
+"""GradientStream: moves each gradient off the device as soon as autograd has accumulated it.
+
+A post-accumulate-grad hook on every trainable parameter takes the finished ``param.grad``, adds it into the
+group's fp32 host accumulator (``grad_host``, the layout of FlatGroup), records the squared L2 norm of the
+accumulated value, and drops the device gradient. Across micro-batches the accumulator sums in fp32, and the
+recorded norm is always that of the sum so far, so after the last ``backward`` the global norm is known without
+another pass over the gradients.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from functools import partial
+from typing import NamedTuple
+
+import torch
+
+from offload.engine.staging_ring import ByteRing
+from offload.layout.flat_group import FlatGroup, Slot
+from offload.storage.host_pool import HostBuffer, HostPool
+
+
+class _PendingCopy(NamedTuple):
+    done: torch.cuda.Event
+    staging: torch.Tensor     # pinned host view holding the device gradient once ``done`` has fired
+    group_index: int
+    slot_index: int
+
+
+class GradientStream:
+    """Gradient hooks for ``groups``; ``grad_hosts[g]`` is group g's fp32 accumulator (zero padding kept).
+
+    On a CUDA device the copies run on a side stream into a pinned staging ring of ``staging_bytes`` taken from
+    ``pool``; see Note [gradient copies on CUDA]. On the CPU the hook accumulates directly.
+    """
+
+    def __init__(self, groups: list[FlatGroup], grad_hosts: list[torch.Tensor], device: torch.device,
+                 pool: HostPool, staging_bytes: int) -> None:
+        self.groups = groups
+        self.grad_hosts = grad_hosts
+        self.device = device
+        self.received = [[False] * len(g.slots) for g in groups]
+        self.sumsq = [[0.0] * len(g.slots) for g in groups]
+        self.bytes_to_host = 0
+        self._pending: deque[_PendingCopy] = deque()
+        self._staging: HostBuffer | None = None
+        if device.type == "cuda":
+            self._side_stream = torch.cuda.Stream(device)
+            self._staging = pool.allocate(staging_bytes, "gradient staging")
+            self._ring = ByteRing(staging_bytes)
+        self._hooks = [slot.param.register_post_accumulate_grad_hook(partial(self._on_grad, g.index, i))
+                       for g in groups for i, slot in enumerate(g.slots)]
+
+    def _on_grad(self, group_index: int, slot_index: int, param: torch.Tensor) -> None:
+        grad, param.grad = param.grad, None  # the device gradient is dropped now: only the host keeps it
+        if grad is None:
+            return
+        self.bytes_to_host += grad.numel() * grad.element_size()
+        if self.device.type == "cuda":
+            self._copy_async(group_index, slot_index, grad)
+        else:
+            self._accumulate(group_index, slot_index, grad)
+
+    def _accumulate(self, group_index: int, slot_index: int, grad_host_in: torch.Tensor) -> None:
+        group = self.groups[group_index]
+        slot: Slot = group.slots[slot_index]
+        accum = group.view(self.grad_hosts[group_index], slot)
+        if self.received[group_index][slot_index]:
+            accum.add_(grad_host_in)
+        else:
+            accum.copy_(grad_host_in)
+            self.received[group_index][slot_index] = True
+        flat = accum.view(-1)
+        self.sumsq[group_index][slot_index] = float(torch.dot(flat, flat))  # the sum's norm, read while cached
+
+    # Note [gradient copies on CUDA]: the gradient is produced on the compute stream, so the side stream first
+    # waits for everything queued there so far, then copies into a range of the pinned staging ring and
+    # records ``done``. ``record_stream`` tells the caching allocator that the side stream still reads the
+    # gradient, so dropping ``param.grad`` cannot let its memory be reused before the copy has read it. A ring
+    # range is reused only after its copy's ``done`` has been waited for and the gradient added into the fp32
+    # accumulator on the host (``_drain_one``), oldest first.
+    def _copy_async(self, group_index: int, slot_index: int, grad: torch.Tensor) -> None:
+        nbytes = grad.numel() * grad.element_size()
+        start = self._ring.take(nbytes)
+        while start is None:
+            self._drain_one()
+            start = self._ring.take(nbytes)
+        staging = self._staging.tensor[start:start + nbytes].view(grad.dtype).view(grad.shape)
+        self._side_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._side_stream):
+            staging.copy_(grad, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._side_stream)
+        grad.record_stream(self._side_stream)
+        self._pending.append(_PendingCopy(done, staging, group_index, slot_index))
+        while self._pending and self._pending[0].done.query():
+            self._drain_one()
+
+    def _drain_one(self) -> None:
+        copy = self._pending.popleft()
+        copy.done.synchronize()
+        self._accumulate(copy.group_index, copy.slot_index, copy.staging)
+        self._ring.release_oldest()
+
+    def finish(self) -> None:
+        """Blocks until every gradient handed to a hook is in its host accumulator."""
+        while self._pending:
+            self._drain_one()
+
+    def squared_norm(self) -> float:
+        return sum(sum(per_group) for per_group in self.sumsq)
+
+    def any_received(self) -> bool:
+        return any(any(per_group) for per_group in self.received)
+
+    def reset(self) -> None:
+        """Starts a new accumulation (after a step): the next gradient of each parameter overwrites."""
+        for per_group in self.received:
+            per_group[:] = [False] * len(per_group)
+        for per_group in self.sumsq:
+            per_group[:] = [0.0] * len(per_group)
+
+    def close(self, pool: HostPool) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self._pending.clear()
+        if self._staging is not None:
+            pool.release(self._staging)
+            self._staging = None

@@ -1,0 +1,44 @@
+"""Small result records of the engine: StepInfo (one optimizer step) and EngineStats (running totals)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What one ``engine.step()`` did.
+
+    ``step`` counts optimizer steps from 1 (a skipped step does not count). ``grad_norm`` is the global L2 norm
+    of the unscaled gradients before clipping (inf or nan when they overflowed). ``loss_scale`` is the scale the
+    next ``backward`` multiplies the loss by (fp16; 1.0 otherwise). Times are wall-clock seconds: ``time_s``
+    the whole call, ``adam_s`` inside the native Adam, ``io_wait_s`` blocked on NVMe transfers. Bytes count
+    this step only.
+    """
+
+    step: int
+    grad_norm: float
+    skipped: bool
+    loss_scale: float
+    time_s: float
+    adam_s: float
+    io_wait_s: float
+    nvme_bytes_read: int
+    nvme_bytes_written: int
+    grad_bytes_to_host: int
+    groups_on_nvme: int
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Running totals since the engine was built. Device bytes count parameters only (trainable and frozen)."""
+
+    device_param_bytes: int
+    device_param_bytes_peak: int
+    host_bytes_in_use: int
+    host_bytes_peak: int
+    host_memory_limit: int | None
+    nvme_bytes_read: int
+    nvme_bytes_written: int
+    optimizer_groups_on_host: int
+    optimizer_groups_on_nvme: int

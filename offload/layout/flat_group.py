@@ -1,0 +1,72 @@
+"""FlatGroup: where each parameter of a group sits inside the group's flat buffers.
+
+Every buffer of a group (fp32 master, Adam m and v, gradient accumulator, the device weights in the compute
+dtype) has the same element layout, so one offset locates a parameter in all of them and the native Adam runs
+over long contiguous spans. Parameters are ordered by hyper-parameter group, so that each hyper-parameter
+group is one span.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from offload.layout.partition import ParamGroupSpec
+
+# Each parameter starts on a multiple of 64 elements: whole cache lines in fp32 and in bf16, so SIMD loads and
+# the kernel's streaming stores of the low-precision copy are aligned.
+PARAM_ALIGN_ELEMENTS = 64
+# A group's length is a multiple of 1024 elements: fp32 buffers are whole 4 KiB pages, as O_DIRECT file I/O
+# requires, and the three fp32 state buffers can sit back to back in one swap file with every part aligned.
+GROUP_ALIGN_ELEMENTS = 1024
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One parameter inside its group's flat buffers: elements [offset, offset + numel)."""
+
+    name: str
+    param: nn.Parameter
+    offset: int
+    numel: int
+    shape: torch.Size
+    hyper_index: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.numel
+
+
+@dataclass(frozen=True)
+class FlatGroup:
+    """The layout of one group. ``numel`` counts padding: the elements between and after parameters are zero in
+    every buffer and stay zero under Adam (zero gradient, zero state, zero weight)."""
+
+    index: int
+    name: str
+    slots: tuple[Slot, ...]
+    numel: int
+
+    def view(self, flat: torch.Tensor, slot: Slot) -> torch.Tensor:
+        """The part of a flat buffer of this group that holds ``slot``, in the parameter's shape."""
+        return flat[slot.offset:slot.end].view(slot.shape)
+
+
+def build_flat_group(index: int, spec: ParamGroupSpec, hyper_index_of: dict[int, int]) -> FlatGroup:
+    """Lays out ``spec``'s parameters, grouped by hyper-parameter group (stable within one)."""
+    order = sorted(range(len(spec.params)), key=lambda i: hyper_index_of[id(spec.params[i])])
+    slots = []
+    offset = 0
+    for i in order:
+        param = spec.params[i]
+        slots.append(Slot(name=spec.param_names[i], param=param, offset=offset, numel=param.numel(),
+                          shape=param.shape, hyper_index=hyper_index_of[id(param)]))
+        offset = _round_up(offset + param.numel(), PARAM_ALIGN_ELEMENTS)
+    return FlatGroup(index=index, name=spec.name, slots=tuple(slots),
+                     numel=max(GROUP_ALIGN_ELEMENTS, _round_up(offset, GROUP_ALIGN_ELEMENTS)))

@@ -1,0 +1,82 @@
+"""Partition a model's trainable parameters into groups that follow its module structure.
+
+A group is the unit every transfer and every optimizer pass works on: normally one transformer block. The
+repeated blocks are found structurally (the children of the outermost ``nn.ModuleList`` / ``nn.Sequential``
+that holds parameters in more than one child); every other parameter joins a group of the module that owns it
+directly (an embedding, a final norm, a head). Groups are listed in module registration order, which for the
+models we target is the order the forward pass runs them; the scheduler may reorder them from a trace.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ParamGroupSpec:
+    """The trainable parameters of one group, by their first qualified name, in registration order."""
+
+    name: str                             # module path of the group, e.g. "model.layers.3" ("" for the root)
+    param_names: tuple[str, ...]
+    params: tuple[nn.Parameter, ...]
+
+
+@dataclass(frozen=True)
+class ModelPartition:
+    groups: tuple[ParamGroupSpec, ...]
+    frozen: tuple[tuple[str, nn.Parameter], ...]  # requires_grad=False: no optimizer state, no gradient traffic
+    aliases: dict[str, str]                       # every other name of a shared (tied) parameter -> its first name
+
+
+def _repeated_block_containers(model: nn.Module) -> list[str]:
+    """Module paths of the outermost ModuleList/Sequential containers with parameters in two or more children."""
+    found: list[str] = []
+    for path, module in model.named_modules():
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)):
+            continue
+        if any(path == outer or path.startswith(outer + ".") for outer in found if outer):
+            continue
+        holders = sum(1 for child in module.children() if next(child.parameters(), None) is not None)
+        if holders >= 2:
+            if path == "":
+                return [""]
+            found.append(path)
+    return found
+
+
+def _group_of(param_name: str, containers: list[str]) -> str:
+    module_path = param_name.rpartition(".")[0]
+    for container in containers:
+        prefix = container + "." if container else ""
+        if param_name.startswith(prefix):
+            block = param_name[len(prefix):].split(".", 1)[0]
+            return prefix + block
+    return module_path
+
+
+def partition_model(model: nn.Module) -> ModelPartition:
+    """Groups of the trainable parameters of ``model`` (each parameter in exactly one group, tied ones too)."""
+    containers = _repeated_block_containers(model)
+    first_name: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    members: dict[str, list[tuple[str, nn.Parameter]]] = {}
+    frozen: list[tuple[str, nn.Parameter]] = []
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first_name:
+            aliases[name] = first_name[id(param)]
+            continue
+        first_name[id(param)] = name
+        if not param.requires_grad:
+            frozen.append((name, param))
+            continue
+        if not param.is_floating_point():
+            raise TypeError(f"offload: trainable parameter {name!r} has dtype {param.dtype}; only floating-point "
+                            "parameters can be trained")
+        members.setdefault(_group_of(name, containers), []).append((name, param))
+    groups = tuple(ParamGroupSpec(name=group, param_names=tuple(n for n, _ in entries),
+                                  params=tuple(p for _, p in entries))
+                   for group, entries in members.items())
+    return ModelPartition(groups=groups, frozen=tuple(frozen), aliases=aliases)
+
