@@ -70,10 +70,10 @@ class IOConfig:
         if block == 0 or block % 4096:
             raise ConfigError(f"io.block_size: must be a positive multiple of 4 KiB; got {block} bytes")
         object.__setattr__(self, "block_size", block)
-        for field, value, low, high in (("io.queue_depth", self.queue_depth, 1, 256),
-                                        ("io.threads", self.threads, 1, 256)):
+        for name, value, low, high in (("io.queue_depth", self.queue_depth, 1, 256),
+                                       ("io.threads", self.threads, 1, 256)):
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise ConfigError(f"{field}: must be an integer from {low} to {high}; got {value!r}")
+                raise ConfigError(f"{name}: must be an integer from {low} to {high}; got {value!r}")
         if self.in_flight > 256:
             raise ConfigError(f"io.threads x io.queue_depth: at most 256 transfers in flight; got "
                               f"{self.threads} x {self.queue_depth} = {self.in_flight}")
