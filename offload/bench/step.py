@@ -1,0 +1,219 @@
+"""`offload bench step`: the engine's optimizer step against its floor, with the optimizer state in RAM or on NVMe.
+
+Each placement runs in its own process (a 1B-parameter state needs most of the RAM). A model of square
+bias-free linear layers (one group each) is wrapped by the Engine on the CPU device in bf16; every round runs
+one backward (not timed) and then, in alternating order:
+- ``step``: ``engine.step()``, wall time;
+- ``adam``: the bare native kernel over the same groups, state in RAM (for NVMe: in a staging slot), the same
+  bf16 output: the Adam-only time;
+- NVMe only, ``read`` / ``write``: our I/O engine reading / writing a scratch file set in the same directory
+  with the same request sizes and three requests in flight, as the pipeline does: the disk bandwidths.
+The floor is Adam-only time for RAM state and max(bytes read / read bandwidth, bytes written / write bandwidth,
+Adam-only time) for NVMe state. Medians over rounds and the ratio step / floor are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import psutil
+
+from offload.config import IOConfig
+
+HIDDEN = 4096  # one group = one 4096 x 4096 linear layer: 16.8M parameters, 201 MB of fp32 state
+STATE_BYTES_PER_PARAM = 12
+RAM_BYTES_PER_PARAM = {"cpu": 12 + 4 + 2, "nvme": 4 + 2}  # state (cpu only), fp32 grads, bf16 weights
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="offload bench step", description=__doc__.splitlines()[0])
+    ap.add_argument("--params", type=float, default=1e9, help="parameters in the optimizer state (default 1e9)")
+    ap.add_argument("--placements", default="cpu,nvme", help="optimizer placements to run (default cpu,nvme)")
+    ap.add_argument("--dir", default=".", help="nvme_dir for the NVMe placement (default: .)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--block-size", default="8MiB")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--queue-depth", type=int, default=32)
+    ap.add_argument("--out", default=None, help="append every raw record as a JSON line to this file")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.rounds < 1 or a.params < HIDDEN * HIDDEN:
+        ap.error(f"--rounds must be >= 1 and --params >= {HIDDEN * HIDDEN}")
+    return a
+
+
+def layers_that_fit(params: float, placement: str) -> tuple[int, str]:
+    """Layers for ``params`` parameters, fewer if the placement's host memory would exceed 75% of RAM."""
+    layers = max(1, round(params / (HIDDEN * HIDDEN)))
+    budget = 0.75 * psutil.virtual_memory().available
+    fit = int(budget // (RAM_BYTES_PER_PARAM[placement] * HIDDEN * HIDDEN))
+    if fit < layers:
+        return max(1, fit), f"capped from {layers} to {fit} layers to stay within 75% of available RAM"
+    return layers, ""
+
+
+def _backward(engine) -> None:
+    import torch
+
+    x = torch.randn(8, HIDDEN)
+    engine.backward(engine(x).float().square().mean())
+
+
+def _adam_only(engine, placement: str) -> float:
+    """Seconds for the bare kernel over every group (no I/O, no bookkeeping), bf16 written like the engine."""
+    import torch
+
+    from offload import _C
+    from offload.optim.state_store import split_state
+
+    start = time.perf_counter()
+    for g, state in enumerate(engine.store.states):
+        numel = state.group.numel
+        flat = (state.state_host if placement == "cpu" else engine.store.staging[0]).view(torch.float32)
+        master, m, v = split_state(flat, numel)
+        _C.adam_step(master, engine._grad_hosts[g].view(torch.float32), m, v, engine.weights.weight_device[g],
+                     step=10, lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    return time.perf_counter() - start
+
+
+def run_worker(a: argparse.Namespace) -> None:
+    import torch
+
+    import offload
+    from offload.optim.state_store import STAGING_SLOTS
+
+    placement = a.worker
+    layers, note = layers_that_fit(a.params, placement)
+    model = torch.nn.Sequential(*[torch.nn.Linear(HIDDEN, HIDDEN, bias=False) for _ in range(layers)])
+    io = IOConfig(block_size=a.block_size, threads=a.threads, queue_depth=a.queue_depth)
+    config = offload.Config(device="cpu", dtype="bf16", optimizer=placement, nvme_dir=a.dir, io=io)
+    built = time.perf_counter()
+    engine = offload.Engine(model, config, lr=1e-4)
+    built = time.perf_counter() - built
+    numel = sum(g.numel for g in engine.groups)
+    scratch = []
+    if placement == "nvme":
+        scratch = [engine.swap.create(f"bench scratch {g}", s.nbytes) for g, s in enumerate(engine.store.states)]
+    header = dict(kind="setup", placement=placement, layers=layers, params=numel, note=note, build_s=built,
+                  io=f"bs={io.block_size} threads={io.threads} qd={io.queue_depth}",
+                  direct=engine.swap.direct if engine.swap else None)
+    print(json.dumps(header), flush=True)
+
+    def disk(op: str) -> float:
+        """``op`` "read" or "write": every scratch file; "mixed": reads and writes alternating, file by file."""
+        slots = engine.store.staging
+        handles = []
+        start = time.perf_counter()
+        for k, swap in enumerate(scratch):
+            if len(handles) == STAGING_SLOTS:
+                engine.swap.wait(handles.pop(0))
+            buffer = slots[k % STAGING_SLOTS].tensor[:swap.capacity]
+            reads = op == "read" or (op == "mixed" and k % 2 == 0)
+            submit = engine.swap.read if reads else engine.swap.write
+            handles.append(submit(swap, 0, buffer))
+        for handle in handles:
+            engine.swap.wait(handle)
+        return time.perf_counter() - start
+
+    try:
+        if scratch:
+            disk("write")  # allocated but never written extents read back as zeros without touching the disk
+        for r in range(a.rounds):
+            _backward(engine)
+            parts = ["adam", "step"] + (["read", "write", "mixed"] if placement == "nvme" else [])
+            if r % 2:
+                parts.reverse()
+            record = dict(kind="round", placement=placement, round=r, params=numel)
+            for part in parts:
+                if part == "step":
+                    info = engine.step()
+                    record.update(step_s=info.time_s, step_adam_s=info.adam_s, step_io_wait_s=info.io_wait_s,
+                                  bytes_read=info.nvme_bytes_read, bytes_written=info.nvme_bytes_written)
+                elif part == "adam":
+                    record["adam_s"] = _adam_only(engine, placement)
+                else:
+                    seconds = disk(part)
+                    record[f"{part}_gbs"] = sum(s.capacity for s in scratch) / seconds / 1e9
+            if placement == "nvme":
+                record["floor_s"] = max(record["bytes_read"] / (record["read_gbs"] * 1e9),
+                                        record["bytes_written"] / (record["write_gbs"] * 1e9), record["adam_s"])
+                # The same bytes at the bandwidth the disk gives when reads and writes share it:
+                moved = record["bytes_read"] + record["bytes_written"]
+                record["shared_floor_s"] = max(moved / (record["mixed_gbs"] * 1e9), record["adam_s"])
+                record["ratio_shared"] = record["step_s"] / record["shared_floor_s"]
+            else:
+                record["floor_s"] = record["adam_s"]
+            record["ratio"] = record["step_s"] / record["floor_s"]
+            print(json.dumps(record), flush=True)
+    finally:
+        engine.close()
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    rows = []
+    for placement in dict.fromkeys(r["placement"] for r in records):
+        rounds = [r for r in records if r["placement"] == placement and r["kind"] == "round"]
+        if not rounds:
+            continue
+        row = dict(placement=placement, params=rounds[0]["params"], rounds=len(rounds))
+        for key in ("step_s", "adam_s", "floor_s", "ratio", "read_gbs", "write_gbs", "mixed_gbs",
+                    "shared_floor_s", "ratio_shared", "step_io_wait_s"):
+            if key in rounds[0]:
+                row[key] = statistics.median(r[key] for r in rounds)
+        row["ratio_min"] = min(r["ratio"] for r in rounds)
+        row["ratio_max"] = max(r["ratio"] for r in rounds)
+        rows.append(row)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'state':6} {'params':>8} {'step s':>8} {'adam s':>8} {'read GB/s':>10} {'write GB/s':>10} "
+          f"{'floor s':>8} {'step/floor':>18}")
+    for row in rows:
+        read = f"{row['read_gbs']:.2f}" if "read_gbs" in row else "-"
+        write = f"{row['write_gbs']:.2f}" if "write_gbs" in row else "-"
+        spread = f"{row['ratio']:.3f} [{row['ratio_min']:.2f}-{row['ratio_max']:.2f}]"
+        print(f"{row['placement']:6} {row['params'] / 1e9:7.2f}B {row['step_s']:8.3f} {row['adam_s']:8.3f} "
+              f"{read:>10} {write:>10} {row['floor_s']:8.3f} {spread:>18}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    if a.worker:
+        run_worker(a)
+        return 0
+    records = []
+    for placement in a.placements.split(","):
+        if placement not in RAM_BYTES_PER_PARAM:
+            print(f"offload bench step: unknown placement {placement!r} (cpu, nvme)", file=sys.stderr)
+            return 2
+        argv_worker = [sys.executable, "-m", "offload.bench.step", "--worker", placement,
+                       "--params", str(a.params), "--dir", a.dir, "--rounds", str(a.rounds),
+                       "--block-size", a.block_size, "--threads", str(a.threads),
+                       "--queue-depth", str(a.queue_depth)]
+        print(f"offload bench step: {placement} state, {a.rounds} rounds ...", file=sys.stderr, flush=True)
+        proc = subprocess.run(argv_worker, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(proc.stderr[-2000:], file=sys.stderr)
+            return proc.returncode
+        for line in proc.stdout.splitlines():
+            record = json.loads(line)
+            records.append(record)
+            print(line)
+            if record["kind"] == "setup" and record["note"]:
+                print(f"offload bench step: {placement}: {record['note']}", file=sys.stderr)
+    if a.out:
+        with open(a.out, "a") as f:
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+    print_table(summarize(records))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
