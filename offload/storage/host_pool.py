@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 import threading
@@ -15,6 +16,7 @@ log = logging.getLogger("offload")
 
 PAGE = 4096  # buffer alignment: O_DIRECT and DMA both want whole, aligned pages
 _HUGE_PAGE = 2 << 20
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14; Python's mmap lacks the name
 
 
 @dataclass(frozen=True)
@@ -49,11 +51,14 @@ class _Mapping:
     alive (torch.frombuffer holds a reference), so memory is unmapped only when nothing can reach it."""
 
     def __init__(self, mapped_bytes: int, pin: bool) -> None:
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE  # populate: the budget is real now
-        self.map = mmap.mmap(-1, mapped_bytes, flags=flags)
+        self.map = mmap.mmap(-1, mapped_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         if mapped_bytes >= _HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE"):
-            self.map.madvise(mmap.MADV_HUGEPAGE)  # fewer TLB misses for the large sequential passes of Adam
+            # Advised before the pages exist, so the faults below map 2 MiB pages directly (fewer TLB misses in
+            # Adam's long sequential passes); advised after populating, 4 KiB pages would stay until khugepaged
+            # got round to them, stealing CPU from the first steps.
+            self.map.madvise(mmap.MADV_HUGEPAGE)
         self.tensor = torch.frombuffer(self.map, dtype=torch.uint8)
+        _populate(self.map, self.tensor)  # the budget is real now: fail here, not in the OOM killer later
         self.pinned = False
         if pin:
             _cuda_host_register(self.tensor)
@@ -63,6 +68,16 @@ class _Mapping:
         if self.pinned:
             _cuda_host_unregister(self.tensor)
             self.pinned = False
+
+
+def _populate(mapping: mmap.mmap, tensor: torch.Tensor) -> None:
+    try:
+        mapping.madvise(_MADV_POPULATE_WRITE)
+    except OSError as e:
+        if e.errno == errno.ENOMEM:
+            raise MemoryBudgetError(f"faulting in {len(mapping)} bytes of host memory (the machine is out of "
+                                    "memory)", len(mapping), 0, "host_memory_limit") from None
+        tensor[::PAGE].zero_()  # a kernel without MADV_POPULATE_WRITE: touch one byte per page
 
 
 def _cuda_host_register(tensor: torch.Tensor) -> None:
