@@ -12,6 +12,8 @@ import copy
 import torch
 from torch import nn
 
+import offload
+
 try:
     from transformers import LlamaConfig, LlamaForCausalLM
 except ImportError:  # the Llama tests skip; the MLP tests still run
@@ -104,3 +106,22 @@ def reference_run(kind: str, model: nn.Module, data: list[list[dict]], dtype: to
         opt.zero_grad(set_to_none=True)
         losses.append(step_loss)
     return losses, {k: v.detach().float().clone() for k, v in master.state_dict().items()}
+
+
+def train_with_engine(kind: str, model: nn.Module, data: list[list[dict]], config, **engine_kw
+                      ) -> tuple[list[float], dict[str, torch.Tensor], "offload.EngineStats"]:
+    """Losses (as reference_run), the final state_dict and the stats of the same run through offload.Engine."""
+    losses = []
+    with offload.Engine(model, config, **engine_kw) as engine:
+        for step in data:
+            step_loss = 0.0
+            for batch in step:
+                loss = loss_of(kind, engine, batch)
+                engine.backward(loss)
+                step_loss += loss.item() / len(step)
+            info = engine.step()
+            assert not info.skipped
+            losses.append(step_loss)
+        assert info.step == len(data)
+        assert all(p.device.type == engine.device.type for p in engine.model.parameters())
+        return losses, engine.state_dict(), engine.stats()

@@ -261,3 +261,90 @@ def test_param_groups_by_name_match_torch():
             opt.zero_grad()
         for key, value in ref.state_dict().items():
             torch.testing.assert_close(engine.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_failed_construction_leaves_the_model_as_it_was():
+    model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(4)])
+    before = [(p, p.data_ptr(), p.data.clone()) for p in model.parameters()]
+    numel = sum(p.numel() for p in model.parameters())
+    # room for the gradient accumulators and about two groups' state: fails while placing the third
+    config = offload.Config(device="cpu", dtype="bf16", host_memory_limit=4 * numel + 2 * 12 * 64 * 65 + 65536)
+    with pytest.raises(offload.MemoryBudgetError, match="optimizer state"):
+        offload.Engine(model, config)
+    for param, address, values in before:
+        assert param.data_ptr() == address and param.dtype == torch.float32 and torch.equal(param.data, values)
+        assert not param._post_accumulate_grad_hooks
+    with offload.Engine(model, CPU32) as engine:  # and the model can be wrapped afterwards
+        engine.backward(engine(torch.randn(2, 64)).square().mean())
+        assert not engine.step().skipped
+
+
+def test_a_failed_step_stops_the_engine(tmp_path):
+    from offload import _C
+
+    config = offload.Config(device="cpu", dtype="fp32", optimizer="nvme", nvme_dir=tmp_path)
+    with offload.Engine(mlp(), config) as engine:
+        data = batches("mlp", 2, 1)
+        train_step(engine, "mlp", data[0])
+        for batch in data[1]:
+            engine.backward(loss_of("mlp", engine, batch))
+        _C.inject_io_fault("eio", 3)
+        try:
+            with pytest.raises(OSError):
+                engine.step()
+        finally:
+            _C.inject_io_fault("none")
+        for call in (engine.step, lambda: engine(torch.randn(2, 24)), engine.state_dict):
+            with pytest.raises(RuntimeError, match="failed part-way"):
+                call()
+    assert not any(p.name.startswith("offload-swap-") for p in tmp_path.iterdir())
+
+
+def test_one_open_engine_per_model_and_dropped_engines_let_go():
+    import gc
+
+    model = mlp()
+    engine = offload.Engine(model, CPU32)
+    with pytest.raises(offload.ConfigError, match="already wrapped"):
+        offload.Engine(model, CPU32)
+    del engine
+    gc.collect()
+    assert not any(p._post_accumulate_grad_hooks for p in model.parameters())
+    with offload.Engine(model, CPU32) as engine:
+        assert not train_step(engine, "mlp", batches("mlp", 1, 1)[0]).skipped
+
+
+def test_a_wrapper_around_a_backbone_is_looked_through():
+    backbone = nn.Sequential(nn.Embedding(16, 8), nn.ModuleList([nn.Linear(8, 8) for _ in range(3)]))
+    model = nn.Sequential(backbone, nn.Linear(8, 2))
+    from offload.layout import partition_model
+
+    names = [g.name for g in partition_model(model).groups]
+    assert names == ["0.0", "0.1.0", "0.1.1", "0.1.2", "1"]
+
+
+def test_a_gradient_left_from_before_is_not_added_into_the_first_step():
+    ref, model = mlp(), mlp()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.0)
+    step = batches("mlp", 1, 1)[0]
+    with offload.Engine(model, CPU32, lr=1e-3) as engine:
+        train_step(engine, "mlp", step)
+        loss_of("mlp", ref, step[0]).backward()
+        opt.step()
+        for key, value in ref.state_dict().items():
+            torch.testing.assert_close(engine.state_dict()[key], value, rtol=1e-6, atol=1e-7)
+
+
+def test_device_memory_limit_is_enforced():
+    with pytest.raises(offload.MemoryBudgetError, match="device_memory_limit"):
+        offload.Engine(mlp(), offload.Config(device="cpu", device_memory_limit=1024))
+
+
+def test_empty_and_frozen_parameters_in_groups_are_fine():
+    model = mlp()
+    model.register_parameter("empty", nn.Parameter(torch.zeros(0)))
+    model[0].bias.requires_grad_(False)
+    with offload.Engine(model, CPU32, param_groups=[{"params": [model[0].bias], "lr": 0.1}]) as engine:
+        assert not train_step(engine, "mlp", batches("mlp", 1, 1)[0]).skipped

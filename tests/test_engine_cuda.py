@@ -6,25 +6,16 @@ import pytest
 import torch
 
 import offload
-from engine_reference import batches, loss_of, mlp, reference_run, tiny_llama
+from engine_reference import batches, loss_of, mlp, reference_run, tiny_llama, train_with_engine
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def _run(kind, make, config, data, max_grad_norm):
-    losses = []
-    with offload.Engine(make(), config, lr=3e-3, weight_decay=0.05, max_grad_norm=max_grad_norm) as engine:
-        for step in data:
-            total = 0.0
-            for batch in step:
-                loss = loss_of(kind, engine, batch)
-                engine.backward(loss)
-                total += loss.item() / len(step)
-            assert not engine.step().skipped
-            losses.append(total)
-        assert all(p.device.type == "cuda" for p in engine.model.parameters())
-        assert engine.stats().host_bytes_in_use > 0
-        return losses, engine.state_dict()
+    losses, state, stats = train_with_engine(kind, make(), data, config, lr=3e-3, weight_decay=0.05,
+                                             max_grad_norm=max_grad_norm)
+    assert stats.host_bytes_peak > 0
+    return losses, state
 
 
 @pytest.mark.parametrize("optimizer", ["cpu", "nvme"])
@@ -59,3 +50,16 @@ def test_bf16_on_cuda_trains_and_keeps_weights_in_sync(tmp_path):
         for name, param in engine.model.named_parameters():
             # the device weights are the masters rounded to bf16, uploaded after the step
             assert torch.equal(param.detach().cpu(), masters[name].to(torch.bfloat16)), name
+
+
+def test_a_parameter_without_gradient_keeps_its_device_weights():
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"body": torch.nn.Linear(8, 8), "head_a": torch.nn.Linear(8, 2),
+                                 "head_b": torch.nn.Linear(8, 2)})
+    with offload.Engine(model, offload.Config(device="cuda", dtype="bf16")) as engine:
+        head_b = model["head_b"].weight.detach().clone()
+        x = torch.randn(4, 8, device="cuda", dtype=torch.bfloat16)
+        engine.backward(model["head_a"](model["body"](x)).float().square().mean())
+        engine.step()
+        torch.cuda.synchronize()
+        assert torch.equal(model["head_b"].weight.detach(), head_b)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import offload
-from engine_reference import batches, loss_of, mlp, no_decay_groups, reference_run, tiny_llama
+from engine_reference import batches, mlp, no_decay_groups, reference_run, tiny_llama, train_with_engine
 
 transformers = pytest.importorskip("transformers", reason="the Llama parity tests need transformers")
 
@@ -18,20 +18,8 @@ WEIGHT_DECAY = 0.05
 
 def engine_run(kind, model, data, config, *, max_grad_norm, decay_groups, **engine_kw):
     groups = no_decay_groups(model) if decay_groups else None
-    losses = []
-    with offload.Engine(model, config, lr=LR, weight_decay=WEIGHT_DECAY, max_grad_norm=max_grad_norm,
-                        param_groups=groups, **engine_kw) as engine:
-        for step in data:
-            step_loss = 0.0
-            for batch in step:
-                loss = loss_of(kind, engine, batch)
-                engine.backward(loss)
-                step_loss += loss.item() / len(step)
-            info = engine.step()
-            assert not info.skipped
-            losses.append(step_loss)
-        assert info.step == len(data)
-        return losses, engine.state_dict(), engine.stats()
+    return train_with_engine(kind, model, data, config, lr=LR, weight_decay=WEIGHT_DECAY,
+                             max_grad_norm=max_grad_norm, param_groups=groups, **engine_kw)
 
 
 def assert_matches(losses, state, ref_losses, ref_state, rtol, weight_atol=None):

@@ -76,7 +76,7 @@ def _adam_only(engine, placement: str) -> float:
         numel = state.group.numel
         flat = (state.state_host if placement == "cpu" else engine.store.staging[0]).view(torch.float32)
         master, m, v = split_state(flat, numel)
-        _C.adam_step(master, engine._grad_hosts[g].view(torch.float32), m, v, engine.weights.weight_device[g],
+        _C.adam_step(master, engine._grads.grad_hosts[g], m, v, engine.weights.weight_device[g],
                      step=10, lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
     return time.perf_counter() - start
 

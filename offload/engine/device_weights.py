@@ -32,8 +32,8 @@ class DeviceWeights:
         self._upload_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def add(self, group: FlatGroup, master: torch.Tensor, alias: torch.Tensor | None) -> None:
-        """Creates group g's device buffer from ``master`` (its fp32 flat weights) and points the parameters at
-        it. ``alias``: a CPU fp32 flat tensor to use as the buffer itself (the master in RAM when the device is
+        """Creates group g's device buffer from ``master`` (its fp32 flat weights); ``bind_parameters`` later
+        points the parameters at it. ``alias``: a CPU fp32 flat tensor to use as the buffer itself (the master in RAM when the device is
         the CPU and the dtype fp32), or None."""
         if alias is not None:
             weights = alias
@@ -43,12 +43,21 @@ class DeviceWeights:
         staged = self.device.type == "cuda" and self.dtype != torch.float32  # kernel output must be host memory
         self.weight_host.append(self.pool.allocate(group.numel * weights.element_size(),
                                                    f"weights {group.name or '<root>'}") if staged else None)
+        if staged:
+            # The kernel writes only the spans of parameters that received a gradient, and the upload copies
+            # the whole buffer: the rest must already hold the current weights.
+            self.weight_host[-1].view(self.dtype).copy_(weights)
         self.groups.append(group)
         self.weight_device.append(weights)
         self._aliased.append(alias is not None)
         self._uploaded.append(None)
-        for slot in group.slots:
-            slot.param.data = group.view(weights, slot)
+
+    def bind_parameters(self) -> None:
+        """Points every parameter's ``.data`` at its view of the group buffer (the original storage is freed
+        unless someone else holds it)."""
+        for group, weights in zip(self.groups, self.weight_device):
+            for slot in group.slots:
+                slot.param.data = group.view(weights, slot)
 
     @property
     def nbytes(self) -> int:

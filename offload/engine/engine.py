@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any
+import weakref
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -14,20 +15,52 @@ from offload.config import Config
 from offload.engine.device_weights import DeviceWeights
 from offload.engine.grad_stream import GradientStream
 from offload.engine.types import EngineStats, StepInfo
-from offload.errors import ConfigError
+from offload.errors import ConfigError, MemoryBudgetError
 from offload.layout.flat_group import FlatGroup, build_flat_group
 from offload.layout.partition import partition_model
 from offload.optim.group_stepper import GroupStepper, GroupUpdate, Segment
 from offload.optim.hyper import resolve_param_groups
 from offload.optim.loss_scale import LossScaler
-from offload.optim.state_store import (FP32_BYTES, OptimizerStateStore, StatePlacement, plan_placement,
-                                       split_state)
+from offload.optim.state_store import (FP32_BYTES, STAGING_SLOTS, OptimizerStateStore, StatePlacement,
+                                       plan_placement, split_state)
 from offload.storage.host_pool import HostBuffer, HostPool
 from offload.storage.swap_store import SwapStore
 
 log = logging.getLogger("offload")
 
 _GRAD_STAGING_MIN_BYTES = 64 << 20  # CUDA: pinned ring the gradients stream through (at least 2 of the largest)
+
+# model -> the open engine wrapping it: a second engine on the same model would add a second set of hooks.
+_ENGINE_OF: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
+
+
+class _Resources:
+    """Everything an engine allocates, released in one place: by close(), by a failed construction, or when
+    an engine that was never closed is collected. Holds no reference to the engine itself."""
+
+    def __init__(self, pool: HostPool) -> None:
+        self.pool = pool
+        self.swap: SwapStore | None = None
+        self.grad_hosts: list[HostBuffer] = []
+        self.grads: GradientStream | None = None
+        self.weights: DeviceWeights | None = None
+        self.store: OptimizerStateStore | None = None
+
+    def release(self) -> None:
+        try:
+            if self.grads is not None:
+                self.grads.close(self.pool)  # removes the hooks; waits for gradient copies still in flight
+            if self.weights is not None:
+                self.weights.close()
+            if self.store is not None:
+                self.store.close()
+            for buffer in self.grad_hosts:
+                self.pool.release(buffer)
+            self.grad_hosts.clear()
+        finally:
+            if self.swap is not None:
+                self.swap.close()
+            self.pool.close()
 
 
 def _cast_inputs(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
@@ -94,34 +127,54 @@ class Engine:
         self._step = 0
         self._nvme_read = self._nvme_written = 0
         self._closed = False
-        self.pool = HostPool(config.host_memory_limit, pin=self.device.type == "cuda")
+        self._failed: str | None = None
         self.swap: SwapStore | None = None
-        self._grad_hosts: list[HostBuffer] = []
+        previous = _ENGINE_OF.get(model)
+        if previous is not None and previous() is not None and not previous()._closed:
+            raise ConfigError("model: it is already wrapped by an open offload.Engine; close that engine first")
+        self._res = _Resources(HostPool(config.host_memory_limit, pin=self.device.type == "cuda"))
+        self.pool = self._res.pool
         try:
-            self._build()
+            attach = self._build()
         except BaseException:
-            self._release()
+            self._res.release()
             raise
+        attach()  # nothing above changed the model; this (which cannot fail) does
+        _ENGINE_OF[model] = weakref.ref(self)
+        # An engine dropped without close() still removes its hooks and swap files (the hooks hold the
+        # gradient stream, not the engine, so the engine can be collected).
+        self._finalizer = weakref.finalize(self, self._res.release)
 
-    def _build(self) -> None:
-        config = self.config
-        for group in self.groups:
-            self._grad_hosts.append(self.pool.allocate(group.numel * FP32_BYTES,
-                                                       f"gradient accumulator {group.name or '<root>'}"))
+    def _build(self) -> Callable[[], None]:
+        """Allocates and fills every buffer without touching the model; returns the step that points the model
+        at them. A failure here (budget, disk space, I/O) therefore leaves the model exactly as it was."""
+        config, res = self.config, self._res
         lowp_bytes = torch.empty((), dtype=self.dtype).element_size()
+        device_bytes = sum(g.numel for g in self.groups) * lowp_bytes + sum(
+            p.numel() * (lowp_bytes if p.is_floating_point() else p.element_size()) for _, p in self._frozen)
+        if config.device_memory_limit is not None and device_bytes > config.device_memory_limit:
+            raise MemoryBudgetError("parameters resident on the device (params='device')", device_bytes,
+                                    config.device_memory_limit, "device_memory_limit")
+        for group in self.groups:
+            res.grad_hosts.append(self.pool.allocate(group.numel * FP32_BYTES,
+                                                     f"gradient accumulator {group.name or '<root>'}"))
         largest_param = max(s.numel for g in self.groups for s in g.slots) * lowp_bytes
-        grad_staging = max(_GRAD_STAGING_MIN_BYTES, 2 * largest_param) if self.device.type == "cuda" else 0
-        weights_host = sum(g.numel for g in self.groups) * lowp_bytes \
+        grad_staging = max(_GRAD_STAGING_MIN_BYTES, 2 * -(-largest_param // 512) * 512) if self.device.type == "cuda" else 0
+        weights_host = sum(HostPool.mapped_size(g.numel * lowp_bytes) for g in self.groups) \
             if self.device.type == "cuda" and self.dtype != torch.float32 else 0
         budget_left = None
         if config.host_memory_limit is not None:
-            budget_left = config.host_memory_limit - self.pool.stats().in_use - grad_staging - weights_host
+            budget_left = (config.host_memory_limit - self.pool.stats().in_use - weights_host
+                           - (HostPool.mapped_size(grad_staging) if grad_staging else 0))
         placement = plan_placement(self.groups, config.optimizer == "nvme", budget_left)
         nvme_numels = [g.numel for g, p in zip(self.groups, placement) if p is StatePlacement.NVME]
         if nvme_numels:
-            self.swap = SwapStore(config.nvme_dir, config.io)
-        self.store = OptimizerStateStore(self.pool, self.swap, max(nvme_numels, default=0))
-        self.weights = DeviceWeights(self.device, self.dtype, self.pool)
+            res.swap = SwapStore(config.nvme_dir, config.io)
+        res.store = self.store = OptimizerStateStore(self.pool, res.swap, max(nvme_numels, default=0),
+                                                     slots=min(len(nvme_numels), STAGING_SLOTS))
+        res.weights = self.weights = DeviceWeights(self.device, self.dtype, self.pool)
+        res.grads = self._grads = GradientStream(self.groups, [b.view(torch.float32) for b in res.grad_hosts],
+                                                 self.device, self.pool, grad_staging)
         alias_master = self.device.type == "cpu" and self.dtype == torch.float32
         for group, where in zip(self.groups, placement):
             master = _gather_master(group)
@@ -130,21 +183,29 @@ class Engine:
             if alias_master and where is StatePlacement.HOST:
                 alias = split_state(state.state_host.view(torch.float32), group.numel)[0]
             self.weights.add(group, master, alias)
-        for _, param in self._frozen:
-            param.data = param.data.to(self.device, self.dtype if param.is_floating_point() else None)
-        if self.device.type != "cpu":
-            for module in self.model.modules():
-                for name, buffer in module._buffers.items():
-                    if buffer is not None:
-                        module._buffers[name] = buffer.to(self.device)
-        self._grads = GradientStream(self.groups, [b.view(torch.float32) for b in self._grad_hosts],
-                                     self.device, self.pool, grad_staging)
+        frozen = [(p, p.data.to(self.device, self.dtype if p.is_floating_point() else None))
+                  for _, p in self._frozen]
+        buffers = [(module, name, buffer.to(self.device)) for module in self.model.modules()
+                   for name, buffer in module._buffers.items() if buffer is not None]
+        self.swap = res.swap
         self._stepper = GroupStepper(self.store)
-        self._device_bytes = self.weights.nbytes + sum(p.numel() * p.element_size() for _, p in self._frozen)
+        self._device_bytes = device_bytes
         on_nvme = len(nvme_numels)
         log.info("offload: %d groups, %d trainable parameters; optimizer state of %d groups in RAM, %d on NVMe",
                  len(self.groups), sum(s.numel for g in self.groups for s in g.slots), len(self.groups) - on_nvme,
                  on_nvme)
+
+        def attach() -> None:
+            for param in self.model.parameters():
+                param.grad = None  # a gradient left from before would be added into the first step
+            self.weights.bind_parameters()
+            for param, data in frozen:
+                param.data = data
+            for module, name, buffer in buffers:
+                module._buffers[name] = buffer
+            self._grads.attach()
+
+        return attach
 
     # ---- training loop ---------------------------------------------------------------------------------------
 
@@ -186,7 +247,13 @@ class Engine:
                 # torch.nn.utils.clip_grad_norm_: coefficient max_norm / (norm + 1e-6), applied only when < 1
                 clip = min(self.max_grad_norm / (grad_norm + 1e-6), 1.0)
             updates = [self._update_of(g) for g in range(len(self.groups))]
-            counters = self._stepper.run(updates, clip / scale)
+            try:
+                counters = self._stepper.run(updates, clip / scale)
+            except BaseException as e:
+                # Groups before the failure are updated, the rest are not, and a failed write may have left a
+                # group's swap file half old, half new: no later step can be exact, so none is allowed.
+                self._failed = f"a step failed part-way ({type(e).__name__}: {e})"
+                raise
             self.weights.finish_step()
             for g, group in enumerate(self.groups):
                 for i in range(len(group.slots)):
@@ -224,7 +291,7 @@ class Engine:
                 segments.append(Segment(slot.offset, slot.end, step, hyper["lr"], hyper["betas"][0],
                                         hyper["betas"][1], hyper["eps"], hyper["weight_decay"]))
         state = self.store.states[g]
-        return GroupUpdate(state=state, grad_host=self._grad_hosts[g].view(torch.float32), segments=segments,
+        return GroupUpdate(state=state, grad_host=self._grads.grad_hosts[g], segments=segments,
                            lowp_out=self.weights.kernel_output(g),
                            after_update=self.weights.after_update(g, state.placement is StatePlacement.NVME))
 
@@ -287,25 +354,14 @@ class Engine:
         if self._closed:
             return
         self._closed = True
-        self._release()
-
-    def _release(self) -> None:
-        if hasattr(self, "_grads"):
-            self._grads.close(self.pool)
-        if hasattr(self, "weights"):
-            self.weights.close()
-        if hasattr(self, "store"):
-            self.store.close()
-        for buffer in self._grad_hosts:
-            self.pool.release(buffer)
-        self._grad_hosts.clear()
-        if self.swap is not None:
-            self.swap.close()
-        self.pool.close()
+        self._finalizer()
 
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("offload.Engine: this engine is closed")
+        if self._failed is not None:
+            raise RuntimeError(f"offload.Engine: {self._failed}; the optimizer state is inconsistent, so the "
+                               "engine refuses to go on; build a new engine (and load the last checkpoint)")
 
     def __enter__(self) -> Engine:
         return self

@@ -48,15 +48,19 @@ class GradientStream:
             self._side_stream = torch.cuda.Stream(device)
             self._staging = pool.allocate(staging_bytes, "gradient staging")
             self._ring = ByteRing(staging_bytes)
+        self._hooks: list = []
+
+    def attach(self) -> None:
+        """Registers the hooks on the parameters."""
         self._hooks = [slot.param.register_post_accumulate_grad_hook(partial(self._on_grad, g.index, i))
-                       for g in groups for i, slot in enumerate(g.slots)]
+                       for g in self.groups for i, slot in enumerate(g.slots)]
 
     def _on_grad(self, group_index: int, slot_index: int, param: torch.Tensor) -> None:
         grad, param.grad = param.grad, None  # the device gradient is dropped now: only the host keeps it
         if grad is None:
             return
         self.bytes_to_host += grad.numel() * grad.element_size()
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and grad.numel() > 0:
             self._copy_async(group_index, slot_index, grad)
         else:
             self._accumulate(group_index, slot_index, grad)
@@ -121,9 +125,12 @@ class GradientStream:
             per_group[:] = [0.0] * len(per_group)
 
     def close(self, pool: HostPool) -> None:
+        """Removes the hooks; waits for copies in flight before the staging ring goes back to the pool."""
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        for copy in self._pending:
+            copy.done.synchronize()
         self._pending.clear()
         if self._staging is not None:
             pool.release(self._staging)

@@ -11,7 +11,7 @@ class ByteRing:
     are released; the caller decides how to make room (e.g. wait for the oldest transfer)."""
 
     def __init__(self, capacity: int, align: int = 512) -> None:
-        self.capacity = capacity
+        self.capacity = capacity // align * align  # every range is a whole number of ``align`` units
         self.align = align
         self._ranges: deque[tuple[int, int]] = deque()  # live ranges, oldest first
 

@@ -30,19 +30,38 @@ class ModelPartition:
     aliases: dict[str, str]                       # every other name of a shared (tied) parameter -> its first name
 
 
+def _numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _is_block_container(module: nn.Module) -> bool:
+    """A ModuleList/Sequential with parameters in two or more children."""
+    if not isinstance(module, (nn.ModuleList, nn.Sequential)):
+        return False
+    return sum(1 for child in module.children() if next(child.parameters(), None) is not None) >= 2
+
+
+def _wraps_finer_blocks(container: nn.Module) -> bool:
+    """True if one child holds most of the container's parameters and has block containers inside, as in
+    ``nn.Sequential(backbone, head)``: the blocks are inside that child, not the container's children."""
+    total = _numel(container)
+    for child in container.children():
+        if 2 * _numel(child) > total and any(_is_block_container(m) for m in child.modules()):
+            return True
+    return False
+
+
 def _repeated_block_containers(model: nn.Module) -> list[str]:
-    """Module paths of the outermost ModuleList/Sequential containers with parameters in two or more children."""
+    """Module paths of the outermost block containers (see _is_block_container), looking through wrappers."""
     found: list[str] = []
     for path, module in model.named_modules():
-        if not isinstance(module, (nn.ModuleList, nn.Sequential)):
+        if not _is_block_container(module) or _wraps_finer_blocks(module):
             continue
-        if any(path == outer or path.startswith(outer + ".") for outer in found if outer):
+        if any(path.startswith(outer + ".") for outer in found if outer):
             continue
-        holders = sum(1 for child in module.children() if next(child.parameters(), None) is not None)
-        if holders >= 2:
-            if path == "":
-                return [""]
-            found.append(path)
+        if path == "":
+            return [""]
+        found.append(path)
     return found
 
 

@@ -9,8 +9,7 @@ from typing import Callable
 import torch
 
 from offload import _C
-from offload.optim.state_store import (STAGING_SLOTS, GroupState, OptimizerStateStore, StatePlacement,
-                                       split_state)
+from offload.optim.state_store import GroupState, OptimizerStateStore, StatePlacement, split_state
 from offload.storage.io_engine import IoHandle
 
 
@@ -77,8 +76,8 @@ class GroupStepper:
         """Updates every group; returns once all state is written back. ``grad_scale`` multiplies every gradient
         (loss-scale unscaling and the clipping factor folded into one factor)."""
         counters = StepCounters()
-        # Note [state pipeline]: NVMe groups rotate through STAGING_SLOTS (3) host buffers. The read of the
-        # k-th NVMe group goes into slot k % 3. Two reads are issued up front; after group k's Adam pass its
+        # Note [state pipeline]: NVMe groups rotate through STAGING_SLOTS (3) host buffers (fewer when there
+        # are fewer NVMe groups, which then never wrap). The read of the k-th NVMe group goes into slot k % 3. Two reads are issued up front; after group k's Adam pass its
         # write is issued, and the read of group k+2 may then reuse slot (k+2) % 3 once the write of group
         # k-1, issued one Adam pass earlier, is complete. So while the CPU updates group k, the disk reads group
         # k+1 and writes group k-1. The wait is on the handle, so a slot is never overwritten while a transfer
@@ -97,7 +96,7 @@ class GroupStepper:
                     self._adam(update, update.state.state_host.view(torch.float32), grad_scale, counters)
                     continue
                 self._wait(reads.pop(k), counters)
-                staging = self.store.staging[k % STAGING_SLOTS].view(torch.float32)
+                staging = self.store.staging[k % len(self.store.staging)].view(torch.float32)
                 self._adam(update, staging, grad_scale, counters)
                 writes[k] = self._issue_write(update, staging, counters)
                 if k + 2 < len(nvme):
@@ -134,7 +133,7 @@ class GroupStepper:
 
     def _issue_read(self, update: GroupUpdate, k: int, counters: StepCounters) -> IoHandle:
         state = update.state
-        staging = self.store.staging[k % STAGING_SLOTS].view(torch.float32)[:3 * state.group.numel]
+        staging = self.store.staging[k % len(self.store.staging)].view(torch.float32)[:3 * state.group.numel]
         counters.nvme_bytes_read += state.nbytes
         return self.store.swap.read(state.state_nvme, 0, staging)
 

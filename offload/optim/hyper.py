@@ -42,6 +42,8 @@ def resolve_param_groups(model: nn.Module, trainable: list[tuple[str, nn.Paramet
     base = _validated("", defaults)
     by_name = dict(trainable)
     by_id = {id(p): name for name, p in trainable}
+    frozen = {id(p) for p in model.parameters() if not p.requires_grad}
+    frozen_names = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in frozen}
     aliases = {name: by_id[id(p)] for name, p in model.named_parameters(remove_duplicate=False) if id(p) in by_id}
     groups: list[dict[str, Any]] = []
     index_of: dict[int, int] = {}
@@ -57,6 +59,8 @@ def resolve_param_groups(model: nn.Module, trainable: list[tuple[str, nn.Paramet
         hyper = _validated(where, {**base, **{k: v for k, v in entry.items() if k != "params"}})
         names = []
         for item in entry["params"]:
+            if (item in frozen_names) if isinstance(item, str) else (id(item) in frozen):
+                continue  # as torch: a frozen parameter may be listed; it gets no gradient, so no update
             name = aliases.get(item) if isinstance(item, str) else by_id.get(id(item))
             if name is None:
                 raise ConfigError(f"{where}params: {item if isinstance(item, str) else type(item).__name__!r} is "

@@ -75,7 +75,10 @@ class OptimizerStateStore:
     needs the whole model's master weights at once. Moments start at zero.
     """
 
-    def __init__(self, pool: HostPool, swap: SwapStore | None, largest_nvme_group_numel: int) -> None:
+    def __init__(self, pool: HostPool, swap: SwapStore | None, largest_nvme_group_numel: int,
+                 slots: int = STAGING_SLOTS) -> None:
+        """``slots``: staging buffers for NVMe groups (fewer than STAGING_SLOTS only when there are fewer
+        NVMe groups than that), each large enough for the largest NVMe group."""
         self.pool = pool
         self.swap = swap
         self.states: list[GroupState] = []
@@ -83,7 +86,7 @@ class OptimizerStateStore:
             raise ValueError("OptimizerStateStore: groups placed on NVMe need a SwapStore")
         slot_bytes = STATE_PARTS * largest_nvme_group_numel * FP32_BYTES
         self.staging: list[HostBuffer] = [pool.allocate(slot_bytes, f"optimizer staging {i}")
-                                          for i in range(STAGING_SLOTS)] if slot_bytes else []
+                                          for i in range(slots)] if slot_bytes else []
 
     def add(self, group: FlatGroup, where: StatePlacement, master: torch.Tensor) -> GroupState:
         nbytes = STATE_PARTS * group.numel * FP32_BYTES

@@ -82,7 +82,8 @@ def _populate(mapping: mmap.mmap, tensor: torch.Tensor) -> None:
 
 def _cuda_host_register(tensor: torch.Tensor) -> None:
     # Page-locks the exact mapping (no power-of-two rounding, unlike torch's pinned-memory caching allocator).
-    err = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.numel(), 0)
+    # cudaHostRegisterPortable (1): pinned for every CUDA context, not only the current device's.
+    err = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.numel(), 1)
     if int(err) != 0:
         raise MemoryBudgetError(f"page-locking {tensor.numel()} bytes (cudaHostRegister error {int(err)})",
                                 tensor.numel(), 0, "host_memory_limit (or the memlock ulimit)")
