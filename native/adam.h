@@ -52,7 +52,7 @@ struct AdamConstants {
   float one_minus_beta1;
   float one_minus_beta2;
   float step_size;                // lr / (1 - beta1^step)
-  float inv_bias_correction2_sqrt;  // 1 / sqrt(1 - beta2^step)
+  float bias_correction2_sqrt;    // sqrt(1 - beta2^step)
   float eps;
 };
 

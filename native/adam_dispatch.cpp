@@ -114,7 +114,7 @@ AdamConstants make_adam_constants(const AdamHyper& h) {
   c.one_minus_beta1 = static_cast<float>(1.0 - h.beta1);
   c.one_minus_beta2 = static_cast<float>(1.0 - h.beta2);
   c.step_size = static_cast<float>(h.lr / bias_correction1);
-  c.inv_bias_correction2_sqrt = static_cast<float>(1.0 / std::sqrt(bias_correction2));
+  c.bias_correction2_sqrt = static_cast<float>(std::sqrt(bias_correction2));
   c.eps = static_cast<float>(h.eps);
   return c;
 }

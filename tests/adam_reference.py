@@ -11,12 +11,13 @@ HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
 
 def torch_adam_step(p, g, m, v, *, step, lr, beta1, beta2, eps, weight_decay, adamw=True, bias_correction=True,
                     grad_scale=1.0):
-    """torch.optim.AdamW / Adam (single-tensor algorithm) on fp32 tensors, in place. ``g`` may be bf16/fp16."""
+    """torch.optim.AdamW / Adam (single-tensor algorithm) on fp32 tensors, in place, with the same tensor
+    operations torch uses (so the roundings are the same). ``g`` may be bf16/fp16."""
     g = g.float() * grad_scale
     if adamw:
         p.mul_(1 - lr * weight_decay)
     else:
-        g = g + weight_decay * p
+        g = g.add(p, alpha=weight_decay)
     m.lerp_(g, 1 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     bc1 = 1 - beta1**step if bias_correction else 1.0

@@ -68,9 +68,12 @@ def test_variant_matches_torch_formula(simd_variant, grad_dtype, adamw, bias_cor
     hyper = dict(HYPER, step=5, adamw=adamw, bias_correction=bias_correction, grad_scale=0.25)
     kernel_step(p, g, m, v, **hyper)
     torch_adam_step(rp, g, rm, rv, **hyper)
-    for got, ref in ((p, rp), (m, rm), (v, rv)):
-        # |got - ref| <= atol + rtol * |ref|: a few fp32 ulps of reordering (FMA, reciprocal) at most.
-        assert ((got - ref).abs() <= 1e-7 + 1e-5 * ref.abs()).all()
+    # The kernel performs torch's operations in torch's order: the moments are the same bits. The parameters
+    # differ by at most an ulp here and there, because torch's vectorised sqrt (SLEEF) is not always correctly
+    # rounded and the kernel's (the hardware's) is.
+    assert torch.equal(m, rm) and torch.equal(v, rv)
+    assert (p != rp).float().mean() < 0.01
+    assert ((p - rp).abs() <= 2 * torch.finfo(torch.float32).eps * rp.abs() + 1e-7).all()
 
 
 @pytest.mark.slow
