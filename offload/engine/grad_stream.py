@@ -1,10 +1,12 @@
 """GradientStream: moves each gradient off the device as soon as autograd has accumulated it.
 
 A post-accumulate-grad hook on every trainable parameter takes the finished ``param.grad``, adds it into the
-group's fp32 host accumulator (``grad_host``, the layout of FlatGroup), records the squared L2 norm of the
-accumulated value, and drops the device gradient. Across micro-batches the accumulator sums in fp32, and the
-recorded norm is always that of the sum so far, so after the last ``backward`` the global norm is known without
-another pass over the gradients.
+group's fp32 host accumulator (``grad_host``, the layout of FlatGroup), records the L2 norm of the accumulated
+value, and drops the device gradient. Across micro-batches the accumulator sums in fp32, and the recorded norm
+is always that of the sum so far, so after the last ``backward`` the global norm is known without another pass
+over the gradients. The norms are computed as ``torch.nn.utils.clip_grad_norm_`` computes them (one
+``vector_norm`` per parameter, then the norm of those, in the model's parameter order), so clipping scales the
+gradients by the very same fp32 factor.
 """
 
 from __future__ import annotations
@@ -35,12 +37,14 @@ class GradientStream:
     """
 
     def __init__(self, groups: list[FlatGroup], grad_hosts: list[torch.Tensor], device: torch.device,
-                 pool: HostPool, staging_bytes: int) -> None:
+                 pool: HostPool, staging_bytes: int, param_order: dict[int, int]) -> None:
+        """``param_order``: id(param) -> its position in ``model.parameters()`` (the order of the norms)."""
         self.groups = groups
         self.grad_hosts = grad_hosts
         self.device = device
         self.received = [[False] * len(g.slots) for g in groups]
-        self.sumsq = [[0.0] * len(g.slots) for g in groups]
+        self.norms: list[list[torch.Tensor | None]] = [[None] * len(g.slots) for g in groups]
+        self._order = [[param_order[id(slot.param)] for slot in g.slots] for g in groups]
         self.bytes_to_host = 0
         self._pending: deque[_PendingCopy] = deque()
         self._staging: HostBuffer | None = None
@@ -74,8 +78,7 @@ class GradientStream:
         else:
             accum.copy_(grad_host_in)
             self.received[group_index][slot_index] = True
-        flat = accum.view(-1)
-        self.sumsq[group_index][slot_index] = float(torch.dot(flat, flat))  # the sum's norm, read while cached
+        self.norms[group_index][slot_index] = torch.linalg.vector_norm(accum)  # the sum's, read while cached
 
     # Note [gradient copies on CUDA]: the gradient is produced on the compute stream, so the side stream first
     # waits for everything queued there so far, then copies into a range of the pinned staging ring and
@@ -111,8 +114,13 @@ class GradientStream:
         while self._pending:
             self._drain_one()
 
-    def squared_norm(self) -> float:
-        return sum(sum(per_group) for per_group in self.sumsq)
+    def global_norm(self) -> torch.Tensor:
+        """The fp32 L2 norm over every gradient received since the last reset (0-dim tensor)."""
+        ordered = sorted((self._order[g][i], norm) for g, per_group in enumerate(self.norms)
+                         for i, norm in enumerate(per_group) if norm is not None)
+        if not ordered:
+            return torch.zeros(())
+        return torch.linalg.vector_norm(torch.stack([norm for _, norm in ordered]))
 
     def any_received(self) -> bool:
         return any(any(per_group) for per_group in self.received)
@@ -121,8 +129,8 @@ class GradientStream:
         """Starts a new accumulation (after a step): the next gradient of each parameter overwrites."""
         for per_group in self.received:
             per_group[:] = [False] * len(per_group)
-        for per_group in self.sumsq:
-            per_group[:] = [0.0] * len(per_group)
+        for per_group in self.norms:
+            per_group[:] = [None] * len(per_group)
 
     def close(self, pool: HostPool) -> None:
         """Removes the hooks; waits for copies in flight before the staging ring goes back to the pool."""
