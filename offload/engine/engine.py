@@ -6,6 +6,7 @@ import logging
 import math
 import time
 import weakref
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -18,6 +19,8 @@ from offload.engine.types import EngineStats, StepInfo
 from offload.errors import ConfigError, MemoryBudgetError
 from offload.layout.flat_group import FlatGroup, build_flat_group
 from offload.layout.partition import partition_model
+from offload.schedule.fetch_scheduler import FetchScheduler
+from offload.schedule.offloaded_params import OffloadedParams
 from offload.optim.group_stepper import GroupStepper, GroupUpdate, Segment
 from offload.optim.hyper import resolve_param_groups
 from offload.optim.loss_scale import LossScaler
@@ -43,11 +46,14 @@ class _Resources:
         self.swap: SwapStore | None = None
         self.grad_hosts: list[HostBuffer] = []
         self.grads: GradientStream | None = None
-        self.weights: DeviceWeights | None = None
+        self.weights: DeviceWeights | OffloadedParams | None = None
+        self.scheduler: FetchScheduler | None = None
         self.store: OptimizerStateStore | None = None
 
     def release(self) -> None:
         try:
+            if self.scheduler is not None:
+                self.scheduler.close()
             if self.grads is not None:
                 self.grads.close(self.pool)  # removes the hooks; waits for gradient copies still in flight
             if self.weights is not None:
@@ -101,9 +107,9 @@ class Engine:
         self.config = config = config if config is not None else Config()
         if not isinstance(config, Config):
             raise ConfigError(f"config: expected an offload.Config; got {type(config).__name__}")
-        if config.params != "device":
-            raise ConfigError(f"params: {config.params!r} placement is not available in this version; use "
-                              "params='device' (parameters stay on the device, optimizer state is offloaded)")
+        if config.params != "device" and torch.device(config.device).type != "cpu":
+            raise ConfigError(f"params: {config.params!r} placement is available on the CPU device only in this "
+                              "version; use params='device' on CUDA (optimizer state is still offloaded)")
         if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and
                                               math.isfinite(max_grad_norm) and max_grad_norm > 0):
             raise ConfigError(f"max_grad_norm: expected None or a positive number; got {max_grad_norm!r}")
@@ -129,6 +135,7 @@ class Engine:
         self._closed = False
         self._failed: str | None = None
         self.swap: SwapStore | None = None
+        self._scheduler: FetchScheduler | None = None
         previous = _ENGINE_OF.get(model)
         if previous is not None and previous() is not None and not previous()._closed:
             raise ConfigError("model: it is already wrapped by an open offload.Engine; close that engine first")
@@ -149,51 +156,50 @@ class Engine:
         """Allocates and fills every buffer without touching the model; returns the step that points the model
         at them. A failure here (budget, disk space, I/O) therefore leaves the model exactly as it was."""
         config, res = self.config, self._res
-        lowp_bytes = torch.empty((), dtype=self.dtype).element_size()
-        device_bytes = sum(g.numel for g in self.groups) * lowp_bytes + sum(
-            p.numel() * (lowp_bytes if p.is_floating_point() else p.element_size()) for _, p in self._frozen)
-        if config.device_memory_limit is not None and device_bytes > config.device_memory_limit:
-            raise MemoryBudgetError("parameters resident on the device (params='device')", device_bytes,
-                                    config.device_memory_limit, "device_memory_limit")
+        offloaded = config.params != "device"
+        self._check_device_budget(offloaded)
         for group in self.groups:
             res.grad_hosts.append(self.pool.allocate(group.numel * FP32_BYTES,
                                                      f"gradient accumulator {group.name or '<root>'}"))
+        lowp_bytes = self._lowp_bytes
         largest_param = max(s.numel for g in self.groups for s in g.slots) * lowp_bytes
-        grad_staging = max(_GRAD_STAGING_MIN_BYTES, 2 * -(-largest_param // 512) * 512) if self.device.type == "cuda" else 0
-        weights_host = sum(HostPool.mapped_size(g.numel * lowp_bytes) for g in self.groups) \
-            if self.device.type == "cuda" and self.dtype != torch.float32 else 0
+        grad_staging = max(_GRAD_STAGING_MIN_BYTES, 2 * -(-largest_param // 512) * 512) \
+            if self.device.type == "cuda" else 0
+        # Host buffers of the parameters that are allocated after the plan below: charge them first.
+        weights_host = 0
+        if (self.device.type == "cuda" and self.dtype != torch.float32) or config.params == "cpu":
+            weights_host = sum(HostPool.mapped_size(g.numel * lowp_bytes) for g in self.groups)
+        if offloaded and (config.params == "nvme" or config.optimizer == "nvme"):
+            res.swap = SwapStore(config.nvme_dir, config.io)
+        if offloaded:
+            res.weights = OffloadedParams(self.groups, config.params, self.dtype, self.pool, res.swap,
+                                          config.device_memory_limit, fetch_slots=config.prefetch_layers + 1)
+        else:
+            res.weights = DeviceWeights(self.device, self.dtype, self.pool)
+        self.weights = res.weights
         budget_left = None
         if config.host_memory_limit is not None:
             budget_left = (config.host_memory_limit - self.pool.stats().in_use - weights_host
                            - (HostPool.mapped_size(grad_staging) if grad_staging else 0))
         placement = plan_placement(self.groups, config.optimizer == "nvme", budget_left)
         nvme_numels = [g.numel for g, p in zip(self.groups, placement) if p is StatePlacement.NVME]
-        if nvme_numels:
+        if nvme_numels and res.swap is None:
             res.swap = SwapStore(config.nvme_dir, config.io)
         res.store = self.store = OptimizerStateStore(self.pool, res.swap, max(nvme_numels, default=0),
                                                      slots=min(len(nvme_numels), STAGING_SLOTS))
-        res.weights = self.weights = DeviceWeights(self.device, self.dtype, self.pool)
+        order = {id(p): i for i, p in enumerate(self.model.parameters())}
         res.grads = self._grads = GradientStream(self.groups, [b.view(torch.float32) for b in res.grad_hosts],
-                                                 self.device, self.pool, grad_staging)
-        alias_master = self.device.type == "cpu" and self.dtype == torch.float32
-        for group, where in zip(self.groups, placement):
-            master = _gather_master(group)
-            state = self.store.add(group, where, master)
-            alias = None
-            if alias_master and where is StatePlacement.HOST:
-                alias = split_state(state.state_host.view(torch.float32), group.numel)[0]
-            self.weights.add(group, master, alias)
+                                                 self.device, self.pool, grad_staging, order)
+        self._fill_groups(placement)
         frozen = [(p, p.data.to(self.device, self.dtype if p.is_floating_point() else None))
                   for _, p in self._frozen]
         buffers = [(module, name, buffer.to(self.device)) for module in self.model.modules()
                    for name, buffer in module._buffers.items() if buffer is not None]
         self.swap = res.swap
         self._stepper = GroupStepper(self.store)
-        self._device_bytes = device_bytes
-        on_nvme = len(nvme_numels)
-        log.info("offload: %d groups, %d trainable parameters; optimizer state of %d groups in RAM, %d on NVMe",
-                 len(self.groups), sum(s.numel for g in self.groups for s in g.slots), len(self.groups) - on_nvme,
-                 on_nvme)
+        log.info("offload: %d groups, %d trainable parameters; parameters on %s; optimizer state of %d groups "
+                 "in RAM, %d on NVMe", len(self.groups), sum(s.numel for g in self.groups for s in g.slots),
+                 config.params, len(self.groups) - len(nvme_numels), len(nvme_numels))
 
         def attach() -> None:
             for param in self.model.parameters():
@@ -204,8 +210,37 @@ class Engine:
             for module, name, buffer in buffers:
                 module._buffers[name] = buffer
             self._grads.attach()
+            if offloaded:
+                res.scheduler = self._scheduler = FetchScheduler(self.model, self.groups, self.weights,
+                                                                 config.prefetch_layers)
 
         return attach
+
+    def _check_device_budget(self, offloaded: bool) -> None:
+        """Fails now if the parameters cannot fit ``device_memory_limit``: all of them (params="device"), or the
+        largest group next to the frozen parameters (which stay on the device)."""
+        limit = self.config.device_memory_limit
+        lowp_bytes = self._lowp_bytes = torch.empty((), dtype=self.dtype).element_size()
+        self._frozen_bytes = sum(p.numel() * (lowp_bytes if p.is_floating_point() else p.element_size())
+                                 for _, p in self._frozen)
+        group_bytes = [g.numel * lowp_bytes for g in self.groups]
+        needed = self._frozen_bytes + (max(group_bytes) if offloaded else sum(group_bytes))
+        if limit is not None and needed > limit:
+            what = ("the largest parameter group next to the frozen parameters" if offloaded
+                    else "parameters resident on the device (params='device')")
+            raise MemoryBudgetError(what, needed, limit, "device_memory_limit")
+
+    def _fill_groups(self, placement: list[StatePlacement]) -> None:
+        """Each group's optimizer state and weights, from the model's current values (group by group)."""
+        alias_master = self.dtype == torch.float32 and (
+            self.config.params == "cpu" or (self.config.params == "device" and self.device.type == "cpu"))
+        for group, where in zip(self.groups, placement):
+            master = _gather_master(group)
+            state = self.store.add(group, where, master)
+            alias = None
+            if alias_master and where is StatePlacement.HOST:
+                alias = split_state(state.state_host.view(torch.float32), group.numel)[0]
+            self.weights.add(group, master, alias)
 
     # ---- training loop ---------------------------------------------------------------------------------------
 
@@ -223,7 +258,14 @@ class Engine:
             raise ValueError("engine.backward: loss must be a tensor with one element")
         if self.dtype == torch.float16:
             loss = loss.float() * self._scaler.scale
-        loss.backward()
+        if self._scheduler is None:
+            loss.backward()
+            return
+        self._scheduler.begin_backward()
+        try:
+            loss.backward()
+        finally:
+            self._scheduler.end_backward()  # every group goes home, where the step updates it
 
     def step(self) -> StepInfo:
         """Updates every parameter that received a gradient since the last step (torch's rule: one that got
@@ -236,7 +278,8 @@ class Engine:
             raise RuntimeError("engine.step(): no parameter received a gradient since the last step; "
                                "call engine.backward(loss) first")
         scale = self._scaler.scale
-        grad_norm = math.sqrt(self._grads.squared_norm()) / scale
+        norm = self._grads.global_norm() / scale  # exact: the scale is a power of two (or 1)
+        grad_norm = float(norm)
         overflow = not math.isfinite(grad_norm)
         skip = overflow and (self.dtype == torch.float16 or self.skip_nonfinite)
         adam_s = io_wait_s = 0.0
@@ -244,8 +287,8 @@ class Engine:
         if not skip:
             clip = 1.0
             if self.max_grad_norm is not None and math.isfinite(grad_norm):
-                # torch.nn.utils.clip_grad_norm_: coefficient max_norm / (norm + 1e-6), applied only when < 1
-                clip = min(self.max_grad_norm / (grad_norm + 1e-6), 1.0)
+                # torch.nn.utils.clip_grad_norm_, in fp32 as it does: max_norm / (norm + 1e-6), clamped at 1
+                clip = float(torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0))
             updates = [self._update_of(g) for g in range(len(self.groups))]
             try:
                 counters = self._stepper.run(updates, clip / scale)
@@ -292,7 +335,7 @@ class Engine:
                                         hyper["betas"][1], hyper["eps"], hyper["weight_decay"]))
         state = self.store.states[g]
         return GroupUpdate(state=state, grad_host=self._grads.grad_hosts[g], segments=segments,
-                           lowp_out=self.weights.kernel_output(g),
+                           lowp_out=partial(self.weights.kernel_output, g),
                            after_update=self.weights.after_update(g, state.placement is StatePlacement.NVME))
 
     @property
@@ -339,7 +382,12 @@ class Engine:
     def stats(self) -> EngineStats:
         pool = self.pool.stats()
         placements = [s.placement for s in self.store.states] if not self._closed else []
-        return EngineStats(device_param_bytes=self._device_bytes, device_param_bytes_peak=self._device_bytes,
+        if isinstance(self.weights, OffloadedParams):
+            now, peak = self.weights.resident_bytes, self.weights.peak_resident_bytes
+        else:
+            now = peak = self.weights.nbytes
+        return EngineStats(device_param_bytes=now + self._frozen_bytes,
+                           device_param_bytes_peak=peak + self._frozen_bytes,
                            host_bytes_in_use=pool.in_use, host_bytes_peak=pool.peak,
                            host_memory_limit=self.config.host_memory_limit,
                            nvme_bytes_read=self._nvme_read, nvme_bytes_written=self._nvme_written,

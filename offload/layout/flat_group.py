@@ -18,9 +18,10 @@ from offload.layout.partition import ParamGroupSpec
 # Each parameter starts on a multiple of 64 elements: whole cache lines in fp32 and in bf16, so SIMD loads and
 # the kernel's streaming stores of the low-precision copy are aligned.
 PARAM_ALIGN_ELEMENTS = 64
-# A group's length is a multiple of 1024 elements: fp32 buffers are whole 4 KiB pages, as O_DIRECT file I/O
-# requires, and the three fp32 state buffers can sit back to back in one swap file with every part aligned.
-GROUP_ALIGN_ELEMENTS = 1024
+# A group's length is a multiple of 2048 elements: its buffers are whole 4 KiB pages in fp32 and in bf16/fp16,
+# as O_DIRECT file I/O requires, and the three fp32 state buffers sit back to back in one swap file with every
+# part aligned.
+GROUP_ALIGN_ELEMENTS = 2048
 
 
 def _round_up(value: int, multiple: int) -> int:

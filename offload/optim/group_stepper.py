@@ -29,14 +29,15 @@ class Segment:
 
 @dataclass
 class GroupUpdate:
-    """What to do for one group. ``lowp_out`` (a flat bf16/fp16 tensor of the group's length) receives the
-    updated weights from the kernel itself; ``after_update(master)`` runs once the group's new fp32 master
-    weights are final and before their staging slot is reused (for copies the kernel cannot write)."""
+    """What to do for one group. ``lowp_out()``, called right before the group's Adam pass, returns the flat
+    bf16/fp16 tensor (the group's length) that receives the updated weights from the kernel itself, or None;
+    ``after_update(master)`` runs once the group's new fp32 master weights are final and before their staging
+    slot is reused (for copies the kernel cannot write)."""
 
     state: GroupState
     grad_host: torch.Tensor
     segments: list[Segment]
-    lowp_out: torch.Tensor | None = None
+    lowp_out: Callable[[], torch.Tensor | None] | None = None
     after_update: Callable[[torch.Tensor], None] | None = None
 
 
@@ -120,10 +121,11 @@ class GroupStepper:
               counters: StepCounters) -> None:
         numel = update.state.group.numel
         master, exp_avg, exp_avg_sq = split_state(state_flat, numel)
+        lowp_out = update.lowp_out() if update.lowp_out is not None else None
         start = time.perf_counter()
         for seg in update.segments:
             span = slice(seg.start, seg.end)
-            lowp = update.lowp_out[span] if update.lowp_out is not None else None
+            lowp = lowp_out[span] if lowp_out is not None else None
             _C.adam_step(master[span], update.grad_host[span], exp_avg[span], exp_avg_sq[span], lowp,
                          step=seg.step, lr=seg.lr, beta1=seg.beta1, beta2=seg.beta2, eps=seg.eps,
                          weight_decay=seg.weight_decay, adamw=True, bias_correction=True, grad_scale=grad_scale)

@@ -1,0 +1,200 @@
+"""FetchScheduler: brings parameter groups to the device just before they run and sends them away after.
+
+Hooks on the modules that use a group's weights (the group's own module, plus any module outside it that holds
+one of its parameters, such as a head tied to the embedding) mark each *use*. In forward, a use waits for its
+groups, starts fetching the groups of the next ``prefetch`` uses, and releases its groups once it is done
+unless one of those next uses needs them again. The sequence of uses of the first forward is the trace that
+prefetching follows later; a forward that departs from it is detected at the first differing use, gets no
+prefetch from that point on (correctness never depends on the trace), and becomes the new trace.
+
+In backward the uses come in reverse. A hook on each use's output tensors fires when the gradient reaching
+that output is complete, which is before the use's own backward runs: see Note [backward release]. A use
+recomputed by activation checkpointing (its forward runs again during backward) counts as a backward use too.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections import defaultdict
+
+import torch
+from torch import nn
+from torch.utils import _pytree
+
+from offload.layout.flat_group import FlatGroup
+from offload.schedule.offloaded_params import OffloadedParams
+
+log = logging.getLogger("offload")
+
+
+class Phase(enum.Enum):
+    FORWARD = "forward"
+    BACKWARD = "backward"
+
+
+def _uses_by_module(model: nn.Module, groups: list[FlatGroup]) -> dict[nn.Module, tuple[int, ...]]:
+    """For every module whose forward needs a group's weights: the groups it needs. A group's own module
+    needs it; a module outside that module's subtree that holds one of the group's parameters (tied weights)
+    needs it as well."""
+    group_of = {id(slot.param): g.index for g in groups for slot in g.slots}
+    roots = {g.name: g.index for g in groups}
+    needs: dict[nn.Module, list[int]] = defaultdict(list)
+    for path, module in model.named_modules():
+        if path in roots:
+            needs[module].append(roots[path])
+        covered = {roots[p] for p in roots if p == "" or path == p or path.startswith(p + ".")}
+        for param in module.parameters(recurse=False):
+            g = group_of.get(id(param))
+            if g is not None and g not in covered and g not in needs[module]:
+                needs[module].append(g)
+    return {module: tuple(gs) for module, gs in needs.items() if gs}
+
+
+class FetchScheduler:
+    def __init__(self, model: nn.Module, groups: list[FlatGroup], params: OffloadedParams, prefetch: int) -> None:
+        self.params = params
+        self.prefetch = prefetch
+        self.phase = Phase.FORWARD
+        self.trace: list[tuple[int, ...]] = []          # the uses of the reference forward, in order
+        self._trace_valid = False
+        self._position = 0                             # index of the next use in the current forward
+        self._diverged = False
+        self._uses: list[tuple[int, ...]] = []          # uses of the forwards since the last backward (grad on)
+        self._backward_pointer = 0
+        self._warned = False
+        self._needs = _uses_by_module(model, groups)
+        self._recording = False                        # the current forward runs with gradients
+        self._handles = [model.register_forward_pre_hook(self._on_model_forward, prepend=True),
+                         model.register_forward_hook(self._on_model_forward_end, prepend=True)]
+        for module, needed in self._needs.items():
+            self._handles.append(module.register_forward_pre_hook(self._pre_forward_hook(needed)))
+            self._handles.append(module.register_forward_hook(self._post_forward_hook(needed)))
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # ---- forward ---------------------------------------------------------------------------------------------
+
+    def _on_model_forward(self, module: nn.Module, args: tuple) -> None:
+        if self.phase is Phase.FORWARD:
+            self._position = 0
+            self._diverged = False
+            self._recording = torch.is_grad_enabled()
+            # Whatever an interrupted forward left on the device goes home; a saved view is refetched in backward.
+            self.params.release_all()
+
+    def _on_model_forward_end(self, module: nn.Module, args: tuple, output) -> None:
+        if self.phase is Phase.FORWARD:
+            self.end_forward_trace()
+
+    def _pre_forward_hook(self, needed: tuple[int, ...]):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if self.phase is Phase.BACKWARD:
+                self._backward_use(needed)  # recomputation by activation checkpointing
+                return
+            self._follow_trace(needed)
+            for g in needed:
+                self.params.ensure_resident(g)
+            if self._recording:  # (inner no-grad regions, e.g. reentrant checkpointing, are recorded too)
+                self._uses.append(needed)
+            self._prefetch(self._upcoming_forward())
+        return hook
+
+    def _post_forward_hook(self, needed: tuple[int, ...]):
+        def hook(module: nn.Module, args: tuple, output):
+            if self.phase is Phase.BACKWARD:
+                return output  # recomputation: the backward that follows needs these weights
+            if torch.is_grad_enabled():
+                self._register_pre_backward(output, needed)
+            soon = {g for use in self._upcoming_forward() for g in use}
+            for g in needed:
+                if g not in soon:
+                    self.params.release(g)
+            return output
+        return hook
+
+    def _follow_trace(self, needed: tuple[int, ...]) -> None:
+        """Checks this use against the trace; records the trace on the first forward and after a change."""
+        i = self._position
+        self._position += 1
+        if self._trace_valid and not self._diverged:
+            if i < len(self.trace) and self.trace[i] == needed:
+                return
+            self._diverged = True
+            if not self._warned:
+                log.warning("offload: this forward ran its layers in a different order than the traced one "
+                            "(use %d); prefetching follows the new order from the next forward on", i)
+                self._warned = True
+            self.trace = self.trace[:i]
+        if i == 0:
+            self.trace = []
+        self.trace.append(needed)
+
+    def _upcoming_forward(self) -> list[tuple[int, ...]]:
+        if not self._trace_valid or self._diverged:
+            return []
+        return self.trace[self._position:self._position + self.prefetch]
+
+    def end_forward_trace(self) -> None:
+        """The forward that just ended is complete: its uses are the trace from now on."""
+        self._trace_valid = True
+        self._diverged = False
+
+    # ---- backward --------------------------------------------------------------------------------------------
+
+    def _register_pre_backward(self, output, needed: tuple[int, ...]) -> None:
+        fired = [False]
+
+        def on_grad(grad: torch.Tensor) -> None:
+            if not fired[0]:  # several outputs of one use: the first gradient is the signal
+                fired[0] = True
+                self._backward_use(needed)
+
+        for tensor in _pytree.tree_leaves(output):
+            if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+                tensor.register_hook(on_grad)
+
+    # Note [backward release]: when the gradient of a use's output is complete, every backward operation of
+    # the uses that ran after it in forward has produced its gradients (their weights were consumed by
+    # operations that also read activations, so those operations lie on the path to this output). Groups that
+    # neither this use nor the next ``prefetch`` backward uses need can therefore be released here, including
+    # a group with further uses earlier in forward (a tied embedding): it is fetched again when reached.
+    def _backward_use(self, needed: tuple[int, ...]) -> None:
+        pointer = self._locate(needed)
+        upcoming = [self._uses[i] for i in range(pointer - 1, max(pointer - 1 - self.prefetch, -1), -1)] \
+            if pointer is not None else []
+        keep = set(needed) | {g for use in upcoming for g in use}
+        for g in self.params.resident_groups():
+            if g not in keep:
+                self.params.release(g)
+        for g in needed:
+            self.params.ensure_resident(g)
+        self._prefetch(upcoming)
+
+    def _locate(self, needed: tuple[int, ...]) -> int | None:
+        """The position in this forward's uses of the backward use now running (searched from the last one
+        backward, so repeated and recomputed uses are found in order)."""
+        for i in range(min(self._backward_pointer, len(self._uses) - 1), -1, -1):
+            if self._uses[i] == needed:
+                self._backward_pointer = i
+                return i
+        return None
+
+    def begin_backward(self) -> None:
+        self.phase = Phase.BACKWARD
+        self._backward_pointer = len(self._uses) - 1
+
+    def end_backward(self) -> None:
+        """After backward: every group goes home (the optimizer updates them there)."""
+        self.phase = Phase.FORWARD
+        self._uses.clear()
+        self.params.release_all()
+
+    def _prefetch(self, uses: list[tuple[int, ...]]) -> None:
+        for use in uses:
+            for g in use:
+                if not self.params.start_fetch(g):
+                    return  # no room (device limit or staging slots): the rest is fetched on demand

@@ -1,0 +1,237 @@
+"""OffloadedParams: compute-dtype weights that live in host RAM or on NVMe and visit the device when needed.
+
+Each group has a home for its weights in the compute dtype: a host buffer (``params="cpu"``) or a region of a
+swap file (``params="nvme"``), in the group's flat layout. Its device buffer (``weight_device``) keeps one
+tensor object for the whole run, the parameters are views into it, and only its storage comes and goes:
+``release`` resizes the storage to zero bytes and ``fetch`` resizes it back and copies the weights in. Tensors
+that autograd saved in forward are such views too, so they see the weights again once the backward fetch has
+refilled the storage (the scheduler guarantees that it has before the backward of that group runs).
+
+The optimizer writes each group's new weights to its home: the native kernel writes them straight into the
+host home, or into a write-back slot that is then written to the group's swap file. A fetch of a group first
+waits for that group's write-back, and nothing else, so writes overlap the next forward.
+
+Only the CPU device is supported for now; the device buffer is then ordinary memory, accounted against
+``device_memory_limit``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from offload.errors import MemoryBudgetError
+from offload.layout.flat_group import FlatGroup
+from offload.schedule.residency import Residency, ResidencyTable
+from offload.storage.host_pool import HostBuffer, HostPool
+from offload.storage.io_engine import IoHandle
+from offload.storage.swap_store import SwapFile, SwapStore
+
+WRITEBACK_SLOTS = 2  # new weights of group j are written to NVMe while the kernel fills the slot for j+1
+
+
+class OffloadedParams:
+    def __init__(self, groups: list[FlatGroup], home: str, dtype: torch.dtype, pool: HostPool,
+                 swap: SwapStore | None, device_limit: int | None, fetch_slots: int) -> None:
+        """``home``: "cpu" or "nvme". ``fetch_slots``: host staging buffers for NVMe reads in flight (the
+        current group plus the prefetched ones)."""
+        self.groups = groups
+        self.home = home
+        self.dtype = dtype
+        self.pool = pool
+        self.swap = swap
+        self.device_limit = device_limit
+        self.element_size = torch.empty((), dtype=dtype).element_size()
+        self.residency = ResidencyTable(len(groups))
+        self.weight_device: list[torch.Tensor] = []
+        self.weight_home_host: list[torch.Tensor | None] = []
+        self.weight_home_nvme: list[SwapFile | None] = []
+        self._home_buffers: list[HostBuffer] = []
+        self._aliased: list[bool] = []
+        self.resident_bytes = 0
+        self.peak_resident_bytes = 0
+        largest = max(g.numel for g in groups) * self.element_size
+        nslots = fetch_slots if home == "nvme" else 0
+        self._fetch_slots = [pool.allocate(largest, f"fetch staging {i}") for i in range(nslots)]
+        self._free_fetch_slots = list(range(nslots))
+        self._fetch: dict[int, tuple[int, IoHandle]] = {}  # group -> (fetch slot, read in flight)
+        self._writeback_slots = [pool.allocate(largest, f"write-back staging {i}")
+                                 for i in range(WRITEBACK_SLOTS if home == "nvme" else 0)]
+        self._writeback: dict[int, IoHandle] = {}            # group -> its weights' write in flight
+        self._slot_write: list[IoHandle | None] = [None] * len(self._writeback_slots)
+        self._next_writeback_slot = 0
+        self._slot_of: dict[int, int] = {}                  # group -> write-back slot its kernel output uses
+        # A write-back is waited for by whichever comes first, the next fetch of its group or the next use of
+        # its slot; writes not yet waited for, by handle id:
+        self._unwaited: dict[int, IoHandle] = {}
+
+    def nbytes(self, g: int) -> int:
+        return self.groups[g].numel * self.element_size
+
+    # ---- set-up ----------------------------------------------------------------------------------------------
+
+    def add(self, group: FlatGroup, master: torch.Tensor, alias: torch.Tensor | None) -> None:
+        """Group ``group``'s home, filled from ``master`` (fp32 flat). ``alias``: an fp32 host tensor to use as
+        the home itself (the master in RAM, for fp32 weights), or None."""
+        self._aliased.append(alias is not None)
+        self.weight_home_nvme.append(None)
+        if alias is not None:
+            self.weight_home_host.append(alias)
+        elif self.home == "cpu":
+            buffer = self.pool.allocate(self.nbytes(group.index), f"weights {group.name or '<root>'}")
+            self._home_buffers.append(buffer)
+            self.weight_home_host.append(buffer.view(self.dtype))
+            self.weight_home_host[-1].copy_(master)
+        else:
+            self.weight_home_host.append(None)
+            swap = self.swap.create(f"weights {group.index}", self.nbytes(group.index))
+            staging = self._writeback_slots[0].tensor[:self.nbytes(group.index)].view(self.dtype)
+            staging.copy_(master)
+            self.swap.wait(self.swap.write(swap, 0, staging))
+            self.weight_home_nvme[-1] = swap
+
+    def bind_parameters(self) -> None:
+        """Points each parameter at its view of its group's device buffer, then releases every buffer's storage
+        (one group's worth of memory at a time)."""
+        for group in self.groups:
+            weights = torch.empty(group.numel, dtype=self.dtype)
+            for slot in group.slots:
+                slot.param.data = group.view(weights, slot)
+            weights.untyped_storage().resize_(0)
+            self.weight_device.append(weights)
+
+    # ---- residency -------------------------------------------------------------------------------------------
+
+    def start_fetch(self, g: int) -> bool:
+        """Starts bringing group g to the device if there is room now; False (and nothing started) otherwise.
+        From host RAM the copy is done here; from NVMe the read is only issued."""
+        if self.residency[g] is not Residency.RELEASED:
+            return True
+        if self.device_limit is not None and self.resident_bytes + self.nbytes(g) > self.device_limit:
+            return False
+        if self.home == "nvme":
+            if not self._free_fetch_slots:
+                return False
+            self._wait_writeback(g)  # the read must see the weights of the last step
+            slot = self._free_fetch_slots.pop()
+            staging = self._fetch_slots[slot].tensor[:self.nbytes(g)]
+            self._fetch[g] = (slot, self.swap.read(self.weight_home_nvme[g], 0, staging))
+            self._account(g, +1)
+            self.residency.move(g, Residency.FETCHING)
+            return True
+        self._account(g, +1)
+        self._fill(g, self.weight_home_host[g])
+        self.residency.move(g, Residency.RESIDENT)
+        return True
+
+    def ensure_resident(self, g: int) -> None:
+        """Blocks until group g's weights are on the device. Raises MemoryBudgetError if it does not fit
+        ``device_memory_limit`` next to the groups resident now."""
+        if self.residency[g] is Residency.RELEASED and not self.start_fetch(g):
+            if self.home == "nvme" and not self._free_fetch_slots:
+                raise RuntimeError("offload: every fetch staging slot is in use; this is a scheduler bug")
+            raise MemoryBudgetError(f"fetching parameter group {self.groups[g].name or '<root>'!r} "
+                                    f"({self.nbytes(g)} bytes) next to {self.resident_bytes} resident bytes",
+                                    self.nbytes(g), max(0, self.device_limit - self.resident_bytes),
+                                    "device_memory_limit")
+        if self.residency[g] is Residency.FETCHING:
+            slot, handle = self._fetch.pop(g)
+            self.swap.wait(handle)
+            self._fill(g, self._fetch_slots[slot].tensor[:self.nbytes(g)].view(self.dtype))
+            self._free_fetch_slots.append(slot)
+            self.residency.move(g, Residency.RESIDENT)
+
+    def release(self, g: int) -> None:
+        """Frees group g's device storage (waits for a read in flight first: its slot must not be reused
+        early)."""
+        state = self.residency[g]
+        if state is Residency.RELEASED:
+            return
+        if state is Residency.FETCHING:
+            slot, handle = self._fetch.pop(g)
+            self.swap.wait(handle)
+            self._free_fetch_slots.append(slot)
+        else:
+            self.weight_device[g].untyped_storage().resize_(0)
+        self._account(g, -1)
+        self.residency.move(g, Residency.RELEASED)
+
+    def release_all(self) -> None:
+        for g in range(len(self.groups)):
+            self.release(g)
+
+    def resident_groups(self) -> list[int]:
+        return [g for g in range(len(self.groups)) if self.residency[g] is not Residency.RELEASED]
+
+    def _fill(self, g: int, source: torch.Tensor) -> None:
+        weights = self.weight_device[g]
+        weights.untyped_storage().resize_(self.nbytes(g))
+        weights.copy_(source)
+
+    def _account(self, g: int, sign: int) -> None:
+        self.resident_bytes += sign * self.nbytes(g)
+        self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
+
+    # ---- optimizer side --------------------------------------------------------------------------------------
+
+    def kernel_output(self, g: int) -> torch.Tensor | None:
+        """Where the Adam kernel writes group g's new low-precision weights (None for fp32; see after_update).
+        Every group is released before a step (the scheduler's invariant), so no device copy goes stale."""
+        if self.residency[g] is not Residency.RELEASED:
+            raise RuntimeError(f"offload: group {g} is on the device during the optimizer step")
+        if self.home == "cpu":
+            return None if self.dtype == torch.float32 else self.weight_home_host[g]
+        slot = self._slot_of[g] = self._take_writeback_slot()
+        staging = self._writeback_slots[slot].tensor[:self.nbytes(g)].view(self.dtype)
+        return None if self.dtype == torch.float32 else staging
+
+    def after_update(self, g: int, master_is_staged: bool) -> Callable[[torch.Tensor], None] | None:
+        """What moves group g's new weights home once its fp32 master is final (None when the kernel did)."""
+        if self.home == "cpu":
+            if self.dtype != torch.float32 or self._aliased[g]:
+                return None
+            return self.weight_home_host[g].copy_
+        def write_home(master: torch.Tensor) -> None:
+            slot = self._slot_of.pop(g)  # taken by kernel_output(g) just before this group's Adam pass
+            staging = self._writeback_slots[slot].tensor[:self.nbytes(g)].view(self.dtype)
+            if self.dtype == torch.float32:
+                staging.copy_(master)
+            handle = self.swap.write(self.weight_home_nvme[g], 0, staging)
+            self._writeback[g] = handle
+            self._slot_write[slot] = handle
+            self._unwaited[handle.id] = handle
+
+        return write_home
+
+    def _take_writeback_slot(self) -> int:
+        slot = self._next_writeback_slot
+        self._next_writeback_slot = (slot + 1) % len(self._writeback_slots)
+        if self._slot_write[slot] is not None:  # the slot's previous write must be done before it is refilled
+            self._wait_write(self._slot_write[slot])
+            self._slot_write[slot] = None
+        return slot
+
+    def _wait_write(self, handle: IoHandle) -> None:
+        if self._unwaited.pop(handle.id, None) is not None:
+            self.swap.wait(handle)
+
+    def _wait_writeback(self, g: int) -> None:
+        handle = self._writeback.pop(g, None)
+        if handle is not None:
+            self._wait_write(handle)
+
+    def finish_step(self) -> None:
+        """Nothing to wait for: each fetch waits for its own group's write-back."""
+
+    def close(self) -> None:
+        for g in list(self._fetch):
+            self.release(g)
+        for handle in list(self._unwaited.values()):
+            self._wait_write(handle)
+        self._writeback.clear()
+        for buffer in self._home_buffers + self._fetch_slots + self._writeback_slots:
+            self.pool.release(buffer)
+        self._home_buffers.clear()
+        self._fetch_slots.clear()
+        self._writeback_slots.clear()

@@ -1,0 +1,124 @@
+"""Parameter offload (params="cpu" | "nvme"): the same training as plain torch, within the device budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import offload
+from engine_reference import batches, loss_of, reference_run, tiny_llama, train_with_engine
+
+pytest.importorskip("transformers", reason="the parameter-offload tests build a small Llama")
+
+LR = 3e-3
+WEIGHT_DECAY = 0.05
+
+
+def llama(checkpointing: bool = False):
+    model = tiny_llama(layers=8, tied=True)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+    return model
+
+
+def param_bytes(model, dtype_bytes: int) -> int:
+    return sum(p.numel() for p in model.parameters()) * dtype_bytes
+
+
+@pytest.mark.parametrize("params", ["cpu", "nvme"])
+@pytest.mark.parametrize("optimizer", ["cpu", "nvme"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_matches_torch_adamw_within_a_quarter_of_the_model(params, optimizer, checkpointing, tmp_path):
+    data = batches("llama", 30, micro=2)
+    ref_losses, ref_state = reference_run("llama", llama(checkpointing), data, torch.float32, lr=LR,
+                                          weight_decay=WEIGHT_DECAY, max_grad_norm=1.0, decay_groups=False)
+    model = llama(checkpointing)
+    limit = param_bytes(model, 4) // 4
+    config = offload.Config(device="cpu", dtype="fp32", params=params, optimizer=optimizer, nvme_dir=tmp_path,
+                            device_memory_limit=limit, prefetch_layers=1)
+    losses, state, stats = train_with_engine("llama", model, data, config, lr=LR, weight_decay=WEIGHT_DECAY,
+                                             max_grad_norm=1.0)
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    for key, ref in ref_state.items():
+        torch.testing.assert_close(state[key], ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{key}: {m}")
+    assert 0 < stats.device_param_bytes_peak <= limit
+    assert stats.device_param_bytes == 0  # between steps every group is home
+
+
+@pytest.mark.parametrize("params", ["cpu", "nvme"])
+def test_bf16_offload_is_bit_exact_with_device_resident_training(params, tmp_path):
+    data = batches("llama", 8, micro=1)
+    resident = offload.Config(device="cpu", dtype="bf16")
+    offloaded = offload.Config(device="cpu", dtype="bf16", params=params, nvme_dir=tmp_path, prefetch_layers=2)
+    ref_losses, ref_state, _ = train_with_engine("llama", llama(), data, resident, lr=LR)
+    losses, state, _ = train_with_engine("llama", llama(), data, offloaded, lr=LR)
+    assert losses == ref_losses
+    assert all(torch.equal(state[k], ref_state[k]) for k in ref_state)
+
+
+@pytest.mark.parametrize("params", ["cpu", "nvme"])
+def test_generate_and_no_grad_evaluation(params, tmp_path):
+    plain = llama()
+    prompt = torch.randint(0, 96, (1, 5), generator=torch.Generator().manual_seed(3))
+    expected = plain.generate(prompt, max_new_tokens=8, do_sample=False)
+    with torch.no_grad():
+        expected_loss = plain(input_ids=prompt, labels=prompt).loss
+    config = offload.Config(device="cpu", dtype="fp32", params=params, nvme_dir=tmp_path,
+                            device_memory_limit=param_bytes(plain, 4) // 3)
+    with offload.Engine(llama(), config) as engine:
+        tokens = engine.model.generate(prompt, max_new_tokens=8, do_sample=False)
+        with torch.no_grad():
+            loss = engine(input_ids=prompt, labels=prompt).loss
+        assert torch.equal(tokens, expected)
+        assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-6)
+        assert engine.stats().device_param_bytes == 0
+
+
+def test_a_changed_execution_order_is_handled(tmp_path, caplog):
+    class Swappable(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(16, 16) for _ in range(4)])
+
+        def forward(self, x, order):
+            for i in order:
+                x = torch.tanh(self.layers[i](x))
+            return x
+
+    ref = Swappable()
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.0)
+    config = offload.Config(device="cpu", dtype="fp32", params="nvme", nvme_dir=tmp_path, prefetch_layers=2)
+    gen = torch.Generator().manual_seed(0)
+    with offload.Engine(Swappable(), config, lr=1e-2) as engine:
+        for order in ([0, 1, 2, 3], [0, 1, 2, 3], [3, 1, 0, 2], [3, 1, 0, 2], [0, 1, 2, 3]):
+            x = torch.randn(4, 16, generator=gen)
+            engine.backward(engine(x, order).square().mean())
+            engine.step()
+            ref(x, order).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        for key, value in ref.state_dict().items():
+            torch.testing.assert_close(engine.state_dict()[key], value, rtol=1e-6, atol=1e-6)
+    assert "different order" in caplog.text
+
+
+def test_a_group_larger_than_the_device_limit_fails_at_construction(tmp_path):
+    model = llama()
+    with pytest.raises(offload.MemoryBudgetError, match="device_memory_limit"):
+        offload.Engine(model, offload.Config(device="cpu", params="cpu", device_memory_limit=4096))
+
+
+def test_reentrant_checkpointing(tmp_path):
+    data = batches("llama", 5, micro=1)
+    ref_losses, _ = reference_run("llama", llama(), data, torch.float32, lr=LR, weight_decay=0.0,
+                                  max_grad_norm=None, decay_groups=False)
+    model = tiny_llama(layers=8)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.train()
+    config = offload.Config(device="cpu", dtype="fp32", params="cpu", device_memory_limit=param_bytes(model, 4) // 4,
+                            prefetch_layers=1)
+    losses, _, stats = train_with_engine("llama", model, data, config, lr=LR)
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    assert stats.device_param_bytes_peak <= param_bytes(model, 4) // 4
