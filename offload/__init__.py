@@ -8,7 +8,8 @@ from offload.config import Config, IOConfig
 from offload.engine import Engine, EngineStats, StepInfo
 from offload.errors import ConfigError, MemoryBudgetError
 from offload.optim.cpu_adam import CPUAdam
+from offload.timeline import Timeline
 
 __all__ = ["CPUAdam", "Config", "ConfigError", "Engine", "EngineStats", "IOConfig", "MemoryBudgetError",
-           "StepInfo", "__version__"]
+           "StepInfo", "Timeline", "__version__"]
 __version__ = "0.1.0"

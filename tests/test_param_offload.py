@@ -122,3 +122,20 @@ def test_reentrant_checkpointing(tmp_path):
     losses, _, stats = train_with_engine("llama", model, data, config, lr=LR)
     assert losses == pytest.approx(ref_losses, rel=1e-5)
     assert stats.device_param_bytes_peak <= param_bytes(model, 4) // 4
+
+
+def test_timeline_records_every_kind_of_work(tmp_path):
+    import json
+
+    timeline = offload.Timeline()
+    config = offload.Config(device="cpu", dtype="bf16", params="nvme", optimizer="nvme", nvme_dir=tmp_path)
+    with offload.Engine(llama(), config, timeline=timeline) as engine:
+        for step in batches("llama", 2, 1):
+            engine.backward(loss_of("llama", engine, step[0]))
+            engine.step()
+    timeline.save(tmp_path / "trace.json")
+    events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    spans = [e for e in events if e["ph"] == "X"]
+    assert {e["cat"] for e in spans} == {"compute", "fetch", "gradients", "adam", "nvme read", "nvme write", "step"}
+    assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in spans)
+    assert sum(e["cat"] == "step" for e in spans) == 2

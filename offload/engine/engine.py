@@ -28,6 +28,7 @@ from offload.optim.state_store import (FP32_BYTES, STAGING_SLOTS, OptimizerState
                                        plan_placement, split_state)
 from offload.storage.host_pool import HostBuffer, HostPool
 from offload.storage.swap_store import SwapStore
+from offload.timeline import NO_TIMELINE, Timeline
 
 log = logging.getLogger("offload")
 
@@ -103,7 +104,8 @@ class Engine:
     def __init__(self, model: nn.Module, config: Config | None = None, *, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  max_grad_norm: float | None = None, loss_scale: str | float = "dynamic",
-                 param_groups: list[dict[str, Any]] | None = None, skip_nonfinite: bool = False) -> None:
+                 param_groups: list[dict[str, Any]] | None = None, skip_nonfinite: bool = False,
+                 timeline: Timeline | None = None) -> None:
         self.config = config = config if config is not None else Config()
         if not isinstance(config, Config):
             raise ConfigError(f"config: expected an offload.Config; got {type(config).__name__}")
@@ -120,6 +122,7 @@ class Engine:
         self.dtype = config.torch_dtype
         self.max_grad_norm = max_grad_norm
         self.skip_nonfinite = skip_nonfinite
+        self.timeline = timeline if timeline is not None else NO_TIMELINE
         self._scaler = LossScaler(loss_scale, enabled=self.dtype == torch.float16)
         partition = partition_model(model)
         trainable = [(n, p) for spec in partition.groups for n, p in zip(spec.param_names, spec.params)]
@@ -173,7 +176,8 @@ class Engine:
             res.swap = SwapStore(config.nvme_dir, config.io)
         if offloaded:
             res.weights = OffloadedParams(self.groups, config.params, self.dtype, self.pool, res.swap,
-                                          config.device_memory_limit, fetch_slots=config.prefetch_layers + 1)
+                                          config.device_memory_limit, fetch_slots=config.prefetch_layers + 1,
+                                          timeline=self.timeline)
         else:
             res.weights = DeviceWeights(self.device, self.dtype, self.pool)
         self.weights = res.weights
@@ -189,14 +193,14 @@ class Engine:
                                                      slots=min(len(nvme_numels), STAGING_SLOTS))
         order = {id(p): i for i, p in enumerate(self.model.parameters())}
         res.grads = self._grads = GradientStream(self.groups, [b.view(torch.float32) for b in res.grad_hosts],
-                                                 self.device, self.pool, grad_staging, order)
+                                                 self.device, self.pool, grad_staging, order, self.timeline)
         self._fill_groups(placement)
         frozen = [(p, p.data.to(self.device, self.dtype if p.is_floating_point() else None))
                   for _, p in self._frozen]
         buffers = [(module, name, buffer.to(self.device)) for module in self.model.modules()
                    for name, buffer in module._buffers.items() if buffer is not None]
         self.swap = res.swap
-        self._stepper = GroupStepper(self.store)
+        self._stepper = GroupStepper(self.store, self.timeline)
         log.info("offload: %d groups, %d trainable parameters; parameters on %s; optimizer state of %d groups "
                  "in RAM, %d on NVMe", len(self.groups), sum(s.numel for g in self.groups for s in g.slots),
                  config.params, len(self.groups) - len(nvme_numels), len(nvme_numels))
@@ -212,7 +216,7 @@ class Engine:
             self._grads.attach()
             if offloaded:
                 res.scheduler = self._scheduler = FetchScheduler(self.model, self.groups, self.weights,
-                                                                 config.prefetch_layers)
+                                                                 config.prefetch_layers, self.timeline)
 
         return attach
 
@@ -311,6 +315,7 @@ class Engine:
             self._scaler.update(overflow)
         grad_bytes, self._grads.bytes_to_host = self._grads.bytes_to_host, 0
         self._grads.reset()
+        self.timeline.add("step", f"step {self._step}" + (" (skipped)" if skip else ""), start, time.perf_counter())
         return StepInfo(step=self._step, grad_norm=grad_norm, skipped=skip, loss_scale=self._scaler.scale,
                         time_s=time.perf_counter() - start, adam_s=adam_s, io_wait_s=io_wait_s,
                         nvme_bytes_read=nvme_read, nvme_bytes_written=nvme_written,

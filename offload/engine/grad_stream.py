@@ -20,6 +20,7 @@ import torch
 from offload.engine.staging_ring import ByteRing
 from offload.layout.flat_group import FlatGroup, Slot
 from offload.storage.host_pool import HostBuffer, HostPool
+from offload.timeline import NO_TIMELINE, Timeline
 
 
 class _PendingCopy(NamedTuple):
@@ -37,7 +38,8 @@ class GradientStream:
     """
 
     def __init__(self, groups: list[FlatGroup], grad_hosts: list[torch.Tensor], device: torch.device,
-                 pool: HostPool, staging_bytes: int, param_order: dict[int, int]) -> None:
+                 pool: HostPool, staging_bytes: int, param_order: dict[int, int],
+                 timeline: Timeline = NO_TIMELINE) -> None:
         """``param_order``: id(param) -> its position in ``model.parameters()`` (the order of the norms)."""
         self.groups = groups
         self.grad_hosts = grad_hosts
@@ -46,6 +48,7 @@ class GradientStream:
         self.norms: list[list[torch.Tensor | None]] = [[None] * len(g.slots) for g in groups]
         self._order = [[param_order[id(slot.param)] for slot in g.slots] for g in groups]
         self.bytes_to_host = 0
+        self.timeline = timeline
         self._pending: deque[_PendingCopy] = deque()
         self._staging: HostBuffer | None = None
         if device.type == "cuda":
@@ -72,6 +75,11 @@ class GradientStream:
     def _accumulate(self, group_index: int, slot_index: int, grad_host_in: torch.Tensor) -> None:
         group = self.groups[group_index]
         slot: Slot = group.slots[slot_index]
+        with self.timeline.span("gradients", slot.name):
+            self._add_into(group, slot, group_index, slot_index, grad_host_in)
+
+    def _add_into(self, group: FlatGroup, slot: Slot, group_index: int, slot_index: int,
+                  grad_host_in: torch.Tensor) -> None:
         accum = group.view(self.grad_hosts[group_index], slot)
         if self.received[group_index][slot_index]:
             accum.add_(grad_host_in)

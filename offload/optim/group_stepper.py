@@ -11,6 +11,7 @@ import torch
 from offload import _C
 from offload.optim.state_store import GroupState, OptimizerStateStore, StatePlacement, split_state
 from offload.storage.io_engine import IoHandle
+from offload.timeline import NO_TIMELINE, Timeline
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,10 @@ def _interleave(updates: list[GroupUpdate]) -> list[GroupUpdate]:
 class GroupStepper:
     """Runs the native Adam over each group's segments, from host RAM or through the NVMe pipeline."""
 
-    def __init__(self, store: OptimizerStateStore) -> None:
+    def __init__(self, store: OptimizerStateStore, timeline: Timeline = NO_TIMELINE) -> None:
         self.store = store
+        self.timeline = timeline
+        self._issued: dict[int, tuple[str, str, float]] = {}  # handle id -> (track, name, issue time)
 
     def run(self, updates: list[GroupUpdate], grad_scale: float) -> StepCounters:
         """Updates every group; returns once all state is written back. ``grad_scale`` multiplies every gradient
@@ -130,6 +133,7 @@ class GroupStepper:
                          step=seg.step, lr=seg.lr, beta1=seg.beta1, beta2=seg.beta2, eps=seg.eps,
                          weight_decay=seg.weight_decay, adamw=True, bias_correction=True, grad_scale=grad_scale)
         counters.adam_s += time.perf_counter() - start
+        self.timeline.add("adam", update.state.group.name or "<root>", start, time.perf_counter())
         if update.after_update is not None:
             update.after_update(master)
 
@@ -137,14 +141,21 @@ class GroupStepper:
         state = update.state
         staging = self.store.staging[k % len(self.store.staging)].view(torch.float32)[:3 * state.group.numel]
         counters.nvme_bytes_read += state.nbytes
-        return self.store.swap.read(state.state_nvme, 0, staging)
+        handle = self.store.swap.read(state.state_nvme, 0, staging)
+        self._issued[handle.id] = ("nvme read", f"state {state.group.name or '<root>'}", time.perf_counter())
+        return handle
 
     def _issue_write(self, update: GroupUpdate, staging: torch.Tensor, counters: StepCounters) -> IoHandle:
         state = update.state
         counters.nvme_bytes_written += state.nbytes
-        return self.store.swap.write(state.state_nvme, 0, staging[:3 * state.group.numel])
+        handle = self.store.swap.write(state.state_nvme, 0, staging[:3 * state.group.numel])
+        self._issued[handle.id] = ("nvme write", f"state {state.group.name or '<root>'}", time.perf_counter())
+        return handle
 
     def _wait(self, handle: IoHandle, counters: StepCounters) -> None:
         start = time.perf_counter()
         self.store.swap.wait(handle)
-        counters.io_wait_s += time.perf_counter() - start
+        end = time.perf_counter()
+        counters.io_wait_s += end - start
+        track, name, issued = self._issued.pop(handle.id, ("nvme read", "?", start))
+        self.timeline.add(track, name, issued, end)

@@ -24,6 +24,7 @@ from torch.utils import _pytree
 
 from offload.layout.flat_group import FlatGroup
 from offload.schedule.offloaded_params import OffloadedParams
+from offload.timeline import NO_TIMELINE, Timeline
 
 log = logging.getLogger("offload")
 
@@ -52,8 +53,12 @@ def _uses_by_module(model: nn.Module, groups: list[FlatGroup]) -> dict[nn.Module
 
 
 class FetchScheduler:
-    def __init__(self, model: nn.Module, groups: list[FlatGroup], params: OffloadedParams, prefetch: int) -> None:
+    def __init__(self, model: nn.Module, groups: list[FlatGroup], params: OffloadedParams, prefetch: int,
+                 timeline: Timeline = NO_TIMELINE) -> None:
         self.params = params
+        self.timeline = timeline
+        self._started: dict[int, float] = {}             # id(module) -> when its forward began (timeline)
+        self._names = {module: name for name, module in model.named_modules()}
         self.prefetch = prefetch
         self.phase = Phase.FORWARD
         self.trace: list[tuple[int, ...]] = []          # the uses of the reference forward, in order
@@ -101,12 +106,16 @@ class FetchScheduler:
             if self._recording:  # (inner no-grad regions, e.g. reentrant checkpointing, are recorded too)
                 self._uses.append(needed)
             self._prefetch(self._upcoming_forward())
+            self._started[id(module)] = self.timeline.now()
         return hook
 
     def _post_forward_hook(self, needed: tuple[int, ...]):
         def hook(module: nn.Module, args: tuple, output):
             if self.phase is Phase.BACKWARD:
                 return output  # recomputation: the backward that follows needs these weights
+            if id(module) in self._started:
+                self.timeline.add("compute", f"forward {self._names.get(module) or '<root>'}",
+                                  self._started.pop(id(module)), self.timeline.now())
             if torch.is_grad_enabled():
                 self._register_pre_backward(output, needed)
             soon = {g for use in self._upcoming_forward() for g in use}

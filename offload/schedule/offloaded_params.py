@@ -27,13 +27,15 @@ from offload.schedule.residency import Residency, ResidencyTable
 from offload.storage.host_pool import HostBuffer, HostPool
 from offload.storage.io_engine import IoHandle
 from offload.storage.swap_store import SwapFile, SwapStore
+from offload.timeline import NO_TIMELINE, Timeline
 
 WRITEBACK_SLOTS = 2  # new weights of group j are written to NVMe while the kernel fills the slot for j+1
 
 
 class OffloadedParams:
     def __init__(self, groups: list[FlatGroup], home: str, dtype: torch.dtype, pool: HostPool,
-                 swap: SwapStore | None, device_limit: int | None, fetch_slots: int) -> None:
+                 swap: SwapStore | None, device_limit: int | None, fetch_slots: int,
+                 timeline: Timeline = NO_TIMELINE) -> None:
         """``home``: "cpu" or "nvme". ``fetch_slots``: host staging buffers for NVMe reads in flight (the
         current group plus the prefetched ones)."""
         self.groups = groups
@@ -44,6 +46,8 @@ class OffloadedParams:
         self.device_limit = device_limit
         self.element_size = torch.empty((), dtype=dtype).element_size()
         self.residency = ResidencyTable(len(groups))
+        self.timeline = timeline
+        self._issued: dict[int, float] = {}  # group -> when its NVMe read was issued (for the timeline)
         self.weight_device: list[torch.Tensor] = []
         self.weight_home_host: list[torch.Tensor | None] = []
         self.weight_home_nvme: list[SwapFile | None] = []
@@ -117,11 +121,13 @@ class OffloadedParams:
             slot = self._free_fetch_slots.pop()
             staging = self._fetch_slots[slot].tensor[:self.nbytes(g)]
             self._fetch[g] = (slot, self.swap.read(self.weight_home_nvme[g], 0, staging))
+            self._issued[g] = self.timeline.now()
             self._account(g, +1)
             self.residency.move(g, Residency.FETCHING)
             return True
         self._account(g, +1)
-        self._fill(g, self.weight_home_host[g])
+        with self.timeline.span("fetch", f"copy {self.groups[g].name or '<root>'}"):
+            self._fill(g, self.weight_home_host[g])
         self.residency.move(g, Residency.RESIDENT)
         return True
 
@@ -138,7 +144,10 @@ class OffloadedParams:
         if self.residency[g] is Residency.FETCHING:
             slot, handle = self._fetch.pop(g)
             self.swap.wait(handle)
-            self._fill(g, self._fetch_slots[slot].tensor[:self.nbytes(g)].view(self.dtype))
+            name = self.groups[g].name or "<root>"
+            self.timeline.add("nvme read", f"weights {name}", self._issued.pop(g), self.timeline.now())
+            with self.timeline.span("fetch", f"copy {name}"):
+                self._fill(g, self._fetch_slots[slot].tensor[:self.nbytes(g)].view(self.dtype))
             self._free_fetch_slots.append(slot)
             self.residency.move(g, Residency.RESIDENT)
 

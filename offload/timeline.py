@@ -1,0 +1,83 @@
+"""Timeline: spans of compute, fetches, gradient copies, Adam and NVMe transfers, written as a Chrome trace.
+
+Pass ``Engine(..., timeline=Timeline())``, run a few steps, then ``timeline.save("trace.json")`` and open the
+file in https://ui.perfetto.dev or chrome://tracing. Each kind of work has its own track, so what overlaps is
+visible at a glance. Transfers are shown from the moment they are issued to the moment the engine waited for
+them (an upper bound of their duration: the engine does not ask the disk when it finished).
+
+Without a timeline every recording call is a no-op on the shared :data:`NO_TIMELINE`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+# Track names, in the order they are shown.
+TRACKS = ("compute", "fetch", "gradients", "adam", "nvme read", "nvme write", "step")
+
+
+class Timeline:
+    """Collects spans in memory (a few hundred bytes each; meant for a few steps, not a whole run)."""
+
+    enabled = True
+
+    def __init__(self) -> None:
+        self._origin = time.perf_counter()
+        self._events: list[dict] = []
+        self._lock = threading.Lock()
+
+    def now(self) -> float:
+        return time.perf_counter()
+
+    def add(self, track: str, name: str, start: float, end: float, **args: object) -> None:
+        """A span on ``track`` from ``start`` to ``end`` (``now()`` values)."""
+        event = {"name": name, "cat": track, "ph": "X", "pid": os.getpid(), "tid": TRACKS.index(track),
+                 "ts": (start - self._origin) * 1e6, "dur": max(end - start, 0.0) * 1e6, "args": args}
+        with self._lock:
+            self._events.append(event)
+
+    @contextmanager
+    def span(self, track: str, name: str, **args: object) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(track, name, start, time.perf_counter(), **args)
+
+    def events(self) -> list[dict]:
+        with self._lock:
+            return list(self._events)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the Chrome trace JSON (atomically: a temporary file renamed over ``path``)."""
+        meta = [{"name": "thread_name", "ph": "M", "pid": os.getpid(), "tid": i, "args": {"name": track}}
+                for i, track in enumerate(TRACKS)]
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"traceEvents": meta + self.events(), "displayTimeUnit": "ms"}, f)
+        os.replace(tmp, path)
+
+
+class _NoTimeline(Timeline):
+    enabled = False
+
+    def __init__(self) -> None:
+        pass
+
+    def add(self, track: str, name: str, start: float, end: float, **args: object) -> None:
+        pass
+
+    @contextmanager
+    def span(self, track: str, name: str, **args: object) -> Iterator[None]:
+        yield
+
+    def events(self) -> list[dict]:
+        return []
+
+
+NO_TIMELINE: Timeline = _NoTimeline()
