@@ -32,7 +32,7 @@ RAM_BYTES_PER_PARAM = {"cpu": 12 + 4 + 2, "nvme": 4 + 2}  # state (cpu only), fp
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="offload bench step", description=__doc__.splitlines()[0])
-    ap.add_argument("--params", type=float, default=1e9, help="parameters in the optimizer state (default 1e9)")
+    ap.add_argument("--numel", type=float, default=1e9, help="parameters in the optimizer state (default 1e9)")
     ap.add_argument("--placements", default="cpu,nvme", help="optimizer placements to run (default cpu,nvme)")
     ap.add_argument("--dir", default=".", help="nvme_dir for the NVMe placement (default: .)")
     ap.add_argument("--rounds", type=int, default=5)
@@ -42,8 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", default=None, help="append every raw record as a JSON line to this file")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    if a.rounds < 1 or a.params < HIDDEN * HIDDEN:
-        ap.error(f"--rounds must be >= 1 and --params >= {HIDDEN * HIDDEN}")
+    if a.rounds < 1 or a.numel < HIDDEN * HIDDEN:
+        ap.error(f"--rounds must be >= 1 and --numel >= {HIDDEN * HIDDEN}")
     return a
 
 
@@ -88,7 +88,7 @@ def run_worker(a: argparse.Namespace) -> None:
     from offload.optim.state_store import STAGING_SLOTS
 
     placement = a.worker
-    layers, note = layers_that_fit(a.params, placement)
+    layers, note = layers_that_fit(a.numel, placement)
     model = torch.nn.Sequential(*[torch.nn.Linear(HIDDEN, HIDDEN, bias=False) for _ in range(layers)])
     io = IOConfig(block_size=a.block_size, threads=a.threads, queue_depth=a.queue_depth)
     config = offload.Config(device="cpu", dtype="bf16", optimizer=placement, nvme_dir=a.dir, io=io)
@@ -183,6 +183,12 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(arg == "--params" or arg.startswith("--params=") for arg in argv) and \
+            "--worker" not in argv:
+        from offload.bench import train_step  # whole training steps with offloaded parameters
+
+        return train_step.main(argv)
     a = parse_args(argv)
     if a.worker:
         run_worker(a)
@@ -193,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"offload bench step: unknown placement {placement!r} (cpu, nvme)", file=sys.stderr)
             return 2
         argv_worker = [sys.executable, "-m", "offload.bench.step", "--worker", placement,
-                       "--params", str(a.params), "--dir", a.dir, "--rounds", str(a.rounds),
+                       "--numel", str(a.numel), "--dir", a.dir, "--rounds", str(a.rounds),
                        "--block-size", a.block_size, "--threads", str(a.threads),
                        "--queue-depth", str(a.queue_depth)]
         print(f"offload bench step: {placement} state, {a.rounds} rounds ...", file=sys.stderr, flush=True)

@@ -387,15 +387,18 @@ class Engine:
     def stats(self) -> EngineStats:
         pool = self.pool.stats()
         placements = [s.placement for s in self.store.states] if not self._closed else []
+        weights_read = weights_written = 0
         if isinstance(self.weights, OffloadedParams):
             now, peak = self.weights.resident_bytes, self.weights.peak_resident_bytes
+            weights_read, weights_written = self.weights.nvme_bytes_read, self.weights.nvme_bytes_written
         else:
             now = peak = self.weights.nbytes
         return EngineStats(device_param_bytes=now + self._frozen_bytes,
                            device_param_bytes_peak=peak + self._frozen_bytes,
                            host_bytes_in_use=pool.in_use, host_bytes_peak=pool.peak,
                            host_memory_limit=self.config.host_memory_limit,
-                           nvme_bytes_read=self._nvme_read, nvme_bytes_written=self._nvme_written,
+                           nvme_bytes_read=self._nvme_read + weights_read,
+                           nvme_bytes_written=self._nvme_written + weights_written,
                            optimizer_groups_on_host=placements.count(StatePlacement.HOST),
                            optimizer_groups_on_nvme=placements.count(StatePlacement.NVME))
 

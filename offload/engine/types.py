@@ -31,7 +31,8 @@ class StepInfo:
 
 @dataclass(frozen=True)
 class EngineStats:
-    """Running totals since the engine was built. Device bytes count parameters only (trainable and frozen)."""
+    """Running totals since the engine was built. Device bytes count parameters only (trainable and frozen);
+    NVMe bytes count optimizer state and (with ``params="nvme"``) weights, not the initial writes."""
 
     device_param_bytes: int
     device_param_bytes_peak: int

@@ -55,6 +55,8 @@ class OffloadedParams:
         self._aliased: list[bool] = []
         self.resident_bytes = 0
         self.peak_resident_bytes = 0
+        self.nvme_bytes_read = 0       # weights fetched from and written back to NVMe since the start
+        self.nvme_bytes_written = 0
         largest = max(g.numel for g in groups) * self.element_size
         nslots = fetch_slots if home == "nvme" else 0
         self._fetch_slots = [pool.allocate(largest, f"fetch staging {i}") for i in range(nslots)]
@@ -121,6 +123,7 @@ class OffloadedParams:
             slot = self._free_fetch_slots.pop()
             staging = self._fetch_slots[slot].tensor[:self.nbytes(g)]
             self._fetch[g] = (slot, self.swap.read(self.weight_home_nvme[g], 0, staging))
+            self.nvme_bytes_read += self.nbytes(g)
             self._issued[g] = self.timeline.now()
             self._account(g, +1)
             self.residency.move(g, Residency.FETCHING)
@@ -207,6 +210,7 @@ class OffloadedParams:
             if self.dtype == torch.float32:
                 staging.copy_(master)
             handle = self.swap.write(self.weight_home_nvme[g], 0, staging)
+            self.nvme_bytes_written += self.nbytes(g)
             self._writeback[g] = handle
             self._slot_write[slot] = handle
             self._unwaited[handle.id] = handle

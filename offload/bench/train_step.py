@@ -1,0 +1,158 @@
+"""`offload bench step --params cpu|nvme`: whole training steps with offloaded parameters against their floor.
+
+Each round runs, in alternating order and each in its own process, the same Llama-style model (bf16, CPU
+device, one micro-batch) for a few steps:
+- ``compute``: ``params="device"``, ``optimizer="cpu"``: nothing offloaded; the compute-only step;
+- ``offload``: the placement under test, ``device_memory_limit`` a quarter of the parameter bytes (raised to
+  the largest group plus ``--prefetch`` average groups when a large embedding makes a quarter too small).
+The offload worker also measures our I/O engine's bandwidth in the same directory, reading and writing
+alternately (the disk here shares one bandwidth between reads and writes), and the I/O floor is the step's
+NVMe bytes at that bandwidth. Reported: medians over rounds and ratio = offload step / max(compute step, floor).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="offload bench step --params", description=__doc__.splitlines()[0])
+    ap.add_argument("--params", required=True, choices=["cpu", "nvme"])
+    ap.add_argument("--optimizer", default="nvme", choices=["cpu", "nvme"])
+    ap.add_argument("--dir", default=".", help="nvme_dir (default: .)")
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--tokens", type=int, default=512, help="tokens per step (batch 1)")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per process, after one warm-up step")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--prefetch", type=int, default=2)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def _model(a: argparse.Namespace):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=a.hidden, intermediate_size=a.hidden * 8 // 3,
+                                        num_hidden_layers=a.layers, num_attention_heads=max(1, a.hidden // 64),
+                                        max_position_embeddings=a.tokens, tie_word_embeddings=False))
+
+
+def _mixed_bandwidth(engine, nbytes: int) -> float:
+    """GB/s of our I/O engine alternately writing and reading scratch files (64 MiB requests, 3 in flight)."""
+    from offload.storage.host_pool import HostPool
+
+    request = 64 << 20
+    count = max(4, nbytes // request)
+    pool = HostPool()
+    buffers = [pool.allocate(request, f"scratch {i}") for i in range(3)]
+    files = [engine.swap.create(f"bench scratch {i}", request) for i in range(count)]
+    try:
+        for f in files:  # extents never written read back as zeros without touching the disk
+            engine.swap.wait(engine.swap.write(f, 0, buffers[0].tensor))
+        handles = []
+        start = time.perf_counter()
+        for k, f in enumerate(files):
+            if len(handles) == 3:
+                engine.swap.wait(handles.pop(0))
+            submit = engine.swap.read if k % 2 == 0 else engine.swap.write
+            handles.append(submit(f, 0, buffers[k % 3].tensor))
+        for h in handles:
+            engine.swap.wait(h)
+        return count * request / (time.perf_counter() - start) / 1e9
+    finally:
+        for b in buffers:
+            pool.release(b)
+        pool.close()
+
+
+def run_worker(a: argparse.Namespace) -> None:
+    import torch
+
+    import offload
+    from offload.layout.partition import partition_model
+
+    kind = a.worker
+    model = _model(a)
+    nparams = sum(p.numel() for p in model.parameters())
+    groups = [sum(p.numel() for p in g.params) for g in partition_model(model).groups]
+    device_limit = max(nparams * 2 // 4, 2 * (max(groups) + a.prefetch * nparams // len(groups)) + (8 << 20))
+    if kind == "compute":
+        config = offload.Config(device="cpu", dtype="bf16")
+    else:
+        config = offload.Config(device="cpu", dtype="bf16", params=a.params, optimizer=a.optimizer,
+                                nvme_dir=tempfile.mkdtemp(dir=a.dir), prefetch_layers=a.prefetch,
+                                device_memory_limit=device_limit)
+    ids = torch.randint(0, 32000, (1, a.tokens), generator=torch.Generator().manual_seed(0))
+    with offload.Engine(model, config, lr=1e-4, max_grad_norm=1.0) as engine:
+        times, moved = [], []
+        for step in range(a.steps + 1):
+            before = engine.stats()
+            start = time.perf_counter()
+            engine.backward(engine(input_ids=ids, labels=ids).loss)
+            engine.step()
+            elapsed = time.perf_counter() - start
+            after = engine.stats()
+            if step:  # the first step warms caches and traces the order
+                times.append(elapsed)
+                moved.append(after.nvme_bytes_read - before.nvme_bytes_read
+                             + after.nvme_bytes_written - before.nvme_bytes_written)
+        record = dict(kind=kind, params=nparams, step_s=statistics.median(times), device_limit=device_limit,
+                      nvme_bytes=statistics.median(moved) if moved else 0,
+                      device_peak=engine.stats().device_param_bytes_peak)
+        if kind == "offload" and engine.swap is not None:
+            record["mixed_gbs"] = _mixed_bandwidth(engine, max(1 << 30, int(record["nvme_bytes"])))
+    print(json.dumps(record), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    if a.worker:
+        run_worker(a)
+        return 0
+    common = ["--params", a.params, "--optimizer", a.optimizer, "--dir", a.dir, "--layers", str(a.layers),
+              "--hidden", str(a.hidden), "--tokens", str(a.tokens), "--steps", str(a.steps),
+              "--prefetch", str(a.prefetch)]
+    rounds = []
+    for r in range(a.rounds):
+        record = {"round": r}
+        for kind in (["compute", "offload"] if r % 2 == 0 else ["offload", "compute"]):
+            print(f"offload bench step: round {r + 1}/{a.rounds}: {kind} ...", file=sys.stderr, flush=True)
+            proc = subprocess.run([sys.executable, "-m", "offload.bench.train_step", "--worker", kind, *common],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                return proc.returncode
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            record[kind] = result
+        off = record["offload"]
+        floor_io = off["nvme_bytes"] / (off["mixed_gbs"] * 1e9) if off.get("mixed_gbs") else 0.0
+        record.update(compute_s=record["compute"]["step_s"], offload_s=off["step_s"], io_floor_s=floor_io,
+                      ratio=off["step_s"] / max(record["compute"]["step_s"], floor_io))
+        rounds.append(record)
+        print(json.dumps(record), flush=True)
+    if a.out:
+        with open(a.out, "a") as f:
+            for record in rounds:
+                f.write(json.dumps(dict(record, placement=f"params={a.params} optimizer={a.optimizer}")) + "\n")
+    med = {k: statistics.median(r[k] for r in rounds) for k in ("compute_s", "offload_s", "io_floor_s", "ratio")}
+    params = rounds[0]["offload"]["params"]
+    print(f"\nparams={a.params} optimizer={a.optimizer}: {params / 1e6:.0f}M parameters, {a.tokens} tokens/step, "
+          f"{a.rounds} rounds (medians)")
+    print(f"{'compute-only s':>15} {'offload s':>10} {'I/O floor s':>12} {'offload / max(compute, I/O)':>28}")
+    print(f"{med['compute_s']:15.3f} {med['offload_s']:10.3f} {med['io_floor_s']:12.3f} "
+          f"{med['ratio']:20.3f} [{min(r['ratio'] for r in rounds):.2f}-{max(r['ratio'] for r in rounds):.2f}]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
