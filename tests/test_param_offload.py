@@ -139,3 +139,26 @@ def test_timeline_records_every_kind_of_work(tmp_path):
     assert {e["cat"] for e in spans} == {"compute", "fetch", "gradients", "adam", "nvme read", "nvme write", "step"}
     assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in spans)
     assert sum(e["cat"] == "step" for e in spans) == 2
+
+
+def test_overlapped_step_reports_and_fails_cleanly(tmp_path):
+    from offload import _C
+
+    config = offload.Config(device="cpu", dtype="bf16", params="nvme", optimizer="nvme", nvme_dir=tmp_path)
+    data = batches("llama", 3, 1)
+    with offload.Engine(llama(), config) as engine:
+        engine.backward(loss_of("llama", engine, data[0][0]))
+        info = engine.step()
+        assert info.overlapped and info.nvme_bytes_read > 0
+        engine.backward(loss_of("llama", engine, data[1][0]))  # waits for the step it overlapped
+        assert engine.stats().optimizer_adam_s > 0
+        _C.inject_io_fault("eio", 2)
+        try:
+            engine.step()  # launched; the background update hits the fault
+            with pytest.raises((OSError, RuntimeError)):
+                engine.backward(loss_of("llama", engine, data[2][0]))
+        finally:
+            _C.inject_io_fault("none")
+        with pytest.raises(RuntimeError, match="failed part-way"):
+            engine.step()
+    assert not any(p.name.startswith("offload-swap-") for p in tmp_path.iterdir())

@@ -21,7 +21,8 @@ from offload.layout.flat_group import FlatGroup, build_flat_group
 from offload.layout.partition import partition_model
 from offload.schedule.fetch_scheduler import FetchScheduler
 from offload.schedule.offloaded_params import OffloadedParams
-from offload.optim.group_stepper import GroupStepper, GroupUpdate, Segment
+from offload.optim.background_step import BackgroundStep
+from offload.optim.group_stepper import GroupStepper, GroupUpdate, Segment, StepCounters
 from offload.optim.hyper import resolve_param_groups
 from offload.optim.loss_scale import LossScaler
 from offload.optim.state_store import (FP32_BYTES, STAGING_SLOTS, OptimizerStateStore, StatePlacement,
@@ -50,8 +51,15 @@ class _Resources:
         self.weights: DeviceWeights | OffloadedParams | None = None
         self.scheduler: FetchScheduler | None = None
         self.store: OptimizerStateStore | None = None
+        self.inflight: BackgroundStep | None = None  # an overlapped optimizer step still running
 
     def release(self) -> None:
+        if self.inflight is not None:
+            try:
+                self.inflight.wait()  # nothing below may be freed while the step still uses it
+            except BaseException:  # already reported to the caller, or about to be dropped with the engine
+                pass
+            self.inflight = None
         try:
             if self.scheduler is not None:
                 self.scheduler.close()
@@ -135,6 +143,8 @@ class Engine:
         self._param_steps = [[0] * len(g.slots) for g in self.groups]
         self._step = 0
         self._nvme_read = self._nvme_written = 0
+        self._adam_s = self._io_wait_s = 0.0
+        self._inflight: BackgroundStep | None = None
         self._closed = False
         self._failed: str | None = None
         self.swap: SwapStore | None = None
@@ -262,6 +272,7 @@ class Engine:
             raise ValueError("engine.backward: loss must be a tensor with one element")
         if self.dtype == torch.float16:
             loss = loss.float() * self._scaler.scale
+        self._sync()  # the gradient accumulators are about to be written: the last step must have read them
         if self._scheduler is None:
             loss.backward()
             return
@@ -273,9 +284,15 @@ class Engine:
 
     def step(self) -> StepInfo:
         """Updates every parameter that received a gradient since the last step (torch's rule: one that got
-        none is left alone, state and step count included), then starts a new accumulation. Blocks until
-        the state is written back; the device sees the new weights from its next queued work on."""
+        none is left alone, state and step count included), then starts a new accumulation.
+
+        With parameters on the device the update is complete when this returns. With offloaded parameters
+        (``params="cpu"|"nvme"``) it continues on a background thread, group by group in the order the next
+        forward needs them, and each group's next fetch waits for that group's update only (see Note
+        [overlapped step]); ``StepInfo.overlapped`` is then True and the Adam / I/O times of the step are
+        added to ``engine.stats()`` when it completes. The result is the same either way."""
         self._check_open()
+        self._sync()
         start = time.perf_counter()
         self._grads.finish()
         if not self._grads.any_received():
@@ -286,40 +303,76 @@ class Engine:
         grad_norm = float(norm)
         overflow = not math.isfinite(grad_norm)
         skip = overflow and (self.dtype == torch.float16 or self.skip_nonfinite)
-        adam_s = io_wait_s = 0.0
-        nvme_read = nvme_written = on_nvme = 0
+        counters = StepCounters()
+        overlapped = False
         if not skip:
             clip = 1.0
             if self.max_grad_norm is not None and math.isfinite(grad_norm):
                 # torch.nn.utils.clip_grad_norm_, in fp32 as it does: max_norm / (norm + 1e-6), clamped at 1
                 clip = float(torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0))
-            updates = [self._update_of(g) for g in range(len(self.groups))]
-            try:
-                counters = self._stepper.run(updates, clip / scale)
-            except BaseException as e:
-                # Groups before the failure are updated, the rest are not, and a failed write may have left a
-                # group's swap file half old, half new: no later step can be exact, so none is allowed.
-                self._failed = f"a step failed part-way ({type(e).__name__}: {e})"
-                raise
-            self.weights.finish_step()
+            updates = [self._update_of(g) for g in self._update_order()]
             for g, group in enumerate(self.groups):
                 for i in range(len(group.slots)):
                     self._param_steps[g][i] += self._grads.received[g][i]
             self._step += 1
-            adam_s, io_wait_s = counters.adam_s, counters.io_wait_s
-            nvme_read, nvme_written = counters.nvme_bytes_read, counters.nvme_bytes_written
-            on_nvme = counters.groups_on_nvme
-            self._nvme_read += nvme_read
-            self._nvme_written += nvme_written
+            overlapped = self._scheduler is not None
+            if overlapped:
+                counters = self._launch(updates, clip / scale)
+            else:
+                counters = self._run_updates(updates, clip / scale)
+                self._add_counters(counters)
+                self.weights.finish_step()
         if self.dtype == torch.float16:
             self._scaler.update(overflow)
         grad_bytes, self._grads.bytes_to_host = self._grads.bytes_to_host, 0
         self._grads.reset()
-        self.timeline.add("step", f"step {self._step}" + (" (skipped)" if skip else ""), start, time.perf_counter())
+        label = f"step {self._step}" + (" (skipped)" if skip else " (launched)" if overlapped else "")
+        self.timeline.add("step", label, start, time.perf_counter())
         return StepInfo(step=self._step, grad_norm=grad_norm, skipped=skip, loss_scale=self._scaler.scale,
-                        time_s=time.perf_counter() - start, adam_s=adam_s, io_wait_s=io_wait_s,
-                        nvme_bytes_read=nvme_read, nvme_bytes_written=nvme_written,
-                        grad_bytes_to_host=grad_bytes, groups_on_nvme=on_nvme)
+                        time_s=time.perf_counter() - start, adam_s=counters.adam_s, io_wait_s=counters.io_wait_s,
+                        nvme_bytes_read=counters.nvme_bytes_read, nvme_bytes_written=counters.nvme_bytes_written,
+                        grad_bytes_to_host=grad_bytes, groups_on_nvme=counters.groups_on_nvme,
+                        overlapped=overlapped)
+
+    def _run_updates(self, updates: list[GroupUpdate], grad_scale: float) -> StepCounters:
+        try:
+            return self._stepper.run(updates, grad_scale)
+        except BaseException as e:
+            # Groups before the failure are updated, the rest are not, and a failed write may have left a
+            # group's swap file half old, half new: no later step can be exact, so none is allowed.
+            self._failed = f"a step failed part-way ({type(e).__name__}: {e})"
+            if isinstance(self.weights, OffloadedParams):
+                self.weights.abort_updates(self._failed)  # fetches waiting for an update must not hang
+            raise
+
+    def _launch(self, updates: list[GroupUpdate], grad_scale: float) -> StepCounters:
+        """Starts the overlapped step; returns what is known now (bytes to move, groups on NVMe)."""
+        self.weights.expect_update([u.state.group.index for u in updates])
+        for update in updates:
+            update.done = partial(self.weights.mark_updated, update.state.group.index)
+        self._inflight = self._res.inflight = BackgroundStep(partial(self._run_updates, updates, grad_scale))
+        nvme = [u.state for u in updates if u.state.placement is StatePlacement.NVME]
+        nbytes = sum(state.nbytes for state in nvme)
+        return StepCounters(nvme_bytes_read=nbytes, nvme_bytes_written=nbytes, groups_on_nvme=len(nvme))
+
+    def _sync(self) -> None:
+        """Waits for an overlapped step; its failure becomes this call's (and marks the engine failed)."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is None:
+            return
+        self._res.inflight = None
+        self._add_counters(inflight.wait())
+
+    def _add_counters(self, counters: StepCounters) -> None:
+        self._nvme_read += counters.nvme_bytes_read
+        self._nvme_written += counters.nvme_bytes_written
+        self._adam_s += counters.adam_s
+        self._io_wait_s += counters.io_wait_s
+
+    def _update_order(self) -> list[int]:
+        """Groups in the order the next forward uses them (traced), then any it did not use."""
+        order = self._scheduler.forward_order() if self._scheduler is not None else []
+        return order + [g for g in range(len(self.groups)) if g not in set(order)]
 
     def _update_of(self, g: int) -> GroupUpdate:
         group = self.groups[g]
@@ -364,6 +417,7 @@ class Engine:
         ``model.state_dict()``. Frozen parameters and buffers are copied to the CPU as they are on the device,
         frozen floating-point parameters converted to fp32."""
         self._check_open()
+        self._sync()
         where = {id(slot.param): (g, slot) for g, group in enumerate(self.groups) for slot in group.slots}
         masters: dict[int, torch.Tensor] = {}
         out: dict[str, torch.Tensor] = {}
@@ -399,6 +453,7 @@ class Engine:
                            host_memory_limit=self.config.host_memory_limit,
                            nvme_bytes_read=self._nvme_read + weights_read,
                            nvme_bytes_written=self._nvme_written + weights_written,
+                           optimizer_adam_s=self._adam_s, optimizer_io_wait_s=self._io_wait_s,
                            optimizer_groups_on_host=placements.count(StatePlacement.HOST),
                            optimizer_groups_on_nvme=placements.count(StatePlacement.NVME))
 
@@ -410,6 +465,7 @@ class Engine:
         if self._closed:
             return
         self._closed = True
+        self._inflight = None  # _Resources.release joins it
         self._finalizer()
 
     def _check_open(self) -> None:

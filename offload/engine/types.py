@@ -27,6 +27,8 @@ class StepInfo:
     nvme_bytes_written: int
     grad_bytes_to_host: int
     groups_on_nvme: int
+    overlapped: bool = False  # the update continues in the background (offloaded parameters); adam_s and
+                              # io_wait_s are then 0 here and go to EngineStats when it completes
 
 
 @dataclass(frozen=True)
@@ -41,5 +43,7 @@ class EngineStats:
     host_memory_limit: int | None
     nvme_bytes_read: int
     nvme_bytes_written: int
+    optimizer_adam_s: float       # total seconds in the native Adam, over completed steps
+    optimizer_io_wait_s: float    # total seconds the optimizer waited for NVMe, over completed steps
     optimizer_groups_on_host: int
     optimizer_groups_on_nvme: int

@@ -40,6 +40,7 @@ class GroupUpdate:
     segments: list[Segment]
     lowp_out: Callable[[], torch.Tensor | None] | None = None
     after_update: Callable[[torch.Tensor], None] | None = None
+    done: Callable[[], None] | None = None  # called once the group's update (and after_update) is complete
 
 
 @dataclass
@@ -136,6 +137,8 @@ class GroupStepper:
         self.timeline.add("adam", update.state.group.name or "<root>", start, time.perf_counter())
         if update.after_update is not None:
             update.after_update(master)
+        if update.done is not None:
+            update.done()
 
     def _issue_read(self, update: GroupUpdate, k: int, counters: StepCounters) -> IoHandle:
         state = update.state

@@ -147,6 +147,10 @@ class FetchScheduler:
             return []
         return self.trace[self._position:self._position + self.prefetch]
 
+    def forward_order(self) -> list[int]:
+        """Groups in the order of their first use in the traced forward."""
+        return list(dict.fromkeys(g for use in self.trace for g in use))
+
     def end_forward_trace(self) -> None:
         """The forward that just ended is complete: its uses are the trace from now on."""
         self._trace_valid = True

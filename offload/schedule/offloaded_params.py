@@ -17,6 +17,7 @@ Only the CPU device is supported for now; the device buffer is then ordinary mem
 
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import torch
@@ -71,6 +72,15 @@ class OffloadedParams:
         # A write-back is waited for by whichever comes first, the next fetch of its group or the next use of
         # its slot; writes not yet waited for, by handle id:
         self._unwaited: dict[int, IoHandle] = {}
+        # Note [overlapped step]: the optimizer may update the groups on a background thread while the next
+        # forward runs. ``_updated[g]`` is cleared when such a step is launched and set once group g's new
+        # weights are home (its write-back issued); a fetch of g waits for it, a prefetch skips g until then.
+        # ``_lock`` guards the write-back bookkeeping, which both threads touch.
+        self._updated = [threading.Event() for _ in groups]
+        for event in self._updated:
+            event.set()
+        self._lock = threading.Lock()
+        self._step_failure: str | None = None
 
     def nbytes(self, g: int) -> int:
         return self.groups[g].numel * self.element_size
@@ -109,11 +119,33 @@ class OffloadedParams:
 
     # ---- residency -------------------------------------------------------------------------------------------
 
-    def start_fetch(self, g: int) -> bool:
-        """Starts bringing group g to the device if there is room now; False (and nothing started) otherwise.
+    def expect_update(self, groups: list[int]) -> None:
+        """An overlapped step is about to update ``groups``: fetches of them wait until ``mark_updated``."""
+        for g in groups:
+            self._updated[g].clear()
+
+    def mark_updated(self, g: int) -> None:
+        self._updated[g].set()
+
+    def abort_updates(self, reason: str) -> None:
+        """The overlapped step failed: nobody may wait for its updates any longer."""
+        self._step_failure = reason
+        for event in self._updated:
+            event.set()
+
+    def start_fetch(self, g: int, wait_for_update: bool = False) -> bool:
+        """Starts bringing group g to the device if there is room now; False (and nothing started) otherwise,
+        also while an overlapped step has not updated g yet, unless ``wait_for_update``.
         From host RAM the copy is done here; from NVMe the read is only issued."""
         if self.residency[g] is not Residency.RELEASED:
             return True
+        if not self._updated[g].is_set():
+            if not wait_for_update:
+                return False
+            with self.timeline.span("fetch", f"wait for update {self.groups[g].name or '<root>'}"):
+                self._updated[g].wait()
+        if self._step_failure is not None:
+            raise RuntimeError(f"offload: {self._step_failure}; the weights cannot be fetched")
         if self.device_limit is not None and self.resident_bytes + self.nbytes(g) > self.device_limit:
             return False
         if self.home == "nvme":
@@ -137,7 +169,7 @@ class OffloadedParams:
     def ensure_resident(self, g: int) -> None:
         """Blocks until group g's weights are on the device. Raises MemoryBudgetError if it does not fit
         ``device_memory_limit`` next to the groups resident now."""
-        if self.residency[g] is Residency.RELEASED and not self.start_fetch(g):
+        if self.residency[g] is Residency.RELEASED and not self.start_fetch(g, wait_for_update=True):
             if self.home == "nvme" and not self._free_fetch_slots:
                 raise RuntimeError("offload: every fetch staging slot is in use; this is a scheduler bug")
             raise MemoryBudgetError(f"fetching parameter group {self.groups[g].name or '<root>'!r} "
@@ -210,10 +242,11 @@ class OffloadedParams:
             if self.dtype == torch.float32:
                 staging.copy_(master)
             handle = self.swap.write(self.weight_home_nvme[g], 0, staging)
-            self.nvme_bytes_written += self.nbytes(g)
-            self._writeback[g] = handle
-            self._slot_write[slot] = handle
-            self._unwaited[handle.id] = handle
+            with self._lock:
+                self.nvme_bytes_written += self.nbytes(g)
+                self._writeback[g] = handle
+                self._slot_write[slot] = handle
+                self._unwaited[handle.id] = handle
 
         return write_home
 
@@ -226,11 +259,14 @@ class OffloadedParams:
         return slot
 
     def _wait_write(self, handle: IoHandle) -> None:
-        if self._unwaited.pop(handle.id, None) is not None:
+        with self._lock:
+            mine = self._unwaited.pop(handle.id, None) is not None
+        if mine:  # exactly one thread waits for a handle
             self.swap.wait(handle)
 
     def _wait_writeback(self, g: int) -> None:
-        handle = self._writeback.pop(g, None)
+        with self._lock:
+            handle = self._writeback.pop(g, None)
         if handle is not None:
             self._wait_write(handle)
 
@@ -240,7 +276,9 @@ class OffloadedParams:
     def close(self) -> None:
         for g in list(self._fetch):
             self.release(g)
-        for handle in list(self._unwaited.values()):
+        with self._lock:
+            pending = list(self._unwaited.values())
+        for handle in pending:
             self._wait_write(handle)
         self._writeback.clear()
         for buffer in self._home_buffers + self._fetch_slots + self._writeback_slots:

@@ -1,0 +1,35 @@
+"""BackgroundStep: one optimizer step running on its own thread, joined at the next synchronisation point."""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class BackgroundStep(Generic[T]):
+    """Runs ``work()`` on a new thread at once. ``wait()`` joins it and returns its result, or raises the
+    exception it raised. The work's native calls (Adam kernel, I/O waits) release the GIL, so it proceeds
+    while the caller's thread runs the next forward."""
+
+    def __init__(self, work: Callable[[], T], name: str = "offload-step") -> None:
+        self._result: T | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(work,), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, work: Callable[[], T]) -> None:
+        try:
+            self._result = work()
+        except BaseException as e:  # handed to whoever waits
+            self._error = e
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self) -> T:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._result
