@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -162,3 +164,117 @@ def test_overlapped_step_reports_and_fails_cleanly(tmp_path):
         with pytest.raises(RuntimeError, match="failed part-way"):
             engine.step()
     assert not any(p.name.startswith("offload-swap-") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("params", ["cpu", "nvme"])
+def test_a_layer_without_gradient_keeps_its_weights(params, tmp_path):
+    """bf16 weights of a group that gets no gradient in a step are written home unchanged."""
+
+    class Skippy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(16, 16) for _ in range(4)])
+
+        def forward(self, x, skip):
+            for i, layer in enumerate(self.layers):
+                if i != skip:
+                    x = torch.tanh(layer(x))
+            return x
+
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(4, 16, generator=gen) for _ in range(4)]
+    results = []
+    for config in (offload.Config(device="cpu", dtype="bf16"),
+                   offload.Config(device="cpu", dtype="bf16", params=params, nvme_dir=tmp_path)):
+        outs = []
+        with offload.Engine(Skippy(), config, lr=1e-2) as engine:
+            for x, skip in zip(xs, (2, 1, 3, 0)):
+                engine.backward(engine(x, skip).float().square().mean())
+                engine.step()
+                with torch.no_grad():
+                    outs.append(engine(xs[0], -1))
+        results.append(outs)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+class _Blocks(torch.nn.Module):
+    """Parameters on the root used before the blocks, blocks under a ModuleList, a dataclass output."""
+
+    def __init__(self, reentrant_segments: int = 0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.in_scale = torch.nn.Parameter(torch.ones(16) * 1.5)
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(16, 16) for _ in range(4)])
+        self.positions = _Positions()
+        self.reentrant_segments = reentrant_segments
+
+    def forward(self, x):
+        x = x * self.in_scale + self.positions(x.shape[0]).sum()
+        if self.reentrant_segments:
+            return torch.utils.checkpoint.checkpoint_sequential(
+                torch.nn.Sequential(*[torch.nn.Sequential(layer, torch.nn.Tanh()) for layer in self.layers]),
+                self.reentrant_segments, x, use_reentrant=True)
+        for layer in self.layers:
+            x = torch.tanh(layer(x).value)
+        return x
+
+
+class _Positions(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(8, 16) * 0.1)
+
+    def forward(self, n):
+        return self.table[:n]  # a view of the weights themselves
+
+
+@dataclasses.dataclass
+class _Out:
+    value: torch.Tensor
+
+
+def _wrap_outputs(model):
+    for layer in model.layers:
+        layer.forward = (lambda f: (lambda x: _Out(f(x))))(layer.forward)
+    return model
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+@pytest.mark.parametrize("reentrant_segments", [0, 2])
+def test_nested_groups_views_dataclasses_and_reentrant_segments(prefetch, reentrant_segments, tmp_path):
+    def make():
+        model = _Blocks(reentrant_segments)
+        return model if reentrant_segments else _wrap_outputs(model)
+
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(4, 16, generator=gen) for _ in range(3)]
+    runs = []
+    for config in (offload.Config(device="cpu", dtype="fp32"),
+                   offload.Config(device="cpu", dtype="fp32", params="nvme", nvme_dir=tmp_path,
+                                  prefetch_layers=prefetch)):
+        with offload.Engine(make(), config, lr=1e-2) as engine:
+            for x in xs:
+                engine.backward(engine(x).square().mean())
+                engine.step()
+            runs.append(engine.state_dict())
+    for key, value in runs[0].items():
+        assert torch.equal(runs[1][key], value), key
+
+
+def test_the_model_works_after_close_and_frozen_bytes_count_against_the_limit(tmp_path):
+    model = llama()
+    model.model.norm.weight.requires_grad_(False)
+    prompt = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(1))
+    group = max(sum(p.numel() for p in layer.parameters()) for layer in model.model.layers)
+    limit = 4 * (3 * group + 2048 * 8)
+    config = offload.Config(device="cpu", dtype="fp32", params="nvme", nvme_dir=tmp_path, device_memory_limit=limit)
+    with offload.Engine(model, config) as engine:
+        engine.backward(engine(input_ids=prompt, labels=prompt).loss)
+        engine.step()
+        with torch.no_grad():
+            during = engine(input_ids=prompt).logits
+        assert engine.stats().device_param_bytes_peak <= limit
+    with torch.no_grad():
+        after = model(input_ids=prompt).logits
+    assert torch.equal(after, during)

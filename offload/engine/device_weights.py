@@ -72,7 +72,8 @@ class DeviceWeights:
             return None
         return self.weight_device[g] if self.device.type == "cpu" else self.weight_host[g].view(self.dtype)
 
-    def after_update(self, g: int, master_is_staged: bool) -> Callable[[torch.Tensor], None] | None:
+    def after_update(self, g: int, master_is_staged: bool,
+                     covered: list[tuple[int, int]]) -> Callable[[torch.Tensor], None] | None:
         """The callback that moves group g's new weights to the device once its fp32 master is final (None
         when the kernel already put them there)."""
         if self.device.type == "cpu":

@@ -19,7 +19,7 @@ from offload.engine.types import EngineStats, StepInfo
 from offload.errors import ConfigError, MemoryBudgetError
 from offload.layout.flat_group import FlatGroup, build_flat_group
 from offload.layout.partition import partition_model
-from offload.schedule.fetch_scheduler import FetchScheduler
+from offload.schedule.fetch_scheduler import FetchScheduler, max_use_width, uses_by_module
 from offload.schedule.offloaded_params import OffloadedParams
 from offload.optim.background_step import BackgroundStep
 from offload.optim.group_stepper import GroupStepper, GroupUpdate, Segment, StepCounters
@@ -53,6 +53,14 @@ class _Resources:
         self.store: OptimizerStateStore | None = None
         self.inflight: BackgroundStep | None = None  # an overlapped optimizer step still running
 
+    def _restore_model(self) -> None:
+        """Offloaded parameters get their weights back in real storage: the model works without the engine."""
+        try:
+            self.weights.materialize()
+        except Exception as e:  # a failed engine may not manage; the model is then unusable, say so
+            log.warning("offload: could not bring the offloaded weights back into the model (%s); the model's "
+                        "offloaded parameters are empty", e)
+
     def release(self) -> None:
         if self.inflight is not None:
             try:
@@ -63,6 +71,7 @@ class _Resources:
         try:
             if self.scheduler is not None:
                 self.scheduler.close()
+                self._restore_model()
             if self.grads is not None:
                 self.grads.close(self.pool)  # removes the hooks; waits for gradient copies still in flight
             if self.weights is not None:
@@ -185,9 +194,12 @@ class Engine:
         if offloaded and (config.params == "nvme" or config.optimizer == "nvme"):
             res.swap = SwapStore(config.nvme_dir, config.io)
         if offloaded:
+            # Frozen parameters stay on the device: the offloaded groups get what the limit leaves.
+            limit = config.device_memory_limit
+            width = max_use_width(uses_by_module(self.model, self.groups))
             res.weights = OffloadedParams(self.groups, config.params, self.dtype, self.pool, res.swap,
-                                          config.device_memory_limit, fetch_slots=config.prefetch_layers + 1,
-                                          timeline=self.timeline)
+                                          None if limit is None else limit - self._frozen_bytes,
+                                          fetch_slots=(config.prefetch_layers + 1) * width, timeline=self.timeline)
         else:
             res.weights = DeviceWeights(self.device, self.dtype, self.pool)
         self.weights = res.weights
@@ -227,6 +239,7 @@ class Engine:
             if offloaded:
                 res.scheduler = self._scheduler = FetchScheduler(self.model, self.groups, self.weights,
                                                                  config.prefetch_layers, self.timeline)
+                self._grads.on_param_done = self._scheduler.param_done
 
         return attach
 
@@ -394,7 +407,8 @@ class Engine:
         state = self.store.states[g]
         return GroupUpdate(state=state, grad_host=self._grads.grad_hosts[g], segments=segments,
                            lowp_out=partial(self.weights.kernel_output, g),
-                           after_update=self.weights.after_update(g, state.placement is StatePlacement.NVME))
+                           after_update=self.weights.after_update(g, state.placement is StatePlacement.NVME,
+                                                                  [(s.start, s.end) for s in segments]))
 
     @property
     def lr(self) -> float:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import deque
 from functools import partial
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -49,6 +49,7 @@ class GradientStream:
         self._order = [[param_order[id(slot.param)] for slot in g.slots] for g in groups]
         self.bytes_to_host = 0
         self.timeline = timeline
+        self.on_param_done: Callable[[int, int], None] | None = None  # (group, slot): its gradient is taken
         self._pending: deque[_PendingCopy] = deque()
         self._staging: HostBuffer | None = None
         if device.type == "cuda":
@@ -71,6 +72,8 @@ class GradientStream:
             self._copy_async(group_index, slot_index, grad)
         else:
             self._accumulate(group_index, slot_index, grad)
+        if self.on_param_done is not None:
+            self.on_param_done(group_index, slot_index)
 
     def _accumulate(self, group_index: int, slot_index: int, grad_host_in: torch.Tensor) -> None:
         group = self.groups[group_index]

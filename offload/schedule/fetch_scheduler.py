@@ -14,6 +14,7 @@ recomputed by activation checkpointing (its forward runs again during backward) 
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 from collections import defaultdict
@@ -34,7 +35,7 @@ class Phase(enum.Enum):
     BACKWARD = "backward"
 
 
-def _uses_by_module(model: nn.Module, groups: list[FlatGroup]) -> dict[nn.Module, tuple[int, ...]]:
+def uses_by_module(model: nn.Module, groups: list[FlatGroup]) -> dict[nn.Module, tuple[int, ...]]:
     """For every module whose forward needs a group's weights: the groups it needs. A group's own module
     needs it; a module outside that module's subtree that holds one of the group's parameters (tied weights)
     needs it as well."""
@@ -50,6 +51,23 @@ def _uses_by_module(model: nn.Module, groups: list[FlatGroup]) -> dict[nn.Module
             if g is not None and g not in covered and g not in needs[module]:
                 needs[module].append(g)
     return {module: tuple(gs) for module, gs in needs.items() if gs}
+
+
+def max_use_width(needs: dict[nn.Module, tuple[int, ...]]) -> int:
+    """The most groups one use needs at once."""
+    return max((len(gs) for gs in needs.values()), default=1)
+
+
+def _output_tensors(output) -> list[torch.Tensor]:
+    """The tensors in a module's output: through tuples, lists, dicts, HF ModelOutputs and dataclasses."""
+    found = []
+    for leaf in _pytree.tree_leaves(output):
+        if isinstance(leaf, torch.Tensor):
+            found.append(leaf)
+        elif dataclasses.is_dataclass(leaf) and not isinstance(leaf, type):
+            for field in dataclasses.fields(leaf):
+                found.extend(_output_tensors(getattr(leaf, field.name)))
+    return found
 
 
 class FetchScheduler:
@@ -68,7 +86,10 @@ class FetchScheduler:
         self._uses: list[tuple[int, ...]] = []          # uses of the forwards since the last backward (grad on)
         self._backward_pointer = 0
         self._warned = False
-        self._needs = _uses_by_module(model, groups)
+        self._needs = uses_by_module(model, groups)
+        self.max_use_width = max_use_width(self._needs)
+        self._group_sizes = [len(g.slots) for g in groups]
+        self._grads_done: list[set[int]] = [set() for _ in groups]
         self._recording = False                        # the current forward runs with gradients
         self._handles = [model.register_forward_pre_hook(self._on_model_forward, prepend=True),
                          model.register_forward_hook(self._on_model_forward_end, prepend=True)]
@@ -119,8 +140,11 @@ class FetchScheduler:
             if torch.is_grad_enabled():
                 self._register_pre_backward(output, needed)
             soon = {g for use in self._upcoming_forward() for g in use}
+            # An output that is a view of the weights themselves (e.g. a learned position table sliced) keeps
+            # its group on the device until the next forward or the end of backward.
+            returned = {t.untyped_storage().data_ptr() for t in _output_tensors(output)}
             for g in needed:
-                if g not in soon:
+                if g not in soon and self.params.storage_address(g) not in returned:
                     self.params.release(g)
             return output
         return hook
@@ -166,31 +190,39 @@ class FetchScheduler:
                 fired[0] = True
                 self._backward_use(needed)
 
-        for tensor in _pytree.tree_leaves(output):
-            if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+        for tensor in _output_tensors(output):
+            if tensor.requires_grad:
                 tensor.register_hook(on_grad)
 
-    # Note [backward release]: when the gradient of a use's output is complete, every backward operation of
-    # the uses that ran after it in forward has produced its gradients (their weights were consumed by
-    # operations that also read activations, so those operations lie on the path to this output). Groups that
-    # neither this use nor the next ``prefetch`` backward uses need can therefore be released here, including
-    # a group with further uses earlier in forward (a tied embedding): it is fetched again when reached.
+    # Note [backward release]: in backward a group goes home once every one of its parameters has received
+    # its gradient in this backward (the post-accumulate-grad hooks, relayed through ``param_done``): no
+    # backward operation can read its weights after that. Releasing earlier, e.g. when an earlier use's output
+    # gradient completes, is unsafe for nested groups, reentrant checkpoints spanning several groups and
+    # weight-only autograd branches. A group whose parameters get no gradient stays until the end of backward,
+    # and a tied group stays resident from the backward of its last use to that of its first.
     def _backward_use(self, needed: tuple[int, ...]) -> None:
         pointer = self._locate(needed)
         upcoming = [self._uses[i] for i in range(pointer - 1, max(pointer - 1 - self.prefetch, -1), -1)] \
             if pointer is not None else []
-        keep = set(needed) | {g for use in upcoming for g in use}
-        for g in self.params.resident_groups():
-            if g not in keep:
-                self.params.release(g)
         for g in needed:
             self.params.ensure_resident(g)
         self._prefetch(upcoming)
 
+    def param_done(self, g: int, slot_index: int) -> None:
+        """A parameter of group g has its gradient for this backward (called by the gradient hooks)."""
+        if self.phase is not Phase.BACKWARD:
+            return
+        done = self._grads_done[g]
+        done.add(slot_index)
+        if len(done) == self._group_sizes[g]:
+            self.params.release(g)
+
     def _locate(self, needed: tuple[int, ...]) -> int | None:
-        """The position in this forward's uses of the backward use now running (searched from the last one
-        backward, so repeated and recomputed uses are found in order)."""
-        for i in range(min(self._backward_pointer, len(self._uses) - 1), -1, -1):
+        """The position in this forward's uses of the backward use now running: searched from the last one
+        found downward (repeated and recomputed uses are found in order), else from the end (nested uses,
+        whose outer use's gradient arrives first). Only prefetching depends on it."""
+        start = min(self._backward_pointer, len(self._uses) - 1)
+        for i in list(range(start, -1, -1)) + list(range(len(self._uses) - 1, start, -1)):
             if self._uses[i] == needed:
                 self._backward_pointer = i
                 return i
@@ -199,6 +231,7 @@ class FetchScheduler:
     def begin_backward(self) -> None:
         self.phase = Phase.BACKWARD
         self._backward_pointer = len(self._uses) - 1
+        self._grads_done = [set() for _ in self._group_sizes]
 
     def end_backward(self) -> None:
         """After backward: every group goes home (the optimizer updates them there)."""
@@ -209,5 +242,6 @@ class FetchScheduler:
     def _prefetch(self, uses: list[tuple[int, ...]]) -> None:
         for use in uses:
             for g in use:
-                if not self.params.start_fetch(g):
+                # keep staging slots for the widest use, so that a fetch on demand always finds one
+                if not self.params.start_fetch(g, reserve=self.max_use_width):
                     return  # no room (device limit or staging slots): the rest is fetched on demand

@@ -70,8 +70,11 @@ class OffloadedParams:
         self._next_writeback_slot = 0
         self._slot_of: dict[int, int] = {}                  # group -> write-back slot its kernel output uses
         # A write-back is waited for by whichever comes first, the next fetch of its group or the next use of
-        # its slot; writes not yet waited for, by handle id:
+        # its slot (possibly on different threads). The first one to come waits on the I/O engine; anyone else
+        # waits on the write's event, set once that wait has returned. Both by handle id; an id in neither is
+        # complete.
         self._unwaited: dict[int, IoHandle] = {}
+        self._write_done: dict[int, threading.Event] = {}
         # Note [overlapped step]: the optimizer may update the groups on a background thread while the next
         # forward runs. ``_updated[g]`` is cleared when such a step is launched and set once group g's new
         # weights are home (its write-back issued); a fetch of g waits for it, a prefetch skips g until then.
@@ -133,9 +136,10 @@ class OffloadedParams:
         for event in self._updated:
             event.set()
 
-    def start_fetch(self, g: int, wait_for_update: bool = False) -> bool:
+    def start_fetch(self, g: int, wait_for_update: bool = False, reserve: int = 0, force: bool = False) -> bool:
         """Starts bringing group g to the device if there is room now; False (and nothing started) otherwise,
-        also while an overlapped step has not updated g yet, unless ``wait_for_update``.
+        also while an overlapped step has not updated g yet, unless ``wait_for_update``. A prefetch passes
+        ``reserve``: it may not take the last ``reserve`` staging slots. ``force`` ignores the device limit.
         From host RAM the copy is done here; from NVMe the read is only issued."""
         if self.residency[g] is not Residency.RELEASED:
             return True
@@ -146,10 +150,11 @@ class OffloadedParams:
                 self._updated[g].wait()
         if self._step_failure is not None:
             raise RuntimeError(f"offload: {self._step_failure}; the weights cannot be fetched")
-        if self.device_limit is not None and self.resident_bytes + self.nbytes(g) > self.device_limit:
+        if not force and self.device_limit is not None and \
+                self.resident_bytes + self.nbytes(g) > self.device_limit:
             return False
         if self.home == "nvme":
-            if not self._free_fetch_slots:
+            if len(self._free_fetch_slots) <= reserve:
                 return False
             self._wait_writeback(g)  # the read must see the weights of the last step
             slot = self._free_fetch_slots.pop()
@@ -201,6 +206,18 @@ class OffloadedParams:
         self._account(g, -1)
         self.residency.move(g, Residency.RELEASED)
 
+    def storage_address(self, g: int) -> int:
+        """Address of group g's device storage (0 while released)."""
+        return self.weight_device[g].untyped_storage().data_ptr()
+
+    def materialize(self) -> None:
+        """Brings every group to the device, ignoring the limit, for good: the model works on its own again
+        (used when the engine closes)."""
+        for g in range(len(self.groups)):
+            if self.residency[g] is Residency.RELEASED:
+                self.start_fetch(g, wait_for_update=True, force=True)
+            self.ensure_resident(g)
+
     def release_all(self) -> None:
         for g in range(len(self.groups)):
             self.release(g)
@@ -230,8 +247,10 @@ class OffloadedParams:
         staging = self._writeback_slots[slot].tensor[:self.nbytes(g)].view(self.dtype)
         return None if self.dtype == torch.float32 else staging
 
-    def after_update(self, g: int, master_is_staged: bool) -> Callable[[torch.Tensor], None] | None:
-        """What moves group g's new weights home once its fp32 master is final (None when the kernel did)."""
+    def after_update(self, g: int, master_is_staged: bool,
+                     covered: list[tuple[int, int]]) -> Callable[[torch.Tensor], None] | None:
+        """What moves group g's new weights home once its fp32 master is final (None when the kernel did).
+        ``covered``: the element ranges the kernel updates (and writes to the kernel output)."""
         if self.home == "cpu":
             if self.dtype != torch.float32 or self._aliased[g]:
                 return None
@@ -241,12 +260,21 @@ class OffloadedParams:
             staging = self._writeback_slots[slot].tensor[:self.nbytes(g)].view(self.dtype)
             if self.dtype == torch.float32:
                 staging.copy_(master)
+            else:
+                # The kernel wrote the updated parameters only; the slot still holds another group's bytes
+                # where a parameter got no gradient this step. Those weights are unchanged: take them from
+                # the master (which rounds to exactly the weights they had).
+                group = self.groups[g]
+                for s in group.slots:
+                    if not any(a <= s.offset and s.end <= b for a, b in covered):
+                        staging[s.offset:s.end].copy_(master[s.offset:s.end])
             handle = self.swap.write(self.weight_home_nvme[g], 0, staging)
             with self._lock:
                 self.nvme_bytes_written += self.nbytes(g)
                 self._writeback[g] = handle
                 self._slot_write[slot] = handle
                 self._unwaited[handle.id] = handle
+                self._write_done[handle.id] = threading.Event()
 
         return write_home
 
@@ -259,10 +287,21 @@ class OffloadedParams:
         return slot
 
     def _wait_write(self, handle: IoHandle) -> None:
+        """Returns once the write is complete, whoever else is waiting for it."""
         with self._lock:
             mine = self._unwaited.pop(handle.id, None) is not None
-        if mine:  # exactly one thread waits for a handle
-            self.swap.wait(handle)
+            done = self._write_done.get(handle.id)
+        if done is None:
+            return
+        if mine:  # exactly one thread waits on the I/O engine for a handle
+            try:
+                self.swap.wait(handle)
+            finally:
+                with self._lock:
+                    self._write_done.pop(handle.id, None)
+                done.set()
+        else:
+            done.wait()
 
     def _wait_writeback(self, g: int) -> None:
         with self._lock:
@@ -275,7 +314,8 @@ class OffloadedParams:
 
     def close(self) -> None:
         for g in list(self._fetch):
-            self.release(g)
+            if self.residency[g] is Residency.FETCHING:
+                self.ensure_resident(g)
         with self._lock:
             pending = list(self._unwaited.values())
         for handle in pending:
