@@ -278,3 +278,23 @@ def test_the_model_works_after_close_and_frozen_bytes_count_against_the_limit(tm
     with torch.no_grad():
         after = model(input_ids=prompt).logits
     assert torch.equal(after, during)
+
+
+@pytest.mark.parametrize("params", ["device", "nvme"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_state_moves_in_chunks_with_the_same_result(params, dtype, tmp_path, monkeypatch):
+    """NVMe state larger than a chunk goes through staging piece by piece; the result does not change."""
+    from offload.optim import state_store
+
+    data = batches("llama", 4, micro=1)
+    runs = []
+    for chunk in (state_store.CHUNK_ELEMENTS, 2048):
+        monkeypatch.setattr(state_store, "CHUNK_ELEMENTS", chunk)
+        config = offload.Config(device="cpu", dtype=dtype, params=params, optimizer="nvme",
+                                nvme_dir=tmp_path / str(chunk))
+        losses, state, stats = train_with_engine("llama", llama(), data, config, lr=LR, max_grad_norm=1.0)
+        runs.append((losses, state, stats))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
+    assert runs[0][2].nvme_bytes_read == runs[1][2].nvme_bytes_read
+    assert runs[1][2].host_bytes_peak < runs[0][2].host_bytes_peak  # smaller staging buffers

@@ -73,16 +73,19 @@ class DeviceWeights:
         return self.weight_device[g] if self.device.type == "cpu" else self.weight_host[g].view(self.dtype)
 
     def after_update(self, g: int, master_is_staged: bool,
-                     covered: list[tuple[int, int]]) -> Callable[[torch.Tensor], None] | None:
-        """The callback that moves group g's new weights to the device once its fp32 master is final (None
-        when the kernel already put them there)."""
+                     covered: list[tuple[int, int]]) -> Callable[[torch.Tensor, int, bool], None] | None:
+        """The callback (``master`` chunk, its start, last chunk?) that moves group g's new weights to the
+        device once its fp32 master is final (None when the kernel already put them there)."""
+        weights = self.weight_device[g]
         if self.device.type == "cpu":
             if self.dtype != torch.float32 or self._aliased[g]:
                 return None
-            return self.weight_device[g].copy_
+            return lambda master, start, last: weights[start:start + master.numel()].copy_(master)
         if self.dtype != torch.float32:
-            return lambda master: self._upload(g, self.weight_host[g].view(self.dtype), wait=False)
-        return lambda master: self._upload(g, master, wait=master_is_staged)
+            source = self.weight_host[g].view(self.dtype)
+            return lambda master, start, last: self._upload(g, weights, source, wait=False) if last else None
+        return lambda master, start, last: self._upload(g, weights[start:start + master.numel()], master,
+                                                        wait=master_is_staged)
 
     # Note [weight uploads on CUDA]: the upload stream first waits for the compute stream, so the copy cannot
     # overwrite weights that queued kernels still read; the copy reads the pinned host buffer (weight_host, or
@@ -91,10 +94,10 @@ class DeviceWeights:
     # optimizer pipeline right after the callback, so that upload is waited for before returning. At the end
     # of the step ``finish_step`` makes the compute stream wait for all uploads: whatever the caller queues
     # next (forward, generate) sees the new weights, without blocking the host.
-    def _upload(self, g: int, source: torch.Tensor, wait: bool) -> None:
+    def _upload(self, g: int, target: torch.Tensor, source: torch.Tensor, wait: bool) -> None:
         self._upload_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._upload_stream):
-            self.weight_device[g].copy_(source, non_blocking=True)
+            target.copy_(source, non_blocking=True)  # (a later upload of g on this stream is ordered after)
             uploaded = torch.cuda.Event()
             uploaded.record(self._upload_stream)
         self._uploaded[g] = uploaded

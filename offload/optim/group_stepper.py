@@ -9,7 +9,8 @@ from typing import Callable
 import torch
 
 from offload import _C
-from offload.optim.state_store import GroupState, OptimizerStateStore, StatePlacement, split_state
+from offload.optim.state_store import (FP32_BYTES, STATE_PARTS, GroupState, OptimizerStateStore, StatePlacement,
+                                       chunks, split_state)
 from offload.storage.io_engine import IoHandle
 from offload.timeline import NO_TIMELINE, Timeline
 
@@ -32,14 +33,15 @@ class Segment:
 class GroupUpdate:
     """What to do for one group. ``lowp_out()``, called right before the group's Adam pass, returns the flat
     bf16/fp16 tensor (the group's length) that receives the updated weights from the kernel itself, or None;
-    ``after_update(master)`` runs once the group's new fp32 master weights are final and before their staging
-    slot is reused (for copies the kernel cannot write)."""
+    ``after_update(master, start, last)`` runs for each chunk of the group (elements [start, start +
+    len(master)); ``last`` for the final one) once its new fp32 master weights are final and before their
+    staging slot is reused (for copies the kernel cannot write)."""
 
     state: GroupState
     grad_host: torch.Tensor
     segments: list[Segment]
     lowp_out: Callable[[], torch.Tensor | None] | None = None
-    after_update: Callable[[torch.Tensor], None] | None = None
+    after_update: Callable[[torch.Tensor, int, bool], None] | None = None
     done: Callable[[], None] | None = None  # called once the group's update (and after_update) is complete
 
 
@@ -81,79 +83,100 @@ class GroupStepper:
         """Updates every group; returns once all state is written back. ``grad_scale`` multiplies every gradient
         (loss-scale unscaling and the clipping factor folded into one factor)."""
         counters = StepCounters()
-        # Note [state pipeline]: NVMe groups rotate through STAGING_SLOTS (3) host buffers (fewer when there
-        # are fewer NVMe groups, which then never wrap). The read of the k-th NVMe group goes into slot k % 3. Two reads are issued up front; after group k's Adam pass its
-        # write is issued, and the read of group k+2 may then reuse slot (k+2) % 3 once the write of group
-        # k-1, issued one Adam pass earlier, is complete. So while the CPU updates group k, the disk reads group
-        # k+1 and writes group k-1. The wait is on the handle, so a slot is never overwritten while a transfer
-        # still uses it.
+        # Note [state pipeline]: NVMe groups are cut into chunks (CHUNK_ELEMENTS), and the chunks rotate
+        # through STAGING_SLOTS (3) host buffers (fewer when there are fewer chunks, which then never wrap).
+        # The read of the k-th NVMe chunk goes into slot k % 3. Two reads are issued up front; after chunk
+        # k's Adam pass its write is issued, and the read of chunk k+2 may then reuse slot (k+2) % 3 once the
+        # write of chunk k-1, issued one Adam pass earlier, is complete. So while the CPU updates chunk k, the
+        # disk reads chunk k+1 and writes chunk k-1. Waits are on the handles, so a slot is never overwritten
+        # while a transfer still uses it.
         order = _interleave(updates)
-        nvme = [u for u in order if u.state.placement is StatePlacement.NVME]
-        counters.groups_on_nvme = len(nvme)
-        reads: dict[int, IoHandle] = {}
-        writes: dict[int, IoHandle] = {}
+        counters.groups_on_nvme = sum(u.state.placement is StatePlacement.NVME for u in order)
+        work = [(u, start, end) for u in order for start, end in
+                (chunks(u.state.group.numel, self.store.chunk_elements)
+                 if u.state.placement is StatePlacement.NVME else [(0, u.state.group.numel)])]
+        nvme = [item for item in work if item[0].state.placement is StatePlacement.NVME]
+        reads: dict[int, list[IoHandle]] = {}
+        writes: dict[int, list[IoHandle]] = {}
         for k in range(min(2, len(nvme))):
-            reads[k] = self._issue_read(nvme[k], k, counters)
+            reads[k] = self._transfer("read", nvme[k], k, counters)
         k = 0
         try:
-            for update in order:
+            for item in work:
+                update, start, end = item
                 if update.state.placement is StatePlacement.HOST:
-                    self._adam(update, update.state.state_host.view(torch.float32), grad_scale, counters)
+                    master, m, v = split_state(update.state.state_host.view(torch.float32), update.state.group.numel)
+                    self._adam(update, start, end, (master, m, v), grad_scale, counters)
                     continue
-                self._wait(reads.pop(k), counters)
-                staging = self.store.staging[k % len(self.store.staging)].view(torch.float32)
-                self._adam(update, staging, grad_scale, counters)
-                writes[k] = self._issue_write(update, staging, counters)
+                self._wait_all(reads.pop(k), counters)
+                staging = self._slot(k)[:STATE_PARTS * (end - start)]
+                self._adam(update, start, end, split_state(staging, end - start), grad_scale, counters)
+                writes[k] = self._transfer("write", item, k, counters)
                 if k + 2 < len(nvme):
                     if k - 1 in writes:
-                        self._wait(writes.pop(k - 1), counters)
-                    reads[k + 2] = self._issue_read(nvme[k + 2], k + 2, counters)
+                        self._wait_all(writes.pop(k - 1), counters)
+                    reads[k + 2] = self._transfer("read", nvme[k + 2], k + 2, counters)
                 k += 1
         except BaseException:
             # No transfer may outlive the step that owns its staging slot; the first error is the one to report.
-            for handle in list(reads.values()) + list(writes.values()):
-                try:
-                    self.store.swap.wait(handle)
-                except OSError:
-                    pass
+            for handles in list(reads.values()) + list(writes.values()):
+                for handle in handles:
+                    try:
+                        self.store.swap.wait(handle)
+                    except OSError:
+                        pass
             raise
-        for handle in writes.values():
-            self._wait(handle, counters)
+        for handles in writes.values():
+            self._wait_all(handles, counters)
         return counters
 
-    def _adam(self, update: GroupUpdate, state_flat: torch.Tensor, grad_scale: float,
+    def _slot(self, k: int) -> torch.Tensor:
+        return self.store.staging[k % len(self.store.staging)].view(torch.float32)
+
+    def _adam(self, update: GroupUpdate, start: int, end: int, state: tuple[torch.Tensor, ...], grad_scale: float,
               counters: StepCounters) -> None:
-        numel = update.state.group.numel
-        master, exp_avg, exp_avg_sq = split_state(state_flat, numel)
-        lowp_out = update.lowp_out() if update.lowp_out is not None else None
-        start = time.perf_counter()
+        """Adam over elements [start, end) of a group; ``state`` holds (master, m, v) of exactly those elements."""
+        master, exp_avg, exp_avg_sq = state
+        if start == 0:
+            self._lowp_out = update.lowp_out() if update.lowp_out is not None else None
+        lowp_out = self._lowp_out
+        began = time.perf_counter()
         for seg in update.segments:
-            span = slice(seg.start, seg.end)
-            lowp = lowp_out[span] if lowp_out is not None else None
-            _C.adam_step(master[span], update.grad_host[span], exp_avg[span], exp_avg_sq[span], lowp,
+            a, b = max(seg.start, start), min(seg.end, end)
+            if a >= b:
+                continue
+            local = slice(a - start, b - start)
+            lowp = lowp_out[a:b] if lowp_out is not None else None
+            _C.adam_step(master[local], update.grad_host[a:b], exp_avg[local], exp_avg_sq[local], lowp,
                          step=seg.step, lr=seg.lr, beta1=seg.beta1, beta2=seg.beta2, eps=seg.eps,
                          weight_decay=seg.weight_decay, adamw=True, bias_correction=True, grad_scale=grad_scale)
-        counters.adam_s += time.perf_counter() - start
-        self.timeline.add("adam", update.state.group.name or "<root>", start, time.perf_counter())
+        counters.adam_s += time.perf_counter() - began
+        self.timeline.add("adam", update.state.group.name or "<root>", began, time.perf_counter())
+        last = end == update.state.group.numel
         if update.after_update is not None:
-            update.after_update(master)
-        if update.done is not None:
+            update.after_update(master[:end - start], start, last)
+        if last and update.done is not None:
             update.done()
 
-    def _issue_read(self, update: GroupUpdate, k: int, counters: StepCounters) -> IoHandle:
+    def _transfer(self, op: str, item: tuple[GroupUpdate, int, int], k: int,
+                  counters: StepCounters) -> list[IoHandle]:
+        update, start, end = item
         state = update.state
-        staging = self.store.staging[k % len(self.store.staging)].view(torch.float32)[:3 * state.group.numel]
-        counters.nvme_bytes_read += state.nbytes
-        handle = self.store.swap.read(state.state_nvme, 0, staging)
-        self._issued[handle.id] = ("nvme read", f"state {state.group.name or '<root>'}", time.perf_counter())
-        return handle
+        handles = self.store.transfer(op, state, start, end, self._slot(k)[:STATE_PARTS * (end - start)])
+        nbytes = STATE_PARTS * (end - start) * FP32_BYTES
+        if op == "read":
+            counters.nvme_bytes_read += nbytes
+        else:
+            counters.nvme_bytes_written += nbytes
+        track = "nvme read" if op == "read" else "nvme write"
+        now = time.perf_counter()
+        for handle in handles:
+            self._issued[handle.id] = (track, f"state {state.group.name or '<root>'}", now)
+        return handles
 
-    def _issue_write(self, update: GroupUpdate, staging: torch.Tensor, counters: StepCounters) -> IoHandle:
-        state = update.state
-        counters.nvme_bytes_written += state.nbytes
-        handle = self.store.swap.write(state.state_nvme, 0, staging[:3 * state.group.numel])
-        self._issued[handle.id] = ("nvme write", f"state {state.group.name or '<root>'}", time.perf_counter())
-        return handle
+    def _wait_all(self, handles: list[IoHandle], counters: StepCounters) -> None:
+        for handle in handles:
+            self._wait(handle, counters)
 
     def _wait(self, handle: IoHandle, counters: StepCounters) -> None:
         start = time.perf_counter()

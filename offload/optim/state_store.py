@@ -15,11 +15,21 @@ import torch
 
 from offload.layout.flat_group import FlatGroup
 from offload.storage.host_pool import HostBuffer, HostPool
+from offload.storage.io_engine import IoHandle
 from offload.storage.swap_store import SwapFile, SwapStore
 
 STATE_PARTS = 3       # master, exp_avg, exp_avg_sq
 STAGING_SLOTS = 3     # read(j+1) || Adam(j) || write(j-1): see Note [state pipeline] in group_stepper.py
 FP32_BYTES = 4
+# NVMe state moves through staging in chunks of at most this many elements (48 MiB of state per slot), so a
+# large group (an untied embedding or head) does not make the staging buffers large. A multiple of 2048, so
+# every part of every chunk is whole 4 KiB pages in the file.
+CHUNK_ELEMENTS = 4 << 20
+
+
+def chunks(numel: int, chunk: int = CHUNK_ELEMENTS) -> list[tuple[int, int]]:
+    """[start, end) element ranges covering ``numel`` in pieces of at most ``chunk``."""
+    return [(start, min(start + chunk, numel)) for start in range(0, numel, chunk)]
 
 
 class StatePlacement(enum.Enum):
@@ -57,7 +67,8 @@ def plan_placement(groups: list[FlatGroup], on_nvme: bool, budget_left: int | No
     sizes = [STATE_PARTS * g.numel * FP32_BYTES for g in groups]
     if sum(sizes) <= budget_left:
         return [StatePlacement.HOST] * len(groups)
-    left = budget_left - STAGING_SLOTS * max(sizes)  # room for the largest group in every staging slot
+    slot = STATE_PARTS * min(max(g.numel for g in groups), CHUNK_ELEMENTS) * FP32_BYTES
+    left = budget_left - STAGING_SLOTS * slot  # room for one chunk in every staging slot
     placement = []
     for size in sizes:
         if size <= left:
@@ -78,13 +89,14 @@ class OptimizerStateStore:
     def __init__(self, pool: HostPool, swap: SwapStore | None, largest_nvme_group_numel: int,
                  slots: int = STAGING_SLOTS) -> None:
         """``slots``: staging buffers for NVMe groups (fewer than STAGING_SLOTS only when there are fewer
-        NVMe groups than that), each large enough for the largest NVMe group."""
+        NVMe chunks than that), each large enough for one chunk of the largest NVMe group."""
         self.pool = pool
         self.swap = swap
         self.states: list[GroupState] = []
         if largest_nvme_group_numel and swap is None:
             raise ValueError("OptimizerStateStore: groups placed on NVMe need a SwapStore")
-        slot_bytes = STATE_PARTS * largest_nvme_group_numel * FP32_BYTES
+        self.chunk_elements = min(largest_nvme_group_numel, CHUNK_ELEMENTS)
+        slot_bytes = STATE_PARTS * self.chunk_elements * FP32_BYTES
         self.staging: list[HostBuffer] = [pool.allocate(slot_bytes, f"optimizer staging {i}")
                                           for i in range(slots)] if slot_bytes else []
 
@@ -96,14 +108,15 @@ class OptimizerStateStore:
             master_host.copy_(master)  # the moments start at zero: the pool's fresh pages are zero-filled
             state = GroupState(group, where, state_host, None)
         else:
-            state_nvme = self.swap.create(f"optimizer state {group.index}", nbytes)
-            staging = self.staging[0].view(torch.float32)[:STATE_PARTS * group.numel]
-            master_stage, m_stage, v_stage = split_state(staging, group.numel)
-            master_stage.copy_(master)
-            m_stage.zero_()
-            v_stage.zero_()
-            self.swap.wait(self.swap.write(state_nvme, 0, staging))
-            state = GroupState(group, where, None, state_nvme)
+            state = GroupState(group, where, None, self.swap.create(f"optimizer state {group.index}", nbytes))
+            for start, end in chunks(group.numel, self.chunk_elements):
+                staging = self.staging[0].view(torch.float32)[:STATE_PARTS * (end - start)]
+                master_stage, m_stage, v_stage = split_state(staging, end - start)
+                master_stage.copy_(master[start:end])
+                m_stage.zero_()
+                v_stage.zero_()
+                for handle in self.transfer("write", state, start, end, staging):
+                    self.swap.wait(handle)
         self.states.append(state)
         return state
 
@@ -112,9 +125,21 @@ class OptimizerStateStore:
         slot 0, so it must not run while a step is in progress."""
         if state.placement is StatePlacement.HOST:
             return split_state(state.state_host.view(torch.float32), state.group.numel)[0].clone()
-        master_stage = self.staging[0].view(torch.float32)[:state.group.numel]
-        self.swap.wait(self.swap.read(state.state_nvme, 0, master_stage))
-        return master_stage.clone()
+        master = torch.empty(state.group.numel, dtype=torch.float32)
+        for start, end in chunks(state.group.numel, self.chunk_elements):
+            master_stage = self.staging[0].view(torch.float32)[:end - start]
+            self.swap.wait(self.swap.read(state.state_nvme, start * FP32_BYTES, master_stage))
+            master[start:end].copy_(master_stage)
+        return master
+
+    def transfer(self, op: str, state: GroupState, start: int, end: int, staging: torch.Tensor) -> list[IoHandle]:
+        """Issues the read or write of elements [start, end) of an NVMe group's master, m and v, between the
+        file (parts at 0, numel and 2 * numel elements) and ``staging`` (the same parts of ``end - start``
+        elements back to back). Returns the three handles."""
+        n, numel = end - start, state.group.numel
+        submit = self.swap.read if op == "read" else self.swap.write
+        return [submit(state.state_nvme, (part * numel + start) * FP32_BYTES, staging[part * n:(part + 1) * n])
+                for part in range(STATE_PARTS)]
 
     def close(self) -> None:
         for state in self.states:

@@ -248,26 +248,35 @@ class OffloadedParams:
         return None if self.dtype == torch.float32 else staging
 
     def after_update(self, g: int, master_is_staged: bool,
-                     covered: list[tuple[int, int]]) -> Callable[[torch.Tensor], None] | None:
-        """What moves group g's new weights home once its fp32 master is final (None when the kernel did).
-        ``covered``: the element ranges the kernel updates (and writes to the kernel output)."""
+                     covered: list[tuple[int, int]]) -> Callable[[torch.Tensor, int, bool], None] | None:
+        """What moves group g's new weights home, chunk by chunk (``master`` chunk, its start, last chunk?),
+        once its fp32 master is final (None when the kernel did). ``covered``: the element ranges the kernel
+        updates (and writes to the kernel output)."""
         if self.home == "cpu":
             if self.dtype != torch.float32 or self._aliased[g]:
                 return None
-            return self.weight_home_host[g].copy_
-        def write_home(master: torch.Tensor) -> None:
-            slot = self._slot_of.pop(g)  # taken by kernel_output(g) just before this group's Adam pass
+            home = self.weight_home_host[g]
+            return lambda master, start, last: home[start:start + master.numel()].copy_(master)
+        stale = [(s.offset, s.end) for s in self.groups[g].slots
+                 if not any(a <= s.offset and s.end <= b for a, b in covered)]
+
+        def write_home(master: torch.Tensor, start: int, last: bool) -> None:
+            slot = self._slot_of[g]  # taken by kernel_output(g) just before this group's first chunk
             staging = self._writeback_slots[slot].tensor[:self.nbytes(g)].view(self.dtype)
+            end = start + master.numel()
             if self.dtype == torch.float32:
-                staging.copy_(master)
+                staging[start:end].copy_(master)
             else:
                 # The kernel wrote the updated parameters only; the slot still holds another group's bytes
                 # where a parameter got no gradient this step. Those weights are unchanged: take them from
                 # the master (which rounds to exactly the weights they had).
-                group = self.groups[g]
-                for s in group.slots:
-                    if not any(a <= s.offset and s.end <= b for a, b in covered):
-                        staging[s.offset:s.end].copy_(master[s.offset:s.end])
+                for a, b in stale:
+                    a, b = max(a, start), min(b, end)
+                    if a < b:
+                        staging[a:b].copy_(master[a - start:b - start])
+            if not last:
+                return
+            del self._slot_of[g]
             handle = self.swap.write(self.weight_home_nvme[g], 0, staging)
             with self._lock:
                 self.nvme_bytes_written += self.nbytes(g)
