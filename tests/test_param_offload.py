@@ -298,3 +298,25 @@ def test_state_moves_in_chunks_with_the_same_result(params, dtype, tmp_path, mon
     assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
     assert runs[0][2].nvme_bytes_read == runs[1][2].nvme_bytes_read
     assert runs[1][2].host_bytes_peak < runs[0][2].host_bytes_peak  # smaller staging buffers
+
+
+@pytest.mark.parametrize("params", ["device", "nvme"])
+def test_gradients_on_nvme_when_the_host_budget_is_below_them(params, tmp_path, monkeypatch):
+    """A host budget smaller than the gradient accumulators: they live on NVMe too, and training is the same."""
+    from offload.optim import state_store
+
+    monkeypatch.setattr(state_store, "CHUNK_ELEMENTS", 2048)  # small staging, so that the tiny budget holds it
+    data = batches("llama", 6, micro=2)
+    ref_losses, ref_state = reference_run("llama", llama(), data, torch.float32, lr=LR, weight_decay=WEIGHT_DECAY,
+                                          max_grad_norm=1.0, decay_groups=False)
+    model = llama()
+    numel = sum(p.numel() for p in model.parameters())
+    limit = 4 * numel - 4096  # less than the fp32 gradients alone
+    config = offload.Config(device="cpu", dtype="fp32", params=params, optimizer="nvme", nvme_dir=tmp_path,
+                            host_memory_limit=limit, prefetch_layers=0)
+    losses, state, stats = train_with_engine("llama", model, data, config, lr=LR, weight_decay=WEIGHT_DECAY,
+                                             max_grad_norm=1.0)
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    for key, ref in ref_state.items():
+        torch.testing.assert_close(state[key], ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{key}: {m}")
+    assert stats.host_bytes_peak <= limit and stats.optimizer_groups_on_host == 0 and stats.gradients_on_nvme

@@ -15,6 +15,7 @@ from torch import nn
 from offload.config import Config
 from offload.engine.device_weights import DeviceWeights
 from offload.engine.grad_stream import GradientStream
+from offload.engine.grad_swap import GradSwap
 from offload.engine.types import EngineStats, StepInfo
 from offload.errors import ConfigError, MemoryBudgetError
 from offload.layout.flat_group import FlatGroup, build_flat_group
@@ -25,7 +26,8 @@ from offload.optim.background_step import BackgroundStep
 from offload.optim.group_stepper import GroupStepper, GroupUpdate, Segment, StepCounters
 from offload.optim.hyper import resolve_param_groups
 from offload.optim.loss_scale import LossScaler
-from offload.optim.state_store import (FP32_BYTES, STAGING_SLOTS, OptimizerStateStore, StatePlacement,
+from offload.optim import state_store
+from offload.optim.state_store import (FP32_BYTES, STAGING_SLOTS, OptimizerStateStore, StatePlacement, chunks,
                                        plan_placement, split_state)
 from offload.storage.host_pool import HostBuffer, HostPool
 from offload.storage.swap_store import SwapStore
@@ -34,6 +36,7 @@ from offload.timeline import NO_TIMELINE, Timeline
 log = logging.getLogger("offload")
 
 _GRAD_STAGING_MIN_BYTES = 64 << 20  # CUDA: pinned ring the gradients stream through (at least 2 of the largest)
+GRAD_SWAP_BUFFERS = 2  # host buffers for accumulators on NVMe: groups whose gradients are arriving at once
 
 # model -> the open engine wrapping it: a second engine on the same model would add a second set of hooks.
 _ENGINE_OF: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
@@ -52,6 +55,7 @@ class _Resources:
         self.scheduler: FetchScheduler | None = None
         self.store: OptimizerStateStore | None = None
         self.inflight: BackgroundStep | None = None  # an overlapped optimizer step still running
+        self.grad_swap: GradSwap | None = None
 
     def _restore_model(self) -> None:
         """Offloaded parameters get their weights back in real storage: the model works without the engine."""
@@ -78,6 +82,8 @@ class _Resources:
                 self.weights.close()
             if self.store is not None:
                 self.store.close()
+            if self.grad_swap is not None:
+                self.grad_swap.close()
             for buffer in self.grad_hosts:
                 self.pool.release(buffer)
             self.grad_hosts.clear()
@@ -180,9 +186,6 @@ class Engine:
         config, res = self.config, self._res
         offloaded = config.params != "device"
         self._check_device_budget(offloaded)
-        for group in self.groups:
-            res.grad_hosts.append(self.pool.allocate(group.numel * FP32_BYTES,
-                                                     f"gradient accumulator {group.name or '<root>'}"))
         lowp_bytes = self._lowp_bytes
         largest_param = max(s.numel for g in self.groups for s in g.slots) * lowp_bytes
         grad_staging = max(_GRAD_STAGING_MIN_BYTES, 2 * -(-largest_param // 512) * 512) \
@@ -203,19 +206,34 @@ class Engine:
         else:
             res.weights = DeviceWeights(self.device, self.dtype, self.pool)
         self.weights = res.weights
+        fixed = weights_host + (HostPool.mapped_size(grad_staging) if grad_staging else 0)
+        grads_on_nvme = self._gradients_go_to_nvme(fixed)
+        if grads_on_nvme:
+            if res.swap is None:
+                res.swap = SwapStore(config.nvme_dir, config.io)
+            res.grad_swap = GradSwap(self.groups, self.pool, res.swap, buffers=GRAD_SWAP_BUFFERS)
+        else:
+            for group in self.groups:
+                res.grad_hosts.append(self.pool.allocate(group.numel * FP32_BYTES,
+                                                         f"gradient accumulator {group.name or '<root>'}"))
         budget_left = None
         if config.host_memory_limit is not None:
-            budget_left = (config.host_memory_limit - self.pool.stats().in_use - weights_host
-                           - (HostPool.mapped_size(grad_staging) if grad_staging else 0))
-        placement = plan_placement(self.groups, config.optimizer == "nvme", budget_left)
+            budget_left = config.host_memory_limit - self.pool.stats().in_use - fixed
+        placement = [StatePlacement.NVME] * len(self.groups) if grads_on_nvme else \
+            plan_placement(self.groups, config.optimizer == "nvme", budget_left)
         nvme_numels = [g.numel for g, p in zip(self.groups, placement) if p is StatePlacement.NVME]
         if nvme_numels and res.swap is None:
             res.swap = SwapStore(config.nvme_dir, config.io)
+        chunk = min(max(nvme_numels, default=1), state_store.CHUNK_ELEMENTS)
+        chunk_count = sum(len(chunks(n, chunk)) for n in nvme_numels)
         res.store = self.store = OptimizerStateStore(self.pool, res.swap, max(nvme_numels, default=0),
-                                                     slots=min(len(nvme_numels), STAGING_SLOTS))
+                                                     slots=min(chunk_count, STAGING_SLOTS),
+                                                     grads_on_nvme=grads_on_nvme)
         order = {id(p): i for i, p in enumerate(self.model.parameters())}
-        res.grads = self._grads = GradientStream(self.groups, [b.view(torch.float32) for b in res.grad_hosts],
-                                                 self.device, self.pool, grad_staging, order, self.timeline)
+        grad_hosts = [None] * len(self.groups) if grads_on_nvme else [b.view(torch.float32) for b in res.grad_hosts]
+        res.grads = self._grads = GradientStream(self.groups, grad_hosts, self.device, self.pool, grad_staging,
+                                                 order, self.timeline)
+        self._grads.grad_swap = res.grad_swap
         self._fill_groups(placement)
         frozen = [(p, p.data.to(self.device, self.dtype if p.is_floating_point() else None))
                   for _, p in self._frozen]
@@ -242,6 +260,18 @@ class Engine:
                 self._grads.on_param_done = self._scheduler.param_done
 
         return attach
+
+    def _gradients_go_to_nvme(self, fixed: int) -> bool:
+        """True when the optimizer state is on NVMe and the host budget cannot hold the gradient accumulators
+        (4 bytes per parameter) next to the fixed buffers and the optimizer's staging; then the accumulators
+        and all optimizer state live on NVMe (see GradSwap)."""
+        limit = self.config.host_memory_limit
+        if limit is None or self.config.optimizer != "nvme":
+            return False
+        largest = max(g.numel for g in self.groups)
+        grads = sum(HostPool.mapped_size(g.numel * FP32_BYTES) for g in self.groups)
+        staging = STAGING_SLOTS * HostPool.mapped_size(3 * FP32_BYTES * min(largest, state_store.CHUNK_ELEMENTS))
+        return self.pool.stats().in_use + fixed + grads + staging > limit
 
     def _check_device_budget(self, offloaded: bool) -> None:
         """Fails now if the parameters cannot fit ``device_memory_limit``: all of them (params="device"), or the
@@ -364,9 +394,10 @@ class Engine:
         for update in updates:
             update.done = partial(self.weights.mark_updated, update.state.group.index)
         self._inflight = self._res.inflight = BackgroundStep(partial(self._run_updates, updates, grad_scale))
-        nvme = [u.state for u in updates if u.state.placement is StatePlacement.NVME]
-        nbytes = sum(state.nbytes for state in nvme)
-        return StepCounters(nvme_bytes_read=nbytes, nvme_bytes_written=nbytes, groups_on_nvme=len(nvme))
+        nvme = [u for u in updates if u.state.placement is StatePlacement.NVME]
+        written = sum(u.state.nbytes for u in nvme)
+        read = written + sum(u.state.group.numel * FP32_BYTES for u in nvme if u.grad_nvme is not None)
+        return StepCounters(nvme_bytes_read=read, nvme_bytes_written=written, groups_on_nvme=len(nvme))
 
     def _sync(self) -> None:
         """Waits for an overlapped step; its failure becomes this call's (and marks the engine failed)."""
@@ -405,7 +436,8 @@ class Engine:
                 segments.append(Segment(slot.offset, slot.end, step, hyper["lr"], hyper["betas"][0],
                                         hyper["betas"][1], hyper["eps"], hyper["weight_decay"]))
         state = self.store.states[g]
-        return GroupUpdate(state=state, grad_host=self._grads.grad_hosts[g], segments=segments,
+        grad_nvme = self._res.grad_swap.files[g] if self._res.grad_swap is not None else None
+        return GroupUpdate(state=state, grad_host=self._grads.grad_hosts[g], grad_nvme=grad_nvme, segments=segments,
                            lowp_out=partial(self.weights.kernel_output, g),
                            after_update=self.weights.after_update(g, state.placement is StatePlacement.NVME,
                                                                   [(s.start, s.end) for s in segments]))
@@ -456,9 +488,12 @@ class Engine:
         pool = self.pool.stats()
         placements = [s.placement for s in self.store.states] if not self._closed else []
         weights_read = weights_written = 0
+        if self._res.grad_swap is not None:
+            weights_read, weights_written = self._res.grad_swap.bytes_read, self._res.grad_swap.bytes_written
         if isinstance(self.weights, OffloadedParams):
             now, peak = self.weights.resident_bytes, self.weights.peak_resident_bytes
-            weights_read, weights_written = self.weights.nvme_bytes_read, self.weights.nvme_bytes_written
+            weights_read += self.weights.nvme_bytes_read
+            weights_written += self.weights.nvme_bytes_written
         else:
             now = peak = self.weights.nbytes
         return EngineStats(device_param_bytes=now + self._frozen_bytes,
@@ -468,6 +503,7 @@ class Engine:
                            nvme_bytes_read=self._nvme_read + weights_read,
                            nvme_bytes_written=self._nvme_written + weights_written,
                            optimizer_adam_s=self._adam_s, optimizer_io_wait_s=self._io_wait_s,
+                           gradients_on_nvme=self._res.grad_swap is not None,
                            optimizer_groups_on_host=placements.count(StatePlacement.HOST),
                            optimizer_groups_on_nvme=placements.count(StatePlacement.NVME))
 

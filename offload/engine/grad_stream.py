@@ -17,6 +17,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from offload.engine.grad_swap import GradSwap
 from offload.engine.staging_ring import ByteRing
 from offload.layout.flat_group import FlatGroup, Slot
 from offload.storage.host_pool import HostBuffer, HostPool
@@ -37,10 +38,11 @@ class GradientStream:
     ``pool``; see Note [gradient copies on CUDA]. On the CPU the hook accumulates directly.
     """
 
-    def __init__(self, groups: list[FlatGroup], grad_hosts: list[torch.Tensor], device: torch.device,
+    def __init__(self, groups: list[FlatGroup], grad_hosts: list[torch.Tensor | None], device: torch.device,
                  pool: HostPool, staging_bytes: int, param_order: dict[int, int],
                  timeline: Timeline = NO_TIMELINE) -> None:
-        """``param_order``: id(param) -> its position in ``model.parameters()`` (the order of the norms)."""
+        """``param_order``: id(param) -> its position in ``model.parameters()`` (the order of the norms).
+        ``grad_hosts[g]`` is None for a group whose accumulator lives on NVMe (``grad_swap``, set later)."""
         self.groups = groups
         self.grad_hosts = grad_hosts
         self.device = device
@@ -50,6 +52,7 @@ class GradientStream:
         self.bytes_to_host = 0
         self.timeline = timeline
         self.on_param_done: Callable[[int, int], None] | None = None  # (group, slot): its gradient is taken
+        self.grad_swap: GradSwap | None = None
         self._pending: deque[_PendingCopy] = deque()
         self._staging: HostBuffer | None = None
         if device.type == "cuda":
@@ -83,13 +86,18 @@ class GradientStream:
 
     def _add_into(self, group: FlatGroup, slot: Slot, group_index: int, slot_index: int,
                   grad_host_in: torch.Tensor) -> None:
-        accum = group.view(self.grad_hosts[group_index], slot)
+        flat = self.grad_hosts[group_index]
+        if flat is None:
+            flat = self.grad_swap.accumulator(group_index, holds_data=any(self.received[group_index]))
+        accum = group.view(flat, slot)
         if self.received[group_index][slot_index]:
             accum.add_(grad_host_in)
         else:
             accum.copy_(grad_host_in)
             self.received[group_index][slot_index] = True
         self.norms[group_index][slot_index] = torch.linalg.vector_norm(accum)  # the sum's, read while cached
+        if self.grad_hosts[group_index] is None:
+            self.grad_swap.arrived(group_index, slot_index)
 
     # Note [gradient copies on CUDA]: the gradient is produced on the compute stream, so the side stream first
     # waits for everything queued there so far, then copies into a range of the pinned staging ring and
@@ -121,9 +129,11 @@ class GradientStream:
         self._ring.release_oldest()
 
     def finish(self) -> None:
-        """Blocks until every gradient handed to a hook is in its host accumulator."""
+        """Blocks until every gradient handed to a hook is in its accumulator (on NVMe for swapped groups)."""
         while self._pending:
             self._drain_one()
+        if self.grad_swap is not None:
+            self.grad_swap.end_backward()
 
     def global_norm(self) -> torch.Tensor:
         """The fp32 L2 norm over every gradient received since the last reset (0-dim tensor)."""

@@ -45,5 +45,6 @@ class EngineStats:
     nvme_bytes_written: int
     optimizer_adam_s: float       # total seconds in the native Adam, over completed steps
     optimizer_io_wait_s: float    # total seconds the optimizer waited for NVMe, over completed steps
+    gradients_on_nvme: bool       # the fp32 gradient accumulators live on NVMe (host budget below 4 B/param)
     optimizer_groups_on_host: int
     optimizer_groups_on_nvme: int

@@ -12,6 +12,7 @@ from offload import _C
 from offload.optim.state_store import (FP32_BYTES, STATE_PARTS, GroupState, OptimizerStateStore, StatePlacement,
                                        chunks, split_state)
 from offload.storage.io_engine import IoHandle
+from offload.storage.swap_store import SwapFile
 from offload.timeline import NO_TIMELINE, Timeline
 
 
@@ -38,11 +39,12 @@ class GroupUpdate:
     staging slot is reused (for copies the kernel cannot write)."""
 
     state: GroupState
-    grad_host: torch.Tensor
+    grad_host: torch.Tensor | None  # fp32 flat accumulator in host memory, or None: read from grad_nvme
     segments: list[Segment]
     lowp_out: Callable[[], torch.Tensor | None] | None = None
     after_update: Callable[[torch.Tensor, int, bool], None] | None = None
     done: Callable[[], None] | None = None  # called once the group's update (and after_update) is complete
+    grad_nvme: SwapFile | None = None       # the group's gradients on NVMe (its state is on NVMe too)
 
 
 @dataclass
@@ -109,8 +111,10 @@ class GroupStepper:
                     self._adam(update, start, end, (master, m, v), grad_scale, counters)
                     continue
                 self._wait_all(reads.pop(k), counters)
-                staging = self._slot(k)[:STATE_PARTS * (end - start)]
-                self._adam(update, start, end, split_state(staging, end - start), grad_scale, counters)
+                staging = self._slot(k)[:self.store.parts * (end - start)]
+                parts = split_state(staging, end - start)
+                grad = staging[STATE_PARTS * (end - start):] if update.grad_nvme is not None else None
+                self._adam(update, start, end, parts, grad_scale, counters, grad)
                 writes[k] = self._transfer("write", item, k, counters)
                 if k + 2 < len(nvme):
                     if k - 1 in writes:
@@ -134,8 +138,9 @@ class GroupStepper:
         return self.store.staging[k % len(self.store.staging)].view(torch.float32)
 
     def _adam(self, update: GroupUpdate, start: int, end: int, state: tuple[torch.Tensor, ...], grad_scale: float,
-              counters: StepCounters) -> None:
-        """Adam over elements [start, end) of a group; ``state`` holds (master, m, v) of exactly those elements."""
+              counters: StepCounters, grad_chunk: torch.Tensor | None = None) -> None:
+        """Adam over elements [start, end) of a group; ``state`` holds (master, m, v) of exactly those elements,
+        ``grad_chunk`` their gradients when they came from NVMe (else they are in ``update.grad_host``)."""
         master, exp_avg, exp_avg_sq = state
         if start == 0:
             self._lowp_out = update.lowp_out() if update.lowp_out is not None else None
@@ -147,7 +152,8 @@ class GroupStepper:
                 continue
             local = slice(a - start, b - start)
             lowp = lowp_out[a:b] if lowp_out is not None else None
-            _C.adam_step(master[local], update.grad_host[a:b], exp_avg[local], exp_avg_sq[local], lowp,
+            grad = grad_chunk[local] if grad_chunk is not None else update.grad_host[a:b]
+            _C.adam_step(master[local], grad, exp_avg[local], exp_avg_sq[local], lowp,
                          step=seg.step, lr=seg.lr, beta1=seg.beta1, beta2=seg.beta2, eps=seg.eps,
                          weight_decay=seg.weight_decay, adamw=True, bias_correction=True, grad_scale=grad_scale)
         counters.adam_s += time.perf_counter() - began
@@ -162,8 +168,9 @@ class GroupStepper:
                   counters: StepCounters) -> list[IoHandle]:
         update, start, end = item
         state = update.state
-        handles = self.store.transfer(op, state, start, end, self._slot(k)[:STATE_PARTS * (end - start)])
-        nbytes = STATE_PARTS * (end - start) * FP32_BYTES
+        handles = self.store.transfer(op, state, start, end, self._slot(k)[:self.store.parts * (end - start)],
+                                      update.grad_nvme)
+        nbytes = (len(handles)) * (end - start) * FP32_BYTES
         if op == "read":
             counters.nvme_bytes_read += nbytes
         else:

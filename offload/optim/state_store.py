@@ -87,16 +87,18 @@ class OptimizerStateStore:
     """
 
     def __init__(self, pool: HostPool, swap: SwapStore | None, largest_nvme_group_numel: int,
-                 slots: int = STAGING_SLOTS) -> None:
+                 slots: int = STAGING_SLOTS, grads_on_nvme: bool = False) -> None:
         """``slots``: staging buffers for NVMe groups (fewer than STAGING_SLOTS only when there are fewer
-        NVMe chunks than that), each large enough for one chunk of the largest NVMe group."""
+        NVMe chunks than that), each large enough for one chunk of the largest NVMe group (and of its
+        gradients, which are read with it when ``grads_on_nvme``)."""
         self.pool = pool
         self.swap = swap
         self.states: list[GroupState] = []
         if largest_nvme_group_numel and swap is None:
             raise ValueError("OptimizerStateStore: groups placed on NVMe need a SwapStore")
         self.chunk_elements = min(largest_nvme_group_numel, CHUNK_ELEMENTS)
-        slot_bytes = STATE_PARTS * self.chunk_elements * FP32_BYTES
+        self.parts = STATE_PARTS + (1 if grads_on_nvme else 0)
+        slot_bytes = self.parts * self.chunk_elements * FP32_BYTES
         self.staging: list[HostBuffer] = [pool.allocate(slot_bytes, f"optimizer staging {i}")
                                           for i in range(slots)] if slot_bytes else []
 
@@ -132,14 +134,19 @@ class OptimizerStateStore:
             master[start:end].copy_(master_stage)
         return master
 
-    def transfer(self, op: str, state: GroupState, start: int, end: int, staging: torch.Tensor) -> list[IoHandle]:
+    def transfer(self, op: str, state: GroupState, start: int, end: int, staging: torch.Tensor,
+                 grad_nvme: SwapFile | None = None) -> list[IoHandle]:
         """Issues the read or write of elements [start, end) of an NVMe group's master, m and v, between the
         file (parts at 0, numel and 2 * numel elements) and ``staging`` (the same parts of ``end - start``
-        elements back to back). Returns the three handles."""
+        elements back to back); a read also brings the gradients from ``grad_nvme`` into a fourth part.
+        Returns the handles."""
         n, numel = end - start, state.group.numel
         submit = self.swap.read if op == "read" else self.swap.write
-        return [submit(state.state_nvme, (part * numel + start) * FP32_BYTES, staging[part * n:(part + 1) * n])
-                for part in range(STATE_PARTS)]
+        handles = [submit(state.state_nvme, (part * numel + start) * FP32_BYTES, staging[part * n:(part + 1) * n])
+                   for part in range(STATE_PARTS)]
+        if op == "read" and grad_nvme is not None:
+            handles.append(self.swap.read(grad_nvme, start * FP32_BYTES, staging[STATE_PARTS * n:(STATE_PARTS + 1) * n]))
+        return handles
 
     def close(self) -> None:
         for state in self.states:
