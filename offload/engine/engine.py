@@ -1,4 +1,4 @@
-"""Engine: trains a model with its optimizer state (and, later, its parameters) offloaded to host RAM or NVMe."""
+"""Engine: trains a model with its optimizer state, gradients and parameters offloaded to host RAM or NVMe."""
 
 from __future__ import annotations
 
@@ -16,9 +16,11 @@ from offload.config import Config
 from offload.engine.device_weights import DeviceWeights
 from offload.engine.grad_stream import GradientStream
 from offload.engine.grad_swap import GradSwap
+from offload.engine.inputs import cast_inputs
+from offload.engine.resources import EngineResources
 from offload.engine.types import EngineStats, StepInfo
 from offload.errors import ConfigError, MemoryBudgetError
-from offload.layout.flat_group import FlatGroup, build_flat_group
+from offload.layout.flat_group import build_flat_group, gather_fp32
 from offload.layout.partition import partition_model
 from offload.schedule.fetch_scheduler import FetchScheduler, max_use_width, uses_by_module
 from offload.schedule.offloaded_params import OffloadedParams
@@ -29,7 +31,7 @@ from offload.optim.loss_scale import LossScaler
 from offload.optim import state_store
 from offload.optim.state_store import (FP32_BYTES, STAGING_SLOTS, OptimizerStateStore, StatePlacement, chunks,
                                        plan_placement, split_state)
-from offload.storage.host_pool import HostBuffer, HostPool
+from offload.storage.host_pool import HostPool
 from offload.storage.swap_store import SwapStore
 from offload.timeline import NO_TIMELINE, Timeline
 
@@ -40,77 +42,6 @@ GRAD_SWAP_BUFFERS = 2  # host buffers for accumulators on NVMe: groups whose gra
 
 # model -> the open engine wrapping it: a second engine on the same model would add a second set of hooks.
 _ENGINE_OF: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
-
-
-class _Resources:
-    """Everything an engine allocates, released in one place: by close(), by a failed construction, or when
-    an engine that was never closed is collected. Holds no reference to the engine itself."""
-
-    def __init__(self, pool: HostPool) -> None:
-        self.pool = pool
-        self.swap: SwapStore | None = None
-        self.grad_hosts: list[HostBuffer] = []
-        self.grads: GradientStream | None = None
-        self.weights: DeviceWeights | OffloadedParams | None = None
-        self.scheduler: FetchScheduler | None = None
-        self.store: OptimizerStateStore | None = None
-        self.inflight: BackgroundStep | None = None  # an overlapped optimizer step still running
-        self.grad_swap: GradSwap | None = None
-
-    def _restore_model(self) -> None:
-        """Offloaded parameters get their weights back in real storage: the model works without the engine."""
-        try:
-            self.weights.materialize()
-        except Exception as e:  # a failed engine may not manage; the model is then unusable, say so
-            log.warning("offload: could not bring the offloaded weights back into the model (%s); the model's "
-                        "offloaded parameters are empty", e)
-
-    def release(self) -> None:
-        if self.inflight is not None:
-            try:
-                self.inflight.wait()  # nothing below may be freed while the step still uses it
-            except BaseException:  # already reported to the caller, or about to be dropped with the engine
-                pass
-            self.inflight = None
-        try:
-            if self.scheduler is not None:
-                self.scheduler.close()
-                self._restore_model()
-            if self.grads is not None:
-                self.grads.close(self.pool)  # removes the hooks; waits for gradient copies still in flight
-            if self.weights is not None:
-                self.weights.close()
-            if self.store is not None:
-                self.store.close()
-            if self.grad_swap is not None:
-                self.grad_swap.close()
-            for buffer in self.grad_hosts:
-                self.pool.release(buffer)
-            self.grad_hosts.clear()
-        finally:
-            if self.swap is not None:
-                self.swap.close()
-            self.pool.close()
-
-
-def _cast_inputs(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
-    """Floating-point tensors to the compute dtype, every tensor to the device, through lists, tuples, dicts."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device=device, dtype=dtype if value.is_floating_point() else None)
-    if isinstance(value, (list, tuple)):
-        cast = [_cast_inputs(v, device, dtype) for v in value]
-        return type(value)(cast) if not hasattr(value, "_fields") else type(value)(*cast)
-    if isinstance(value, dict):
-        return {k: _cast_inputs(v, device, dtype) for k, v in value.items()}
-    return value
-
-
-def _gather_master(group: FlatGroup) -> torch.Tensor:
-    """Group ``group``'s current parameter values as one fp32 CPU flat tensor in its layout (padding zero)."""
-    master = torch.zeros(group.numel, dtype=torch.float32)
-    for slot in group.slots:
-        group.view(master, slot).copy_(slot.param.detach())
-    return master
 
 
 class Engine:
@@ -167,7 +98,7 @@ class Engine:
         previous = _ENGINE_OF.get(model)
         if previous is not None and previous() is not None and not previous()._closed:
             raise ConfigError("model: it is already wrapped by an open offload.Engine; close that engine first")
-        self._res = _Resources(HostPool(config.host_memory_limit, pin=self.device.type == "cuda"))
+        self._res = EngineResources(HostPool(config.host_memory_limit, pin=self.device.type == "cuda"))
         self.pool = self._res.pool
         try:
             attach = self._build()
@@ -186,11 +117,51 @@ class Engine:
         config, res = self.config, self._res
         offloaded = config.params != "device"
         self._check_device_budget(offloaded)
-        lowp_bytes = self._lowp_bytes
+        grad_staging, fixed = self._make_weights(offloaded)
+        grads_on_nvme = self._gradients_go_to_nvme(fixed)
+        placement = self._make_gradients_and_state(grads_on_nvme, fixed)
+        order = {id(p): i for i, p in enumerate(self.model.parameters())}
+        grad_hosts = [None] * len(self.groups) if grads_on_nvme else [b.view(torch.float32) for b in res.grad_hosts]
+        res.grads = self._grads = GradientStream(self.groups, grad_hosts, self.device, self.pool, grad_staging,
+                                                 order, self.timeline)
+        self._grads.grad_swap = res.grad_swap
+        self._fill_groups(placement)
+        frozen = [(p, p.data.to(self.device, self.dtype if p.is_floating_point() else None))
+                  for _, p in self._frozen]
+        buffers = [(module, name, buffer.to(self.device)) for module in self.model.modules()
+                   for name, buffer in module._buffers.items() if buffer is not None]
+        self.swap = res.swap
+        self._stepper = GroupStepper(self.store, self.timeline)
+        on_nvme = placement.count(StatePlacement.NVME)
+        log.info("offload: %d groups, %d trainable parameters; parameters on %s; optimizer state of %d groups "
+                 "in RAM, %d on NVMe; gradients on %s", len(self.groups),
+                 sum(s.numel for g in self.groups for s in g.slots), config.params, len(self.groups) - on_nvme,
+                 on_nvme, "NVMe" if grads_on_nvme else "the host")
+
+        def attach() -> None:
+            for param in self.model.parameters():
+                param.grad = None  # a gradient left from before would be added into the first step
+            self.weights.bind_parameters()
+            for param, data in frozen:
+                param.data = data
+            for module, name, buffer in buffers:
+                module._buffers[name] = buffer
+            self._grads.attach()
+            if offloaded:
+                res.scheduler = self._scheduler = FetchScheduler(self.model, self.groups, self.weights,
+                                                                 config.prefetch_layers, self.timeline)
+                self._grads.on_param_done = self._scheduler.param_done
+
+        return attach
+
+    def _make_weights(self, offloaded: bool) -> tuple[int, int]:
+        """The weights' buffers (device-resident, or offloaded with their staging). Returns the CUDA gradient
+        staging size and the host bytes still to be allocated for weights and that staging."""
+        config, res, lowp_bytes = self.config, self._res, self._lowp_bytes
         largest_param = max(s.numel for g in self.groups for s in g.slots) * lowp_bytes
         grad_staging = max(_GRAD_STAGING_MIN_BYTES, 2 * -(-largest_param // 512) * 512) \
             if self.device.type == "cuda" else 0
-        # Host buffers of the parameters that are allocated after the plan below: charge them first.
+        # Host buffers of the parameters that are allocated after the plan: charge them first.
         weights_host = 0
         if (self.device.type == "cuda" and self.dtype != torch.float32) or config.params == "cpu":
             weights_host = sum(HostPool.mapped_size(g.numel * lowp_bytes) for g in self.groups)
@@ -206,8 +177,11 @@ class Engine:
         else:
             res.weights = DeviceWeights(self.device, self.dtype, self.pool)
         self.weights = res.weights
-        fixed = weights_host + (HostPool.mapped_size(grad_staging) if grad_staging else 0)
-        grads_on_nvme = self._gradients_go_to_nvme(fixed)
+        return grad_staging, weights_host + (HostPool.mapped_size(grad_staging) if grad_staging else 0)
+
+    def _make_gradients_and_state(self, grads_on_nvme: bool, fixed: int) -> list[StatePlacement]:
+        """Gradient accumulators (host or NVMe) and the optimizer state store; returns each group's placement."""
+        config, res = self.config, self._res
         if grads_on_nvme:
             if res.swap is None:
                 res.swap = SwapStore(config.nvme_dir, config.io)
@@ -229,37 +203,7 @@ class Engine:
         res.store = self.store = OptimizerStateStore(self.pool, res.swap, max(nvme_numels, default=0),
                                                      slots=min(chunk_count, STAGING_SLOTS),
                                                      grads_on_nvme=grads_on_nvme)
-        order = {id(p): i for i, p in enumerate(self.model.parameters())}
-        grad_hosts = [None] * len(self.groups) if grads_on_nvme else [b.view(torch.float32) for b in res.grad_hosts]
-        res.grads = self._grads = GradientStream(self.groups, grad_hosts, self.device, self.pool, grad_staging,
-                                                 order, self.timeline)
-        self._grads.grad_swap = res.grad_swap
-        self._fill_groups(placement)
-        frozen = [(p, p.data.to(self.device, self.dtype if p.is_floating_point() else None))
-                  for _, p in self._frozen]
-        buffers = [(module, name, buffer.to(self.device)) for module in self.model.modules()
-                   for name, buffer in module._buffers.items() if buffer is not None]
-        self.swap = res.swap
-        self._stepper = GroupStepper(self.store, self.timeline)
-        log.info("offload: %d groups, %d trainable parameters; parameters on %s; optimizer state of %d groups "
-                 "in RAM, %d on NVMe", len(self.groups), sum(s.numel for g in self.groups for s in g.slots),
-                 config.params, len(self.groups) - len(nvme_numels), len(nvme_numels))
-
-        def attach() -> None:
-            for param in self.model.parameters():
-                param.grad = None  # a gradient left from before would be added into the first step
-            self.weights.bind_parameters()
-            for param, data in frozen:
-                param.data = data
-            for module, name, buffer in buffers:
-                module._buffers[name] = buffer
-            self._grads.attach()
-            if offloaded:
-                res.scheduler = self._scheduler = FetchScheduler(self.model, self.groups, self.weights,
-                                                                 config.prefetch_layers, self.timeline)
-                self._grads.on_param_done = self._scheduler.param_done
-
-        return attach
+        return placement
 
     def _gradients_go_to_nvme(self, fixed: int) -> bool:
         """True when the optimizer state is on NVMe and the host budget cannot hold the gradient accumulators
@@ -292,7 +236,7 @@ class Engine:
         alias_master = self.dtype == torch.float32 and (
             self.config.params == "cpu" or (self.config.params == "device" and self.device.type == "cpu"))
         for group, where in zip(self.groups, placement):
-            master = _gather_master(group)
+            master = gather_fp32(group)
             state = self.store.add(group, where, master)
             alias = None
             if alias_master and where is StatePlacement.HOST:
@@ -305,8 +249,8 @@ class Engine:
         """The model's forward, with floating-point tensor inputs cast to the compute dtype and every tensor
         input moved to the device."""
         self._check_open()
-        return self.model(*_cast_inputs(args, self.device, self.dtype),
-                          **_cast_inputs(kwargs, self.device, self.dtype))
+        return self.model(*cast_inputs(args, self.device, self.dtype),
+                          **cast_inputs(kwargs, self.device, self.dtype))
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagates ``loss`` (scaled by the fp16 loss scale); gradients add up until ``step()``."""

@@ -71,3 +71,11 @@ def build_flat_group(index: int, spec: ParamGroupSpec, hyper_index_of: dict[int,
         offset = _round_up(offset + param.numel(), PARAM_ALIGN_ELEMENTS)
     return FlatGroup(index=index, name=spec.name, slots=tuple(slots),
                      numel=max(GROUP_ALIGN_ELEMENTS, _round_up(offset, GROUP_ALIGN_ELEMENTS)))
+
+
+def gather_fp32(group: FlatGroup) -> torch.Tensor:
+    """Group ``group``'s current parameter values as one fp32 CPU flat tensor in its layout (padding zero)."""
+    master = torch.zeros(group.numel, dtype=torch.float32)
+    for slot in group.slots:
+        group.view(master, slot).copy_(slot.param.detach())
+    return master

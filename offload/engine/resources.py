@@ -1,0 +1,68 @@
+"""EngineResources: everything an engine allocates, released in one place."""
+
+from __future__ import annotations
+
+import logging
+
+from offload.engine.device_weights import DeviceWeights
+from offload.engine.grad_stream import GradientStream
+from offload.engine.grad_swap import GradSwap
+from offload.optim.background_step import BackgroundStep
+from offload.optim.state_store import OptimizerStateStore
+from offload.schedule.fetch_scheduler import FetchScheduler
+from offload.schedule.offloaded_params import OffloadedParams
+from offload.storage.host_pool import HostBuffer, HostPool
+from offload.storage.swap_store import SwapStore
+
+log = logging.getLogger("offload")
+
+
+class EngineResources:
+    """Everything an engine allocates, released in one place: by close(), by a failed construction, or when
+    an engine that was never closed is collected. Holds no reference to the engine itself."""
+
+    def __init__(self, pool: HostPool) -> None:
+        self.pool = pool
+        self.swap: SwapStore | None = None
+        self.grad_hosts: list[HostBuffer] = []
+        self.grads: GradientStream | None = None
+        self.weights: DeviceWeights | OffloadedParams | None = None
+        self.scheduler: FetchScheduler | None = None
+        self.store: OptimizerStateStore | None = None
+        self.inflight: BackgroundStep | None = None  # an overlapped optimizer step still running
+        self.grad_swap: GradSwap | None = None
+
+    def _restore_model(self) -> None:
+        """Offloaded parameters get their weights back in real storage: the model works without the engine."""
+        try:
+            self.weights.materialize()
+        except Exception as e:  # a failed engine may not manage; the model is then unusable, say so
+            log.warning("offload: could not bring the offloaded weights back into the model (%s); the model's "
+                        "offloaded parameters are empty", e)
+
+    def release(self) -> None:
+        if self.inflight is not None:
+            try:
+                self.inflight.wait()  # nothing below may be freed while the step still uses it
+            except BaseException:  # already reported to the caller, or about to be dropped with the engine
+                pass
+            self.inflight = None
+        try:
+            if self.scheduler is not None:
+                self.scheduler.close()
+                self._restore_model()
+            if self.grads is not None:
+                self.grads.close(self.pool)  # removes the hooks; waits for gradient copies still in flight
+            if self.weights is not None:
+                self.weights.close()
+            if self.store is not None:
+                self.store.close()
+            if self.grad_swap is not None:
+                self.grad_swap.close()
+            for buffer in self.grad_hosts:
+                self.pool.release(buffer)
+            self.grad_hosts.clear()
+        finally:
+            if self.swap is not None:
+                self.swap.close()
+            self.pool.close()
