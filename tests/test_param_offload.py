@@ -320,3 +320,56 @@ def test_gradients_on_nvme_when_the_host_budget_is_below_them(params, tmp_path, 
     for key, ref in ref_state.items():
         torch.testing.assert_close(state[key], ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{key}: {m}")
     assert stats.host_bytes_peak <= limit and stats.optimizer_groups_on_host == 0 and stats.gradients_on_nvme
+
+
+def test_step_after_a_forward_that_raised(tmp_path):
+    """A bad batch whose forward raises part-way leaves groups on the device; the next step still works."""
+    data = batches("llama", 2, 1)
+    results = []
+    for params in ("device", "nvme"):
+        config = offload.Config(device="cpu", dtype="fp32", params=params, nvme_dir=tmp_path / params)
+        with offload.Engine(llama(), config) as engine:
+            engine.backward(loss_of("llama", engine, data[0][0]))
+            with pytest.raises(IndexError):
+                engine(input_ids=torch.full((1, 4), 10_000))  # out of the vocabulary: the embedding raises
+            engine.step()
+            engine.backward(loss_of("llama", engine, data[1][0]))
+            engine.step()
+            results.append(engine.state_dict())
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+def test_gradients_on_nvme_move_once_per_micro_batch(tmp_path, monkeypatch):
+    from offload.optim import state_store
+
+    monkeypatch.setattr(state_store, "CHUNK_ELEMENTS", 2048)
+    model = llama()
+    numel = sum(p.numel() for p in model.parameters())
+    config = offload.Config(device="cpu", dtype="fp32", optimizer="nvme", nvme_dir=tmp_path,
+                            host_memory_limit=4 * numel - 4096)
+    with offload.Engine(model, config) as engine:
+        swap = engine._res.grad_swap
+        padded = sum(g.numel for g in engine.groups) * 4
+        for i, batch in enumerate(batches("llama", 1, micro=3)[0]):
+            engine.backward(loss_of("llama", engine, batch))
+            # each micro-batch writes every accumulator once and (after the first) reads it back once
+            assert swap.bytes_written == (i + 1) * padded and swap.bytes_read == i * padded
+        engine.step()
+
+
+def test_a_failed_weight_write_back_stops_the_engine(tmp_path):
+    from offload import _C
+
+    config = offload.Config(device="cpu", dtype="bf16", params="nvme", optimizer="cpu", nvme_dir=tmp_path)
+    data = batches("llama", 2, 1)
+    with offload.Engine(llama(), config) as engine:
+        engine.backward(loss_of("llama", engine, data[0][0]))
+        _C.inject_io_fault("eio", len(engine.groups))  # the last group's write-back, waited for by its fetch
+        try:
+            engine.step()
+            with pytest.raises((OSError, RuntimeError)):
+                engine.backward(loss_of("llama", engine, data[1][0]))
+        finally:
+            _C.inject_io_fault("none")
+        with pytest.raises(RuntimeError, match="failed"):
+            engine.step()

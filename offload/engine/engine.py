@@ -183,6 +183,12 @@ class Engine:
         """Gradient accumulators (host or NVMe) and the optimizer state store; returns each group's placement."""
         config, res = self.config, self._res
         if grads_on_nvme:
+            largest = max(g.numel for g in self.groups)
+            needed = (self.pool.stats().in_use + fixed + GRAD_SWAP_BUFFERS * HostPool.mapped_size(4 * largest)
+                      + STAGING_SLOTS * HostPool.mapped_size(16 * min(largest, state_store.CHUNK_ELEMENTS)))
+            if needed > config.host_memory_limit:
+                raise MemoryBudgetError("the staging buffers alone, with gradients and optimizer state all on NVMe",
+                                        needed, config.host_memory_limit, "host_memory_limit")
             if res.swap is None:
                 res.swap = SwapStore(config.nvme_dir, config.io)
             res.grad_swap = GradSwap(self.groups, self.pool, res.swap, buffers=GRAD_SWAP_BUFFERS)
@@ -260,14 +266,18 @@ class Engine:
         if self.dtype == torch.float16:
             loss = loss.float() * self._scaler.scale
         self._sync()  # the gradient accumulators are about to be written: the last step must have read them
-        if self._scheduler is None:
-            loss.backward()
-            return
-        self._scheduler.begin_backward()
         try:
-            loss.backward()
+            if self._scheduler is None:
+                loss.backward()
+                return
+            self._scheduler.begin_backward()
+            try:
+                loss.backward()
+            finally:
+                self._scheduler.end_backward()  # every group goes home, where the step updates it
         finally:
-            self._scheduler.end_backward()  # every group goes home, where the step updates it
+            if self._res.grad_swap is not None:
+                self._grads.finish()  # accumulators on NVMe are written out after every backward
 
     def step(self) -> StepInfo:
         """Updates every parameter that received a gradient since the last step (torch's rule: one that got
@@ -304,6 +314,7 @@ class Engine:
             self._step += 1
             overlapped = self._scheduler is not None
             if overlapped:
+                self.weights.release_all()  # e.g. after a forward that raised: the update needs every group home
                 counters = self._launch(updates, clip / scale)
             else:
                 counters = self._run_updates(updates, clip / scale)
@@ -321,9 +332,9 @@ class Engine:
                         grad_bytes_to_host=grad_bytes, groups_on_nvme=counters.groups_on_nvme,
                         overlapped=overlapped)
 
-    def _run_updates(self, updates: list[GroupUpdate], grad_scale: float) -> StepCounters:
+    def _run_updates(self, updates: list[GroupUpdate], grad_scale: float, keep_order: bool = False) -> StepCounters:
         try:
-            return self._stepper.run(updates, grad_scale)
+            return self._stepper.run(updates, grad_scale, keep_order=keep_order)
         except BaseException as e:
             # Groups before the failure are updated, the rest are not, and a failed write may have left a
             # group's swap file half old, half new: no later step can be exact, so none is allowed.
@@ -337,7 +348,8 @@ class Engine:
         self.weights.expect_update([u.state.group.index for u in updates])
         for update in updates:
             update.done = partial(self.weights.mark_updated, update.state.group.index)
-        self._inflight = self._res.inflight = BackgroundStep(partial(self._run_updates, updates, grad_scale))
+        work = partial(self._run_updates, updates, grad_scale, keep_order=True)  # the next forward's order
+        self._inflight = self._res.inflight = BackgroundStep(work)
         nvme = [u for u in updates if u.state.placement is StatePlacement.NVME]
         written = sum(u.state.nbytes for u in nvme)
         read = written + sum(u.state.group.numel * FP32_BYTES for u in nvme if u.grad_nvme is not None)
@@ -465,6 +477,9 @@ class Engine:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("offload.Engine: this engine is closed")
+        failure = getattr(self.weights, "io_failure", None)
+        if failure is not None and self._failed is None:
+            self._failed = f"writing weights back to NVMe failed ({failure})"
         if self._failed is not None:
             raise RuntimeError(f"offload.Engine: {self._failed}; the optimizer state is inconsistent, so the "
                                "engine refuses to go on; build a new engine (and load the last checkpoint)")

@@ -47,6 +47,8 @@ class GradSwap:
         if holds_data:
             self.swap.wait(self.swap.read(self.files[g], 0, view))
             self.bytes_read += view.numel() * FP32_BYTES
+        else:
+            view.zero_()  # the buffer held another group's gradients: the padding must read as zero
         return view
 
     def arrived(self, g: int, slot_index: int) -> None:

@@ -81,9 +81,11 @@ class GroupStepper:
         self.timeline = timeline
         self._issued: dict[int, tuple[str, str, float]] = {}  # handle id -> (track, name, issue time)
 
-    def run(self, updates: list[GroupUpdate], grad_scale: float) -> StepCounters:
+    def run(self, updates: list[GroupUpdate], grad_scale: float, keep_order: bool = False) -> StepCounters:
         """Updates every group; returns once all state is written back. ``grad_scale`` multiplies every gradient
-        (loss-scale unscaling and the clipping factor folded into one factor)."""
+        (loss-scale unscaling and the clipping factor folded into one factor). ``keep_order`` updates the groups
+        in the given order (an overlapped step: the next forward's); otherwise host groups are spread between
+        NVMe groups, so that the CPU works while the disk does."""
         counters = StepCounters()
         # Note [state pipeline]: NVMe groups are cut into chunks (CHUNK_ELEMENTS), and the chunks rotate
         # through STAGING_SLOTS (3) host buffers (fewer when there are fewer chunks, which then never wrap).
@@ -92,7 +94,7 @@ class GroupStepper:
         # write of chunk k-1, issued one Adam pass earlier, is complete. So while the CPU updates chunk k, the
         # disk reads chunk k+1 and writes chunk k-1. Waits are on the handles, so a slot is never overwritten
         # while a transfer still uses it.
-        order = _interleave(updates)
+        order = list(updates) if keep_order else _interleave(updates)
         counters.groups_on_nvme = sum(u.state.placement is StatePlacement.NVME for u in order)
         work = [(u, start, end) for u in order for start, end in
                 (chunks(u.state.group.numel, self.store.chunk_elements)

@@ -84,6 +84,7 @@ class OffloadedParams:
             event.set()
         self._lock = threading.Lock()
         self._step_failure: str | None = None
+        self.io_failure: OSError | None = None  # a failed write-back: the group's file is stale, nothing may go on
 
     def nbytes(self, g: int) -> int:
         return self.groups[g].numel * self.element_size
@@ -150,6 +151,9 @@ class OffloadedParams:
                 self._updated[g].wait()
         if self._step_failure is not None:
             raise RuntimeError(f"offload: {self._step_failure}; the weights cannot be fetched")
+        if self.io_failure is not None:
+            raise RuntimeError(f"offload: writing weights back to NVMe failed ({self.io_failure}); the weights "
+                               "cannot be fetched")
         if not force and self.device_limit is not None and \
                 self.resident_bytes + self.nbytes(g) > self.device_limit:
             return False
@@ -305,12 +309,17 @@ class OffloadedParams:
         if mine:  # exactly one thread waits on the I/O engine for a handle
             try:
                 self.swap.wait(handle)
+            except OSError as e:
+                self.io_failure = e  # every other waiter, and every later fetch, raises it too
+                raise
             finally:
                 with self._lock:
                     self._write_done.pop(handle.id, None)
                 done.set()
         else:
             done.wait()
+        if self.io_failure is not None:
+            raise self.io_failure
 
     def _wait_writeback(self, g: int) -> None:
         with self._lock:
@@ -328,7 +337,10 @@ class OffloadedParams:
         with self._lock:
             pending = list(self._unwaited.values())
         for handle in pending:
-            self._wait_write(handle)
+            try:
+                self._wait_write(handle)
+            except OSError:
+                pass  # recorded in io_failure and reported when it happened; closing must still finish
         self._writeback.clear()
         for buffer in self._home_buffers + self._fetch_slots + self._writeback_slots:
             self.pool.release(buffer)
