@@ -31,7 +31,9 @@ RAM_BYTES_PER_PARAM = {"cpu": 12 + 4 + 2, "nvme": 4 + 2}  # state (cpu only), fp
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="offload bench step", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="offload bench step", description=__doc__.splitlines()[0],
+                                 epilog="With --params cpu|nvme it benchmarks whole training steps with offloaded "
+                                        "parameters instead: see 'offload bench step --params nvme --help'.")
     ap.add_argument("--numel", type=float, default=1e9, help="parameters in the optimizer state (default 1e9)")
     ap.add_argument("--placements", default="cpu,nvme", help="optimizer placements to run (default cpu,nvme)")
     ap.add_argument("--dir", default=".", help="nvme_dir for the NVMe placement (default: .)")
