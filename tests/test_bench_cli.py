@@ -76,3 +76,25 @@ def test_bench_io_summary_compares_best_configs_within_rounds():
     (read,) = [row for row in summarize(records, ["ours", "ds"]) if row["op"] == "read"]
     assert read["ours/ds"] == 1.1 and read["ours/ds range"] == [1.1, 1.1]
     assert read["ours best config"] == "b"
+
+
+def test_bench_step_optimizer_alone_reports_the_floor(tmp_path):
+    out = run_cli("bench", "step", "--numel", str(4096 * 4096), "--rounds", "1", "--placements", "cpu,nvme",
+                  "--dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    rounds = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{"kind": "round"')]
+    assert {r["placement"] for r in rounds} == {"cpu", "nvme"}
+    nvme = next(r for r in rounds if r["placement"] == "nvme")
+    assert nvme["bytes_read"] == nvme["bytes_written"] > 0 and nvme["floor_s"] > 0 and nvme["ratio"] > 0
+    assert "step/floor" in out.stdout
+    assert not any(p.name.startswith("offload-swap-") for p in tmp_path.iterdir())
+
+
+def test_bench_step_with_offloaded_parameters(tmp_path):
+    out = run_cli("bench", "step", "--params", "nvme", "--optimizer", "nvme", "--layers", "2", "--hidden", "64",
+                  "--tokens", "32", "--steps", "1", "--rounds", "1", "--dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    record = json.loads(next(line for line in out.stdout.splitlines() if line.startswith('{"round"')))
+    assert record["offload"]["nvme_bytes"] > 0 and record["compute"]["nvme_bytes"] == 0
+    assert record["offload"]["device_peak"] <= record["offload"]["device_limit"]
+    assert record["ratio"] > 0 and "offload / max(compute, I/O)" in out.stdout

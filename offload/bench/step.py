@@ -6,8 +6,9 @@ one backward (not timed) and then, in alternating order:
 - ``step``: ``engine.step()``, wall time;
 - ``adam``: the bare native kernel over the same groups, state in RAM (for NVMe: in a staging slot), the same
   bf16 output: the Adam-only time;
-- NVMe only, ``read`` / ``write``: our I/O engine reading / writing a scratch file set in the same directory
-  with the same request sizes and three requests in flight, as the pipeline does: the disk bandwidths.
+- NVMe only, ``read`` / ``write`` / ``mixed``: our I/O engine reading / writing (or alternating) a scratch
+  file set in the same directory, one file per chunk the engine moves, three in flight as in the pipeline:
+  the disk bandwidths.
 The floor is Adam-only time for RAM state and max(bytes read / read bandwidth, bytes written / write bandwidth,
 Adam-only time) for NVMe state. Medians over rounds and the ratio step / floor are reported.
 """
@@ -67,19 +68,26 @@ def _backward(engine) -> None:
 
 
 def _adam_only(engine, placement: str) -> float:
-    """Seconds for the bare kernel over every group (no I/O, no bookkeeping), bf16 written like the engine."""
+    """Seconds for the bare kernel over every group (no I/O, no bookkeeping), bf16 written like the engine; for
+    NVMe state over a staging slot, chunk by chunk as the engine moves it."""
     import torch
 
     from offload import _C
-    from offload.optim.state_store import split_state
+    from offload.optim.state_store import chunks, split_state
 
     start = time.perf_counter()
     for g, state in enumerate(engine.store.states):
         numel = state.group.numel
-        flat = (state.state_host if placement == "cpu" else engine.store.staging[0]).view(torch.float32)
-        master, m, v = split_state(flat, numel)
-        _C.adam_step(master, engine._grads.grad_hosts[g], m, v, engine.weights.weight_device[g],
-                     step=10, lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+        grad, weights = engine._grads.grad_hosts[g], engine.weights.weight_device[g]
+        if placement == "cpu":
+            spans = [(0, numel, state.state_host.view(torch.float32))]
+        else:
+            slot = engine.store.staging[0].view(torch.float32)
+            spans = [(a, b, slot[:3 * (b - a)]) for a, b in chunks(numel, engine.store.chunk_elements)]
+        for a, b, flat in spans:
+            master, m, v = split_state(flat, b - a)
+            _C.adam_step(master, grad[a:b], m, v, weights[a:b],
+                         step=10, lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
     return time.perf_counter() - start
 
 
@@ -100,7 +108,12 @@ def run_worker(a: argparse.Namespace) -> None:
     numel = sum(g.numel for g in engine.groups)
     scratch = []
     if placement == "nvme":
-        scratch = [engine.swap.create(f"bench scratch {g}", s.nbytes) for g, s in enumerate(engine.store.states)]
+        # One scratch file per chunk the engine moves, the size of one staging slot's state.
+        from offload.optim.state_store import chunks
+
+        chunk = engine.store.chunk_elements
+        pieces = [(b - a) * 12 for s in engine.store.states for a, b in chunks(s.group.numel, chunk)]
+        scratch = [engine.swap.create(f"bench scratch {i}", nbytes) for i, nbytes in enumerate(pieces)]
     header = dict(kind="setup", placement=placement, layers=layers, params=numel, note=note, build_s=built,
                   io=f"bs={io.block_size} threads={io.threads} qd={io.queue_depth}",
                   direct=engine.swap.direct if engine.swap else None)
