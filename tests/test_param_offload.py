@@ -305,7 +305,7 @@ def test_gradients_on_nvme_when_the_host_budget_is_below_them(params, tmp_path, 
     """A host budget smaller than the gradient accumulators: they live on NVMe too, and training is the same."""
     from offload.optim import state_store
 
-    monkeypatch.setattr(state_store, "CHUNK_ELEMENTS", 2048)  # small staging, so that the tiny budget holds it
+    monkeypatch.setattr(state_store, "CHUNK_ELEMENTS", 1024)  # small staging, so that the tiny budget holds it
     data = batches("llama", 6, micro=2)
     ref_losses, ref_state = reference_run("llama", llama(), data, torch.float32, lr=LR, weight_decay=WEIGHT_DECAY,
                                           max_grad_norm=1.0, decay_groups=False)
@@ -342,7 +342,7 @@ def test_step_after_a_forward_that_raised(tmp_path):
 def test_gradients_on_nvme_move_once_per_micro_batch(tmp_path, monkeypatch):
     from offload.optim import state_store
 
-    monkeypatch.setattr(state_store, "CHUNK_ELEMENTS", 2048)
+    monkeypatch.setattr(state_store, "CHUNK_ELEMENTS", 1024)
     model = llama()
     numel = sum(p.numel() for p in model.parameters())
     config = offload.Config(device="cpu", dtype="fp32", optimizer="nvme", nvme_dir=tmp_path,

@@ -88,12 +88,13 @@ class GroupStepper:
         NVMe groups, so that the CPU works while the disk does."""
         counters = StepCounters()
         # Note [state pipeline]: NVMe groups are cut into chunks (CHUNK_ELEMENTS), and the chunks rotate
-        # through STAGING_SLOTS (3) host buffers (fewer when there are fewer chunks, which then never wrap).
-        # The read of the k-th NVMe chunk goes into slot k % 3. Two reads are issued up front; after chunk
-        # k's Adam pass its write is issued, and the read of chunk k+2 may then reuse slot (k+2) % 3 once the
-        # write of chunk k-1, issued one Adam pass earlier, is complete. So while the CPU updates chunk k, the
-        # disk reads chunk k+1 and writes chunk k-1. Waits are on the handles, so a slot is never overwritten
-        # while a transfer still uses it.
+        # through the S staging slots (STAGING_SLOTS; fewer when there are fewer chunks, which then never
+        # wrap). The read of the k-th NVMe chunk goes into slot k % S. S-1 reads are issued up front; after
+        # chunk k's Adam pass its write is issued, and the read of chunk k+S-1 may then reuse slot
+        # (k+S-1) % S once the write of chunk k-1, issued one Adam pass earlier, is complete. So while the CPU
+        # updates chunk k, the disk reads chunks k+1..k+S-2 and writes chunk k-1: enough bytes in flight to
+        # keep the disk busy with chunks much smaller than a group. Waits are on the handles, so a slot is
+        # never overwritten while a transfer still uses it.
         order = list(updates) if keep_order else _interleave(updates)
         counters.groups_on_nvme = sum(u.state.placement is StatePlacement.NVME for u in order)
         work = [(u, start, end) for u in order for start, end in
@@ -102,7 +103,8 @@ class GroupStepper:
         nvme = [item for item in work if item[0].state.placement is StatePlacement.NVME]
         reads: dict[int, list[IoHandle]] = {}
         writes: dict[int, list[IoHandle]] = {}
-        for k in range(min(2, len(nvme))):
+        ahead = max(1, len(self.store.staging) - 1)  # reads in flight
+        for k in range(min(ahead, len(nvme))):
             reads[k] = self._transfer("read", nvme[k], k, counters)
         k = 0
         try:
@@ -118,10 +120,10 @@ class GroupStepper:
                 grad = staging[STATE_PARTS * (end - start):] if update.grad_nvme is not None else None
                 self._adam(update, start, end, parts, grad_scale, counters, grad)
                 writes[k] = self._transfer("write", item, k, counters)
-                if k + 2 < len(nvme):
+                if k + ahead < len(nvme):
                     if k - 1 in writes:
                         self._wait_all(writes.pop(k - 1), counters)
-                    reads[k + 2] = self._transfer("read", nvme[k + 2], k + 2, counters)
+                    reads[k + ahead] = self._transfer("read", nvme[k + ahead], k + ahead, counters)
                 k += 1
         except BaseException:
             # No transfer may outlive the step that owns its staging slot; the first error is the one to report.

@@ -19,10 +19,11 @@ from offload.storage.io_engine import IoHandle
 from offload.storage.swap_store import SwapFile, SwapStore
 
 STATE_PARTS = 3       # master, exp_avg, exp_avg_sq
-STAGING_SLOTS = 3     # read(j+1) || Adam(j) || write(j-1): see Note [state pipeline] in group_stepper.py
+STAGING_SLOTS = 6     # reads of chunks j+1..j+4 || Adam(j) || write(j-1): Note [state pipeline], group_stepper.py
 FP32_BYTES = 4
 # NVMe state moves through staging in chunks of at most this many elements (48 MiB of state per slot), so a
-# large group (an untied embedding or head) does not make the staging buffers large. A multiple of 2048, so
+# large group (an untied embedding or head) does not make the staging buffers large; six slots keep about
+# 240 MB of reads in flight, enough for the disk. A multiple of 2048, so
 # every part of every chunk is whole 4 KiB pages in the file.
 CHUNK_ELEMENTS = 4 << 20
 
