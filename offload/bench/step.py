@@ -95,7 +95,6 @@ def run_worker(a: argparse.Namespace) -> None:
     import torch
 
     import offload
-    from offload.optim.state_store import STAGING_SLOTS
 
     placement = a.worker
     layers, note = layers_that_fit(a.numel, placement)
@@ -125,9 +124,9 @@ def run_worker(a: argparse.Namespace) -> None:
         handles = []
         start = time.perf_counter()
         for k, swap in enumerate(scratch):
-            if len(handles) == STAGING_SLOTS:
+            if len(handles) == len(slots):
                 engine.swap.wait(handles.pop(0))
-            buffer = slots[k % STAGING_SLOTS].tensor[:swap.capacity]
+            buffer = slots[k % len(slots)].tensor[:swap.capacity]
             reads = op == "read" or (op == "mixed" and k % 2 == 0)
             submit = engine.swap.read if reads else engine.swap.write
             handles.append(submit(swap, 0, buffer))

@@ -33,8 +33,8 @@ class DeviceWeights:
 
     def add(self, group: FlatGroup, master: torch.Tensor, alias: torch.Tensor | None) -> None:
         """Creates group g's device buffer from ``master`` (its fp32 flat weights); ``bind_parameters`` later
-        points the parameters at it. ``alias``: a CPU fp32 flat tensor to use as the buffer itself (the master in RAM when the device is
-        the CPU and the dtype fp32), or None."""
+        points the parameters at it. ``alias``: a CPU fp32 flat tensor to use as the buffer itself (the
+        master in RAM when the device is the CPU and the dtype fp32), or None."""
         if alias is not None:
             weights = alias
         else:

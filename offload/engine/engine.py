@@ -29,8 +29,8 @@ from offload.optim.group_stepper import GroupStepper, GroupUpdate, Segment, Step
 from offload.optim.hyper import resolve_param_groups
 from offload.optim.loss_scale import LossScaler
 from offload.optim import state_store
-from offload.optim.state_store import (FP32_BYTES, STAGING_SLOTS, OptimizerStateStore, StatePlacement, chunks,
-                                       plan_placement, split_state)
+from offload.optim.state_store import (FP32_BYTES, OptimizerStateStore, StatePlacement, chunks, plan_placement,
+                                       split_state, staging_slots)
 from offload.storage.host_pool import HostPool
 from offload.storage.swap_store import SwapStore
 from offload.timeline import NO_TIMELINE, Timeline
@@ -185,7 +185,7 @@ class Engine:
         if grads_on_nvme:
             largest = max(g.numel for g in self.groups)
             needed = (self.pool.stats().in_use + fixed + GRAD_SWAP_BUFFERS * HostPool.mapped_size(4 * largest)
-                      + STAGING_SLOTS * HostPool.mapped_size(16 * min(largest, state_store.CHUNK_ELEMENTS)))
+                      + staging_slots(largest) * HostPool.mapped_size(16 * min(largest, state_store.CHUNK_ELEMENTS)))
             if needed > config.host_memory_limit:
                 raise MemoryBudgetError("the staging buffers alone, with gradients and optimizer state all on NVMe",
                                         needed, config.host_memory_limit, "host_memory_limit")
@@ -207,7 +207,7 @@ class Engine:
         chunk = min(max(nvme_numels, default=1), state_store.CHUNK_ELEMENTS)
         chunk_count = sum(len(chunks(n, chunk)) for n in nvme_numels)
         res.store = self.store = OptimizerStateStore(self.pool, res.swap, max(nvme_numels, default=0),
-                                                     slots=min(chunk_count, STAGING_SLOTS),
+                                                     slots=min(chunk_count, staging_slots(max(nvme_numels, default=0))),
                                                      grads_on_nvme=grads_on_nvme)
         return placement
 
@@ -220,7 +220,8 @@ class Engine:
             return False
         largest = max(g.numel for g in self.groups)
         grads = sum(HostPool.mapped_size(g.numel * FP32_BYTES) for g in self.groups)
-        staging = STAGING_SLOTS * HostPool.mapped_size(3 * FP32_BYTES * min(largest, state_store.CHUNK_ELEMENTS))
+        chunk = min(largest, state_store.CHUNK_ELEMENTS)
+        staging = staging_slots(largest) * HostPool.mapped_size(3 * FP32_BYTES * chunk)
         return self.pool.stats().in_use + fixed + grads + staging > limit
 
     def _check_device_budget(self, offloaded: bool) -> None:

@@ -20,12 +20,20 @@ from offload.storage.swap_store import SwapFile, SwapStore
 
 STATE_PARTS = 3       # master, exp_avg, exp_avg_sq
 STAGING_SLOTS = 6     # reads of chunks j+1..j+4 || Adam(j) || write(j-1): Note [state pipeline], group_stepper.py
+SMALL_STAGING_SLOTS = 3  # for chunks under SMALL_CHUNK_BYTES, whose transfers are too short to need more in flight
+SMALL_CHUNK_BYTES = 16 << 20
 FP32_BYTES = 4
 # NVMe state moves through staging in chunks of at most this many elements (48 MiB of state per slot), so a
 # large group (an untied embedding or head) does not make the staging buffers large; six slots keep about
 # 240 MB of reads in flight, enough for the disk. A multiple of 2048, so
 # every part of every chunk is whole 4 KiB pages in the file.
 CHUNK_ELEMENTS = 4 << 20
+
+
+def staging_slots(largest_numel: int) -> int:
+    """How many staging slots the pipeline uses when the largest NVMe group has ``largest_numel`` elements."""
+    chunk_bytes = STATE_PARTS * FP32_BYTES * min(largest_numel, CHUNK_ELEMENTS)
+    return STAGING_SLOTS if chunk_bytes >= SMALL_CHUNK_BYTES else SMALL_STAGING_SLOTS
 
 
 def chunks(numel: int, chunk: int = CHUNK_ELEMENTS) -> list[tuple[int, int]]:
@@ -69,7 +77,7 @@ def plan_placement(groups: list[FlatGroup], on_nvme: bool, budget_left: int | No
     if sum(sizes) <= budget_left:
         return [StatePlacement.HOST] * len(groups)
     slot = STATE_PARTS * min(max(g.numel for g in groups), CHUNK_ELEMENTS) * FP32_BYTES
-    left = budget_left - STAGING_SLOTS * slot  # room for one chunk in every staging slot
+    left = budget_left - staging_slots(max(g.numel for g in groups)) * slot  # one chunk in every staging slot
     placement = []
     for size in sizes:
         if size <= left:
@@ -146,7 +154,8 @@ class OptimizerStateStore:
         handles = [submit(state.state_nvme, (part * numel + start) * FP32_BYTES, staging[part * n:(part + 1) * n])
                    for part in range(STATE_PARTS)]
         if op == "read" and grad_nvme is not None:
-            handles.append(self.swap.read(grad_nvme, start * FP32_BYTES, staging[STATE_PARTS * n:(STATE_PARTS + 1) * n]))
+            grad_part = staging[STATE_PARTS * n:(STATE_PARTS + 1) * n]
+            handles.append(self.swap.read(grad_nvme, start * FP32_BYTES, grad_part))
         return handles
 
     def close(self) -> None:
