@@ -364,12 +364,35 @@ def test_a_failed_weight_write_back_stops_the_engine(tmp_path):
     data = batches("llama", 2, 1)
     with offload.Engine(llama(), config) as engine:
         engine.backward(loss_of("llama", engine, data[0][0]))
-        _C.inject_io_fault("eio", len(engine.groups))  # the last group's write-back, waited for by its fetch
+        _C.inject_io_fault("eio", 1)  # the first group's write-back; the step waits for it to reuse its slot
         try:
             engine.step()
             with pytest.raises((OSError, RuntimeError)):
-                engine.backward(loss_of("llama", engine, data[1][0]))
+                engine.state_dict()  # joins the step, which failed
         finally:
             _C.inject_io_fault("none")
         with pytest.raises(RuntimeError, match="failed"):
-            engine.step()
+            engine.backward(loss_of("llama", engine, data[1][0]))
+
+
+def test_a_failed_read_of_weights_leaves_the_engine_usable(tmp_path):
+    from offload import _C
+
+    config = offload.Config(device="cpu", dtype="fp32", params="nvme", nvme_dir=tmp_path)
+    reference = offload.Config(device="cpu", dtype="fp32")
+    data = batches("llama", 2, 1)
+    states = []
+    for cfg, inject in ((reference, False), (config, True)):
+        with offload.Engine(llama(), cfg) as engine:
+            if inject:
+                _C.inject_io_fault("eio", 1)  # the first fetch of the first forward
+                try:
+                    with pytest.raises(OSError):
+                        engine(input_ids=data[0][0]["input_ids"])
+                finally:
+                    _C.inject_io_fault("none")
+            for step in data:
+                engine.backward(loss_of("llama", engine, step[0]))
+                engine.step()
+            states.append(engine.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

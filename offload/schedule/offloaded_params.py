@@ -187,7 +187,15 @@ class OffloadedParams:
                                     "device_memory_limit")
         if self.residency[g] is Residency.FETCHING:
             slot, handle = self._fetch.pop(g)
-            self.swap.wait(handle)
+            try:
+                self.swap.wait(handle)
+            except OSError:
+                # The file is intact (only the read failed): the group stays home and a later use may retry.
+                self._free_fetch_slots.append(slot)
+                self._issued.pop(g, None)
+                self._account(g, -1)
+                self.residency.move(g, Residency.RELEASED)
+                raise
             name = self.groups[g].name or "<root>"
             self.timeline.add("nvme read", f"weights {name}", self._issued.pop(g), self.timeline.now())
             with self.timeline.span("fetch", f"copy {name}"):
@@ -203,7 +211,10 @@ class OffloadedParams:
             return
         if state is Residency.FETCHING:
             slot, handle = self._fetch.pop(g)
-            self.swap.wait(handle)
+            try:
+                self.swap.wait(handle)
+            except OSError:
+                pass  # a prefetch nobody uses: its failure does not matter, the group stays home
             self._free_fetch_slots.append(slot)
         else:
             self.weight_device[g].untyped_storage().resize_(0)
