@@ -8,8 +8,9 @@ prefetching follows later; a forward that departs from it is detected at the fir
 prefetch from that point on (correctness never depends on the trace), and becomes the new trace.
 
 In backward the uses come in reverse. A hook on each use's output tensors fires when the gradient reaching
-that output is complete, which is before the use's own backward runs: see Note [backward release]. A use
-recomputed by activation checkpointing (its forward runs again during backward) counts as a backward use too.
+that output is complete, which is before the use's own backward runs, and fetches the use's groups; a group
+goes home once all of its parameters have their gradients (Note [backward release]). A use recomputed by
+activation checkpointing (its forward runs again during backward) counts as a backward use too.
 """
 
 from __future__ import annotations
