@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", type=int, default=1536)
     ap.add_argument("--layers", type=int, default=10)
     ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--budget-ratio", type=float, default=4.0, help="training state (16 B/param) / host budget")
     a = ap.parse_args(argv)
@@ -39,13 +40,17 @@ def main(argv: list[str] | None = None) -> int:
 
     baseline = _status("VmRSS")
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=a.hidden, intermediate_size=a.hidden * 8 // 3,
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.hidden * 8 // 3,
                                          num_hidden_layers=a.layers, num_attention_heads=max(1, a.hidden // 64),
                                          max_position_embeddings=a.tokens, tie_word_embeddings=False))
     nparams = sum(p.numel() for p in model.parameters())
     state = 16 * nparams
     host_limit = int(state / a.budget_ratio)
-    device_limit = nparams * 2 // 4
+    # a quarter of the bf16 parameters, or the largest group (the embedding) twice over if that is more
+    from offload.layout.partition import partition_model
+
+    largest = max(sum(p.numel() for p in g.params) for g in partition_model(model).groups)
+    device_limit = max(nparams * 2 // 4, 4 * largest + (1 << 20))
     config = offload.Config(device="cpu", dtype="bf16", params="nvme", optimizer="nvme",
                             nvme_dir=a.dir or tempfile.mkdtemp(prefix="offload-scale-"),
                             host_memory_limit=host_limit, device_memory_limit=device_limit, prefetch_layers=1)
@@ -56,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     after_build = _status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak-RSS mark: from here on it measures training
-    ids = torch.randint(0, 32000, (1, a.tokens), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, a.vocab, (1, a.tokens), generator=torch.Generator().manual_seed(0))
     losses, times = [], []
     with engine:
         for _ in range(a.steps):
