@@ -138,12 +138,13 @@ class FetchScheduler:
             if id(module) in self._started:
                 self.timeline.add("compute", f"forward {self._names.get(module) or '<root>'}",
                                   self._started.pop(id(module)), self.timeline.now())
+            tensors = _output_tensors(output)
             if torch.is_grad_enabled():
-                self._register_pre_backward(output, needed)
+                self._register_pre_backward(tensors, needed)
             soon = {g for use in self._upcoming_forward() for g in use}
             # An output that is a view of the weights themselves (e.g. a learned position table sliced) keeps
             # its group on the device until the next forward or the end of backward.
-            returned = {t.untyped_storage().data_ptr() for t in _output_tensors(output)}
+            returned = {t.untyped_storage().data_ptr() for t in tensors}
             for g in needed:
                 if g not in soon and self.params.storage_address(g) not in returned:
                     self.params.release(g)
@@ -183,7 +184,8 @@ class FetchScheduler:
 
     # ---- backward --------------------------------------------------------------------------------------------
 
-    def _register_pre_backward(self, output, needed: tuple[int, ...]) -> None:
+    def _register_pre_backward(self, tensors: list[torch.Tensor], needed: tuple[int, ...]) -> None:
+        """Hooks the use's output ``tensors``: the first gradient to reach one of them starts its backward use."""
         fired = [False]
 
         def on_grad(grad: torch.Tensor) -> None:
@@ -191,7 +193,7 @@ class FetchScheduler:
                 fired[0] = True
                 self._backward_use(needed)
 
-        for tensor in _output_tensors(output):
+        for tensor in tensors:
             if tensor.requires_grad:
                 tensor.register_hook(on_grad)
 
