@@ -28,9 +28,8 @@ from offload.optim.background_step import BackgroundStep
 from offload.optim.group_stepper import GroupStepper, GroupUpdate, Segment, StepCounters
 from offload.optim.hyper import resolve_param_groups
 from offload.optim.loss_scale import LossScaler
-from offload.optim import state_store
-from offload.optim.state_store import (FP32_BYTES, OptimizerStateStore, StatePlacement, chunks, plan_placement,
-                                       split_state, staging_slots)
+from offload.optim.state_store import (FP32_BYTES, STATE_PARTS, OptimizerStateStore, StatePlacement,
+                                       plan_placement, split_state, staging_bytes)
 from offload.storage.host_pool import HostPool
 from offload.storage.swap_store import SwapStore
 from offload.timeline import NO_TIMELINE, Timeline
@@ -184,8 +183,8 @@ class Engine:
         config, res = self.config, self._res
         if grads_on_nvme:
             largest = max(g.numel for g in self.groups)
-            needed = (self.pool.stats().in_use + fixed + GRAD_SWAP_BUFFERS * HostPool.mapped_size(4 * largest)
-                      + staging_slots(largest) * HostPool.mapped_size(16 * min(largest, state_store.CHUNK_ELEMENTS)))
+            needed = (self.pool.stats().in_use + fixed + GRAD_SWAP_BUFFERS * HostPool.mapped_size(FP32_BYTES * largest)
+                      + staging_bytes(largest, parts=STATE_PARTS + 1))  # the gradients travel with the state
             if needed > config.host_memory_limit:
                 raise MemoryBudgetError("the staging buffers alone, with gradients and optimizer state all on NVMe",
                                         needed, config.host_memory_limit, "host_memory_limit")
@@ -204,11 +203,7 @@ class Engine:
         nvme_numels = [g.numel for g, p in zip(self.groups, placement) if p is StatePlacement.NVME]
         if nvme_numels and res.swap is None:
             res.swap = SwapStore(config.nvme_dir, config.io)
-        chunk = min(max(nvme_numels, default=1), state_store.CHUNK_ELEMENTS)
-        chunk_count = sum(len(chunks(n, chunk)) for n in nvme_numels)
-        res.store = self.store = OptimizerStateStore(self.pool, res.swap, max(nvme_numels, default=0),
-                                                     slots=min(chunk_count, staging_slots(max(nvme_numels, default=0))),
-                                                     grads_on_nvme=grads_on_nvme)
+        res.store = self.store = OptimizerStateStore(self.pool, res.swap, nvme_numels, grads_on_nvme=grads_on_nvme)
         return placement
 
     def _gradients_go_to_nvme(self, fixed: int) -> bool:
@@ -218,10 +213,8 @@ class Engine:
         limit = self.config.host_memory_limit
         if limit is None or self.config.optimizer != "nvme":
             return False
-        largest = max(g.numel for g in self.groups)
         grads = sum(HostPool.mapped_size(g.numel * FP32_BYTES) for g in self.groups)
-        chunk = min(largest, state_store.CHUNK_ELEMENTS)
-        staging = staging_slots(largest) * HostPool.mapped_size(3 * FP32_BYTES * chunk)
+        staging = staging_bytes(max(g.numel for g in self.groups))
         return self.pool.stats().in_use + fixed + grads + staging > limit
 
     def _check_device_budget(self, offloaded: bool) -> None:

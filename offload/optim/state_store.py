@@ -36,6 +36,13 @@ def staging_slots(largest_numel: int) -> int:
     return STAGING_SLOTS if chunk_bytes >= SMALL_CHUNK_BYTES else SMALL_STAGING_SLOTS
 
 
+def staging_bytes(largest_numel: int, parts: int = STATE_PARTS) -> int:
+    """Host bytes the staging slots take when the largest NVMe group has ``largest_numel`` elements of
+    ``parts`` fp32 values each (3: master, m, v; 4 with the gradients): the planners' one formula."""
+    chunk = min(largest_numel, CHUNK_ELEMENTS)
+    return staging_slots(largest_numel) * HostPool.mapped_size(parts * FP32_BYTES * chunk)
+
+
 def chunks(numel: int, chunk: int = CHUNK_ELEMENTS) -> list[tuple[int, int]]:
     """[start, end) element ranges covering ``numel`` in pieces of at most ``chunk``."""
     return [(start, min(start + chunk, numel)) for start in range(0, numel, chunk)]
@@ -76,8 +83,7 @@ def plan_placement(groups: list[FlatGroup], on_nvme: bool, budget_left: int | No
     sizes = [STATE_PARTS * g.numel * FP32_BYTES for g in groups]
     if sum(sizes) <= budget_left:
         return [StatePlacement.HOST] * len(groups)
-    slot = STATE_PARTS * min(max(g.numel for g in groups), CHUNK_ELEMENTS) * FP32_BYTES
-    left = budget_left - staging_slots(max(g.numel for g in groups)) * slot  # one chunk in every staging slot
+    left = budget_left - staging_bytes(max(g.numel for g in groups))  # one chunk in every staging slot
     placement = []
     for size in sizes:
         if size <= left:
@@ -95,21 +101,24 @@ class OptimizerStateStore:
     needs the whole model's master weights at once. Moments start at zero.
     """
 
-    def __init__(self, pool: HostPool, swap: SwapStore | None, largest_nvme_group_numel: int,
-                 slots: int = STAGING_SLOTS, grads_on_nvme: bool = False) -> None:
-        """``slots``: staging buffers for NVMe groups (fewer than STAGING_SLOTS only when there are fewer
-        NVMe chunks than that), each large enough for one chunk of the largest NVMe group (and of its
-        gradients, which are read with it when ``grads_on_nvme``)."""
+    def __init__(self, pool: HostPool, swap: SwapStore | None, nvme_numels: list[int],
+                 grads_on_nvme: bool = False) -> None:
+        """``nvme_numels``: the sizes of the groups that will be placed on NVMe. Their staging slots
+        (``staging_slots``, fewer when there are fewer chunks) each hold one chunk of the largest of them
+        (and of its gradients, which are read with it when ``grads_on_nvme``)."""
         self.pool = pool
         self.swap = swap
         self.states: list[GroupState] = []
-        if largest_nvme_group_numel and swap is None:
+        if nvme_numels and swap is None:
             raise ValueError("OptimizerStateStore: groups placed on NVMe need a SwapStore")
-        self.chunk_elements = min(largest_nvme_group_numel, CHUNK_ELEMENTS)
+        largest = max(nvme_numels, default=0)
+        self.chunk_elements = min(largest, CHUNK_ELEMENTS)
         self.parts = STATE_PARTS + (1 if grads_on_nvme else 0)
+        chunk_count = sum(len(chunks(n, self.chunk_elements)) for n in nvme_numels)
+        slots = min(chunk_count, staging_slots(largest)) if nvme_numels else 0
         slot_bytes = self.parts * self.chunk_elements * FP32_BYTES
         self.staging: list[HostBuffer] = [pool.allocate(slot_bytes, f"optimizer staging {i}")
-                                          for i in range(slots)] if slot_bytes else []
+                                          for i in range(slots)]
 
     def add(self, group: FlatGroup, where: StatePlacement, master: torch.Tensor) -> GroupState:
         nbytes = STATE_PARTS * group.numel * FP32_BYTES
