@@ -14,10 +14,9 @@ from collections import OrderedDict
 import torch
 
 from offload.layout.flat_group import FlatGroup
+from offload.optim.state_store import FP32_BYTES
 from offload.storage.host_pool import HostBuffer, HostPool
 from offload.storage.swap_store import SwapFile, SwapStore
-
-FP32_BYTES = 4
 
 
 class GradSwap:
