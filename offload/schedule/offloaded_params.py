@@ -338,9 +338,6 @@ class OffloadedParams:
         if handle is not None:
             self._wait_write(handle)
 
-    def finish_step(self) -> None:
-        """Nothing to wait for: each fetch waits for its own group's write-back."""
-
     def close(self) -> None:
         for g in list(self._fetch):
             if self.residency[g] is Residency.FETCHING:
