@@ -107,18 +107,21 @@ class GroupStepper:
         for k in range(min(ahead, len(nvme))):
             reads[k] = self._transfer("read", nvme[k], k, counters)
         k = 0
+        lowp_out = None
         try:
             for item in work:
                 update, start, end = item
+                if start == 0:  # a group's first chunk: where its new low-precision weights go
+                    lowp_out = update.lowp_out() if update.lowp_out is not None else None
                 if update.state.placement is StatePlacement.HOST:
                     master, m, v = split_state(update.state.state_host.view(torch.float32), update.state.group.numel)
-                    self._adam(update, start, end, (master, m, v), grad_scale, counters)
+                    self._adam(update, start, end, (master, m, v), lowp_out, grad_scale, counters)
                     continue
                 self._wait_all(reads.pop(k), counters)
                 staging = self._slot(k)[:self.store.parts * (end - start)]
                 parts = split_state(staging, end - start)
                 grad = staging[STATE_PARTS * (end - start):] if update.grad_nvme is not None else None
-                self._adam(update, start, end, parts, grad_scale, counters, grad)
+                self._adam(update, start, end, parts, lowp_out, grad_scale, counters, grad)
                 writes[k] = self._transfer("write", item, k, counters)
                 if k + ahead < len(nvme):
                     if k - 1 in writes:
@@ -141,14 +144,13 @@ class GroupStepper:
     def _slot(self, k: int) -> torch.Tensor:
         return self.store.staging[k % len(self.store.staging)].view(torch.float32)
 
-    def _adam(self, update: GroupUpdate, start: int, end: int, state: tuple[torch.Tensor, ...], grad_scale: float,
-              counters: StepCounters, grad_chunk: torch.Tensor | None = None) -> None:
+    def _adam(self, update: GroupUpdate, start: int, end: int, state: tuple[torch.Tensor, ...],
+              lowp_out: torch.Tensor | None, grad_scale: float, counters: StepCounters,
+              grad_chunk: torch.Tensor | None = None) -> None:
         """Adam over elements [start, end) of a group; ``state`` holds (master, m, v) of exactly those elements,
-        ``grad_chunk`` their gradients when they came from NVMe (else they are in ``update.grad_host``)."""
+        ``grad_chunk`` their gradients when they came from NVMe (else they are in ``update.grad_host``);
+        ``lowp_out`` is the group's whole kernel output (or None)."""
         master, exp_avg, exp_avg_sq = state
-        if start == 0:
-            self._lowp_out = update.lowp_out() if update.lowp_out is not None else None
-        lowp_out = self._lowp_out
         began = time.perf_counter()
         for seg in update.segments:
             a, b = max(seg.start, start), min(seg.end, end)
