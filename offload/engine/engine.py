@@ -85,6 +85,9 @@ class Engine:
         self.param_groups, hyper_of = resolve_param_groups(model, trainable, param_groups, defaults)
         self.groups = [build_flat_group(i, spec, hyper_of) for i, spec in enumerate(partition.groups)]
         self._frozen = partition.frozen
+        self._lowp_bytes = torch.empty((), dtype=self.dtype).element_size()
+        self._frozen_bytes = sum(p.numel() * (self._lowp_bytes if p.is_floating_point() else p.element_size())
+                                 for _, p in self._frozen)  # frozen parameters stay on the device
         self._param_steps = [[0] * len(g.slots) for g in self.groups]
         self._step = 0
         self._nvme_read = self._nvme_written = 0
@@ -221,10 +224,7 @@ class Engine:
         """Fails now if the parameters cannot fit ``device_memory_limit``: all of them (params="device"), or the
         largest group next to the frozen parameters (which stay on the device)."""
         limit = self.config.device_memory_limit
-        lowp_bytes = self._lowp_bytes = torch.empty((), dtype=self.dtype).element_size()
-        self._frozen_bytes = sum(p.numel() * (lowp_bytes if p.is_floating_point() else p.element_size())
-                                 for _, p in self._frozen)
-        group_bytes = [g.numel * lowp_bytes for g in self.groups]
+        group_bytes = [g.numel * self._lowp_bytes for g in self.groups]
         needed = self._frozen_bytes + (max(group_bytes) if offloaded else sum(group_bytes))
         if limit is not None and needed > limit:
             what = ("the largest parameter group next to the frozen parameters" if offloaded
@@ -366,7 +366,8 @@ class Engine:
     def _update_order(self) -> list[int]:
         """Groups in the order the next forward uses them (traced), then any it did not use."""
         order = self._scheduler.forward_order() if self._scheduler is not None else []
-        return order + [g for g in range(len(self.groups)) if g not in set(order)]
+        traced = set(order)
+        return order + [g for g in range(len(self.groups)) if g not in traced]
 
     def _update_of(self, g: int) -> GroupUpdate:
         group = self.groups[g]
@@ -437,21 +438,22 @@ class Engine:
     def stats(self) -> EngineStats:
         pool = self.pool.stats()
         placements = [s.placement for s in self.store.states] if not self._closed else []
-        weights_read = weights_written = 0
+        # NVMe traffic outside the optimizer step: gradients between backward passes, weights fetched/written back
+        other_read = other_written = 0
         if self._res.grad_swap is not None:
-            weights_read, weights_written = self._res.grad_swap.bytes_read, self._res.grad_swap.bytes_written
+            other_read, other_written = self._res.grad_swap.bytes_read, self._res.grad_swap.bytes_written
         if isinstance(self.weights, OffloadedParams):
             now, peak = self.weights.resident_bytes, self.weights.peak_resident_bytes
-            weights_read += self.weights.nvme_bytes_read
-            weights_written += self.weights.nvme_bytes_written
+            other_read += self.weights.nvme_bytes_read
+            other_written += self.weights.nvme_bytes_written
         else:
             now = peak = self.weights.nbytes
         return EngineStats(device_param_bytes=now + self._frozen_bytes,
                            device_param_bytes_peak=peak + self._frozen_bytes,
                            host_bytes_in_use=pool.in_use, host_bytes_peak=pool.peak,
                            host_memory_limit=self.config.host_memory_limit,
-                           nvme_bytes_read=self._nvme_read + weights_read,
-                           nvme_bytes_written=self._nvme_written + weights_written,
+                           nvme_bytes_read=self._nvme_read + other_read,
+                           nvme_bytes_written=self._nvme_written + other_written,
                            optimizer_adam_s=self._adam_s, optimizer_io_wait_s=self._io_wait_s,
                            gradients_on_nvme=self._res.grad_swap is not None,
                            optimizer_groups_on_host=placements.count(StatePlacement.HOST),
