@@ -36,13 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-ratio", type=float, default=4.0, help="training state (16 B/param) / host budget")
     a = ap.parse_args(argv)
     import offload
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from offload.bench.llama import bench_llama  # (imports transformers before the baseline is taken)
 
     baseline = _status("VmRSS")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.hidden * 8 // 3,
-                                         num_hidden_layers=a.layers, num_attention_heads=max(1, a.hidden // 64),
-                                         max_position_embeddings=a.tokens, tie_word_embeddings=False))
+    model = bench_llama(a.hidden, a.layers, a.tokens, vocab=a.vocab)
     nparams = sum(p.numel() for p in model.parameters())
     state = 16 * nparams
     host_limit = int(state / a.budget_ratio)

@@ -35,12 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefetch", type=int, default=2)
     ap.add_argument("--out", default="trace.json")
     a = ap.parse_args(argv)
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from offload.bench.llama import bench_llama
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=a.hidden, intermediate_size=a.hidden * 8 // 3,
-                                         num_hidden_layers=a.layers, num_attention_heads=max(1, a.hidden // 64),
-                                         max_position_embeddings=a.seq, tie_word_embeddings=False))
+    model = bench_llama(a.hidden, a.layers, a.seq)
     nvme_dir = a.dir or tempfile.mkdtemp(prefix="offload-timeline-")
     config = offload.Config(device="cpu", dtype=a.dtype, params=a.params, optimizer=a.optimizer, nvme_dir=nvme_dir,
                             prefetch_layers=a.prefetch)

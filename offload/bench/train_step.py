@@ -37,16 +37,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def _model(a: argparse.Namespace):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=a.hidden, intermediate_size=a.hidden * 8 // 3,
-                                        num_hidden_layers=a.layers, num_attention_heads=max(1, a.hidden // 64),
-                                        max_position_embeddings=a.tokens, tie_word_embeddings=False))
-
-
 def _mixed_bandwidth(engine, nbytes: int) -> float:
     """GB/s of our I/O engine alternately writing and reading scratch files (64 MiB requests, 3 in flight)."""
     from offload.storage.host_pool import HostPool
@@ -82,7 +72,9 @@ def run_worker(a: argparse.Namespace) -> None:
     from offload.layout.partition import partition_model
 
     kind = a.worker
-    model = _model(a)
+    from offload.bench.llama import bench_llama
+
+    model = bench_llama(a.hidden, a.layers, a.tokens)
     nparams = sum(p.numel() for p in model.parameters())
     groups = [sum(p.numel() for p in g.params) for g in partition_model(model).groups]
     device_limit = max(nparams * 2 // 4, 2 * (max(groups) + a.prefetch * nparams // len(groups)) + (8 << 20))
