@@ -6,10 +6,10 @@ CPU. See README.md for the concepts and the configuration reference.
 
 from offload.config import Config, IOConfig
 from offload.engine import Engine, EngineStats, StepInfo
-from offload.errors import ConfigError, MemoryBudgetError
+from offload.errors import CheckpointError, ConfigError, MemoryBudgetError
 from offload.optim.cpu_adam import CPUAdam
 from offload.timeline import Timeline
 
-__all__ = ["CPUAdam", "Config", "ConfigError", "Engine", "EngineStats", "IOConfig", "MemoryBudgetError",
+__all__ = ["CPUAdam", "CheckpointError", "Config", "ConfigError", "Engine", "EngineStats", "IOConfig", "MemoryBudgetError",
            "StepInfo", "Timeline", "__version__"]
 __version__ = "0.1.0"

@@ -28,3 +28,8 @@ def _fmt(nbytes: int) -> str:
         if nbytes >= size:
             return f"{nbytes / size:.2f} {unit}"
     return f"{nbytes} B"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used: missing, truncated, corrupt, or made for a different model. The message
+    names the file (and the tensor or field) at fault."""

@@ -59,6 +59,17 @@ class DeviceWeights:
             for slot in group.slots:
                 slot.param.data = group.view(weights, slot)
 
+    def load_weights(self, g: int, master: torch.Tensor, start: int, last: bool) -> None:
+        """Sets group g's weights from elements [start, start + len) of its fp32 ``master`` (a checkpoint
+        being loaded); the buffers hold them when this returns."""
+        if self._aliased[g]:
+            return  # the weights are the master, which the caller has just filled
+        end = start + master.numel()
+        if self.weight_host[g] is not None:
+            self._wait_upload(g)  # an upload still reading weight_host must finish before it is rewritten
+            self.weight_host[g].view(self.dtype)[start:end].copy_(master)
+        self.weight_device[g][start:end].copy_(master)
+
     @property
     def nbytes(self) -> int:
         return sum(w.numel() * w.element_size() for w in self.weight_device)

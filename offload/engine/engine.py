@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 import weakref
 from functools import partial
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from offload.config import Config
+from offload.engine import checkpointing
 from offload.engine.device_weights import DeviceWeights
 from offload.engine.grad_stream import GradientStream
 from offload.engine.grad_swap import GradSwap
@@ -405,6 +407,33 @@ class Engine:
             raise ValueError(f"engine.lr: expected a finite number >= 0; got {value}")
         for group in self.param_groups:
             group["lr"] = value
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
+        """Writes everything needed to continue training exactly to the checkpoint directory ``path``: fp32
+        master weights, Adam moments and step counts, the loss scale, hyper-parameters, RNG states (torch CPU
+        and CUDA, Python, numpy), the other tensors of ``model.state_dict()``, the config, the model's HF
+        config, and ``extra`` (JSON values, e.g. the data position), returned by :meth:`load`.
+
+        Atomic (Note [atomic checkpoints]): ``path`` keeps its previous checkpoint until the new one is
+        complete and fsynced, then switches to it in one rename; a failure (e.g. ``OSError`` ENOSPC with the
+        path) or a kill leaves the previous checkpoint loadable. State on NVMe is streamed out of the swap
+        files. Blocks until done. Call it between steps (not with gradients accumulated)."""
+        self._check_open()
+        self._sync()
+        checkpointing.save(self, os.fspath(path), extra)
+
+    def load(self, path: str | os.PathLike, restore_rng: bool = True) -> dict[str, Any]:
+        """Restores the state :meth:`save` wrote to ``path`` into this engine (built for the same model, with
+        any placement) and returns the ``extra`` dict saved with it. Every file is checked against the
+        manifest's sizes and CRC-32 before anything changes: a missing, truncated or corrupt file raises
+        :class:`offload.CheckpointError` naming it, and the engine is left as it was. Gradients accumulated
+        since the last step are dropped. Tensor files are safetensors and metadata JSON: nothing in a
+        checkpoint is executed."""
+        self._check_open()
+        self._sync()
+        return checkpointing.load(self, os.fspath(path), restore_rng)
 
     # ---- inspection ------------------------------------------------------------------------------------------
 

@@ -302,6 +302,34 @@ class OffloadedParams:
 
         return write_home
 
+    def load_weights(self, g: int, master: torch.Tensor, start: int, last: bool) -> None:
+        """Replaces group g's weights at home with elements [start, start + len) of its fp32 ``master`` (a
+        checkpoint being loaded), chunk by chunk in order; an NVMe home is written when the last chunk arrives
+        and the write is complete when this returns. The group must be released."""
+        if self.residency[g] is not Residency.RELEASED:
+            raise RuntimeError(f"offload: group {g} is on the device while its weights are replaced")
+        end = start + master.numel()
+        if self.home == "cpu":
+            if not self._aliased[g]:
+                self.weight_home_host[g][start:end].copy_(master)
+            return
+        if start == 0:
+            self._wait_writeback(g)  # an older write of this group must not land after the new one
+            self._slot_of[g] = self._take_writeback_slot()
+        staging = self._writeback_slots[self._slot_of[g]].tensor[:self.nbytes(g)].view(self.dtype)
+        staging[start:end].copy_(master)
+        if last:
+            del self._slot_of[g]
+            self._wait_write_now(self.swap.write(self.weight_home_nvme[g], 0, staging))
+            self.nvme_bytes_written += self.nbytes(g)
+
+    def _wait_write_now(self, handle: IoHandle) -> None:
+        try:
+            self.swap.wait(handle)
+        except OSError as e:
+            self.io_failure = e  # the group's file is now neither old nor new weights
+            raise
+
     def _take_writeback_slot(self) -> int:
         slot = self._next_writeback_slot
         self._next_writeback_slot = (slot + 1) % len(self._writeback_slots)

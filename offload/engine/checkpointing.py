@@ -1,0 +1,370 @@
+"""Saving and loading an Engine's complete training state (``Engine.save`` / ``Engine.load``).
+
+A checkpoint version holds (see ``offload.checkpoint.directory`` for the atomic layout around it):
+
+- ``master.safetensors``, ``exp_avg.safetensors``, ``exp_avg_sq.safetensors``: fp32, one tensor per trainable
+  parameter under its name in the model, in group order. Keyed by name, not by our flat layout, so a checkpoint
+  loads whatever the placement of the engine that loads it (RAM or NVMe, another host budget) and the master
+  file is directly a full-precision copy of the weights.
+- ``model.safetensors``: the rest of ``model.state_dict()`` (frozen parameters, buffers) as the engine holds it.
+- ``meta.json``: step counts, loss scaler, hyper-parameters, RNG states, the config, the caller's ``extra``, and
+  where each ``model.state_dict()`` key is stored (what ``offload.export`` needs to work without the model).
+- ``config.json``: the model's Hugging Face config, when it has one.
+
+State on NVMe is streamed out of the swap files through staging slots, chunk by chunk (the swap files are read,
+never copied); state in RAM is written straight from the host buffers. Only the bounded staging is used, so a
+save or load needs no memory beyond the engine's budget and a fixed 16 MiB for checksums.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from offload.checkpoint.directory import CheckpointDir, write_file_durably
+from offload.checkpoint.tensor_file import FileRecord, TensorFileReader, TensorFileWriter, byte_view, plan_entries
+from offload.errors import CheckpointError
+from offload.optim.state_store import STATE_PARTS, GroupState, StatePlacement, chunks, split_state
+from offload.storage.io_engine import IoEngine, IoHandle
+
+if TYPE_CHECKING:
+    from offload.engine.engine import Engine
+
+log = logging.getLogger("offload")
+
+STATE_FILES = ("master", "exp_avg", "exp_avg_sq")  # in the order of a group's state run (split_state)
+MODEL_FILE = "model"
+META_FILE = "meta.json"
+HF_CONFIG_FILE = "config.json"
+
+
+def save(engine: Engine, path: str, extra: dict[str, Any] | None) -> Path:
+    if extra is None:
+        extra = {}
+    if not isinstance(extra, dict):
+        raise TypeError(f"engine.save: extra must be a dict; got {type(extra).__name__}")
+    try:
+        extra_json = json.loads(json.dumps(extra))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"engine.save: extra must hold JSON values only (numbers, strings, lists, dicts): {e}") \
+            from None
+    if engine._grads.any_received():
+        raise RuntimeError("engine.save: gradients were accumulated since the last step and a checkpoint cannot "
+                           "hold them; call engine.step() before saving")
+    start = time.perf_counter()
+    directory = CheckpointDir(path)
+    version = directory.begin(engine._step)
+    io = IoEngine(engine.config.io)
+    try:
+        records = _write_optimizer_state(engine, version, io)
+        keys, other = _state_dict_layout(engine)
+        records[MODEL_FILE + ".safetensors"] = _write_tensors(version / (MODEL_FILE + ".safetensors"), other, io)
+        meta = _meta(engine, keys, extra_json)
+        records[META_FILE] = write_file_durably(version / META_FILE, json.dumps(meta, indent=1).encode())
+        hf_config = _hf_config_json(engine.model)
+        if hf_config is not None:
+            records[HF_CONFIG_FILE] = write_file_durably(version / HF_CONFIG_FILE, hf_config.encode())
+        directory.commit(version, records)
+    except BaseException:
+        directory.abandon(version)  # the previous checkpoint, if any, is still the current one
+        raise
+    total = sum(r.size for r in records.values())
+    seconds = time.perf_counter() - start
+    log.info("offload: saved step %d to %s (%.2f GB in %.1f s, %.2f GB/s)", engine._step, path, total / 1e9,
+             seconds, total / 1e9 / max(seconds, 1e-9))
+    return version
+
+
+def _write_optimizer_state(engine: Engine, version: Path, io: IoEngine) -> dict[str, FileRecord]:
+    """master, exp_avg and exp_avg_sq of every trainable parameter, group by group, into three files."""
+    store = engine.store
+    tensors = [(slot.name, torch.float32, tuple(slot.shape)) for g in engine.groups for slot in g.slots]
+    entries = plan_entries(tensors)
+    writers = []
+    try:
+        for name in STATE_FILES:
+            writers.append(TensorFileWriter(version / f"{name}.safetensors", entries, io, {"format": "pt"}))
+        # Note [checkpoint staging]: NVMe groups come in through at most two of the optimizer's staging slots
+        # (free: no step is running). The writes of a chunk are queued and the read of the next chunk goes to
+        # the other slot; a slot is refilled only after the writes queued from it are complete.
+        slots = store.staging[:2]
+        writes_from: list[list[tuple[int, list[IoHandle]]]] = [[] for _ in slots]
+        turn = 0
+        for state in store.states:
+            group = state.group
+            if state.placement is StatePlacement.HOST:
+                parts = split_state(state.state_host.view(torch.float32), group.numel)
+                for writer, part in zip(writers, parts):
+                    for slot in group.slots:
+                        writer.append(part[slot.offset:slot.end])
+                continue
+            for start, end in chunks(group.numel, store.chunk_elements):
+                s = turn % len(slots)
+                turn += 1
+                for w, handles in writes_from[s]:
+                    writers[w].wait(handles)
+                writes_from[s] = []
+                staging = slots[s].view(torch.float32)[:STATE_PARTS * (end - start)]
+                for handle in store.transfer("read", state, start, end, staging):
+                    store.swap.wait(handle)
+                parts = split_state(staging, end - start)
+                for w, part in enumerate(parts):
+                    for slot in group.slots:
+                        a, b = max(slot.offset, start), min(slot.end, end)
+                        if a < b:
+                            writes_from[s].append((w, writers[w].append(part[a - start:b - start])))
+        return {f"{name}.safetensors": writer.finish() for name, writer in zip(STATE_FILES, writers)}
+    finally:
+        for writer in writers:
+            writer.close()
+
+
+def _state_dict_layout(engine: Engine) -> tuple[list[list[str]], list[tuple[str, torch.Tensor]]]:
+    """For every key of ``model.state_dict()``: [key, "master", parameter name] for trainable parameters,
+    [key, "alias", first key] for a tensor already listed under another key (tied weights), [key, "model", key]
+    for the rest, whose CPU copies are returned as the second value."""
+    trainable = {id(slot.param): slot.name for g in engine.groups for slot in g.slots}
+    first_key: dict[int, str] = {}
+    keys, other = [], []
+    for key, value in engine.model.state_dict(keep_vars=True).items():
+        if id(value) in first_key:
+            keys.append([key, "alias", first_key[id(value)]])
+            continue
+        first_key[id(value)] = key
+        if id(value) in trainable:
+            keys.append([key, "master", trainable[id(value)]])
+        else:
+            keys.append([key, MODEL_FILE, key])
+            other.append((key, value.detach().to("cpu").contiguous()))
+    return keys, other
+
+
+def _write_tensors(path: Path, tensors: list[tuple[str, torch.Tensor]], io: IoEngine) -> FileRecord:
+    writer = TensorFileWriter(path, plan_entries([(n, t.dtype, tuple(t.shape)) for n, t in tensors]), io,
+                              {"format": "pt"})
+    try:
+        for _, tensor in tensors:
+            writer.append(tensor.reshape(-1))
+        return writer.finish()
+    finally:
+        writer.close()
+
+
+def _rng_states() -> dict[str, Any]:
+    states: dict[str, Any] = {"torch": _encode_bytes(torch.get_rng_state()), "python": _python_rng()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = [_encode_bytes(s) for s in torch.cuda.get_rng_state_all()]
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        kind, keys, pos, has_gauss, cached = numpy.random.get_state()
+        states["numpy"] = [kind, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)]
+    return states
+
+
+def _encode_bytes(state: torch.Tensor) -> str:
+    return base64.b64encode(bytes(byte_view(state.contiguous()))).decode()
+
+
+def _decode_bytes(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def _python_rng() -> list[Any]:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _meta(engine: Engine, keys: list[list[str]], extra: dict[str, Any]) -> dict[str, Any]:
+    from offload import __version__
+
+    return {
+        "offload_version": __version__,
+        "step": engine._step,
+        "param_steps": {slot.name: engine._param_steps[g][i] for g, group in enumerate(engine.groups)
+                        for i, slot in enumerate(group.slots)},
+        "loss_scaler": engine._scaler.state_dict(),
+        "param_groups": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items()}
+                         for group in engine.param_groups],
+        "config": dataclasses.asdict(engine.config),
+        "state_dict_keys": keys,
+        "rng": _rng_states(),
+        "extra": extra,
+    }
+
+
+def _hf_config_json(model: torch.nn.Module) -> str | None:
+    """The model's Hugging Face config as config.json text (with ``architectures`` set), or None."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_json_string"):
+        return None
+    data = json.loads(config.to_json_string(use_diff=False))
+    if not data.get("architectures"):
+        data["architectures"] = [type(model).__name__]
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+# ---- loading -------------------------------------------------------------------------------------------------
+
+def load(engine: Engine, path: str, restore_rng: bool) -> dict[str, Any]:
+    start = time.perf_counter()
+    version, records = CheckpointDir(path).verify()  # nothing is changed before every byte is known good
+    meta_path = version / META_FILE
+    try:
+        meta = json.loads(meta_path.read_bytes())
+        step, param_steps = int(meta["step"]), meta["param_steps"]
+        scaler, hyper_groups, extra = meta["loss_scaler"], meta["param_groups"], meta["extra"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{meta_path}: malformed ({type(e).__name__}: {e})") from None
+    io = IoEngine(engine.config.io)
+    readers = [TensorFileReader(version / f"{name}.safetensors", io) for name in STATE_FILES]
+    model_reader = TensorFileReader(version / (MODEL_FILE + ".safetensors"), io)
+    try:
+        _check_matches(engine, readers, model_reader, param_steps, hyper_groups, meta_path)
+        engine._grads.reset()  # gradients accumulated before the load belong to the state it replaces
+        try:
+            if hasattr(engine.weights, "release_all"):
+                engine.weights.release_all()  # device copies would go stale
+            for state in engine.store.states:
+                _load_group(engine, state, readers)
+            _load_model_tensors(engine, model_reader)
+        except BaseException as e:
+            engine._failed = f"loading {path} failed part-way ({type(e).__name__}: {e})"
+            raise
+    finally:
+        for reader in readers + [model_reader]:
+            reader.close()
+    engine._step = step
+    for g, group in enumerate(engine.groups):
+        engine._param_steps[g] = [int(param_steps[slot.name]) for slot in group.slots]
+    engine._scaler.load_state_dict(scaler)
+    for group, saved in zip(engine.param_groups, hyper_groups):
+        group.update({"lr": float(saved["lr"]), "betas": tuple(float(b) for b in saved["betas"]),
+                      "eps": float(saved["eps"]), "weight_decay": float(saved["weight_decay"])})
+    if restore_rng:
+        _restore_rng(meta.get("rng", {}))
+    total = sum(r.size for r in records.values())
+    log.info("offload: loaded step %d from %s (%.2f GB in %.1f s)", step, path, total / 1e9,
+             time.perf_counter() - start)
+    return extra
+
+
+def _check_matches(engine: Engine, readers: list[TensorFileReader], model_reader: TensorFileReader,
+                   param_steps: dict[str, int], hyper_groups: list[dict], meta_path: Path) -> None:
+    """Raises CheckpointError unless the checkpoint holds exactly the engine's parameters, with their shapes."""
+    ours = {slot.name: tuple(slot.shape) for g in engine.groups for slot in g.slots}
+    for reader in readers:
+        theirs = {name: e.shape for name, e in reader.entries.items()}
+        missing = sorted(set(ours) - set(theirs))
+        unexpected = sorted(set(theirs) - set(ours))
+        wrong = sorted(n for n in set(ours) & set(theirs) if ours[n] != theirs[n])
+        if missing or unexpected or wrong:
+            parts = [f"missing {_names(missing)}" if missing else "",
+                     f"unexpected {_names(unexpected)}" if unexpected else "",
+                     "shape mismatch " + ", ".join(f"{n} {list(theirs[n])} vs model {list(ours[n])}"
+                                                   for n in wrong[:3]) if wrong else ""]
+            raise CheckpointError(f"{reader.path}: does not match the model's trainable parameters: "
+                                  + "; ".join(p for p in parts if p))
+        bad = [n for n, e in reader.entries.items() if e.dtype != torch.float32]
+        if bad:
+            raise CheckpointError(f"{reader.path}: tensor {bad[0]!r} is {reader.entries[bad[0]].dtype}, not fp32")
+    if set(param_steps) != set(ours):
+        raise CheckpointError(f"{meta_path}: param_steps does not name the model's trainable parameters")
+    if [sorted(g["names"]) for g in hyper_groups] != [sorted(g["names"]) for g in engine.param_groups]:
+        raise CheckpointError(f"{meta_path}: the parameter groups differ from the engine's "
+                              f"({len(hyper_groups)} saved, {len(engine.param_groups)} now, or other members)")
+    state = _other_tensors(engine)
+    for key, tensor in state.items():
+        entry = model_reader.entries.get(key)
+        if entry is None:
+            raise CheckpointError(f"{model_reader.path}: no tensor {key!r} (a buffer or frozen parameter of "
+                                  "the model)")
+        if entry.shape != tuple(tensor.shape):
+            raise CheckpointError(f"{model_reader.path}: tensor {key!r} has shape {list(entry.shape)}, the model "
+                                  f"{list(tensor.shape)}")
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _other_tensors(engine: Engine) -> dict[str, torch.Tensor]:
+    """The model's state_dict entries that are not trainable parameters (first key of each tensor)."""
+    trainable = {id(slot.param) for g in engine.groups for slot in g.slots}
+    seen: set[int] = set()
+    out = {}
+    for key, value in engine.model.state_dict(keep_vars=True).items():
+        if id(value) in seen or id(value) in trainable:
+            continue
+        seen.add(id(value))
+        out[key] = value
+    return out
+
+
+def _load_group(engine: Engine, state: GroupState, readers: list[TensorFileReader]) -> None:
+    """Group's master, m and v from the files into its home, then its weights from the new master."""
+    group, store = state.group, engine.store
+    if state.placement is StatePlacement.HOST:
+        parts = split_state(state.state_host.view(torch.float32), group.numel)
+        _read_slots(readers, parts, group, 0, group.numel)
+        engine.weights.load_weights(group.index, parts[0], 0, True)
+        return
+    pieces = chunks(group.numel, store.chunk_elements)
+    for k, (start, end) in enumerate(pieces):
+        staging = store.staging[0].view(torch.float32)[:STATE_PARTS * (end - start)]
+        staging.zero_()  # padding between parameters is zero in every buffer (FlatGroup)
+        parts = split_state(staging, end - start)
+        _read_slots(readers, parts, group, start, end)
+        for handle in store.transfer("write", state, start, end, staging):
+            store.swap.wait(handle)
+        engine.weights.load_weights(group.index, parts[0], start, k == len(pieces) - 1)
+
+
+def _read_slots(readers: list[TensorFileReader], parts: tuple[torch.Tensor, ...], group: Any,
+                start: int, end: int) -> None:
+    """Reads elements [start, end) of the group's parameters from the three state files into ``parts``
+    (which hold exactly those elements)."""
+    handles = []
+    for reader, part in zip(readers, parts):
+        for slot in group.slots:
+            a, b = max(slot.offset, start), min(slot.end, end)
+            if a < b:
+                handles.append(reader.read(slot.name, (a - slot.offset) * 4, part[a - start:b - start]))
+    for handle in handles:
+        readers[0].io.wait(handle)
+
+
+def _load_model_tensors(engine: Engine, reader: TensorFileReader) -> None:
+    for key, tensor in _other_tensors(engine).items():
+        entry = reader.entry(key)
+        staged = torch.empty(entry.shape, dtype=entry.dtype)
+        reader.io.wait(reader.read(key, 0, staged))
+        with torch.no_grad():
+            tensor.copy_(staged)
+
+
+def _restore_rng(states: dict[str, Any]) -> None:
+    if "torch" in states:
+        torch.set_rng_state(_decode_bytes(states["torch"]))
+    if "cuda" in states and torch.cuda.is_available():
+        cuda = states["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([_decode_bytes(s) for s in cuda])
+        else:
+            log.warning("offload: the checkpoint has CUDA RNG states of %d devices, this machine %d; not restored",
+                        len(cuda), torch.cuda.device_count())
+    if "python" in states:
+        version, internal, gauss = states["python"]
+        random.setstate((version, tuple(internal), gauss))
+    numpy = sys.modules.get("numpy")
+    if "numpy" in states and numpy is not None:
+        kind, keys, pos, has_gauss, cached = states["numpy"]
+        numpy.random.set_state((kind, numpy.asarray(keys, dtype=numpy.uint32), pos, has_gauss, cached))
