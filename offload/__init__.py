@@ -4,6 +4,7 @@ Parameter and optimizer state live in host RAM or on NVMe; a native SIMD Adam up
 CPU. See README.md for the concepts and the configuration reference.
 """
 
+from offload.checkpoint import export
 from offload.config import Config, IOConfig
 from offload.engine import Engine, EngineStats, StepInfo
 from offload.errors import CheckpointError, ConfigError, MemoryBudgetError
@@ -11,5 +12,5 @@ from offload.optim.cpu_adam import CPUAdam
 from offload.timeline import Timeline
 
 __all__ = ["CPUAdam", "CheckpointError", "Config", "ConfigError", "Engine", "EngineStats", "IOConfig", "MemoryBudgetError",
-           "StepInfo", "Timeline", "__version__"]
+           "StepInfo", "Timeline", "__version__", "export"]
 __version__ = "0.1.0"

@@ -237,3 +237,47 @@ def test_a_full_disk_raises_enospc_and_keeps_the_previous_checkpoint(tmp_path, t
         assert failure.value.errno == 28 and str(path) in str(failure.value)
         assert engine.load(path) == {"n": 1}
     assert len([p for p in path.iterdir() if p.is_dir()]) == 1  # the failed version was removed
+
+
+@needs_transformers
+def test_export_loads_into_a_fresh_hf_model_with_the_engines_logits(tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    ids = batches("llama", 1, 1, seed=5)[0][0]["input_ids"]
+    with _engine("llama", tiny_llama(), _config(tmp_path, "nvme", "nvme")) as engine:
+        _train(engine, "llama", batches("llama", 3, 1))
+        engine.save(tmp_path / "ckpt")
+        with torch.no_grad():
+            expected = engine(input_ids=ids).logits
+    weights = offload.export(tmp_path / "ckpt", tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager")
+    with torch.no_grad():
+        assert torch.equal(hf(input_ids=ids).logits, expected)
+    plain = tiny_llama(seed=9)
+    result = plain.load_state_dict(safetensors_torch.load_file(weights), strict=False)
+    assert result.missing_keys == ["lm_head.weight"] and not result.unexpected_keys  # tied: stored once, as HF
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids).logits, expected)
+
+
+def test_export_refuses_a_corrupt_checkpoint_and_writes_nothing(tmp_path):
+    path, version = _saved(tmp_path)
+    os.truncate(version / "master.safetensors", 100)
+    with pytest.raises(offload.CheckpointError, match="master.safetensors"):
+        offload.export(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    path, _ = _saved(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "offload", "export", str(path), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    failed = subprocess.run([sys.executable, "-m", "offload", "export", str(tmp_path / "nope"), "--out",
+                             str(tmp_path / "out2")], capture_output=True, text=True)
+    assert failed.returncode == 1
+    assert failed.stderr.strip().splitlines() == [f"offload export: error: {tmp_path / 'nope'}: no such checkpoint"]

@@ -21,8 +21,38 @@ def main(argv: list[str] | None = None) -> int:
     info.set_defaults(command="info")
     clean = sub.add_parser("clean", help="remove swap directories left in DIR by runs that were killed")
     clean.add_argument("dir", metavar="DIR", help="the swap root (nvme_dir) to clean")
+    export = sub.add_parser(
+        "export", help="write a checkpoint's weights as plain safetensors (+ config.json)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Writes DIR/model.safetensors (fp32, the model's own state_dict keys, tied weights once) and "
+                    "DIR/config.json when the model has a Hugging Face config: loadable with "
+                    "model.load_state_dict or from_pretrained(DIR), without offload.",
+        epilog="example:\n  offload export runs/ckpt --out runs/exported")
+    export.add_argument("checkpoint", metavar="CKPT", help="the checkpoint directory (what engine.save wrote)")
+    export.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
+    for command in (clean, export):
+        command.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
     args = parser.parse_args(argv)
+    try:
+        return _run(parser, args)
+    except (OSError, ValueError, MemoryError) as e:  # ConfigError, CheckpointError, MemoryBudgetError, I/O
+        if getattr(args, "debug", False):
+            raise
+        print(f"offload {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.command == "export":
+        import logging
+
+        from offload.checkpoint import export
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        path = export(args.checkpoint, args.out)
+        print(f"wrote {path}")
+        return 0
     if args.command == "bench":
         if args.what == "io":
             from offload.bench import io
