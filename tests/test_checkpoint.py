@@ -281,3 +281,49 @@ def test_export_command_line(tmp_path):
                              str(tmp_path / "out2")], capture_output=True, text=True)
     assert failed.returncode == 1
     assert failed.stderr.strip().splitlines() == [f"offload export: error: {tmp_path / 'nope'}: no such checkpoint"]
+
+
+def test_an_io_error_during_save_keeps_the_previous_checkpoint_and_the_engine(tmp_path):
+    from offload import _C
+
+    path = tmp_path / "ckpt"
+    config = _config(tmp_path, "nvme", "nvme")
+    with _engine("mlp", _make("mlp"), config) as engine:
+        _train(engine, "mlp", batches("mlp", 1, 1))
+        engine.save(path, extra={"n": 1})
+        _C.inject_io_fault("eio", 3)
+        try:
+            with pytest.raises(OSError) as failure:
+                engine.save(path, extra={"n": 2})
+        finally:
+            _C.inject_io_fault("none", 1)
+        assert failure.value.errno == 5 and failure.value.filename
+        _train(engine, "mlp", batches("mlp", 1, 1, seed=2))  # a failed save does not harm the training state
+        assert engine.load(path) == {"n": 1}
+
+
+def test_after_an_io_error_in_training_the_last_checkpoint_resumes_exactly(tmp_path):
+    from offload import _C
+
+    path = tmp_path / "ckpt"
+    config = _config(tmp_path, "nvme", "nvme")
+    data = batches("mlp", 4, 1)
+    with _engine("mlp", _make("mlp"), config) as engine:
+        _train(engine, "mlp", data)
+        expected = engine.state_dict()
+    with _engine("mlp", _make("mlp"), config) as engine:
+        _train(engine, "mlp", data[:2])
+        engine.save(path, extra={"next": 2})
+        _C.inject_io_fault("eio", 1)
+        try:
+            with pytest.raises((OSError, RuntimeError)):
+                _train(engine, "mlp", data[2:])
+                engine.state_dict()
+        finally:
+            _C.inject_io_fault("none", 1)
+        # (a failed read leaves the engine usable, a failed write makes it refuse to go on: either way the
+        # run is continued from the checkpoint)
+    with _engine("mlp", _make("mlp", seed=4), config) as engine:
+        _train(engine, "mlp", data[engine.load(path)["next"]:])
+        state = engine.state_dict()
+    assert all(torch.equal(state[k], expected[k]) for k in expected)
