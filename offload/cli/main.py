@@ -30,7 +30,14 @@ def main(argv: list[str] | None = None) -> int:
         epilog="example:\n  offload export runs/ckpt --out runs/exported")
     export.add_argument("checkpoint", metavar="CKPT", help="the checkpoint directory (what engine.save wrote)")
     export.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
-    for command in (clean, export):
+    train = sub.add_parser("train", help="the main job: train a causal LM with its state offloaded (try it first)",
+                           description="Trains a Llama-style causal LM (random init, byte-level tokens) with parameters "
+                                       "and optimizer state offloaded, showing loss, tokens/s, where the time goes, "
+                                       "host RAM and bytes moved.")
+    from offload.cli.train import add_arguments
+
+    add_arguments(train)
+    for command in (clean, export, train):
         command.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
     args = parser.parse_args(argv)
@@ -44,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.command == "train":
+        from offload.cli.train import run
+
+        return run(args)
     if args.command == "export":
         import logging
 

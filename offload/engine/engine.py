@@ -469,12 +469,14 @@ class Engine:
         placements = [s.placement for s in self.store.states] if not self._closed else []
         # NVMe traffic outside the optimizer step: gradients between backward passes, weights fetched/written back
         other_read = other_written = 0
+        fetch_wait = 0.0
         if self._res.grad_swap is not None:
             other_read, other_written = self._res.grad_swap.bytes_read, self._res.grad_swap.bytes_written
         if isinstance(self.weights, OffloadedParams):
             now, peak = self.weights.resident_bytes, self.weights.peak_resident_bytes
             other_read += self.weights.nvme_bytes_read
             other_written += self.weights.nvme_bytes_written
+            fetch_wait = self.weights.fetch_wait_s
         else:
             now = peak = self.weights.nbytes
         return EngineStats(device_param_bytes=now + self._frozen_bytes,
@@ -486,7 +488,8 @@ class Engine:
                            optimizer_adam_s=self._adam_s, optimizer_io_wait_s=self._io_wait_s,
                            gradients_on_nvme=self._res.grad_swap is not None,
                            optimizer_groups_on_host=placements.count(StatePlacement.HOST),
-                           optimizer_groups_on_nvme=placements.count(StatePlacement.NVME))
+                           optimizer_groups_on_nvme=placements.count(StatePlacement.NVME),
+                           fetch_wait_s=fetch_wait)
 
     # ---- lifetime --------------------------------------------------------------------------------------------
 

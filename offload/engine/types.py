@@ -48,3 +48,4 @@ class EngineStats:
     gradients_on_nvme: bool       # the fp32 gradient accumulators live on NVMe (host budget below 4 B/param)
     optimizer_groups_on_host: int
     optimizer_groups_on_nvme: int
+    fetch_wait_s: float = 0.0     # total seconds compute waited for offloaded weights (0 with params="device")

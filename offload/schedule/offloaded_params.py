@@ -18,6 +18,7 @@ Only the CPU device is supported for now; the device buffer is then ordinary mem
 from __future__ import annotations
 
 import threading
+import time
 from typing import Callable
 
 import torch
@@ -58,6 +59,7 @@ class OffloadedParams:
         self.peak_resident_bytes = 0
         self.nvme_bytes_read = 0       # weights fetched from and written back to NVMe since the start
         self.nvme_bytes_written = 0
+        self.fetch_wait_s = 0.0        # compute blocked on fetches (and on the overlapped step's updates)
         largest = max(g.numel for g in groups) * self.element_size
         nslots = fetch_slots if home == "nvme" else 0
         self._fetch_slots = [pool.allocate(largest, f"fetch staging {i}") for i in range(nslots)]
@@ -177,7 +179,17 @@ class OffloadedParams:
 
     def ensure_resident(self, g: int) -> None:
         """Blocks until group g's weights are on the device. Raises MemoryBudgetError if it does not fit
-        ``device_memory_limit`` next to the groups resident now."""
+        ``device_memory_limit`` next to the groups resident now. Time spent here for a group that was not
+        resident yet is added to ``fetch_wait_s``."""
+        if self.residency[g] is Residency.RESIDENT:
+            return
+        start = time.perf_counter()
+        try:
+            self._make_resident(g)
+        finally:
+            self.fetch_wait_s += time.perf_counter() - start
+
+    def _make_resident(self, g: int) -> None:
         if self.residency[g] is Residency.RELEASED and not self.start_fetch(g, wait_for_update=True):
             if self.home == "nvme" and not self._free_fetch_slots:
                 raise RuntimeError("offload: every fetch staging slot is in use; this is a scheduler bug")

@@ -44,14 +44,14 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_stale_runs(root: str | os.PathLike) -> list[Path]:
-    """Removes the run directories under ``root`` whose owning process is gone (killed runs leave them behind).
-    Returns what was removed; logs one line per directory."""
+def clean_stale_runs(root: str | os.PathLike, prefix: str = RUN_PREFIX) -> list[Path]:
+    """Removes the run directories (``prefix*`` with an owner file) under ``root`` whose owning process is gone
+    (killed runs leave them behind). Returns what was removed; logs one line per directory."""
     removed = []
     root = Path(root)
     if not root.is_dir():
         return removed
-    for run_dir in sorted(root.glob(RUN_PREFIX + "*")):
+    for run_dir in sorted(root.glob(prefix + "*")):
         owner = run_dir / OWNER_FILE
         try:
             pid = int(owner.read_text().strip())
@@ -59,7 +59,7 @@ def clean_stale_runs(root: str | os.PathLike) -> list[Path]:
             continue  # not ours, or still being created: leave it alone
         if pid != os.getpid() and not _pid_alive(pid):
             shutil.rmtree(run_dir, ignore_errors=True)
-            log.warning("removed swap directory %s left behind by process %d, which no longer runs", run_dir, pid)
+            log.warning("removed %s, left behind by process %d, which no longer runs", run_dir, pid)
             removed.append(run_dir)
     return removed
 

@@ -1,0 +1,100 @@
+"""What `offload train` trains on: model presets, the byte-level data, and the config the flags describe."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from offload.config import Config
+from offload.errors import ConfigError
+
+VOCAB_BYTES = 256  # byte-level tokens: the text's UTF-8 bytes are the token ids; nothing to download
+
+# Llama-style shapes (SwiGLU MLP of ~2.7x hidden, tied embeddings) and their approximate parameter counts.
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4),      # 3.3M
+    "small": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8),   # 25M
+    "medium": dict(hidden_size=1024, intermediate_size=2752, num_hidden_layers=24, num_attention_heads=16),  # 300M
+    "large": dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=24, num_attention_heads=16),  # 1.2B
+}
+
+
+def build_model(spec: str, seq_len: int, seed: int) -> torch.nn.Module:
+    """A randomly initialised causal LM: a preset name, or the path of a Hugging Face config.json."""
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+    except ImportError:
+        raise ConfigError("--model: offload train needs transformers; install it with "
+                          "pip install 'offload[train]'") from None
+    if spec in PRESETS:
+        shape = PRESETS[spec]
+        config = LlamaConfig(vocab_size=VOCAB_BYTES, max_position_embeddings=max(512, seq_len),
+                             num_key_value_heads=shape["num_attention_heads"], tie_word_embeddings=True,
+                             bos_token_id=None, eos_token_id=None, pad_token_id=None, **shape)
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise ConfigError(f"--model: {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a config file")
+        try:
+            config = AutoConfig.from_pretrained(str(path))
+        except (OSError, ValueError, json.JSONDecodeError) as e:
+            raise ConfigError(f"--model: {path} is not a usable Hugging Face config ({e})") from None
+        if getattr(config, "vocab_size", 0) < VOCAB_BYTES:
+            raise ConfigError(f"--model: {path} has vocab_size {getattr(config, 'vocab_size', None)}; the byte-level "
+                              f"data needs at least {VOCAB_BYTES}")
+    torch.manual_seed(seed)
+    if spec in PRESETS:
+        from transformers import LlamaForCausalLM
+
+        return LlamaForCausalLM(config)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def load_text(path: str | None) -> tuple[torch.Tensor, str]:
+    """The training bytes as int64 token ids, and where they came from (the text shipped with offload when
+    ``path`` is None)."""
+    if path is None:
+        data = resources.files("offload.data").joinpath("corpus.txt").read_bytes()
+        where = "the text shipped with offload (7 KB)"
+    else:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise OSError(e.errno, f"--data: cannot read {path}: {e.strerror}", path) from None
+        where = f"{path} ({len(data) / 1e6:.1f} MB)"
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).long(), where
+
+
+def batch_at(tokens: torch.Tensor, step: int, batch: int, seq_len: int, seed: int) -> torch.Tensor:
+    """The batch of step ``step``: ``batch`` random windows of ``seq_len`` tokens, a function of (seed, step)
+    only, so a resumed run sees exactly the batches the uninterrupted run would."""
+    if tokens.numel() < seq_len + 1:
+        raise ConfigError(f"--seq-len: the data has {tokens.numel()} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    starts = torch.randint(0, tokens.numel() - seq_len, (batch,), generator=generator)
+    return torch.stack([tokens[s:s + seq_len] for s in starts.tolist()])
+
+
+def make_config(args: argparse.Namespace, scratch_dir: str | None) -> Config:
+    """The engine config: ``--config`` (or the defaults), then the flags on top. Without a GPU the defaults put
+    parameters and optimizer state on NVMe, in ``scratch_dir`` unless ``--nvme-dir`` names a directory; with
+    a GPU, parameters stay on it (parameter offload is CPU-only in this version) and the optimizer goes to NVMe."""
+    base = Config.from_file(args.config) if args.config else None
+    device = args.device or (base.device if base else ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_cuda = torch.device(device).type == "cuda"
+    params = args.params or (base.params if base else ("device" if on_cuda else "nvme"))
+    optimizer = args.optimizer or (base.optimizer if base else "nvme")
+    nvme_dir = args.nvme_dir or (base.nvme_dir if base else None)
+    if nvme_dir is None and "nvme" in (params, optimizer):
+        nvme_dir = scratch_dir
+    changes = dict(device=device, params=params, optimizer=optimizer, nvme_dir=nvme_dir)
+    for flag, field in (("dtype", "dtype"), ("host_memory_limit", "host_memory_limit"),
+                        ("device_memory_limit", "device_memory_limit"), ("prefetch_layers", "prefetch_layers")):
+        if getattr(args, flag) is not None:
+            changes[field] = getattr(args, flag)
+    return base.replace(**changes) if base else Config(**changes)
+

@@ -1,0 +1,1 @@
+"""Text shipped with offload: what `offload train` learns from by default."""

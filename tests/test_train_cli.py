@@ -1,0 +1,97 @@
+"""`offload train`, the main job, run as a user runs it: a subprocess, checked for its output and leftovers."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+FAST = ["--batch", "2", "--seq-len", "32", "--no-sample"]
+
+
+def _train(tmp_path, *flags, check=True):
+    env = dict(os.environ, TMPDIR=str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    (tmp_path / "work").mkdir(exist_ok=True)
+    done = subprocess.run([sys.executable, "-m", "offload", "train", *flags], cwd=tmp_path / "work", env=env,
+                          capture_output=True, text=True, timeout=600)
+    if check:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _losses(stdout: str) -> dict[int, float]:
+    return {int(m[1]): float(m[2]) for m in re.finditer(r"^step=(\d+) loss=([\d.]+) tok/s=", stdout, re.M)}
+
+
+def test_default_run_learns_and_leaves_nothing_behind(tmp_path):
+    done = _train(tmp_path, "--steps", "40", "--log-every", "5", "--batch", "4", "--seq-len", "64")
+    losses = _losses(done.stdout)
+    assert sorted(losses) == [1, 5, 10, 15, 20, 25, 30, 35, 40]
+    assert losses[40] < losses[1] - 1.0, losses
+    assert "parameters: nvme; optimizer state: 0 groups in RAM" in done.stdout
+    assert re.search(r"fetch_wait_s=\S+ optimizer_s=\S+ rss_gib=\S+ nvme_read_mb=\S+", done.stdout)
+    assert "sample: 'The " in done.stdout
+    assert list((tmp_path / "tmp").iterdir()) == [] and list((tmp_path / "work").iterdir()) == []
+
+
+def test_a_killed_run_resumes_exactly(tmp_path):
+    """Killed (SIGKILL) after its step-4 checkpoint, then resumed with --resume: the same weights as a run that
+    was never interrupted."""
+    from offload.checkpoint.directory import CheckpointDir
+    from safetensors.torch import load_file
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    _train(tmp_path, "--steps", "8", "--checkpoint-dir", str(straight), *FAST)
+    child = subprocess.Popen([sys.executable, "-m", "offload", "train", "--steps", "8", "--checkpoint-every", "4",
+                              "--checkpoint-dir", str(split), "--log-every", "1", *FAST],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                             env=dict(os.environ, TMPDIR=str(tmp_path / "tmp")))
+    for line in child.stdout:
+        if line.startswith("step=6 "):  # lines are printed before the step's save: step 4's save is done
+            child.kill()
+            break
+    child.wait()
+    resumed = _train(tmp_path, "--steps", "8", "--checkpoint-dir", str(split), "--resume", *FAST)
+    assert "resumed from" in resumed.stdout and "at step 4" in resumed.stdout
+    assert list((tmp_path / "tmp").iterdir()) == []  # the killed run's swap files were cleaned up by the next run
+    a = load_file(CheckpointDir(straight).current()[0] / "master.safetensors")
+    b = load_file(CheckpointDir(split).current()[0] / "master.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_c_stops_cleanly_and_removes_swap_files(tmp_path):
+    env = dict(os.environ, TMPDIR=str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    child = subprocess.Popen([sys.executable, "-m", "offload", "train", "--steps", "100000", "--log-every", "1",
+                              *FAST], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in child.stdout:
+        if line.startswith("step=3 "):
+            break
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 130, err[-2000:]
+    assert "interrupted; swap files removed" in err
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--steps", "0"], "--steps: expected a positive integer; got 0"),
+    (["--model", "nope"], "--model: 'nope' is neither a preset"),
+    (["--resume"], "--resume: needs --checkpoint-dir"),
+    (["--seq-len", "100000"], "--seq-len: the data has"),
+    (["--params", "nvme", "--optimizer", "cpu", "--host-memory-limit", "1MiB"], "host_memory_limit"),
+])
+def test_bad_flags_give_one_line_errors(tmp_path, flags, message):
+    done = _train(tmp_path, *flags, check=False)
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.startswith("offload train: error:")]
+    assert len(lines) == 1 and message in lines[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
