@@ -190,7 +190,7 @@ class Config:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "io"}
         data = {name: value for name, value in data.items() if value is not None}
         data["io"] = dataclasses.asdict(self.io)
-        _write_atomic(os.fspath(path), tomli_w.dumps(data))
+        write_atomic(os.fspath(path), tomli_w.dumps(data))
 
 
 def _device(value: object) -> str:
@@ -284,7 +284,7 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
 
-def _write_atomic(path: str, text: str) -> None:
+def write_atomic(path: str, text: str) -> None:
     """Writes ``text`` to a new file beside ``path`` (same filesystem), syncs it, then renames it over ``path``."""
     directory, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}.tmp")

@@ -37,7 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     from offload.cli.train import add_arguments
 
     add_arguments(train)
-    for command in (clean, export, train):
+    tune = sub.add_parser("tune", help="measure the swap directory and write the best I/O settings to a config file",
+                          description="Sweeps block size x transfers in flight (and O_DIRECT vs buffered) on a test "
+                                      "file in PATH and writes the best IOConfig into the [io] table of --out.")
+    from offload.cli.tune import add_arguments as add_tune_arguments
+
+    add_tune_arguments(tune)
+    for command in (clean, export, train, tune):
         command.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
     args = parser.parse_args(argv)
@@ -51,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.command == "tune":
+        from offload.cli.tune import run as tune
+
+        return tune(args)
     if args.command == "train":
         from offload.cli.train import run
 
