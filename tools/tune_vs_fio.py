@@ -1,0 +1,63 @@
+"""Checks `offload tune`'s choice against fio: the tuned [io] settings (our engine) and fio's best of its two
+standard settings, interleaved round by round on the same directory. Prints JSON lines and a table of medians.
+
+    python3 tools/tune_vs_fio.py --dir /mnt/nvme/swap --config offload.toml --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+from pathlib import Path
+
+from offload.bench.io import run_fio
+from offload.cli.tune import _measure
+from offload.config import Config, parse_bytes
+from offload.storage import HostPool, IoEngine
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dir", required=True)
+    ap.add_argument("--config", default="offload.toml", help="the file offload tune wrote")
+    ap.add_argument("--size", default="1GiB")
+    ap.add_argument("--rounds", type=int, default=5)
+    a = ap.parse_args()
+    io = Config.from_file(a.config).io
+    nbytes = parse_bytes("--size", a.size)
+    work = Path(tempfile.mkdtemp(prefix="offload-tune-vs-fio-", dir=a.dir))
+    pool = HostPool()
+    rows = []
+    try:
+        buffer = pool.allocate(nbytes, "tune-vs-fio")
+        buffer.tensor.random_(0, 256)
+        for r in range(a.rounds):
+            for impl in (("ours", "fio") if r % 2 == 0 else ("fio", "ours")):
+                if impl == "ours":
+                    write, read = _measure(work / "ours.bin", buffer.tensor, io, IoEngine)
+                else:
+                    records = run_fio(work, nbytes)
+                    write = max(x["gbs"] for x in records if x["op"] == "write")
+                    read = max(x["gbs"] for x in records if x["op"] == "read")
+                    for f in work.iterdir():
+                        f.unlink()
+                row = dict(round=r, impl=impl, write_gbs=write, read_gbs=read)
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    finally:
+        pool.close()
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"\n{a.dir}, {nbytes >> 20} MiB, {a.rounds} rounds interleaved; ours = {io}\n")
+    print("| op | tuned offload GB/s | fio best GB/s | ratio |\n|---|---|---|---|")
+    for op in ("write", "read"):
+        ours = statistics.median(x[f"{op}_gbs"] for x in rows if x["impl"] == "ours")
+        fio = statistics.median(x[f"{op}_gbs"] for x in rows if x["impl"] == "fio")
+        print(f"| {op} | {ours:.2f} | {fio:.2f} | {ours / fio:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
