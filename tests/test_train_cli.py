@@ -82,6 +82,14 @@ def test_ctrl_c_stops_cleanly_and_removes_swap_files(tmp_path):
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
+def test_train_uses_the_io_settings_of_a_config_file(tmp_path):
+    config = tmp_path / "offload.toml"
+    config.write_text('dtype = "fp32"\n[io]\nblock_size = "1MiB"\nqueue_depth = 4\nthreads = 1\ndirect = "auto"\n')
+    done = _train(tmp_path, "--config", str(config), "--steps", "2", "--log-every", "1", *FAST)
+    assert "fp32 on cpu" in done.stdout and "io: 1 MiB blocks, 1 x 4 in flight" in done.stdout
+    assert "parameters: nvme;" in done.stdout  # a file that does not set the placement keeps train's defaults
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--steps", "0"], "--steps: expected a positive integer; got 0"),
     (["--model", "nope"], "--model: 'nope' is neither a preset"),

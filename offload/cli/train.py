@@ -146,6 +146,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"  parameters: {config.params}; optimizer state: {stats.optimizer_groups_on_host} groups in RAM, "
               f"{stats.optimizer_groups_on_nvme} on NVMe{f' ({config.nvme_dir})' if config.nvme_dir else ''}; "
               f"host buffers {stats.host_bytes_in_use / 2**20:.0f} MiB")
+        if "nvme" in (config.params, config.optimizer):
+            print(f"  io: {config.io.block_size / 2**20:g} MiB blocks, {config.io.threads} x {config.io.queue_depth} in "
+                  f"flight, direct={config.io.direct}")
         first = 0
         if args.resume and (args.checkpoint_dir and _has_checkpoint(args.checkpoint_dir)):
             first = int(engine.load(args.checkpoint_dir)["step"])

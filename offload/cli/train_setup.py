@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tomllib
 from importlib import resources
 from pathlib import Path
 
@@ -80,21 +81,31 @@ def batch_at(tokens: torch.Tensor, step: int, batch: int, seq_len: int, seed: in
 
 
 def make_config(args: argparse.Namespace, scratch_dir: str | None) -> Config:
-    """The engine config: ``--config`` (or the defaults), then the flags on top. Without a GPU the defaults put
-    parameters and optimizer state on NVMe, in ``scratch_dir`` unless ``--nvme-dir`` names a directory; with
-    a GPU, parameters stay on it (parameter offload is CPU-only in this version) and the optimizer goes to NVMe."""
-    base = Config.from_file(args.config) if args.config else None
-    device = args.device or (base.device if base else ("cuda" if torch.cuda.is_available() else "cpu"))
+    """The engine config: flags first, then what ``--config`` sets, then this command's defaults. Without a GPU
+    the defaults put parameters and optimizer state on NVMe, in ``scratch_dir`` unless a directory is named;
+    with a GPU, parameters stay on it (parameter offload is CPU-only in this version) and the optimizer goes to
+    NVMe. A file from ``offload tune`` (only ``[io]``) therefore changes the I/O settings and nothing else."""
+    file_values: dict = {}
+    base = Config()
+    if args.config:
+        base = Config.from_file(args.config)  # validates; raises naming the file
+        with open(args.config, "rb") as f:
+            file_values = tomllib.load(f)
+
+    def pick(field: str, flag_value: object, default: object) -> object:
+        if flag_value is not None:
+            return flag_value
+        return getattr(base, field) if field in file_values else default
+
+    device = pick("device", args.device, "cuda" if torch.cuda.is_available() else "cpu")
     on_cuda = torch.device(device).type == "cuda"
-    params = args.params or (base.params if base else ("device" if on_cuda else "nvme"))
-    optimizer = args.optimizer or (base.optimizer if base else "nvme")
-    nvme_dir = args.nvme_dir or (base.nvme_dir if base else None)
+    params = pick("params", args.params, "device" if on_cuda else "nvme")
+    optimizer = pick("optimizer", args.optimizer, "nvme")
+    nvme_dir = pick("nvme_dir", args.nvme_dir, None)
     if nvme_dir is None and "nvme" in (params, optimizer):
         nvme_dir = scratch_dir
     changes = dict(device=device, params=params, optimizer=optimizer, nvme_dir=nvme_dir)
-    for flag, field in (("dtype", "dtype"), ("host_memory_limit", "host_memory_limit"),
-                        ("device_memory_limit", "device_memory_limit"), ("prefetch_layers", "prefetch_layers")):
+    for flag in ("dtype", "host_memory_limit", "device_memory_limit", "prefetch_layers"):
         if getattr(args, flag) is not None:
-            changes[field] = getattr(args, flag)
-    return base.replace(**changes) if base else Config(**changes)
-
+            changes[flag] = getattr(args, flag)
+    return base.replace(**changes)
