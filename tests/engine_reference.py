@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -125,3 +126,13 @@ def train_with_engine(kind: str, model: nn.Module, data: list[list[dict]], confi
         assert info.step == len(data)
         assert all(p.device.type == engine.device.type for p in engine.model.parameters())
         return losses, engine.state_dict(), engine.stats()
+
+
+def assert_matches(losses, state, ref_losses, ref_state, rtol, weight_atol=None):
+    assert len(losses) == len(ref_losses)
+    for step, (ours, ref) in enumerate(zip(losses, ref_losses)):
+        assert ours == pytest.approx(ref, rel=rtol), f"loss differs at step {step + 1}"
+    assert state.keys() == ref_state.keys()
+    for key, ref in ref_state.items():
+        atol = rtol if weight_atol is None else weight_atol
+        torch.testing.assert_close(state[key], ref, rtol=rtol, atol=atol, msg=lambda m: f"{key}: {m}")

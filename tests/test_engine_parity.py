@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import offload
-from engine_reference import batches, mlp, no_decay_groups, reference_run, tiny_llama, train_with_engine
+from engine_reference import assert_matches, batches, mlp, no_decay_groups, reference_run, tiny_llama, train_with_engine
 
 transformers = pytest.importorskip("transformers", reason="the Llama parity tests need transformers")
 
@@ -20,16 +20,6 @@ def engine_run(kind, model, data, config, *, max_grad_norm, decay_groups, **engi
     groups = no_decay_groups(model) if decay_groups else None
     return train_with_engine(kind, model, data, config, lr=LR, weight_decay=WEIGHT_DECAY,
                              max_grad_norm=max_grad_norm, param_groups=groups, **engine_kw)
-
-
-def assert_matches(losses, state, ref_losses, ref_state, rtol, weight_atol=None):
-    assert len(losses) == len(ref_losses)
-    for step, (ours, ref) in enumerate(zip(losses, ref_losses)):
-        assert ours == pytest.approx(ref, rel=rtol), f"loss differs at step {step + 1}"
-    assert state.keys() == ref_state.keys()
-    for key, ref in ref_state.items():
-        atol = rtol if weight_atol is None else weight_atol
-        torch.testing.assert_close(state[key], ref, rtol=rtol, atol=atol, msg=lambda m: f"{key}: {m}")
 
 
 @pytest.mark.parametrize("kind", ["llama", "mlp"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import offload
-from engine_reference import batches, loss_of, reference_run, tiny_llama, train_with_engine
+from engine_reference import assert_matches, batches, loss_of, reference_run, tiny_llama, train_with_engine
 
 pytest.importorskip("transformers", reason="the parameter-offload tests build a small Llama")
 
@@ -41,9 +41,7 @@ def test_matches_torch_adamw_within_a_quarter_of_the_model(params, optimizer, ch
                             device_memory_limit=limit, prefetch_layers=1)
     losses, state, stats = train_with_engine("llama", model, data, config, lr=LR, weight_decay=WEIGHT_DECAY,
                                              max_grad_norm=1.0)
-    assert losses == pytest.approx(ref_losses, rel=1e-5)
-    for key, ref in ref_state.items():
-        torch.testing.assert_close(state[key], ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{key}: {m}")
+    assert_matches(losses, state, ref_losses, ref_state, rtol=1e-5)
     assert 0 < stats.device_param_bytes_peak <= limit
     assert stats.device_param_bytes == 0  # between steps every group is home
 
@@ -307,9 +305,7 @@ def test_gradients_on_nvme_when_the_host_budget_is_below_them(params, tmp_path, 
                             host_memory_limit=limit, prefetch_layers=0)
     losses, state, stats = train_with_engine("llama", model, data, config, lr=LR, weight_decay=WEIGHT_DECAY,
                                              max_grad_norm=1.0)
-    assert losses == pytest.approx(ref_losses, rel=1e-5)
-    for key, ref in ref_state.items():
-        torch.testing.assert_close(state[key], ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{key}: {m}")
+    assert_matches(losses, state, ref_losses, ref_state, rtol=1e-5)
     assert stats.host_bytes_peak <= limit and stats.optimizer_groups_on_host == 0 and stats.gradients_on_nvme
 
 
