@@ -55,7 +55,8 @@ def loss_of(kind: str, model_or_engine, batch: dict, dtype: torch.dtype | None =
     if kind == "llama":
         return model_or_engine(input_ids=batch["input_ids"], labels=batch["labels"]).loss
     x = batch["x"] if dtype is None else batch["x"].to(dtype)
-    return nn.functional.cross_entropy(model_or_engine(x).float(), batch["y"])
+    out = model_or_engine(x).float()
+    return nn.functional.cross_entropy(out, batch["y"].to(out.device))
 
 
 def no_decay_groups(model: nn.Module) -> list[dict]:

@@ -30,6 +30,7 @@ from offload.optim.background_step import BackgroundStep
 from offload.optim.group_stepper import GroupStepper, GroupUpdate, Segment, StepCounters
 from offload.optim.hyper import resolve_param_groups
 from offload.optim.loss_scale import LossScaler
+from offload.optim.update_queue import UpdateQueue
 from offload.optim.state_store import (FP32_BYTES, STATE_PARTS, OptimizerStateStore, StatePlacement,
                                        plan_placement, split_state, staging_bytes)
 from offload.storage.host_pool import HostPool
@@ -64,9 +65,6 @@ class Engine:
         self.config = config = config if config is not None else Config()
         if not isinstance(config, Config):
             raise ConfigError(f"config: expected an offload.Config; got {type(config).__name__}")
-        if config.params != "device" and torch.device(config.device).type != "cpu":
-            raise ConfigError(f"params: {config.params!r} placement is available on the CPU device only in this "
-                              "version; use params='device' on CUDA (optimizer state is still offloaded)")
         if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and
                                               math.isfinite(max_grad_norm) and max_grad_norm > 0):
             raise ConfigError(f"max_grad_norm: expected None or a positive number; got {max_grad_norm!r}")
@@ -94,7 +92,8 @@ class Engine:
         self._step = 0
         self._nvme_read = self._nvme_written = 0
         self._adam_s = self._io_wait_s = 0.0
-        self._inflight: BackgroundStep | None = None
+        self._inflight: BackgroundStep | UpdateQueue | None = None
+        self._eager_steps = 0  # steps whose updates overlapped backward (backward_step), for tests and stats
         self._closed = False
         self._failed: str | None = None
         self.swap: SwapStore | None = None
@@ -177,7 +176,8 @@ class Engine:
             width = max_use_width(uses_by_module(self.model, self.groups))
             res.weights = OffloadedParams(self.groups, config.params, self.dtype, self.pool, res.swap,
                                           None if limit is None else limit - self._frozen_bytes,
-                                          fetch_slots=(config.prefetch_layers + 1) * width, timeline=self.timeline)
+                                          fetch_slots=(config.prefetch_layers + 1) * width, timeline=self.timeline,
+                                          device=self.device)
         else:
             res.weights = DeviceWeights(self.device, self.dtype, self.pool)
         self.weights = res.weights
@@ -328,6 +328,92 @@ class Engine:
                         grad_bytes_to_host=grad_bytes, groups_on_nvme=counters.groups_on_nvme,
                         overlapped=overlapped)
 
+    # Note [updates during backward]: without clipping, fp16 loss scaling or skip_nonfinite, a group's update
+    # depends on its own gradients only, so ``backward_step`` runs it as soon as the last of them arrives
+    # (GradientStream.on_group_ready, on the thread running autograd) while backward goes on with the other
+    # groups: the Adam pass overlaps backward instead of following it. The updates run one by one on an
+    # UpdateQueue thread, each first waiting for its group's gradient copies (CUDA). What makes it safe:
+    # - no autograd node reads a group's weights after all of its parameters have their gradients (the node
+    #   that reads a weight also produces its gradient), so rewriting them cannot change this backward; on
+    #   CUDA the weight upload waits for the kernels queued before it (Note [weight uploads on CUDA]);
+    # - offloaded weights: the group is already released (param_done runs first) and ``expect_update`` makes
+    #   its next fetch wait for the update, as in the overlapped step;
+    # - state in RAM only: NVMe state keeps the pipelined step (its reads are planned across groups);
+    # - the gradients of this backward only: an accumulation started by backward() takes the plain path.
+    # Groups left incomplete (a parameter without gradient) are updated after backward. The result is the
+    # same as ``backward(); step()``: the same kernel on the same inputs, group by group.
+    def backward_step(self, loss: torch.Tensor) -> StepInfo:
+        """``backward(loss)`` then ``step()`` in one call, with the same result. When no group's update depends
+        on the others (``max_grad_norm`` None, no fp16 loss scaling, ``skip_nonfinite`` off, gradients and
+        optimizer state in host RAM, no gradient left by an earlier ``backward``), each group's Adam update
+        starts as soon as its gradients are complete and overlaps the rest of backward (Note [updates during
+        backward]); otherwise it is exactly ``backward(loss); step()``."""
+        self._check_open()
+        self._sync()
+        placements = {s.placement for s in self.store.states}
+        if (self.max_grad_norm is not None or self.dtype == torch.float16 or self.skip_nonfinite
+                or self._res.grad_swap is not None or placements != {StatePlacement.HOST}
+                or self._grads.any_received()):
+            self.backward(loss)
+            return self.step()
+        start = time.perf_counter()
+        offloaded = isinstance(self.weights, OffloadedParams)
+        queue = UpdateQueue(lambda update: self._run_updates([update], 1.0, keep_order=True))
+        submitted: set[int] = set()
+
+        def ready(g: int, copies: list[torch.cuda.Event]) -> None:
+            if not any(self._grads.received[g]):
+                return
+            update = self._update_of(g)
+            if offloaded:
+                self.weights.expect_update([g])
+                update.done = partial(self.weights.mark_updated, g)
+            submitted.add(g)
+            queue.submit(update, copies)
+
+        self._grads.count_arrivals()
+        self._grads.on_group_ready = ready
+        try:
+            self.backward(loss)
+            self._grads.finish()
+            for g in range(len(self.groups)):  # groups with a parameter that got no gradient
+                if g not in submitted and any(self._grads.received[g]):
+                    ready(g, [])
+        except BaseException:
+            queue.close()
+            try:
+                queue.wait()
+            except BaseException:
+                pass  # the backward's error is the one to report
+            if submitted:
+                self._failed = "backward_step failed after updating some groups"
+                if offloaded:
+                    self.weights.abort_updates(self._failed)
+            raise
+        finally:
+            self._grads.on_group_ready = None
+        queue.close()
+        grad_norm = float(self._grads.global_norm())
+        for g, group in enumerate(self.groups):
+            for i in range(len(group.slots)):
+                self._param_steps[g][i] += self._grads.received[g][i]
+        self._step += 1
+        self._eager_steps += 1
+        counters = StepCounters()
+        if offloaded:
+            self._inflight = self._res.inflight = queue  # joined by the next _sync, like an overlapped step
+        else:
+            counters = queue.wait()
+            self._add_counters(counters)
+            self.weights.finish_step()
+        grad_bytes, self._grads.bytes_to_host = self._grads.bytes_to_host, 0
+        self._grads.reset()
+        self.timeline.add("step", f"step {self._step} (during backward)", start, time.perf_counter())
+        return StepInfo(step=self._step, grad_norm=grad_norm, skipped=False, loss_scale=self._scaler.scale,
+                        time_s=time.perf_counter() - start, adam_s=counters.adam_s, io_wait_s=counters.io_wait_s,
+                        nvme_bytes_read=0, nvme_bytes_written=0, grad_bytes_to_host=grad_bytes,
+                        groups_on_nvme=0, overlapped=offloaded)
+
     def _run_updates(self, updates: list[GroupUpdate], grad_scale: float, keep_order: bool = False) -> StepCounters:
         try:
             return self._stepper.run(updates, grad_scale, keep_order=keep_order)
@@ -463,6 +549,14 @@ class Engine:
                     tensor = tensor.float()
             copies[id(value)] = out[key] = tensor
         return out
+
+    def synchronize(self) -> None:
+        """Blocks until the last step is complete: the overlapped optimizer update (offloaded parameters) and,
+        on CUDA, every kernel and copy queued on the device. For timing; training never needs it."""
+        self._check_open()
+        self._sync()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def stats(self) -> EngineStats:
         pool = self.pool.stats()

@@ -6,7 +6,8 @@ value, and drops the device gradient. Across micro-batches the accumulator sums 
 is always that of the sum so far, so after the last ``backward`` the global norm is known without another pass
 over the gradients. The norms are computed as ``torch.nn.utils.clip_grad_norm_`` computes them (one
 ``vector_norm`` per parameter, then the norm of those, in the model's parameter order), so clipping scales the
-gradients by the very same fp32 factor.
+gradients by the very same fp32 factor (on CUDA the first gradient's norm is reduced on the device, in fp32,
+in the GPU's order: the factor agrees to fp32 rounding; see Note [first gradient on CUDA]).
 """
 
 from __future__ import annotations
@@ -52,8 +53,14 @@ class GradientStream:
         self.bytes_to_host = 0
         self.timeline = timeline
         self.on_param_done: Callable[[int, int], None] | None = None  # (group, slot): its gradient is taken
+        # (group, the CUDA copies its accumulator still waits for): every parameter of the group has had its
+        # gradient in this backward (set by Engine.backward_step; counted from ``count_arrivals``).
+        self.on_group_ready: Callable[[int, list[torch.cuda.Event]], None] | None = None
+        self._arrived = [0] * len(groups)
+        self._copies_of_group: list[list[torch.cuda.Event]] = [[] for _ in groups]
         self.grad_swap: GradSwap | None = None
         self._pending: deque[_PendingCopy] = deque()
+        self._first_copies: list[torch.cuda.Event] = []  # device -> accumulator copies not yet waited for
         self._staging: HostBuffer | None = None
         if device.type == "cuda":
             self._side_stream = torch.cuda.Stream(device)
@@ -66,14 +73,28 @@ class GradientStream:
         self._hooks = [slot.param.register_post_accumulate_grad_hook(partial(self._on_grad, g.index, i))
                        for g in self.groups for i, slot in enumerate(g.slots)]
 
+    def count_arrivals(self) -> None:
+        """Starts counting, per group, the parameters whose gradient has arrived (for ``on_group_ready``)."""
+        self._arrived = [0] * len(self.groups)
+        self._copies_of_group = [[] for _ in self.groups]
+
     def _on_grad(self, group_index: int, slot_index: int, param: torch.Tensor) -> None:
         grad, param.grad = param.grad, None  # the device gradient is dropped now: only the host keeps it
-        if grad is None:
-            return
-        self.bytes_to_host += grad.numel() * grad.element_size()
+        if grad is not None:
+            self._take(group_index, slot_index, grad)
+        if self.on_group_ready is not None:
+            self._arrived[group_index] += 1
+            if self._arrived[group_index] == len(self.groups[group_index].slots):
+                self.on_group_ready(group_index, list(self._copies_of_group[group_index]))
+
+    def _take(self, group_index: int, slot_index: int, grad: torch.Tensor) -> None:
         if self.device.type == "cuda" and grad.numel() > 0:
-            self._copy_async(group_index, slot_index, grad)
+            if self.grad_hosts[group_index] is not None and not self.received[group_index][slot_index]:
+                self._copy_first(group_index, slot_index, grad)
+            else:
+                self._copy_async(group_index, slot_index, grad)
         else:
+            self.bytes_to_host += grad.numel() * grad.element_size()
             self._accumulate(group_index, slot_index, grad)
         if self.on_param_done is not None:
             self.on_param_done(group_index, slot_index)
@@ -107,6 +128,7 @@ class GradientStream:
     # accumulator on the host (``_drain_one``), oldest first.
     def _copy_async(self, group_index: int, slot_index: int, grad: torch.Tensor) -> None:
         nbytes = grad.numel() * grad.element_size()
+        self.bytes_to_host += nbytes
         start = self._ring.take(nbytes)
         while start is None:
             self._drain_one()
@@ -122,6 +144,34 @@ class GradientStream:
         while self._pending and self._pending[0].done.query():
             self._drain_one()
 
+    # Note [first gradient on CUDA]: the first gradient of a parameter in an accumulation (with one
+    # micro-batch per step: every gradient) needs no host arithmetic: the GPU widens it to fp32 and the side
+    # stream copies it straight into the parameter's range of the pinned fp32 accumulator, and its norm is
+    # reduced on the device (kept as a device scalar until ``global_norm``). The host thread running autograd
+    # only issues work, so backward's kernels keep coming; PCIe carries 4 bytes per parameter instead of 2,
+    # which it has to spare, while the host saves a widening pass and a norm pass over the gradients. Ordering:
+    # the side stream waits for the compute stream (the gradient and its widened copy are complete); the
+    # widened tensor is allocated on the side stream, so its memory is reused only after the copy there; the
+    # gradient is marked used by the side stream as in Note [gradient copies on CUDA]. A later micro-batch's
+    # gradient of the same parameter goes through the staging ring on the same stream, so its ``done`` event
+    # also covers this copy before the host adds into the accumulator; ``finish`` waits for the rest.
+    def _copy_first(self, group_index: int, slot_index: int, grad: torch.Tensor) -> None:
+        group = self.groups[group_index]
+        accum = group.view(self.grad_hosts[group_index], group.slots[slot_index])
+        norm = torch.linalg.vector_norm(grad, dtype=torch.float32)  # on the compute stream
+        self._side_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._side_stream):
+            wide = grad.to(torch.float32)
+            accum.copy_(wide, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._side_stream)
+        grad.record_stream(self._side_stream)
+        self._first_copies.append(done)
+        self._copies_of_group[group_index].append(done)
+        self.received[group_index][slot_index] = True
+        self.norms[group_index][slot_index] = norm
+        self.bytes_to_host += accum.numel() * accum.element_size()
+
     def _drain_one(self) -> None:
         copy = self._pending.popleft()
         copy.done.synchronize()
@@ -132,6 +182,9 @@ class GradientStream:
         """Blocks until every gradient handed to a hook is in its accumulator (on NVMe for swapped groups)."""
         while self._pending:
             self._drain_one()
+        for done in self._first_copies:
+            done.synchronize()
+        self._first_copies.clear()
         if self.grad_swap is not None:
             self.grad_swap.end_backward()
 
@@ -141,7 +194,13 @@ class GradientStream:
                          for i, norm in enumerate(per_group) if norm is not None)
         if not ordered:
             return torch.zeros(())
-        return torch.linalg.vector_norm(torch.stack([norm for _, norm in ordered]))
+        norms = [norm for _, norm in ordered]
+        on_device = [k for k, norm in enumerate(norms) if norm.device.type != "cpu"]
+        if on_device:  # one device -> host transfer for all of them
+            moved = torch.stack([norms[k] for k in on_device]).cpu()
+            for j, k in enumerate(on_device):
+                norms[k] = moved[j]
+        return torch.linalg.vector_norm(torch.stack(norms))
 
     def any_received(self) -> bool:
         return any(any(per_group) for per_group in self.received)
@@ -161,6 +220,9 @@ class GradientStream:
         for copy in self._pending:
             copy.done.synchronize()
         self._pending.clear()
+        for done in self._first_copies:
+            done.synchronize()
+        self._first_copies.clear()
         if self._staging is not None:
             pool.release(self._staging)
             self._staging = None

@@ -243,6 +243,7 @@ class FetchScheduler:
         self.params.release_all()
 
     def _prefetch(self, uses: list[tuple[int, ...]]) -> None:
+        self.params.advance()
         for use in uses:
             for g in use:
                 # keep staging slots for the widest use, so that a fetch on demand always finds one

@@ -11,8 +11,10 @@ The optimizer writes each group's new weights to its home: the native kernel wri
 host home, or into a write-back slot that is then written to the group's swap file. A fetch of a group first
 waits for that group's write-back, and nothing else, so writes overlap the next forward.
 
-Only the CPU device is supported for now; the device buffer is then ordinary memory, accounted against
-``device_memory_limit``.
+On the CPU device the device buffer is ordinary memory, accounted against ``device_memory_limit``, and a
+fill is a synchronous copy. On CUDA the host buffers are pinned and a fill is an asynchronous copy on the fetch
+stream (Note [fetch stream] in ``device_copy``): the group is FETCHING until its use makes the compute stream
+wait for the copy, so a prefetch overlaps the kernels of the groups before it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 
 from offload.errors import MemoryBudgetError
 from offload.layout.flat_group import FlatGroup
+from offload.schedule.device_copy import HostToDevice
 from offload.schedule.residency import Residency, ResidencyTable
 from offload.storage.host_pool import HostBuffer, HostPool
 from offload.storage.io_engine import IoHandle
@@ -37,10 +40,13 @@ WRITEBACK_SLOTS = 2  # new weights of group j are written to NVMe while the kern
 class OffloadedParams:
     def __init__(self, groups: list[FlatGroup], home: str, dtype: torch.dtype, pool: HostPool,
                  swap: SwapStore | None, device_limit: int | None, fetch_slots: int,
-                 timeline: Timeline = NO_TIMELINE) -> None:
+                 timeline: Timeline = NO_TIMELINE, device: torch.device = torch.device("cpu")) -> None:
         """``home``: "cpu" or "nvme". ``fetch_slots``: host staging buffers for NVMe reads in flight (the
         current group plus the prefetched ones)."""
         self.groups = groups
+        self.device = torch.device(device)
+        self._h2d = HostToDevice(self.device)
+        self._copying: dict[int, torch.cuda.Event] = {}  # group -> its host -> device copy, not yet waited for
         self.home = home
         self.dtype = dtype
         self.pool = pool
@@ -65,6 +71,8 @@ class OffloadedParams:
         self._fetch_slots = [pool.allocate(largest, f"fetch staging {i}") for i in range(nslots)]
         self._free_fetch_slots = list(range(nslots))
         self._fetch: dict[int, tuple[int, IoHandle]] = {}  # group -> (fetch slot, read in flight)
+        # CUDA: the copy that last read each fetch slot; the slot takes a new NVMe read only once it is done.
+        self._slot_copied: list[torch.cuda.Event | None] = [None] * nslots
         self._writeback_slots = [pool.allocate(largest, f"write-back staging {i}")
                                  for i in range(WRITEBACK_SLOTS if home == "nvme" else 0)]
         self._writeback: dict[int, IoHandle] = {}            # group -> its weights' write in flight
@@ -117,7 +125,7 @@ class OffloadedParams:
         """Points each parameter at its view of its group's device buffer, then releases every buffer's storage
         (one group's worth of memory at a time)."""
         for group in self.groups:
-            weights = torch.empty(group.numel, dtype=self.dtype)
+            weights = torch.empty(group.numel, dtype=self.dtype, device=self.device)
             for slot in group.slots:
                 slot.param.data = group.view(weights, slot)
             weights.untyped_storage().resize_(0)
@@ -126,7 +134,9 @@ class OffloadedParams:
     # ---- residency -------------------------------------------------------------------------------------------
 
     def expect_update(self, groups: list[int]) -> None:
-        """An overlapped step is about to update ``groups``: fetches of them wait until ``mark_updated``."""
+        """An overlapped step is about to update ``groups``: fetches of them wait until ``mark_updated``.
+        Every copy still reading a host home finishes first (the kernel rewrites the homes)."""
+        self._h2d.drain()
         for g in groups:
             self._updated[g].clear()
 
@@ -164,6 +174,9 @@ class OffloadedParams:
                 return False
             self._wait_writeback(g)  # the read must see the weights of the last step
             slot = self._free_fetch_slots.pop()
+            if self._slot_copied[slot] is not None:  # the slot's last copy to the device must have read it
+                self._slot_copied[slot].synchronize()
+                self._slot_copied[slot] = None
             staging = self._fetch_slots[slot].tensor[:self.nbytes(g)]
             self._fetch[g] = (slot, self.swap.read(self.weight_home_nvme[g], 0, staging))
             self.nvme_bytes_read += self.nbytes(g)
@@ -173,8 +186,12 @@ class OffloadedParams:
             return True
         self._account(g, +1)
         with self.timeline.span("fetch", f"copy {self.groups[g].name or '<root>'}"):
-            self._fill(g, self.weight_home_host[g])
-        self.residency.move(g, Residency.RESIDENT)
+            copied = self._fill(g, self.weight_home_host[g])
+        if copied is None:
+            self.residency.move(g, Residency.RESIDENT)
+        else:
+            self._copying[g] = copied
+            self.residency.move(g, Residency.FETCHING)
         return True
 
     def ensure_resident(self, g: int) -> None:
@@ -183,6 +200,7 @@ class OffloadedParams:
         resident yet is added to ``fetch_wait_s``."""
         if self.residency[g] is Residency.RESIDENT:
             return
+        self.advance()
         start = time.perf_counter()
         try:
             self._make_resident(g)
@@ -197,23 +215,45 @@ class OffloadedParams:
                                     f"({self.nbytes(g)} bytes) next to {self.resident_bytes} resident bytes",
                                     self.nbytes(g), max(0, self.device_limit - self.resident_bytes),
                                     "device_memory_limit")
-        if self.residency[g] is Residency.FETCHING:
-            slot, handle = self._fetch.pop(g)
-            try:
-                self.swap.wait(handle)
-            except OSError:
-                # The file is intact (only the read failed): the group stays home and a later use may retry.
-                self._free_fetch_slots.append(slot)
-                self._issued.pop(g, None)
-                self._account(g, -1)
-                self.residency.move(g, Residency.RELEASED)
-                raise
-            name = self.groups[g].name or "<root>"
-            self.timeline.add("nvme read", f"weights {name}", self._issued.pop(g), self.timeline.now())
-            with self.timeline.span("fetch", f"copy {name}"):
-                self._fill(g, self._fetch_slots[slot].tensor[:self.nbytes(g)].view(self.dtype))
-            self._free_fetch_slots.append(slot)
+        if self.residency[g] is Residency.FETCHING and g in self._copying:  # CUDA, from a host home
+            self._h2d.wait_ready(self._copying.pop(g))
             self.residency.move(g, Residency.RESIDENT)
+        elif self.residency[g] is Residency.FETCHING:
+            self._h2d.wait_ready(self._copy_read(g))
+            self.residency.move(g, Residency.RESIDENT)
+
+    def _copy_read(self, g: int) -> torch.cuda.Event | None:
+        """Waits for group g's NVMe read and copies the slot to the device (asynchronously on CUDA: the
+        event); the slot is free again afterwards. A failed read leaves the group RELEASED and raises."""
+        slot, handle = self._fetch.pop(g)
+        try:
+            self.swap.wait(handle)
+        except OSError:
+            # The file is intact (only the read failed): the group stays home and a later use may retry.
+            self._free_fetch_slots.append(slot)
+            self._issued.pop(g, None)
+            self._account(g, -1)
+            self.residency.move(g, Residency.RELEASED)
+            raise
+        name = self.groups[g].name or "<root>"
+        self.timeline.add("nvme read", f"weights {name}", self._issued.pop(g), self.timeline.now())
+        with self.timeline.span("fetch", f"copy {name}"):
+            copied = self._fill(g, self._fetch_slots[slot].tensor[:self.nbytes(g)].view(self.dtype))
+        self._slot_copied[slot] = copied
+        self._free_fetch_slots.append(slot)
+        return copied
+
+    def advance(self) -> None:
+        """CUDA: starts the device copy of every prefetched group whose NVMe read has ended, so that the copy
+        runs under the kernels queued next instead of after them. Never blocks on the disk."""
+        if not self._h2d.asynchronous:
+            return
+        for g in [g for g, (_, handle) in self._fetch.items() if self.swap.poll(handle)]:
+            try:
+                self._copying[g] = self._copy_read(g)
+            except OSError:
+                pass  # the group went back home; its use fetches it again and reports a second failure
+
 
     def release(self, g: int) -> None:
         """Frees group g's device storage (waits for a read in flight first: its slot must not be reused
@@ -221,7 +261,12 @@ class OffloadedParams:
         state = self.residency[g]
         if state is Residency.RELEASED:
             return
-        if state is Residency.FETCHING:
+        if state is Residency.FETCHING and g in self._copying:
+            # A prefetch nobody used: its storage is freed now, and the allocator reuses the block only after
+            # the copy has run (Note [fetch stream], 3).
+            del self._copying[g]
+            self.weight_device[g].untyped_storage().resize_(0)
+        elif state is Residency.FETCHING:
             slot, handle = self._fetch.pop(g)
             try:
                 self.swap.wait(handle)
@@ -252,10 +297,11 @@ class OffloadedParams:
     def resident_groups(self) -> list[int]:
         return [g for g in range(len(self.groups)) if self.residency[g] is not Residency.RELEASED]
 
-    def _fill(self, g: int, source: torch.Tensor) -> None:
+    def _fill(self, g: int, source: torch.Tensor) -> torch.cuda.Event | None:
+        """Allocates group g's device storage and copies ``source`` into it; the copy's event on CUDA."""
         weights = self.weight_device[g]
         weights.untyped_storage().resize_(self.nbytes(g))
-        weights.copy_(source)
+        return self._h2d.copy(weights, source)
 
     def _account(self, g: int, sign: int) -> None:
         self.resident_bytes += sign * self.nbytes(g)
@@ -321,6 +367,8 @@ class OffloadedParams:
         if self.residency[g] is not Residency.RELEASED:
             raise RuntimeError(f"offload: group {g} is on the device while its weights are replaced")
         end = start + master.numel()
+        if start == 0:
+            self._h2d.drain()  # no copy may still be reading the home that is rewritten
         if self.home == "cpu":
             if not self._aliased[g]:
                 self.weight_home_host[g][start:end].copy_(master)
@@ -390,6 +438,7 @@ class OffloadedParams:
             except OSError:
                 pass  # recorded in io_failure and reported when it happened; closing must still finish
         self._writeback.clear()
+        self._h2d.drain()  # the copies read host buffers that are about to be freed
         for buffer in self._home_buffers + self._fetch_slots + self._writeback_slots:
             self.pool.release(buffer)
         self._home_buffers.clear()

@@ -161,6 +161,10 @@ class SwapStore:
     def wait(self, handle: IoHandle) -> None:
         self._engine.wait(handle)
 
+    def poll(self, handle: IoHandle) -> bool:
+        """True once the transfer has ended (``wait`` then returns at once, or raises its error)."""
+        return self._engine.poll(handle)
+
     def wait_all(self) -> None:
         self._engine.wait_all()
 

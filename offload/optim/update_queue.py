@@ -1,0 +1,57 @@
+"""UpdateQueue: group updates handed over one by one during backward, run in order on one thread."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import fields
+from typing import Callable
+
+import torch
+
+from offload.optim.group_stepper import GroupUpdate, StepCounters
+
+
+class UpdateQueue:
+    """Runs ``run_one(update)`` for each submitted update, in submission order, on its own thread. ``submit``
+    may pass events (CUDA gradient copies) that must complete before the update reads its gradients. After
+    ``close()`` (no more updates), ``wait()`` joins the thread and returns the summed counters, or raises the
+    first error; updates submitted after a failure are dropped (the engine is failed by then). ``wait()`` has
+    BackgroundStep's meaning, so the engine joins either kind of step the same way."""
+
+    def __init__(self, run_one: Callable[[GroupUpdate], StepCounters], name: str = "offload-step") -> None:
+        self._run_one = run_one
+        self._items: queue.SimpleQueue = queue.SimpleQueue()
+        self._counters = StepCounters()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, update: GroupUpdate, ready: list[torch.cuda.Event] = ()) -> None:
+        self._items.put((update, list(ready)))
+
+    def close(self) -> None:
+        self._items.put(None)
+
+    def wait(self) -> StepCounters:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._counters
+
+    def _loop(self) -> None:
+        while True:
+            item = self._items.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue
+            update, ready = item
+            try:
+                for event in ready:
+                    event.synchronize()
+                done = self._run_one(update)
+                for f in fields(StepCounters):
+                    setattr(self._counters, f.name, getattr(self._counters, f.name) + getattr(done, f.name))
+            except BaseException as e:  # handed to whoever waits
+                self._error = e

@@ -1,0 +1,100 @@
+"""engine.backward_step(loss): the same training as backward(); step(), with updates overlapping backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import offload
+from engine_reference import batches, loss_of, mlp, tiny_llama
+
+pytest.importorskip("transformers", reason="the backward_step tests build a small Llama")
+
+
+def _train(config, make, kind, data, fused: bool, **engine_kw):
+    losses, infos = [], []
+    with offload.Engine(make(), config, lr=3e-3, weight_decay=0.05, **engine_kw) as engine:
+        for step in data:
+            for batch in step[:-1]:
+                engine.backward(loss_of(kind, engine, batch))
+            loss = loss_of(kind, engine, step[-1])
+            infos.append(engine.backward_step(loss) if fused else (engine.backward(loss), engine.step())[1])
+            losses.append(loss.item())
+        return losses, engine.state_dict(), infos, engine._eager_steps
+
+
+@pytest.mark.parametrize("params,dtype", [("device", "fp32"), ("device", "bf16"), ("cpu", "fp32"),
+                                          ("cpu", "bf16"), ("nvme", "bf16")])
+def test_backward_step_is_bit_exact_with_backward_then_step(params, dtype, tmp_path):
+    data = batches("llama", 6, micro=1)
+    make = lambda: tiny_llama(layers=4)  # noqa: E731
+    config = offload.Config(device="cpu", dtype=dtype, params=params, optimizer="cpu", nvme_dir=tmp_path,
+                            prefetch_layers=1)
+    ref_losses, ref_state, ref_infos, _ = _train(config, make, "llama", data, fused=False)
+    losses, state, infos, eager = _train(config, make, "llama", data, fused=True)
+    assert eager == len(data)  # the updates really ran during backward
+    assert losses == ref_losses
+    assert all(torch.equal(state[k], ref_state[k]) for k in ref_state)
+    assert [i.step for i in infos] == [i.step for i in ref_infos]
+    assert [i.grad_norm for i in infos] == pytest.approx([i.grad_norm for i in ref_infos], rel=1e-6)
+
+
+@pytest.mark.parametrize("engine_kw,config_kw", [({"max_grad_norm": 1.0}, {}), ({}, {"dtype": "fp16"}),
+                                                 ({}, {"optimizer": "nvme"})])
+def test_backward_step_falls_back_when_updates_depend_on_each_other(engine_kw, config_kw, tmp_path):
+    data = batches("mlp", 4, micro=1)
+    config = offload.Config(**{"device": "cpu", "dtype": "fp32", "nvme_dir": tmp_path, **config_kw})
+    ref_losses, ref_state, _, _ = _train(config, mlp, "mlp", data, fused=False, **engine_kw)
+    losses, state, _, eager = _train(config, mlp, "mlp", data, fused=True, **engine_kw)
+    assert eager == 0
+    assert losses == ref_losses
+    assert all(torch.equal(state[k], ref_state[k]) for k in ref_state)
+
+
+def test_backward_step_after_accumulated_micro_batches_takes_the_plain_path(tmp_path):
+    data = batches("mlp", 4, micro=3)
+    config = offload.Config(device="cpu", dtype="fp32")
+    ref_losses, ref_state, _, _ = _train(config, mlp, "mlp", data, fused=False)
+    losses, state, _, eager = _train(config, mlp, "mlp", data, fused=True)
+    assert eager == 0
+    assert losses == ref_losses
+    assert all(torch.equal(state[k], ref_state[k]) for k in ref_state)
+
+
+class _HalfUsed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 8))
+        self.unused = nn.Parameter(torch.randn(8))
+
+    def forward(self, x):
+        return x @ self.weight
+
+
+@pytest.mark.parametrize("params", ["device", "cpu"])
+def test_a_group_without_gradient_is_left_alone_and_a_partial_one_updated_after_backward(params):
+    torch.manual_seed(0)
+
+    def make():
+        torch.manual_seed(0)
+        return nn.ModuleDict({"body": _HalfUsed(), "head_a": nn.Linear(8, 2), "head_b": nn.Linear(8, 2)})
+
+    x = torch.randn(4, 8)
+    config = offload.Config(device="cpu", dtype="fp32", params=params)
+    results = []
+    for fused in (False, True):
+        with offload.Engine(make(), config, lr=1e-2) as engine:
+            for _ in range(3):
+                model = engine.model
+                # head_b gets no gradient; body's ``unused`` never does, so body's group is never complete
+                # during backward and is updated after it (its weight only)
+                loss = model["head_a"](model["body"](x)).square().mean()
+                engine.backward_step(loss) if fused else (engine.backward(loss), engine.step())
+            results.append(engine.state_dict())
+            assert engine._eager_steps == (3 if fused else 0)
+    plain, fused = results
+    assert all(torch.equal(plain[k], fused[k]) for k in plain)
+    assert torch.equal(fused["head_b.weight"], make()["head_b"].weight.detach())
+    assert torch.equal(fused["body.unused"], make()["body"].unused.detach())
+    assert not torch.equal(fused["body.weight"], make()["body"].weight.detach())
