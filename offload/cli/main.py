@@ -11,11 +11,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="offload",
         description="offload: train models larger than GPU memory on one machine.",
-        epilog="Run 'offload bench adam|io|step --help' for the benchmarks' options.",
+        epilog="Run 'offload bench adam|io|step|gpu --help' for the benchmarks' options.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     bench = sub.add_parser("bench", help="paired benchmarks against torch (and DeepSpeed where installed)")
-    bench.add_argument("what", choices=["adam", "io", "step"], help="what to benchmark")
+    bench.add_argument("what", choices=["adam", "io", "step", "gpu"], help="what to benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     info = sub.add_parser("info", help="print the native core's SIMD variant and thread count")
     info.set_defaults(command="info")
@@ -83,6 +83,10 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             from offload.bench import step
 
             return step.main(args.rest)
+        if args.what == "gpu":
+            from offload.bench import gpu
+
+            return gpu.main(args.rest)
         from offload.bench import adam
 
         return adam.main(args.rest)
