@@ -51,7 +51,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--offline", action="store_true", help="install without network (no build isolation, no deps)")
     ap.add_argument("--report-dir", default=str(ROOT / "tools" / "baselines"), help="where the report goes")
     ap.add_argument("--nvme-dir", default=None, help="swap directory for the NVMe benchmark (default: a temp dir)")
-    ap.add_argument("--update-baseline", action="store_true", help="store this run's metrics as the baseline")
+    ap.add_argument("--update-baseline", action="store_true",
+                    help="store this run's metrics as the baseline (also after regressions: the explicit way to "
+                         "accept them; not after failed tests or benchmarks)")
     ap.add_argument("--work-dir", default=None, help="keep the raw results here (default: a temp dir)")
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--skip-bench", action="store_true")
@@ -80,6 +82,7 @@ def install(a: argparse.Namespace, log: list[str]) -> int:
 
 def gpu_tests(log: list[str], measured_path: Path) -> dict:
     env = dict(os.environ, OFFLOAD_GPU_REPORT=str(measured_path))
+    measured_path.unlink(missing_ok=True)  # the tests append; a reused --work-dir must not mix in an old run
     rc, out = run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "--tb=short", "-p", "no:cacheprovider", "tests"], log, env)
     summary = next((line for line in reversed(out.splitlines()) if re.search(r"\d+ (passed|failed|errors?|skipped)", line)), "")
     failed = [line for line in out.splitlines() if line.startswith(("FAILED", "ERROR"))]
@@ -114,10 +117,13 @@ def metrics_of(results: dict) -> dict[str, float]:
     return flat
 
 
-def compare(current: dict[str, float], baseline: dict[str, float]) -> list[dict]:
+def compare(current: dict[str, float], baseline: dict[str, float], benches_run: set[str]) -> list[dict]:
+    """One row per baseline metric of a benchmark that ran (a metric it no longer produces is a failure)."""
     rows = []
     for key, base in baseline.items():
         metric = key.rsplit("/", 1)[1]
+        if key.split("/", 1)[0] not in benches_run or metric not in TOLERANCE:
+            continue
         tol = TOLERANCE[metric]
         now = current.get(key)
         if now is None:
@@ -200,7 +206,7 @@ def main() -> int:
     stored = json.loads(BASELINES.read_text()) if BASELINES.exists() else {}
     comparison = []
     if device in stored:
-        comparison = compare(current, stored[device]["metrics"])
+        comparison = compare(current, stored[device]["metrics"], set(bench))
         problems += [f"regression: {row['metric']}" for row in comparison if not row["ok"]]
     elif not a.update_baseline:
         problems.append(f"no baseline for {device!r} in {BASELINES.relative_to(ROOT)}; run with --update-baseline")

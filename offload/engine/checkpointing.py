@@ -233,6 +233,7 @@ def load(engine: Engine, path: str, restore_rng: bool) -> dict[str, Any]:
         try:
             if hasattr(engine.weights, "release_all"):
                 engine.weights.release_all()  # device copies would go stale
+                engine.weights.drain_copies()  # and no copy may still read a home that is rewritten below
             for state in engine.store.states:
                 _load_group(engine, state, readers)
             _load_model_tensors(engine, model_reader)

@@ -30,6 +30,7 @@ class DeviceWeights:
         self._aliased: list[bool] = []
         self._uploaded: list[torch.cuda.Event | None] = []
         self._upload_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._compute_stream: torch.cuda.Stream | None = None  # the caller's stream, taken by begin_step
 
     def add(self, group: FlatGroup, master: torch.Tensor, alias: torch.Tensor | None) -> None:
         """Creates group g's device buffer from ``master`` (its fp32 flat weights); ``bind_parameters`` later
@@ -98,15 +99,21 @@ class DeviceWeights:
         return lambda master, start, last: self._upload(g, weights[start:start + master.numel()], master,
                                                         wait=master_is_staged)
 
-    # Note [weight uploads on CUDA]: the upload stream first waits for the compute stream, so the copy cannot
-    # overwrite weights that queued kernels still read; the copy reads the pinned host buffer (weight_host, or
+    def begin_step(self) -> None:
+        """Called on the training thread before a step's updates: the stream its kernels run on, which the
+        uploads must follow (updates may run on another thread, whose current stream is not that one)."""
+        if self.device.type == "cuda":
+            self._compute_stream = torch.cuda.current_stream(self.device)
+
+    # Note [weight uploads on CUDA]: the upload stream first waits for the compute stream (the training
+    # thread's, recorded by ``begin_step``), so the copy cannot overwrite weights that queued kernels still read; the copy reads the pinned host buffer (weight_host, or
     # the fp32 master) asynchronously and records ``uploaded``. Before the kernel rewrites weight_host in the
     # next step, ``_wait_upload`` blocks on that event. An fp32 master in a staging slot is reused by the
     # optimizer pipeline right after the callback, so that upload is waited for before returning. At the end
     # of the step ``finish_step`` makes the compute stream wait for all uploads: whatever the caller queues
     # next (forward, generate) sees the new weights, without blocking the host.
     def _upload(self, g: int, target: torch.Tensor, source: torch.Tensor, wait: bool) -> None:
-        self._upload_stream.wait_stream(torch.cuda.current_stream(self.device))
+        self._upload_stream.wait_stream(self._compute_stream or torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._upload_stream):
             target.copy_(source, non_blocking=True)  # (a later upload of g on this stream is ordered after)
             uploaded = torch.cuda.Event()

@@ -313,6 +313,7 @@ class Engine:
                 self.weights.release_all()  # e.g. after a forward that raised: the update needs every group home
                 counters = self._launch(updates, clip / scale)
             else:
+                self.weights.begin_step()
                 counters = self._run_updates(updates, clip / scale)
                 self._add_counters(counters)
                 self.weights.finish_step()
@@ -347,7 +348,9 @@ class Engine:
         on the others (``max_grad_norm`` None, no fp16 loss scaling, ``skip_nonfinite`` off, gradients and
         optimizer state in host RAM, no gradient left by an earlier ``backward``), each group's Adam update
         starts as soon as its gradients are complete and overlaps the rest of backward (Note [updates during
-        backward]); otherwise it is exactly ``backward(loss); step()``."""
+        backward]); otherwise it is exactly ``backward(loss); step()``. ``StepInfo.time_s`` then covers the
+        backward too. A parameter that gets two gradients in one backward (shared by two reentrant
+        checkpointed segments) cannot be handled this way: that raises, and the engine is then failed."""
         self._check_open()
         self._sync()
         placements = {s.placement for s in self.store.states}
@@ -358,7 +361,18 @@ class Engine:
             return self.step()
         start = time.perf_counter()
         offloaded = isinstance(self.weights, OffloadedParams)
-        queue = UpdateQueue(lambda update: self._run_updates([update], 1.0, keep_order=True))
+        def run_one(update: GroupUpdate, ready: list[torch.cuda.Event]) -> StepCounters:
+            try:
+                for event in ready:
+                    event.synchronize()
+            except BaseException as e:
+                self._failed = f"a step failed part-way ({type(e).__name__}: {e})"
+                if offloaded:
+                    self.weights.abort_updates(self._failed)
+                raise
+            return self._run_updates([update], 1.0, keep_order=True)
+
+        queue = UpdateQueue(run_one)
         submitted: set[int] = set()
 
         def ready(g: int, copies: list[torch.cuda.Event]) -> None:
@@ -366,11 +380,13 @@ class Engine:
                 return
             update = self._update_of(g)
             if offloaded:
-                self.weights.expect_update([g])
+                self.weights.expect_update([g], drain=False)
                 update.done = partial(self.weights.mark_updated, g)
             submitted.add(g)
             queue.submit(update, copies)
 
+        if not offloaded:
+            self.weights.begin_step()
         self._grads.count_arrivals()
         self._grads.on_group_ready = ready
         try:

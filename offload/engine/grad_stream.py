@@ -56,7 +56,7 @@ class GradientStream:
         # (group, the CUDA copies its accumulator still waits for): every parameter of the group has had its
         # gradient in this backward (set by Engine.backward_step; counted from ``count_arrivals``).
         self.on_group_ready: Callable[[int, list[torch.cuda.Event]], None] | None = None
-        self._arrived = [0] * len(groups)
+        self._arrived: list[set[int]] = [set() for _ in groups]
         self._copies_of_group: list[list[torch.cuda.Event]] = [[] for _ in groups]
         self.grad_swap: GradSwap | None = None
         self._pending: deque[_PendingCopy] = deque()
@@ -75,7 +75,7 @@ class GradientStream:
 
     def count_arrivals(self) -> None:
         """Starts counting, per group, the parameters whose gradient has arrived (for ``on_group_ready``)."""
-        self._arrived = [0] * len(self.groups)
+        self._arrived = [set() for _ in self.groups]
         self._copies_of_group = [[] for _ in self.groups]
 
     def _on_grad(self, group_index: int, slot_index: int, param: torch.Tensor) -> None:
@@ -83,8 +83,16 @@ class GradientStream:
         if grad is not None:
             self._take(group_index, slot_index, grad)
         if self.on_group_ready is not None:
-            self._arrived[group_index] += 1
-            if self._arrived[group_index] == len(self.groups[group_index].slots):
+            arrived = self._arrived[group_index]
+            if slot_index in arrived:
+                # A second gradient in one backward (a parameter shared by two reentrant checkpointed
+                # segments): its group may already be updating, so this backward cannot be completed exactly.
+                raise RuntimeError(f"offload: parameter {self.groups[group_index].slots[slot_index].name!r} "
+                                   "received a second gradient in one backward (a parameter shared by "
+                                   "reentrant checkpointed segments?); engine.backward_step cannot overlap "
+                                   "its update: use engine.backward(loss); engine.step()")
+            arrived.add(slot_index)
+            if len(arrived) == len(self.groups[group_index].slots):
                 self.on_group_ready(group_index, list(self._copies_of_group[group_index]))
 
     def _take(self, group_index: int, slot_index: int, grad: torch.Tensor) -> None:
@@ -167,7 +175,8 @@ class GradientStream:
             done.record(self._side_stream)
         grad.record_stream(self._side_stream)
         self._first_copies.append(done)
-        self._copies_of_group[group_index].append(done)
+        if self.on_group_ready is not None:
+            self._copies_of_group[group_index].append(done)
         self.received[group_index][slot_index] = True
         self.norms[group_index][slot_index] = norm
         self.bytes_to_host += accum.numel() * accum.element_size()
@@ -211,6 +220,8 @@ class GradientStream:
             per_group[:] = [False] * len(per_group)
         for per_group in self.norms:
             per_group[:] = [None] * len(per_group)
+        for copies in self._copies_of_group:
+            copies.clear()
 
     def close(self, pool: HostPool) -> None:
         """Removes the hooks; waits for copies in flight before the staging ring goes back to the pool."""

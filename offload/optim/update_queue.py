@@ -13,13 +13,15 @@ from offload.optim.group_stepper import GroupUpdate, StepCounters
 
 
 class UpdateQueue:
-    """Runs ``run_one(update)`` for each submitted update, in submission order, on its own thread. ``submit``
-    may pass events (CUDA gradient copies) that must complete before the update reads its gradients. After
+    """Runs ``run_one(update, ready)`` for each submitted update, in submission order, on its own thread;
+    ``ready`` are the events (CUDA gradient copies) that must complete before the update reads its gradients,
+    which ``run_one`` waits for (so that its own error handling covers a failed wait too). After
     ``close()`` (no more updates), ``wait()`` joins the thread and returns the summed counters, or raises the
     first error; updates submitted after a failure are dropped (the engine is failed by then). ``wait()`` has
     BackgroundStep's meaning, so the engine joins either kind of step the same way."""
 
-    def __init__(self, run_one: Callable[[GroupUpdate], StepCounters], name: str = "offload-step") -> None:
+    def __init__(self, run_one: Callable[[GroupUpdate, list[torch.cuda.Event]], StepCounters],
+                 name: str = "offload-step") -> None:
         self._run_one = run_one
         self._items: queue.SimpleQueue = queue.SimpleQueue()
         self._counters = StepCounters()
@@ -48,9 +50,7 @@ class UpdateQueue:
                 continue
             update, ready = item
             try:
-                for event in ready:
-                    event.synchronize()
-                done = self._run_one(update)
+                done = self._run_one(update, ready)
                 for f in fields(StepCounters):
                     setattr(self._counters, f.name, getattr(self._counters, f.name) + getattr(done, f.name))
             except BaseException as e:  # handed to whoever waits

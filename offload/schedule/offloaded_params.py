@@ -133,10 +133,14 @@ class OffloadedParams:
 
     # ---- residency -------------------------------------------------------------------------------------------
 
-    def expect_update(self, groups: list[int]) -> None:
+    def expect_update(self, groups: list[int], drain: bool = True) -> None:
         """An overlapped step is about to update ``groups``: fetches of them wait until ``mark_updated``.
-        Every copy still reading a host home finishes first (the kernel rewrites the homes)."""
-        self._h2d.drain()
+        With ``drain``, every copy still reading a host home finishes first (the kernel rewrites the homes).
+        An update during backward passes False: its group's last copy was consumed by the group's backward
+        kernels, which the update waits for through the gradient copies' events, and a prefetch of the group
+        that nobody used is discarded (its result is never read)."""
+        if drain:
+            self._h2d.drain()
         for g in groups:
             self._updated[g].clear()
 
@@ -173,7 +177,7 @@ class OffloadedParams:
             if len(self._free_fetch_slots) <= reserve:
                 return False
             self._wait_writeback(g)  # the read must see the weights of the last step
-            slot = self._free_fetch_slots.pop()
+            slot = self._free_fetch_slots.pop(0)  # the longest free: its copy has most likely finished
             if self._slot_copied[slot] is not None:  # the slot's last copy to the device must have read it
                 self._slot_copied[slot].synchronize()
                 self._slot_copied[slot] = None
@@ -185,8 +189,13 @@ class OffloadedParams:
             self.residency.move(g, Residency.FETCHING)
             return True
         self._account(g, +1)
-        with self.timeline.span("fetch", f"copy {self.groups[g].name or '<root>'}"):
-            copied = self._fill(g, self.weight_home_host[g])
+        try:
+            with self.timeline.span("fetch", f"copy {self.groups[g].name or '<root>'}"):
+                copied = self._fill(g, self.weight_home_host[g])
+        except BaseException:  # e.g. the device is out of memory: the group stays home
+            self.weight_device[g].untyped_storage().resize_(0)
+            self._account(g, -1)
+            raise
         if copied is None:
             self.residency.move(g, Residency.RESIDENT)
         else:
@@ -237,8 +246,15 @@ class OffloadedParams:
             raise
         name = self.groups[g].name or "<root>"
         self.timeline.add("nvme read", f"weights {name}", self._issued.pop(g), self.timeline.now())
-        with self.timeline.span("fetch", f"copy {name}"):
-            copied = self._fill(g, self._fetch_slots[slot].tensor[:self.nbytes(g)].view(self.dtype))
+        try:
+            with self.timeline.span("fetch", f"copy {name}"):
+                copied = self._fill(g, self._fetch_slots[slot].tensor[:self.nbytes(g)].view(self.dtype))
+        except BaseException:  # e.g. the device is out of memory: the group stays home, the slot is free
+            self.weight_device[g].untyped_storage().resize_(0)
+            self._free_fetch_slots.append(slot)
+            self._account(g, -1)
+            self.residency.move(g, Residency.RELEASED)
+            raise
         self._slot_copied[slot] = copied
         self._free_fetch_slots.append(slot)
         return copied
@@ -251,8 +267,8 @@ class OffloadedParams:
         for g in [g for g, (_, handle) in self._fetch.items() if self.swap.poll(handle)]:
             try:
                 self._copying[g] = self._copy_read(g)
-            except OSError:
-                pass  # the group went back home; its use fetches it again and reports a second failure
+            except (OSError, RuntimeError):
+                pass  # the group went back home (read failed, or no device memory); its use fetches it again
 
 
     def release(self, g: int) -> None:
@@ -426,10 +442,18 @@ class OffloadedParams:
         if handle is not None:
             self._wait_write(handle)
 
+    def drain_copies(self) -> None:
+        """Blocks until no copy to the device still reads a host buffer (before the homes are rewritten
+        outside a step, e.g. by a checkpoint load)."""
+        self._h2d.drain()
+
     def close(self) -> None:
-        for g in list(self._fetch):
-            if self.residency[g] is Residency.FETCHING:
-                self.ensure_resident(g)
+        try:
+            for g in list(self._fetch):
+                if self.residency[g] is Residency.FETCHING:
+                    self.ensure_resident(g)
+        finally:
+            self._h2d.drain()  # the copies read host buffers that are freed below, whatever happened above
         with self._lock:
             pending = list(self._unwaited.values())
         for handle in pending:
@@ -438,7 +462,6 @@ class OffloadedParams:
             except OSError:
                 pass  # recorded in io_failure and reported when it happened; closing must still finish
         self._writeback.clear()
-        self._h2d.drain()  # the copies read host buffers that are about to be freed
         for buffer in self._home_buffers + self._fetch_slots + self._writeback_slots:
             self.pool.release(buffer)
         self._home_buffers.clear()
