@@ -51,13 +51,25 @@ class IoEngine:
         return self._submit("write", fd, offset, buffer, path)
 
     def wait(self, handle: IoHandle) -> None:
-        self._engine.wait(handle.id)
+        self._native().wait(handle.id)
 
     def poll(self, handle: IoHandle) -> bool:
-        return self._engine.poll(handle.id)
+        return self._native().poll(handle.id)
 
     def wait_all(self) -> None:
-        self._engine.wait_all()
+        self._native().wait_all()
+
+    def close(self) -> None:
+        """Waits for every transfer, then stops the worker threads and frees the native engine (also when a
+        reference cycle keeps this wrapper alive until the interpreter exits). Idempotent."""
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.wait_all()
+
+    def _native(self):
+        if self._engine is None:
+            raise RuntimeError("offload: this I/O engine is closed")
+        return self._engine
 
     def _submit(self, op: str, fd: int, offset: int, buffer: torch.Tensor, path: str) -> IoHandle:
         if offset < 0:
@@ -69,6 +81,6 @@ class IoEngine:
                 if value % DIRECT_ALIGNMENT:
                     raise ValueError(f"IoEngine.{op}({path}): the file is open with O_DIRECT, so the {what} must "
                                      f"be a multiple of {DIRECT_ALIGNMENT}; got {value}")
-        submit = self._engine.read if op == "read" else self._engine.write
+        submit = self._native().read if op == "read" else self._native().write
         handle_id = submit(fd, flat, offset, path)
         return IoHandle(handle_id, op, path, offset, nbytes, buffer)

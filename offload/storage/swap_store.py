@@ -169,9 +169,11 @@ class SwapStore:
         self._engine.wait_all()
 
     def close(self) -> None:
-        """Waits for outstanding transfers, then closes and removes every file and the run directory."""
+        """Waits for outstanding transfers, then closes and removes every file and the run directory, and
+        stops the I/O engine. Idempotent."""
         try:
-            self._engine.wait_all()
+            if self._finalizer.alive:
+                self._engine.wait_all()
         finally:
             self._finalizer()
 
@@ -194,6 +196,10 @@ class SwapStore:
                 pass
         files.clear()
         shutil.rmtree(run_dir, ignore_errors=True)
+        try:
+            engine.close()
+        except OSError:
+            pass  # reported above
 
     @staticmethod
     def _check_range(op: str, swap: SwapFile, offset: int, buffer: torch.Tensor) -> None:
