@@ -43,7 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     from offload.cli.tune import add_arguments as add_tune_arguments
 
     add_tune_arguments(tune)
-    for command in (clean, export, train, tune):
+    estimate = sub.add_parser("estimate", help="memory and disk each placement needs, and which fits this machine",
+                              description="Device memory, host RAM (peak RSS) and disk that training a model "
+                                          "needs for each placement, and the fastest placement that fits.")
+    from offload.cli.estimate import add_arguments as add_estimate_arguments
+
+    add_estimate_arguments(estimate)
+    for command in (clean, export, train, tune, estimate):
         command.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
     args = parser.parse_args(argv)
@@ -61,6 +67,10 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         from offload.cli.tune import run as tune
 
         return tune(args)
+    if args.command == "estimate":
+        from offload.cli.estimate import run as estimate
+
+        return estimate(args)
     if args.command == "train":
         from offload.cli.train import run
 

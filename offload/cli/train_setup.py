@@ -83,8 +83,8 @@ def batch_at(tokens: torch.Tensor, step: int, batch: int, seq_len: int, seed: in
 def make_config(args: argparse.Namespace, scratch_dir: str | None) -> Config:
     """The engine config: flags first, then what ``--config`` sets, then this command's defaults. Without a GPU
     the defaults put parameters and optimizer state on NVMe, in ``scratch_dir`` unless a directory is named;
-    with a GPU, parameters stay on it (parameter offload is CPU-only in this version) and the optimizer goes to
-    NVMe. A file from ``offload tune`` (only ``[io]``) therefore changes the I/O settings and nothing else."""
+    with a GPU, parameters stay on it (the fastest placement when they fit; --params offloads them) and the
+    optimizer goes to NVMe. A file from ``offload tune`` (only ``[io]``) therefore changes the I/O settings and nothing else."""
     file_values: dict = {}
     base = Config()
     if args.config:

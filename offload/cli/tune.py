@@ -104,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
     trials = sorted((_median_trial(io, results) for io in _all_configs(results)), key=lambda t: -t.score)
     _print_table(trials, root, nbytes, args.rounds)
     best = trials[0]
-    _write_config(Path(args.out), best.io)
+    _write_config(Path(args.out), best.io, f"# offload tune, {time.strftime('%Y-%m-%d')}, {root}: "
+                  f"write_gbs={best.write_gbs:.3f} read_gbs={best.read_gbs:.3f}\n")
     _plot(trials, Path(args.out).with_suffix(".png"))
     print(f"best: block_size={best.io.block_size >> 20}MiB threads={best.io.threads} queue_depth={best.io.queue_depth} "
           f"direct={best.io.direct} (write {best.write_gbs:.2f} GB/s, read {best.read_gbs:.2f} GB/s); "
@@ -159,16 +160,17 @@ def _print_table(trials: list[Trial], root: Path, nbytes: int, rounds: int) -> N
     print()
 
 
-def _write_config(out: Path, io: IOConfig) -> None:
+def _write_config(out: Path, io: IOConfig, comment: str = "") -> None:
     """Sets the [io] table of ``out`` to ``io``, atomically; a new file holds only that table, an existing one
-    keeps its other settings exactly as written (a device left out stays chosen at run time)."""
+    keeps its other settings exactly as written (a device left out stays chosen at run time). ``comment``
+    (the measured bandwidths, which `offload estimate` reads) goes on top; earlier comments are not kept."""
     data: dict = {}
     if out.exists():
         Config.from_file(out)  # refuses a file that is not a valid config, before it is changed
         with open(out, "rb") as f:
             data = tomllib.load(f)
     data["io"] = asdict(io)
-    write_atomic(str(out), tomli_w.dumps(data))
+    write_atomic(str(out), comment + tomli_w.dumps(data))
     if Config.from_file(out).io != io:  # the file must say exactly what was measured
         raise RuntimeError(f"{out}: the [io] settings read back differ from the ones written")
 

@@ -1,0 +1,152 @@
+"""`offload estimate`: the memory and disk each placement needs, and which one fits this machine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from offload.config import parse_bytes
+from offload.errors import ConfigError
+
+EXAMPLES = """examples:
+  offload estimate --model medium                       # a preset of offload train
+  offload estimate --model path/to/config.json --batch 4 --seq-len 2048 --device cuda
+  offload estimate --model 7B --ram 64GiB --gpu 24GiB --disk 500GiB
+  offload estimate --model large --config offload.toml  # with offload tune's bandwidths: a disk-time floor"""
+
+_TUNE_LINE = re.compile(r"#\s*offload tune.*?write_gbs=([0-9.]+)\s+read_gbs=([0-9.]+)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EXAMPLES
+    parser.add_argument("--model", required=True,
+                        help="a preset of offload train (tiny, small, medium, large), a Hugging Face config.json, "
+                             "or a parameter count (350M, 7B: a Llama of standard proportions is assumed)")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
+    parser.add_argument("--prefetch-layers", type=int, default=2)
+    parser.add_argument("--device-memory-limit", default=None, help="for offloaded parameters (e.g. 2GiB)")
+    parser.add_argument("--ram", default=None, help="host RAM to plan for (default: what is available now)")
+    parser.add_argument("--gpu", default=None, help="GPU memory to plan for (default: the GPU's, when on cuda)")
+    parser.add_argument("--disk", default=None, help="free space in the swap directory (default: measured in "
+                                                     "--nvme-dir)")
+    parser.add_argument("--nvme-dir", default=None, help="where swap files would go (default: the temp dir)")
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="a config written by offload tune: its measured bandwidths give a disk-time floor")
+    parser.add_argument("--json", action="store_true", help="print one JSON record instead of the table")
+
+
+def model_shape(spec: str, seq_len: int):
+    """The ModelShape of ``spec``: built on the meta device from a preset or config file, or from a count."""
+    import torch
+
+    from offload.estimate import parse_count, shape_from_count, shape_from_model
+
+    count = parse_count(spec)
+    if count is not None:
+        if count <= 0:
+            raise ConfigError(f"--model: the parameter count must be positive; got {spec!r}")
+        return shape_from_count(count)
+    from offload.cli.train_setup import build_model
+
+    with torch.device("meta"):
+        model = build_model(spec, seq_len, 0)  # raises ConfigError for an unknown preset or a bad file
+    return shape_from_model(model, spec)
+
+
+def tuned_bandwidths(path: str | None) -> tuple[float, float] | None:
+    """(write, read) GB/s recorded by offload tune in ``path``, or None."""
+    if path is None:
+        return None
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise OSError(e.errno, f"--config: cannot read {path}: {e.strerror}", path) from None
+    m = _TUNE_LINE.search(text)
+    return (float(m.group(1)), float(m.group(2))) if m else None
+
+
+def run(args: argparse.Namespace) -> int:
+    import psutil
+    import torch
+
+    from offload.estimate import PLACEMENTS, estimate, recommend
+
+    for flag in ("batch", "seq_len"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')}: must be >= 1; got {getattr(args, flag)}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"--device: expected cpu or cuda; got {device!r}")
+    cuda = device.startswith("cuda")
+    shape = model_shape(args.model, args.seq_len)
+    limit = parse_bytes("--device-memory-limit", args.device_memory_limit) if args.device_memory_limit else None
+    ram = parse_bytes("--ram", args.ram) if args.ram else psutil.virtual_memory().available
+    gpu = None
+    if cuda:
+        gpu = parse_bytes("--gpu", args.gpu) if args.gpu else (
+            torch.cuda.mem_get_info()[1] if torch.cuda.is_available() else None)
+    nvme_dir = args.nvme_dir or tempfile.gettempdir()
+    if args.disk:
+        disk = parse_bytes("--disk", args.disk)
+    else:
+        try:
+            disk = shutil.disk_usage(nvme_dir).free
+        except OSError as e:
+            raise OSError(e.errno, f"--nvme-dir: cannot read the free space of {nvme_dir}: {e.strerror}",
+                          nvme_dir) from None
+    bandwidth = tuned_bandwidths(args.config)
+    estimates = [estimate(shape, p, o, gr, dtype=args.dtype, device=device, batch=args.batch, seq_len=args.seq_len,
+                          prefetch=args.prefetch_layers, device_memory_limit=limit) for p, o, gr in PLACEMENTS]
+    best = recommend(estimates, ram, gpu, disk)
+
+    def floor(e) -> float | None:
+        if bandwidth is None or not (e.nvme_read_per_step or e.nvme_written_per_step):
+            return None
+        write_gbs, read_gbs = bandwidth
+        return e.nvme_read_per_step / (read_gbs * 1e9) + e.nvme_written_per_step / (write_gbs * 1e9)
+
+    if args.json:
+        print(json.dumps({"model": shape.name, "params": shape.numel, "device": device, "ram": ram, "gpu": gpu,
+                          "disk": disk, "tuned_gbs": bandwidth,
+                          "recommended": best.placement if best else None,
+                          "placements": [dict(asdict(e), placement=e.placement, disk_floor_s=floor(e))
+                                         for e in estimates]}))
+        return 0 if best else 1
+    gib = 2**30
+    print(f"{shape.name}: {shape.numel / 1e6:.1f}M trainable parameters in {len(shape.group_numels)} groups, "
+          f"{args.dtype}, {device}, batch {args.batch} x {args.seq_len} tokens")
+    print(f"planning for: RAM {ram / gib:.1f} GiB" + (f", GPU {gpu / gib:.1f} GiB" if gpu else "") +
+          f", disk {disk / gib:.1f} GiB free in {nvme_dir}")
+    where = "GPU" if cuda else "device (RAM)"
+    print(f"\n| placement | {where} GiB | host peak GiB | host buffers GiB | disk GiB | NVMe GB/step read+write "
+          f"| disk time s/step | fits |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    for e in estimates:
+        fits = e.host_peak_bytes <= ram and (gpu is None or e.device_bytes <= gpu) and e.disk_bytes <= disk
+        t = floor(e)
+        print(f"| {e.placement} | {e.device_bytes / gib:.2f} | {e.host_peak_bytes / gib:.2f} | "
+              f"{e.host_pool_bytes / gib:.2f} | {e.disk_bytes / gib:.2f} | "
+              f"{e.nvme_read_per_step / 1e9:.1f}+{e.nvme_written_per_step / 1e9:.1f} | "
+              f"{'-' if t is None else f'{t:.2f}'} | {'yes' if fits else 'no'} |")
+    if not shape.exact_groups:
+        print("\n(a parameter count only: the groups and activations are those of the assumed Llama shape)")
+    print("\nhost peak = this process as it is now (torch and the model code imported) + the model built in "
+          "RAM (fp32) or the engine's buffers + weights + activations, whichever moment is larger"
+          + ("" if cuda else "; on the CPU device the weights and activations are in RAM"))
+    if bandwidth is None:
+        print("disk time: run 'offload tune --dir DIR --out offload.toml' and pass --config offload.toml")
+    if best is None:
+        print("\nrecommended: none fits; lower --batch/--seq-len, add RAM or disk, or use a smaller model")
+        return 1
+    print(f"\nrecommended: {best.placement} (the fastest placement that fits; Adam's CPU time comes on top of "
+          "the disk time)")
+    return 0

@@ -1,0 +1,209 @@
+"""What a training run needs, per placement: device memory, host RAM (peak RSS) and disk, before running it.
+
+The model is described by its shape only: built on the meta device from a preset or a Hugging Face config (the
+exact parameter groups the engine will make), or, from a bare parameter count, a Llama of standard
+proportions. The byte counts follow the engine's own allocations (see Note [what the estimate counts]); the
+constants in the activation term are the usual transformer ones (a layer saves about 34 x hidden + 10 x
+intermediate bytes per token in bf16), so that term is approximate and grows with batch x sequence.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+
+from offload.optim.state_store import FP32_BYTES, STATE_PARTS, staging_bytes
+from offload.storage.host_pool import HostPool
+from offload.storage.io_engine import DIRECT_ALIGNMENT
+
+FETCH_WRITEBACK_SLOTS = 2             # OffloadedParams.WRITEBACK_SLOTS
+GRAD_STAGING_MIN_BYTES = 64 << 20     # engine._GRAD_STAGING_MIN_BYTES (CUDA)
+# (params, optimizer, gradients), fastest first. Gradients go to NVMe when host_memory_limit is below what
+# their fp32 accumulators need (4 B/param); the engine decides that itself.
+PLACEMENTS = (("device", "cpu", "host"), ("cpu", "cpu", "host"), ("device", "nvme", "host"), ("cpu", "nvme", "host"),
+              ("nvme", "nvme", "host"), ("nvme", "nvme", "nvme"))
+GRAD_SWAP_BUFFERS = 2                 # engine.GRAD_SWAP_BUFFERS
+# Llama shapes by size (hidden, layers, intermediate, heads), for a bare parameter count.
+_LLAMA_SHAPES = ((768, 12, 2048, 12), (1024, 24, 2816, 16), (2048, 24, 5504, 16), (2560, 32, 6912, 20),
+                 (4096, 32, 11008, 32), (5120, 40, 13824, 40), (6656, 60, 17920, 52), (8192, 80, 22016, 64))
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs to know about a model."""
+
+    name: str
+    group_numels: tuple[int, ...]  # trainable elements per engine group
+    frozen_numel: int
+    hidden: int
+    intermediate: int
+    layers: int
+    vocab: int
+    heads: int = 0
+    use_width: int = 1             # the most groups one module's forward needs at once (a tied head: 2)
+    exact_groups: bool = True      # False: groups derived from a parameter count
+
+    @property
+    def numel(self) -> int:
+        return sum(self.group_numels)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    params: str
+    optimizer: str
+    gradients: str
+    device: str
+    device_bytes: int         # parameters on the compute device at their peak (+ activations on a GPU)
+    host_pool_bytes: int      # the engine's host buffers (pinned on CUDA)
+    host_peak_bytes: int      # expected peak RSS of the training process
+    disk_bytes: int           # swap files in nvme_dir
+    nvme_read_per_step: int
+    nvme_written_per_step: int
+    parts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def placement(self) -> str:
+        return f"params={self.params} optimizer={self.optimizer}" + (
+            " gradients=nvme" if self.gradients == "nvme" else "")
+
+
+def parse_count(text: str) -> int | None:
+    """'350M', '7B', '1.3e9', '125000000' -> a parameter count; None if ``text`` is not a count."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?(?:e[0-9]+)?)\s*([kmbt]?)\s*", text.lower())
+    if not m:
+        return None
+    scale = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[m.group(2)]
+    return int(float(m.group(1)) * scale)
+
+
+def shape_from_count(count: int, vocab: int = 32000) -> ModelShape:
+    """A Llama of standard proportions with about ``count`` parameters (untied embedding and head)."""
+    def layer_numel(h: int, inter: int) -> int:
+        return 4 * h * h + 3 * h * inter + 2 * h
+
+    h, layers, inter, heads = min(_LLAMA_SHAPES, key=lambda s: abs(math.log(max(count, 1) / (
+        s[1] * layer_numel(s[0], s[2]) + 2 * vocab * s[0]))))
+    layers = max(1, round((count - 2 * vocab * h) / layer_numel(h, inter)))
+    groups = (vocab * h,) + (layer_numel(h, inter),) * layers + (vocab * h + h,)
+    return ModelShape(f"{count / 1e6:.0f}M-parameter Llama (assumed: hidden {h}, {layers} layers)", groups, 0,
+                      h, inter, layers, vocab, heads=heads, exact_groups=False)
+
+
+def shape_from_model(model: torch.nn.Module, name: str) -> ModelShape:
+    """The engine's groups of ``model`` (any device, the meta device included) and its transformer sizes."""
+    from offload.layout.partition import partition_model
+    from offload.schedule.fetch_scheduler import max_use_width, uses_by_module
+    from offload.layout.flat_group import build_flat_group
+
+    partition = partition_model(model)
+    groups = [build_flat_group(i, spec, {id(p): 0 for p in spec.params}) for i, spec in enumerate(partition.groups)]
+    config = getattr(model, "config", None)
+    hidden = getattr(config, "hidden_size", 0) or 0
+    return ModelShape(name, tuple(g.numel for g in groups), sum(p.numel() for _, p in partition.frozen),
+                      hidden, getattr(config, "intermediate_size", 4 * hidden) or 0,
+                      getattr(config, "num_hidden_layers", 0) or 0, getattr(config, "vocab_size", 0) or 0,
+                      heads=getattr(config, "num_attention_heads", 0) or 0,
+                      use_width=max_use_width(uses_by_module(model, groups)))
+
+
+def activation_bytes(shape: ModelShape, batch: int, seq_len: int, dtype_bytes: int) -> int:
+    """Tensors autograd keeps for backward (per layer and token: about 34 x hidden + 10 x intermediate bytes in
+    bf16, and the attention scores where the attention keeps them), plus the logits and their fp32 loss terms."""
+    per_layer = (34 * shape.hidden + 10 * shape.intermediate + shape.heads * seq_len * 2) * dtype_bytes // 2
+    logits = shape.vocab * (dtype_bytes + 2 * FP32_BYTES)
+    return batch * seq_len * (shape.layers * per_layer + logits + 4 * shape.hidden)
+
+
+# Note [what the estimate counts]: host buffers are the engine's HostPool allocations, each rounded to whole
+# pages: fp32 gradient accumulators (4 B/param); Adam state in RAM (12 B/param) or, on NVMe, the staging slots
+# of the state pipeline; the weights' homes (params="cpu": one compute-dtype copy, none for fp32 with state in
+# RAM, where the master is the home) or, for params="nvme", the fetch slots ((prefetch + 1) x use width) and two
+# write-back slots of the largest group; on CUDA, the pinned weight buffers the kernel writes (params="device")
+# and the gradient staging ring. On the CPU device the "device" weights are RAM too: all of them
+# (params="device"; none extra for fp32, which aliases the master) or the resident groups. The peak RSS is the
+# larger of two moments: building the engine (the process as it is, the model's fp32 parameters as built in
+# RAM, every host buffer and the device weights) and training (the process, the buffers, the resident
+# weights, and the activations with a quarter more for backward's temporaries).
+def estimate(shape: ModelShape, params: str, optimizer: str, gradients: str = "host", *, dtype: str = "bf16",
+             device: str = "cpu",
+             batch: int = 1, seq_len: int = 512, prefetch: int = 2, device_memory_limit: int | None = None,
+             base_rss: int | None = None, model_in_ram: bool = True) -> Estimate:
+    element = {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
+    cuda = device.startswith("cuda")
+    numels = shape.group_numels
+    largest = max(numels)
+    mapped = HostPool.mapped_size
+    parts: dict[str, int] = {}
+    if gradients == "nvme":  # (only with the state on NVMe: they travel with it)
+        parts["gradient buffers"] = GRAD_SWAP_BUFFERS * mapped(FP32_BYTES * largest)
+        parts["optimizer staging"] = staging_bytes(largest, parts=STATE_PARTS + 1)
+    else:
+        parts["gradient accumulators"] = sum(mapped(FP32_BYTES * n) for n in numels)
+    if optimizer == "cpu":
+        parts["optimizer state"] = sum(mapped(STATE_PARTS * FP32_BYTES * n) for n in numels)
+    elif gradients != "nvme":
+        parts["optimizer staging"] = staging_bytes(largest)
+    if params == "cpu" and not (dtype == "fp32" and optimizer == "cpu"):
+        parts["weight homes"] = sum(mapped(element * n) for n in numels)
+    elif params == "nvme":
+        slot = mapped(element * largest)
+        parts["weight fetch and write-back slots"] = ((prefetch + 1) * shape.use_width + FETCH_WRITEBACK_SLOTS) * slot
+    elif params == "device" and cuda and dtype != "fp32":
+        parts["pinned weights for upload"] = sum(mapped(element * n) for n in numels)
+    if cuda:
+        parts["gradient staging ring"] = mapped(max(GRAD_STAGING_MIN_BYTES, 2 * -(-largest * element // 512) * 512))
+    pool = sum(parts.values())
+
+    all_weights = shape.numel * element + shape.frozen_numel * element
+    if params == "device":
+        device_weights = all_weights
+    else:
+        resident = (prefetch + 1) * shape.use_width * largest * element + shape.frozen_numel * element
+        device_weights = min(resident, device_memory_limit) if device_memory_limit else resident
+    activations = activation_bytes(shape, batch, seq_len, element)
+    weights_in_ram = 0 if cuda else (0 if params == "device" and dtype == "fp32" and optimizer == "cpu"
+                                     else device_weights)
+    base = psutil.Process().memory_info().rss if base_rss is None else base_rss
+    model_fp32 = FP32_BYTES * (shape.numel + shape.frozen_numel) if model_in_ram else 0
+    at_build = base + model_fp32 + pool + (weights_in_ram if params == "device" else 0)
+    in_training = base + pool + weights_in_ram + (0 if cuda else activations * 5 // 4)
+    disk = 0
+    if optimizer == "nvme":
+        disk += sum(_file(STATE_PARTS * FP32_BYTES * n) for n in numels)
+    if params == "nvme":
+        disk += sum(_file(element * n) for n in numels)
+    if gradients == "nvme":
+        disk += sum(_file(FP32_BYTES * n) for n in numels)
+    read = written = 0
+    if optimizer == "nvme":
+        read += STATE_PARTS * FP32_BYTES * shape.numel
+        written += STATE_PARTS * FP32_BYTES * shape.numel
+    if params == "nvme":
+        read += 2 * element * shape.numel    # fetched in forward and again in backward
+        written += element * shape.numel     # the new weights, written back once
+    if gradients == "nvme":                  # written after backward, read by the optimizer (one micro-batch)
+        read += FP32_BYTES * shape.numel
+        written += FP32_BYTES * shape.numel
+    parts.update({"base process": base, "model as built (fp32)": model_fp32, "activations": activations})
+    return Estimate(params, optimizer, gradients, device, device_bytes=device_weights + (activations if cuda else 0),
+                    host_pool_bytes=pool, host_peak_bytes=max(at_build, in_training), disk_bytes=disk,
+                    nvme_read_per_step=read, nvme_written_per_step=written, parts=parts)
+
+
+def _file(nbytes: int) -> int:
+    return -(-nbytes // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
+
+
+def recommend(estimates: list[Estimate], ram: int, gpu: int | None, disk: int | None) -> Estimate | None:
+    """The first placement (fastest first: PLACEMENTS order) whose host peak fits ``ram``, device bytes fit
+    ``gpu`` (when given: a GPU run) and swap files fit ``disk``; None if none does."""
+    for e in estimates:
+        if e.host_peak_bytes <= ram and (gpu is None or e.device_bytes <= gpu) and \
+                (disk is None or e.disk_bytes <= disk):
+            return e
+    return None

@@ -1,0 +1,107 @@
+"""offload estimate: the predicted peak RSS, host buffers and disk use against real runs, and the command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from offload.estimate import PLACEMENTS, estimate, parse_count, recommend, shape_from_count, shape_from_model
+
+pytest.importorskip("transformers", reason="the estimate tests build offload train's presets")
+
+CHILD = Path(__file__).with_name("estimate_child.py")
+BATCH, SEQ = 4, 256
+
+
+def _model_file(tmp_path) -> str:
+    """A narrow, deep Llama (25M parameters in 34 groups): its gradients outweigh the optimizer's staging, so
+    a host budget can send them to NVMe."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=32,
+                num_attention_heads=4, tie_word_embeddings=True).save_pretrained(tmp_path / "model")
+    return str(tmp_path / "model" / "config.json")
+
+
+def _shape(spec: str):
+    from offload.cli.train_setup import build_model
+
+    with torch.device("meta"):
+        return shape_from_model(build_model(spec, SEQ, 0), spec)
+
+
+@pytest.mark.parametrize("params,optimizer,gradients", [("device", "cpu", "host"), ("cpu", "cpu", "host"),
+                                                        ("cpu", "nvme", "host"), ("nvme", "nvme", "host"),
+                                                        ("nvme", "nvme", "nvme")])
+def test_estimate_within_15_percent_of_a_real_run(params, optimizer, gradients, tmp_path):
+    spec = _model_file(tmp_path)
+    shape = _shape(spec)
+    expected = estimate(shape, params, optimizer, gradients, batch=BATCH, seq_len=SEQ, base_rss=0)
+    cmd = [sys.executable, str(CHILD), "--model", spec, "--params", params, "--optimizer", optimizer,
+           "--batch", str(BATCH), "--seq-len", str(SEQ), "--dir", str(tmp_path)]
+    if gradients == "nvme":  # a host budget below the gradient accumulators sends them to NVMe
+        cmd += ["--host-memory-limit", str(expected.host_pool_bytes * 6 // 5)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    measured = json.loads(run.stdout.strip().splitlines()[-1])
+    assert measured["gradients_on_nvme"] == (gradients == "nvme")
+    predicted = estimate(shape, params, optimizer, gradients, batch=BATCH, seq_len=SEQ, base_rss=measured["base"])
+    assert predicted.host_peak_bytes == pytest.approx(measured["peak"], rel=0.15)
+    assert predicted.host_pool_bytes == pytest.approx(measured["pool_peak"], rel=0.01)
+    assert predicted.disk_bytes == pytest.approx(measured["disk"], rel=0.01, abs=1)
+
+
+def test_parameter_counts_and_assumed_shapes():
+    assert parse_count("350M") == 350_000_000 and parse_count("7b") == 7_000_000_000
+    assert parse_count("1.3e9") == 1_300_000_000 and parse_count("small") is None
+    for count in (125e6, 1.3e9, 7e9, 70e9):
+        shape = shape_from_count(int(count))
+        assert shape.numel == pytest.approx(count, rel=0.1)
+        assert not shape.exact_groups
+
+
+def test_recommendation_is_the_fastest_placement_that_fits():
+    shape = shape_from_count(1_000_000_000)
+    estimates = [estimate(shape, p, o, g, base_rss=0) for p, o, g in PLACEMENTS]
+    assert recommend(estimates, ram=1 << 50, gpu=None, disk=1 << 50).placement == "params=device optimizer=cpu"
+    tight = recommend(estimates, ram=estimates[-1].host_peak_bytes, gpu=None, disk=1 << 50)
+    assert tight.placement == "params=nvme optimizer=nvme gradients=nvme"
+    assert recommend(estimates, ram=1 << 20, gpu=None, disk=1 << 50) is None
+    assert recommend(estimates, ram=1 << 50, gpu=None, disk=0).optimizer == "cpu"
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "offload", "estimate", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_the_command_prints_a_table_json_and_a_disk_time_floor_from_a_tune_file(tmp_path):
+    out = _cli("--model", "small", "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    assert "recommended: params=device optimizer=cpu" in out.stdout
+    assert "offload tune" in out.stdout  # says how to get the disk-time floor
+    tuned = tmp_path / "offload.toml"
+    tuned.write_text("# offload tune, 2026-11-26, /nvme: write_gbs=2.000 read_gbs=4.000\n[io]\nblock_size = 4194304\n")
+    out = _cli("--model", "small", "--device", "cpu", "--config", str(tuned), "--json")
+    assert out.returncode == 0, out.stderr
+    record = json.loads(out.stdout)
+    assert record["tuned_gbs"] == [2.0, 4.0]
+    nvme = next(p for p in record["placements"] if p["placement"] == "params=nvme optimizer=nvme")
+    assert nvme["disk_floor_s"] == pytest.approx(nvme["nvme_read_per_step"] / 4e9 + nvme["nvme_written_per_step"] / 2e9)
+    assert next(p for p in record["placements"] if p["optimizer"] == "cpu")["disk_floor_s"] is None
+
+
+def test_errors_are_one_line():
+    out = _cli("--model", "nope")
+    assert out.returncode == 1
+    assert out.stderr.strip() == ("offload estimate: error: --model: 'nope' is neither a preset (tiny, small, medium, "
+                                  "large) nor a config file")
+    out = _cli("--model", "7B", "--ram", "lots")
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and "--ram" in out.stderr
+    out = _cli("--model", "7B", "--ram", "1GiB", "--disk", "1GiB")
+    assert out.returncode == 1 and "none fits" in out.stdout
