@@ -112,11 +112,14 @@ def shape_from_model(model: torch.nn.Module, name: str) -> ModelShape:
 
 
 def activation_bytes(shape: ModelShape, batch: int, seq_len: int, dtype_bytes: int) -> int:
-    """Tensors autograd keeps for backward (per layer and token: about 34 x hidden + 10 x intermediate bytes in
-    bf16, and the attention scores where the attention keeps them), plus the logits and their fp32 loss terms."""
-    per_layer = (34 * shape.hidden + 10 * shape.intermediate + shape.heads * seq_len * 2) * dtype_bytes // 2
-    logits = shape.vocab * (dtype_bytes + 2 * FP32_BYTES)
-    return batch * seq_len * (shape.layers * per_layer + logits + 4 * shape.hidden)
+    """Peak bytes of activations: what autograd keeps for backward (per layer and token about 34 x hidden + 10 x
+    intermediate bytes in bf16, and the attention scores where the attention keeps them; the logits and their
+    fp32 loss terms), plus backward's working set on top (the gradients of about two layers' activations and of
+    the logits)."""
+    tokens = batch * seq_len
+    per_layer = tokens * (34 * shape.hidden + 10 * shape.intermediate + shape.heads * seq_len * 2) * dtype_bytes // 2
+    logits = tokens * (shape.vocab * (dtype_bytes + 2 * FP32_BYTES) + 4 * shape.hidden)
+    return shape.layers * per_layer + logits + 2 * per_layer + logits
 
 
 # Note [what the estimate counts]: host buffers are the engine's HostPool allocations, each rounded to whole
@@ -128,7 +131,7 @@ def activation_bytes(shape: ModelShape, batch: int, seq_len: int, dtype_bytes: i
 # (params="device"; none extra for fp32, which aliases the master) or the resident groups. The peak RSS is the
 # larger of two moments: building the engine (the process as it is, the model's fp32 parameters as built in
 # RAM, every host buffer and the device weights) and training (the process, the buffers, the resident
-# weights, and the activations with a quarter more for backward's temporaries).
+# weights, and the activations with backward's working set).
 def estimate(shape: ModelShape, params: str, optimizer: str, gradients: str = "host", *, dtype: str = "bf16",
              device: str = "cpu",
              batch: int = 1, seq_len: int = 512, prefetch: int = 2, device_memory_limit: int | None = None,
@@ -171,7 +174,7 @@ def estimate(shape: ModelShape, params: str, optimizer: str, gradients: str = "h
     base = psutil.Process().memory_info().rss if base_rss is None else base_rss
     model_fp32 = FP32_BYTES * (shape.numel + shape.frozen_numel) if model_in_ram else 0
     at_build = base + model_fp32 + pool + (weights_in_ram if params == "device" else 0)
-    in_training = base + pool + weights_in_ram + (0 if cuda else activations * 5 // 4)
+    in_training = base + pool + weights_in_ram + (0 if cuda else activations)
     disk = 0
     if optimizer == "nvme":
         disk += sum(_file(STATE_PARTS * FP32_BYTES * n) for n in numels)
