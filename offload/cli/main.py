@@ -11,15 +11,32 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="offload",
         description="offload: train models larger than GPU memory on one machine.",
-        epilog="Run 'offload bench adam|io|step|gpu --help' for the benchmarks' options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  offload train                          # the main job: a small model, everything offloaded\n"
+               "  offload estimate --model 7B            # what a model needs, and which placement fits\n"
+               "  offload tune --dir /nvme/offload       # measure the swap directory, write offload.toml\n"
+               "  offload bench step --help              # the benchmarks: adam, io, step, gpu\n"
+               "Run 'offload COMMAND --help' for a command's options.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    bench = sub.add_parser("bench", help="paired benchmarks against torch (and DeepSpeed where installed)")
+    bench = sub.add_parser("bench", help="paired benchmarks against torch (and DeepSpeed where installed)",
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="examples:\n"
+                                  "  offload bench adam --rounds 5             # native Adam vs torch and DeepSpeed\n"
+                                  "  offload bench io --dir /nvme --size 4GiB  # the I/O engine vs fio\n"
+                                  "  offload bench step --dir /nvme            # engine.step() against its floor\n"
+                                  "  offload bench gpu                         # training steps on a GPU vs torchao\n"
+                                  "  offload bench --debug step ...            # full traceback on errors\n"
+                                  "Each takes --help for its own options.")
+    bench.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     bench.add_argument("what", choices=["adam", "io", "step", "gpu"], help="what to benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    info = sub.add_parser("info", help="print the native core's SIMD variant and thread count")
+    info = sub.add_parser("info", help="print the native core's SIMD variant and thread count",
+                          epilog="example: OFFLOAD_SIMD=avx2 offload info")
     info.set_defaults(command="info")
-    clean = sub.add_parser("clean", help="remove swap directories left in DIR by runs that were killed")
+    clean = sub.add_parser("clean", help="remove swap directories left in DIR by runs that were killed",
+                           epilog="example: offload clean /nvme/offload (directories of running processes are kept)")
     clean.add_argument("dir", metavar="DIR", help="the swap root (nvme_dir) to clean")
     export = sub.add_parser(
         "export", help="write a checkpoint's weights as plain safetensors (+ config.json)",
