@@ -103,3 +103,17 @@ def test_bad_flags_give_one_line_errors(tmp_path, flags, message):
     lines = [line for line in done.stderr.splitlines() if line.startswith("offload train: error:")]
     assert len(lines) == 1 and message in lines[0], done.stderr[-2000:]
     assert "Traceback" not in done.stderr
+
+
+def test_fine_tuning_from_an_exported_checkpoint_starts_where_training_left_off(tmp_path):
+    first = _train(tmp_path, "--steps", "30", "--log-every", "30", "--lr", "1e-2", "--checkpoint-dir",
+                   str(tmp_path / "ckpt"), *FAST)
+    trained_loss = _losses(first.stdout)[30]
+    subprocess.run([sys.executable, "-m", "offload", "export", str(tmp_path / "ckpt"), "--out",
+                    str(tmp_path / "exported")], check=True, capture_output=True, timeout=300)
+    scratch = _train(tmp_path, "--steps", "1", "--log-every", "1", *FAST)
+    tuned = _train(tmp_path, "--steps", "1", "--log-every", "1", "--init-from", str(tmp_path / "exported"), *FAST)
+    assert f"weights from {tmp_path / 'exported'}" in tuned.stdout
+    assert "config.json model" in tuned.stdout  # the model is the checkpoint's own
+    # the first step starts from the trained weights: its loss is near the trained one, far below a fresh start
+    assert _losses(tuned.stdout)[1] < trained_loss + 0.5 < _losses(scratch.stdout)[1] - 1.0

@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nvme-dir", default=None, help="where swap files would go (default: the temp dir)")
     parser.add_argument("--config", default=None, metavar="FILE",
                         help="a config written by offload tune: its measured bandwidths give a disk-time floor")
+    parser.add_argument("--model-in-ram", action="store_true",
+                        help="the model is built in RAM before the engine takes it (default: built with "
+                             "offload.init_empty, as offload train does, so it never is)")
     parser.add_argument("--json", action="store_true", help="print one JSON record instead of the table")
 
 
@@ -105,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
                           nvme_dir) from None
     bandwidth = tuned_bandwidths(args.config)
     estimates = [estimate(shape, p, o, gr, dtype=args.dtype, device=device, batch=args.batch, seq_len=args.seq_len,
-                          prefetch=args.prefetch_layers, device_memory_limit=limit) for p, o, gr in PLACEMENTS]
+                          prefetch=args.prefetch_layers, device_memory_limit=limit, model_in_ram=args.model_in_ram)
+                 for p, o, gr in PLACEMENTS]
     best = recommend(estimates, ram, gpu, disk)
 
     def floor(e) -> float | None:
@@ -139,8 +143,9 @@ def run(args: argparse.Namespace) -> int:
               f"{'-' if t is None else f'{t:.2f}'} | {'yes' if fits else 'no'} |")
     if not shape.exact_groups:
         print("\n(a parameter count only: the groups and activations are those of the assumed Llama shape)")
-    print("\nhost peak = this process as it is now (torch and the model code imported) + the model built in "
-          "RAM (fp32) or the engine's buffers + weights + activations, whichever moment is larger"
+    print("\nhost peak = this process as it is now (torch and the model code imported) + the engine's buffers"
+          + (" (+ the model built in RAM, fp32, at the engine's build)" if args.model_in_ram else "")
+          + " + weights + activations"
           + ("" if cuda else "; on the CPU device the weights and activations are in RAM"))
     if bandwidth is None:
         print("disk time: run 'offload tune --dir DIR --out offload.toml' and pass --config offload.toml")

@@ -31,6 +31,7 @@ EXAMPLES = """examples:
   offload train --model path/to/config.json --data corpus.txt --seq-len 512 --batch 8
   offload train --config offload.toml            # the I/O settings `offload tune` wrote
   offload train --checkpoint-dir runs/ckpt --checkpoint-every 100   # then: --resume to continue exactly
+  offload train --init-from runs/exported --lr 3e-4   # fine-tune: weights of a safetensors checkpoint
 """
 
 
@@ -38,8 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EXAMPLES
     what = parser.add_argument_group("what to train")
-    what.add_argument("--model", default="tiny", metavar="PRESET|CONFIG",
-                      help=f"a preset ({', '.join(PRESETS)}; default tiny) or a Hugging Face config.json")
+    what.add_argument("--model", default=None, metavar="PRESET|CONFIG",
+                      help=f"a preset ({', '.join(PRESETS)}; default tiny, or the --init-from checkpoint's "
+                           "config.json) or a Hugging Face config.json")
+    what.add_argument("--init-from", metavar="DIR", help="start from the weights of a Hugging Face safetensors "
+                                                         "checkpoint (e.g. what offload export wrote)")
     what.add_argument("--data", metavar="FILE", help="a text file (bytes are the tokens); default: text shipped "
                                                      "with offload")
     what.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
@@ -134,7 +138,11 @@ def run(args: argparse.Namespace) -> int:
         config = make_config(args, scratch)
         tokens, source = load_text(args.data)
         batch_at(tokens, 0, 1, args.seq_len, args.seed)  # checks the data is long enough before anything big
-        model = build_model(args.model, args.seq_len, args.seed)
+        if args.model is None:
+            args.model = str(Path(args.init_from, "config.json")) if args.init_from else "tiny"
+        # Built on the meta device: the engine gives every group its initial weights (those of a normal
+        # build with this seed) straight in its home, so the whole model is never in RAM.
+        model = offload.init_empty(lambda: build_model(args.model, args.seq_len, args.seed))
         numel = sum(p.numel() for p in model.parameters())
         timeline = offload.Timeline() if args.timeline else None
         engine = offload.Engine(model, config, lr=args.lr, weight_decay=0.1, max_grad_norm=1.0,
@@ -153,6 +161,9 @@ def run(args: argparse.Namespace) -> int:
         if args.resume and (args.checkpoint_dir and _has_checkpoint(args.checkpoint_dir)):
             first = int(engine.load(args.checkpoint_dir)["step"])
             print(f"  resumed from {args.checkpoint_dir} at step {first}")
+        elif args.init_from:
+            offload.load_pretrained(engine, args.init_from)
+            print(f"  weights from {args.init_from}")
         losses = _train(engine, args, tokens, first)
         if args.checkpoint_dir and (not args.checkpoint_every or args.steps % args.checkpoint_every):
             engine.save(args.checkpoint_dir, extra={"step": args.steps})

@@ -32,19 +32,22 @@ class DeviceWeights:
         self._upload_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._compute_stream: torch.cuda.Stream | None = None  # the caller's stream, taken by begin_step
 
-    def add(self, group: FlatGroup, master: torch.Tensor, alias: torch.Tensor | None) -> None:
-        """Creates group g's device buffer from ``master`` (its fp32 flat weights); ``bind_parameters`` later
-        points the parameters at it. ``alias``: a CPU fp32 flat tensor to use as the buffer itself (the
-        master in RAM when the device is the CPU and the dtype fp32), or None."""
+    def add(self, group: FlatGroup, master: torch.Tensor | None, alias: torch.Tensor | None) -> None:
+        """Creates group g's device buffer from ``master`` (its fp32 flat weights; None: zeros, filled later
+        with ``load_weights``); ``bind_parameters`` later points the parameters at it. ``alias``: a CPU fp32
+        flat tensor to use as the buffer itself (the master in RAM when the device is the CPU and the dtype
+        fp32), or None."""
         if alias is not None:
             weights = alias
+        elif master is None:
+            weights = torch.zeros(group.numel, dtype=self.dtype, device=self.device)
         else:
             weights = torch.empty(group.numel, dtype=self.dtype, device=self.device)
             weights.copy_(master)
         staged = self.device.type == "cuda" and self.dtype != torch.float32  # kernel output must be host memory
         self.weight_host.append(self.pool.allocate(group.numel * weights.element_size(),
                                                    f"weights {group.name or '<root>'}") if staged else None)
-        if staged:
+        if staged and master is not None:  # (a new pool buffer is zero already)
             # The kernel writes only the spans of parameters that received a gradient, and the upload copies
             # the whole buffer: the rest must already hold the current weights.
             self.weight_host[-1].view(self.dtype).copy_(weights)

@@ -23,6 +23,8 @@ from offload.engine.resources import EngineResources
 from offload.engine.types import EngineStats, StepInfo
 from offload.errors import ConfigError, MemoryBudgetError
 from offload.layout.flat_group import build_flat_group, gather_fp32
+from offload.engine.state_fill import fill_group, slot_reader
+from offload.layout.meta_init import LOG_ATTRIBUTE, materializers_for, meta_value, order_of_completion
 from offload.layout.partition import partition_model
 from offload.schedule.fetch_scheduler import FetchScheduler, max_use_width, uses_by_module
 from offload.schedule.offloaded_params import OffloadedParams
@@ -68,8 +70,6 @@ class Engine:
         if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and
                                               math.isfinite(max_grad_norm) and max_grad_norm > 0):
             raise ConfigError(f"max_grad_norm: expected None or a positive number; got {max_grad_norm!r}")
-        if any(p.is_meta for p in model.parameters()):
-            raise ConfigError("model: it has parameters on the meta device; materialise them first")
         self.model = model
         self.device = torch.device(config.device)
         self.dtype = config.torch_dtype
@@ -85,6 +85,9 @@ class Engine:
         self.param_groups, hyper_of = resolve_param_groups(model, trainable, param_groups, defaults)
         self.groups = [build_flat_group(i, spec, hyper_of) for i, spec in enumerate(partition.groups)]
         self._frozen = partition.frozen
+        # A model built on the meta device is materialised group by group (offload/layout/meta_init.py).
+        on_meta = any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+        self._meta = materializers_for(model) if on_meta else None
         self._lowp_bytes = torch.empty((), dtype=self.dtype).element_size()
         self._frozen_bytes = sum(p.numel() * (self._lowp_bytes if p.is_floating_point() else p.element_size())
                                  for _, p in self._frozen)  # frozen parameters stay on the device
@@ -129,10 +132,12 @@ class Engine:
                                                  order, self.timeline)
         self._grads.grad_swap = res.grad_swap
         self._fill_groups(placement)
-        frozen = [(p, p.data.to(self.device, self.dtype if p.is_floating_point() else None))
-                  for _, p in self._frozen]
-        buffers = [(module, name, buffer.to(self.device)) for module in self.model.modules()
+        frozen = [(p, self._value(p, name).to(self.device, self.dtype if p.is_floating_point() else None))
+                  for name, p in self._frozen]
+        buffers = [(module, name, self._value(buffer, f"{path}.{name}" if path else name).to(self.device))
+                   for path, module in self.model.named_modules()
                    for name, buffer in module._buffers.items() if buffer is not None]
+        self._meta = None  # the replay log and anything it still holds go now
         self.swap = res.swap
         self._stepper = GroupStepper(self.store, self.timeline)
         on_nvme = placement.count(StatePlacement.NVME)
@@ -144,6 +149,12 @@ class Engine:
         def attach() -> None:
             for param in self.model.parameters():
                 param.grad = None  # a gradient left from before would be added into the first step
+            if hasattr(self.model, LOG_ATTRIBUTE):
+                delattr(self.model, LOG_ATTRIBUTE)  # the model is real now; its init_empty log is spent
+            for param in self.model.parameters():
+                if param.is_meta:  # .data cannot change a tensor's device: swap in an empty CPU tensor first
+                    torch.utils.swap_tensors(param, nn.Parameter(torch.empty(0, dtype=param.dtype),
+                                                                 requires_grad=param.requires_grad))
             self.weights.bind_parameters()
             for param, data in frozen:
                 param.data = data
@@ -238,12 +249,23 @@ class Engine:
         alias_master = self.dtype == torch.float32 and (
             self.config.params == "cpu" or (self.config.params == "device" and self.device.type == "cpu"))
         for group, where in zip(self.groups, placement):
-            master = gather_fp32(group)
+            master = gather_fp32(group) if self._meta is None else None  # (meta: zeros now, filled below)
             state = self.store.add(group, where, master)
             alias = None
             if alias_master and where is StatePlacement.HOST:
                 alias = split_state(state.state_host.view(torch.float32), group.numel)[0]
             self.weights.add(group, master, alias)
+        if self._meta is not None:
+            # Groups are filled in the order the replay finishes them (Note [replay]), one at a time.
+            for g in order_of_completion(self._meta, self.groups):
+                group = self.groups[g]
+                values = {id(slot.param): self._value(slot.param, slot.name) for slot in group.slots}
+                fill_group(self, self.store.states[g], slot_reader(group, lambda slot: values[id(slot.param)]))
+                del values
+
+    def _value(self, t: torch.Tensor, name: str) -> torch.Tensor:
+        """``t`` itself, or for a meta tensor its materialised value."""
+        return meta_value(self._meta, t, name) if t.is_meta else t.data
 
     # ---- training loop ---------------------------------------------------------------------------------------
 
@@ -603,11 +625,21 @@ class Engine:
 
     # ---- lifetime --------------------------------------------------------------------------------------------
 
-    def close(self) -> None:
-        """Removes the hooks, frees the host buffers and removes the swap files. The model keeps working with
-        its current weights; the engine cannot be used afterwards. Idempotent."""
+    def close(self, keep_weights: bool | None = None) -> None:
+        """Removes the hooks, frees the host buffers and removes the swap files; the engine cannot be used
+        afterwards. Idempotent. With offloaded parameters, ``keep_weights`` decides whether their current
+        weights go back into the model (which then works on its own) or the parameters become meta tensors
+        (no memory; save or export first). The default keeps them unless that would exceed
+        ``host_memory_limit`` (a model larger than the host budget is never brought into RAM whole)."""
         if self._closed:
             return
+        if isinstance(self.weights, OffloadedParams):
+            limit = self.config.host_memory_limit
+            fits = limit is None or sum(g.numel for g in self.groups) * self._lowp_bytes <= limit
+            self._res.keep_weights = fits if keep_weights is None else keep_weights
+            if not self._res.keep_weights and keep_weights is None:
+                log.warning("offload: closing without bringing the weights back into the model: they exceed "
+                            "host_memory_limit; its offloaded parameters are now meta tensors")
         self._closed = True
         self._inflight = None  # _Resources.release joins it
         self._finalizer()

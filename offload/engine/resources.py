@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 
+import torch
+from torch import nn
+
 from offload.engine.device_weights import DeviceWeights
 from offload.engine.grad_stream import GradientStream
 from offload.engine.grad_swap import GradSwap
@@ -31,9 +34,19 @@ class EngineResources:
         self.store: OptimizerStateStore | None = None
         self.inflight: BackgroundStep | None = None  # an overlapped optimizer step still running
         self.grad_swap: GradSwap | None = None
+        self.keep_weights = True  # close(): offloaded weights go back into the model (else: meta tensors)
 
     def _restore_model(self) -> None:
-        """Offloaded parameters get their weights back in real storage: the model works without the engine."""
+        """Offloaded parameters get their weights back in real storage: the model works without the engine.
+        Unless ``keep_weights`` is False: they then become meta tensors (shapes only, no memory)."""
+        if not self.keep_weights:
+            self.weights.release_all()
+            for group in self.weights.groups:
+                for slot in group.slots:
+                    torch.utils.swap_tensors(slot.param, nn.Parameter(torch.empty(slot.shape, dtype=slot.param.dtype,
+                                                                                  device="meta"),
+                                                                      requires_grad=slot.param.requires_grad))
+            return
         try:
             self.weights.materialize()
         except Exception as e:  # a failed engine may not manage; the model is then unusable, say so

@@ -120,16 +120,19 @@ class OptimizerStateStore:
         self.staging: list[HostBuffer] = [pool.allocate(slot_bytes, f"optimizer staging {i}")
                                           for i in range(slots)]
 
-    def add(self, group: FlatGroup, where: StatePlacement, master: torch.Tensor) -> GroupState:
+    def add(self, group: FlatGroup, where: StatePlacement, master: torch.Tensor | None) -> GroupState:
+        """Group ``group``'s state in ``where``: master from ``master`` (None: zeros, to be filled later), moments
+        zero."""
         nbytes = STATE_PARTS * group.numel * FP32_BYTES
         if where is StatePlacement.HOST:
             state_host = self.pool.allocate(nbytes, f"optimizer state {group.name or '<root>'}")
             master_host, _, _ = split_state(state_host.view(torch.float32), group.numel)
-            master_host.copy_(master)  # the moments start at zero: the pool's fresh pages are zero-filled
+            if master is not None:
+                master_host.copy_(master)  # the moments start at zero: the pool's fresh pages are zero-filled
             state = GroupState(group, where, state_host, None)
         else:
             state = GroupState(group, where, None, self.swap.create(f"optimizer state {group.index}", nbytes))
-            for start, end in chunks(group.numel, self.chunk_elements):
+            for start, end in (chunks(group.numel, self.chunk_elements) if master is not None else []):
                 staging = self.staging[0].view(torch.float32)[:STATE_PARTS * (end - start)]
                 master_stage, m_stage, v_stage = split_state(staging, end - start)
                 master_stage.copy_(master[start:end])

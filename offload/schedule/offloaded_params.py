@@ -101,9 +101,10 @@ class OffloadedParams:
 
     # ---- set-up ----------------------------------------------------------------------------------------------
 
-    def add(self, group: FlatGroup, master: torch.Tensor, alias: torch.Tensor | None) -> None:
-        """Group ``group``'s home, filled from ``master`` (fp32 flat). ``alias``: an fp32 host tensor to use as
-        the home itself (the master in RAM, for fp32 weights), or None."""
+    def add(self, group: FlatGroup, master: torch.Tensor | None, alias: torch.Tensor | None) -> None:
+        """Group ``group``'s home, filled from ``master`` (fp32 flat; None: zeros, filled later with
+        ``load_weights``). ``alias``: an fp32 host tensor to use as the home itself (the master in RAM, for
+        fp32 weights), or None."""
         self._aliased.append(alias is not None)
         self.weight_home_nvme.append(None)
         if alias is not None:
@@ -112,13 +113,15 @@ class OffloadedParams:
             buffer = self.pool.allocate(self.nbytes(group.index), f"weights {group.name or '<root>'}")
             self._home_buffers.append(buffer)
             self.weight_home_host.append(buffer.view(self.dtype))
-            self.weight_home_host[-1].copy_(master)
+            if master is not None:  # (a new pool buffer is zero already)
+                self.weight_home_host[-1].copy_(master)
         else:
             self.weight_home_host.append(None)
             swap = self.swap.create(f"weights {group.index}", self.nbytes(group.index))
-            staging = self._writeback_slots[0].tensor[:self.nbytes(group.index)].view(self.dtype)
-            staging.copy_(master)
-            self.swap.wait(self.swap.write(swap, 0, staging))
+            if master is not None:  # (a new swap file reads as zeros)
+                staging = self._writeback_slots[0].tensor[:self.nbytes(group.index)].view(self.dtype)
+                staging.copy_(master)
+                self.swap.wait(self.swap.write(swap, 0, staging))
             self.weight_home_nvme[-1] = swap
 
     def bind_parameters(self) -> None:

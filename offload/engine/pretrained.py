@@ -1,0 +1,165 @@
+"""load_pretrained: a Hugging Face safetensors checkpoint (one file or sharded) streamed into an engine.
+
+Each group is filled piece by piece: the parameter bytes of an optimizer chunk are read from the files with
+pread (no mapping of the file, so the process's RSS does not grow with the checkpoint), converted to fp32 into
+the group's master (its host state, or a staging slot written to its NVMe state), and the compute-dtype weights
+are made from it where they live. At most one chunk of master weights (plus the dtype conversion buffer) is in
+memory at a time, whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from offload.checkpoint.tensor_file import TensorFileReader
+from offload.engine.state_fill import fill_group
+from offload.errors import CheckpointError
+from offload.storage.io_engine import IoEngine
+
+if TYPE_CHECKING:
+    from offload.engine.engine import Engine
+
+log = logging.getLogger("offload")
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def checkpoint_files(path: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it, for a checkpoint directory (sharded with an index, or a
+    single model.safetensors) or one .safetensors file."""
+    if path.is_file():
+        return {"": path}
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return {name: path / file for name, file in weight_map.items()}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a usable safetensors index ({type(e).__name__}: {e})") from None
+    if (path / SINGLE_FILE).is_file():
+        return {"": path / SINGLE_FILE}
+    raise CheckpointError(f"{path}: neither {INDEX_FILE} nor {SINGLE_FILE} is there (nor is it a .safetensors file)")
+
+
+def load_pretrained(engine: Engine, path: str | Path) -> None:
+    """Replaces the engine's weights with those of a Hugging Face safetensors checkpoint at ``path`` (a directory
+    with ``model.safetensors`` or a sharded ``model.safetensors.index.json``, or one ``.safetensors`` file),
+    converting dtypes on the fly. Trainable parameters go to their fp32 masters and compute-dtype copies
+    (wherever they live: device, host RAM, NVMe), frozen parameters and persistent buffers to the model.
+    A tied parameter needs one of its names in the checkpoint. Call it before the first step: the Adam moments
+    stay zero. Missing or unexpected tensors and shape mismatches raise ``CheckpointError`` naming them, before
+    anything is changed."""
+    engine._check_open()
+    engine._sync()
+    if engine._step > 0 or engine._grads.any_received():
+        raise CheckpointError("load_pretrained: the engine has already trained (or holds gradients); load "
+                              "pretrained weights right after building it")
+    start = time.perf_counter()
+    path = Path(path)
+    files = checkpoint_files(path)
+    io = IoEngine(engine.config.io)
+    readers: dict[Path, TensorFileReader] = {}
+    try:
+        for file in dict.fromkeys(files.values()):
+            readers[file] = TensorFileReader(file, io)
+        where = {name: readers[file] for file in readers for name in readers[file].entries
+                 if files.get(name, files.get("")) == file}
+        targets = _targets(engine)
+        _check(engine, where, targets, path)
+        try:
+            if hasattr(engine.weights, "release_all"):
+                engine.weights.release_all()
+                engine.weights.drain_copies()
+            for state in engine.store.states:
+                group = state.group
+                fill_group(engine, state, lambda master, start, end, group=group:
+                           _read_master(group, master, start, end, where, targets))
+            for name, tensor in targets["other"].items():
+                reader = where[name]
+                staged = torch.empty(reader.entry(name).shape, dtype=reader.entry(name).dtype)
+                io.wait(reader.read(name, 0, staged))
+                with torch.no_grad():
+                    tensor.copy_(staged)
+        except BaseException as e:
+            engine._failed = f"loading {path} failed part-way ({type(e).__name__}: {e})"
+            raise
+    finally:
+        for reader in readers.values():
+            reader.close()
+        io.close()
+    total = sum(r.size for r in readers.values())
+    log.info("offload: loaded %s (%.2f GB in %.1f s)", path, total / 1e9, time.perf_counter() - start)
+
+
+def _targets(engine: Engine) -> dict:
+    """The checkpoint name each trainable slot is read from (its own name or, for a tied parameter, any of its
+    names), and the other tensors of the model's state_dict (frozen parameters, persistent buffers)."""
+    trainable = {id(slot.param) for g in engine.groups for slot in g.slots}
+    names_of: dict[int, list[str]] = {}
+    other: dict[str, torch.Tensor] = {}
+    for key, value in engine.model.state_dict(keep_vars=True).items():
+        names_of.setdefault(id(value), []).append(key)
+        if id(value) not in trainable and len(names_of[id(value)]) == 1:
+            other[key] = value
+    return {"names": names_of, "other": other}
+
+
+def _check(engine: Engine, where: dict[str, TensorFileReader], targets: dict, path: Path) -> None:
+    missing, mismatched, used = [], [], set()
+    slots = [(slot.param, slot.shape) for g in engine.groups for slot in g.slots]
+    others = [(t, t.shape) for t in targets["other"].values()]
+    for tensor, shape in slots + others:
+        names = targets["names"][id(tensor)]
+        present = [n for n in names if n in where]
+        used.update(names)
+        if not present:
+            missing.append(names[0])
+            continue
+        entry = where[present[0]].entry(present[0])
+        if tuple(entry.shape) != tuple(shape):
+            mismatched.append(f"{present[0]} (checkpoint {list(entry.shape)}, model {list(shape)})")
+    unexpected = sorted(set(where) - used)
+    problems = []
+    if missing:
+        problems.append(f"missing {_some(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_some(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatch: {_some(mismatched)}")
+    if problems:
+        raise CheckpointError(f"load_pretrained({path}): the checkpoint does not fit the model: "
+                              + "; ".join(problems))
+    # each slot reads from the first of its names the checkpoint has
+    targets["source"] = {id(t): next(n for n in targets["names"][id(t)] if n in where) for t, _ in slots}
+
+
+def _some(items: list[str]) -> str:
+    shown = ", ".join(items[:5])
+    return f"{len(items)} tensors ({shown}{', ...' if len(items) > 5 else ''})"
+
+
+def _read_master(group, master: torch.Tensor, start: int, end: int, where: dict[str, TensorFileReader],
+                 targets: dict) -> None:
+    """Elements [start, end) of the group's parameters, read and converted to fp32 into ``master``."""
+    master.zero_()  # padding between parameters
+    for slot in group.slots:
+        a, b = max(slot.offset, start), min(slot.end, end)
+        if a >= b:
+            continue
+        name = targets["source"][id(slot.param)]
+        reader = where[name]
+        entry = reader.entry(name)
+        item = torch.empty((), dtype=entry.dtype).element_size()
+        out = master[a - start:b - start]
+        if entry.dtype == torch.float32:
+            reader.io.wait(reader.read(name, (a - slot.offset) * item, out))
+        else:
+            staged = torch.empty(b - a, dtype=entry.dtype)
+            reader.io.wait(reader.read(name, (a - slot.offset) * item, staged))
+            out.copy_(staged)
