@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
                "  offload train                          # the main job: a small model, everything offloaded\n"
                "  offload estimate --model 7B            # what a model needs, and which placement fits\n"
                "  offload tune --dir /nvme/offload       # measure the swap directory, write offload.toml\n"
-               "  offload bench step --help              # the benchmarks: adam, io, step, gpu\n"
+               "  offload bench step --help              # the benchmarks: adam, io, step, gpu, e2e\n"
                "Run 'offload COMMAND --help' for a command's options.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -27,10 +27,11 @@ def main(argv: list[str] | None = None) -> int:
                                   "  offload bench io --dir /nvme --size 4GiB  # the I/O engine vs fio\n"
                                   "  offload bench step --dir /nvme            # engine.step() against its floor\n"
                                   "  offload bench gpu                         # training steps on a GPU vs torchao\n"
+                                  "  offload bench e2e --ds-python ds/bin/python  # vs torch and DeepSpeed\n"
                                   "  offload bench --debug step ...            # full traceback on errors\n"
                                   "Each takes --help for its own options.")
     bench.add_argument("--debug", action="store_true", help="show the full traceback on errors")
-    bench.add_argument("what", choices=["adam", "io", "step", "gpu"], help="what to benchmark")
+    bench.add_argument("what", choices=["adam", "io", "step", "gpu", "e2e"], help="what to benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     info = sub.add_parser("info", help="print the native core's SIMD variant and thread count",
                           epilog="example: OFFLOAD_SIMD=avx2 offload info")
@@ -114,6 +115,10 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             from offload.bench import gpu
 
             return gpu.main(args.rest)
+        if args.what == "e2e":
+            from offload.bench import e2e
+
+            return e2e.main(args.rest)
         from offload.bench import adam
 
         return adam.main(args.rest)
