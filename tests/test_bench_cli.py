@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from offload.bench.adam import Record, markdown_table, summarize
 
 
@@ -120,3 +122,23 @@ def test_scale_check_tool_trains_with_the_state_over_budget(tmp_path):
     assert report["state_over_budget"] == 1.1
     assert report["host_bytes_peak"] <= report["host_memory_limit"]
     assert report["losses"][1] < report["losses"][0]
+
+
+def test_bench_e2e_runs_every_offload_mode_against_torch_and_reports(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "e2e.jsonl"
+    done = subprocess.run([sys.executable, "-m", "offload", "bench", "e2e", "--sizes", "tiny", "--dtypes", "fp32",
+                           "--rounds", "1", "--warmup", "1", "--steps", "2", "--dir", str(tmp_path),
+                           "--modes", "torch,ours-cpu,ours-nvme,ours-inf", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["mode"] for r in records] == ["torch", "ours-cpu", "ours-nvme", "ours-inf"]
+    for r in records:
+        assert r["step_s"] > 0 and r["peak_rss_bytes"] > 0 and len(r["losses"]) == 3
+    assert records[3]["written_bytes_per_step"] > 0  # params and state on NVMe: the disk is written every step
+    assert "| tiny | fp32 | ours-inf | 1 |" in done.stdout and "ours-cpu step / torch = " in done.stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["e2e.jsonl"]  # the swap directories are gone
+    refused = subprocess.run([sys.executable, "-m", "offload", "bench", "e2e", "--modes", "ds-nvme"],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--ds-python" in refused.stderr

@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                  epilog="\n".join(__doc__.splitlines()[2:]) + "\n\nexample:\n  offload bench e2e "
                                         "--sizes 300m --dtypes fp32,bf16 --rounds 2 --dir /nvme/bench "
                                         "--ds-python ds/bin/python --out e2e.jsonl")
-    ap.add_argument("--sizes", default="300m", help="30m and/or 300m (default 300m)")
+    ap.add_argument("--sizes", default="300m", help="30m and/or 300m (default 300m; tiny: a smoke test)")
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--modes", default=None, help=f"comma-separated from {','.join(MODES)} (default: all ours "
                                                   "and torch, and DeepSpeed's with --ds-python)")
@@ -52,8 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.dtypes = [d for d in a.dtypes.split(",") if d]
     default = [m for m in MODES if not m.startswith("ds") or a.ds_python]
     a.modes = [m for m in (a.modes.split(",") if a.modes else default) if m]
-    bad = [m for m in a.modes if m not in MODES] + [s for s in a.sizes if s not in ("30m", "300m")] + \
-        [d for d in a.dtypes if d not in ("fp32", "bf16")]
+    bad = [m for m in a.modes if m not in MODES] + \
+        [s for s in a.sizes if s not in ("30m", "300m", "tiny")] + [d for d in a.dtypes if d not in ("fp32", "bf16")]
     if bad:
         ap.error(f"unknown mode, size or dtype: {', '.join(bad)}")
     if any(m.startswith("ds") for m in a.modes) and not a.ds_python:

@@ -23,6 +23,8 @@ SIZES = {  # the anchors' models (../shared/anchors/ds_e2e): untied Llama, sdpa 
                 num_key_value_heads=8, vocab_size=8192),
     "300m": dict(hidden_size=1024, num_hidden_layers=18, intermediate_size=2816, num_attention_heads=16,
                  num_key_value_heads=16, vocab_size=32000),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+                 num_key_value_heads=4, vocab_size=256),  # for the tests of the tool itself
 }
 HYPER = dict(lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)  # every mode, no clipping
 MODES = ("torch", "ours-cpu", "ours-nvme", "ours-inf", "ds-cpu", "ds-nvme", "ds-inf")

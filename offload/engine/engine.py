@@ -361,24 +361,24 @@ class Engine:
     #   CUDA the weight upload waits for the kernels queued before it (Note [weight uploads on CUDA]);
     # - offloaded weights: the group is already released (param_done runs first) and ``expect_update`` makes
     #   its next fetch wait for the update, as in the overlapped step;
-    # - state in RAM only: NVMe state keeps the pipelined step (its reads are planned across groups);
+    # - state on NVMe goes through the same staging pipeline, one group at a time (the UpdateQueue runs one
+    #   update at a time; nothing else uses the optimizer's staging during backward); gradients on NVMe are
+    #   excluded, since their accumulators are written out only when backward ends;
     # - the gradients of this backward only: an accumulation started by backward() takes the plain path.
     # Groups left incomplete (a parameter without gradient) are updated after backward. The result is the
     # same as ``backward(); step()``: the same kernel on the same inputs, group by group.
     def backward_step(self, loss: torch.Tensor) -> StepInfo:
         """``backward(loss)`` then ``step()`` in one call, with the same result. When no group's update depends
-        on the others (``max_grad_norm`` None, no fp16 loss scaling, ``skip_nonfinite`` off, gradients and
-        optimizer state in host RAM, no gradient left by an earlier ``backward``), each group's Adam update
+        on the others (``max_grad_norm`` None, no fp16 loss scaling, ``skip_nonfinite`` off, gradient
+        accumulators in host RAM, no gradient left by an earlier ``backward``), each group's Adam update
         starts as soon as its gradients are complete and overlaps the rest of backward (Note [updates during
         backward]); otherwise it is exactly ``backward(loss); step()``. ``StepInfo.time_s`` then covers the
         backward too. A parameter that gets two gradients in one backward (shared by two reentrant
         checkpointed segments) cannot be handled this way: that raises, and the engine is then failed."""
         self._check_open()
         self._sync()
-        placements = {s.placement for s in self.store.states}
         if (self.max_grad_norm is not None or self.dtype == torch.float16 or self.skip_nonfinite
-                or self._res.grad_swap is not None or placements != {StatePlacement.HOST}
-                or self._grads.any_received()):
+                or self._res.grad_swap is not None or self._grads.any_received()):
             self.backward(loss)
             return self.step()
         start = time.perf_counter()
@@ -440,6 +440,9 @@ class Engine:
         counters = StepCounters()
         if offloaded:
             self._inflight = self._res.inflight = queue  # joined by the next _sync, like an overlapped step
+            nvme = [self.store.states[g] for g in submitted if self.store.states[g].placement is StatePlacement.NVME]
+            counters = StepCounters(nvme_bytes_read=sum(s.nbytes for s in nvme),
+                                    nvme_bytes_written=sum(s.nbytes for s in nvme), groups_on_nvme=len(nvme))
         else:
             counters = queue.wait()
             self._add_counters(counters)
@@ -449,8 +452,8 @@ class Engine:
         self.timeline.add("step", f"step {self._step} (during backward)", start, time.perf_counter())
         return StepInfo(step=self._step, grad_norm=grad_norm, skipped=False, loss_scale=self._scaler.scale,
                         time_s=time.perf_counter() - start, adam_s=counters.adam_s, io_wait_s=counters.io_wait_s,
-                        nvme_bytes_read=0, nvme_bytes_written=0, grad_bytes_to_host=grad_bytes,
-                        groups_on_nvme=0, overlapped=offloaded)
+                        nvme_bytes_read=counters.nvme_bytes_read, nvme_bytes_written=counters.nvme_bytes_written,
+                        grad_bytes_to_host=grad_bytes, groups_on_nvme=counters.groups_on_nvme, overlapped=offloaded)
 
     def _run_updates(self, updates: list[GroupUpdate], grad_scale: float, keep_order: bool = False) -> StepCounters:
         try:
