@@ -5,16 +5,18 @@ imported (the estimate's starting point), the peak RSS, the engine's host buffer
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import resource
 
 import psutil
 import torch
-import transformers.models.llama.modeling_llama  # noqa: F401  (the model code, as the estimate imports it)
 
 import offload
 from offload.cli.train_setup import build_model
+
+importlib.import_module("transformers.models.llama.modeling_llama")  # the model code, as the estimate has it
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--model", default="small")
