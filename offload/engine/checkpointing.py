@@ -26,14 +26,15 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from offload.checkpoint.directory import CheckpointDir, write_file_durably
 from offload.checkpoint.tensor_file import FileRecord, TensorFileReader, TensorFileWriter, byte_view, plan_entries
+from offload.engine.state_fill import fill_group, quiesce
 from offload.errors import CheckpointError
-from offload.optim.state_store import STATE_PARTS, GroupState, StatePlacement, chunks, split_state
+from offload.optim.state_store import STATE_PARTS, StatePlacement, chunks, split_state
 from offload.storage.io_engine import IoEngine, IoHandle
 
 if TYPE_CHECKING:
@@ -118,10 +119,8 @@ def _write_optimizer_state(engine: Engine, version: Path, io: IoEngine) -> dict[
                     store.swap.wait(handle)
                 parts = split_state(staging, end - start)
                 for w, part in enumerate(parts):
-                    for slot in group.slots:
-                        a, b = max(slot.offset, start), min(slot.end, end)
-                        if a < b:
-                            writes_from[s].append((w, writers[w].append(part[a - start:b - start])))
+                    for _, a, b in group.pieces(start, end):
+                        writes_from[s].append((w, writers[w].append(part[a - start:b - start])))
         return {f"{name}.safetensors": writer.finish() for name, writer in zip(STATE_FILES, writers)}
     finally:
         for writer in writers:
@@ -231,12 +230,12 @@ def load(engine: Engine, path: str, restore_rng: bool) -> dict[str, Any]:
         _check_matches(engine, readers, model_reader, param_steps, hyper_groups, meta_path)
         engine._grads.reset()  # gradients accumulated before the load belong to the state it replaces
         try:
-            if hasattr(engine.weights, "release_all"):
-                engine.weights.release_all()  # device copies would go stale
-                engine.weights.drain_copies()  # and no copy may still read a home that is rewritten below
+            quiesce(engine)
             for state in engine.store.states:
-                _load_group(engine, state, readers)
-            _load_model_tensors(engine, model_reader)
+                group = state.group
+                fill_group(engine, state, lambda parts, start, end, group=group:
+                           _read_slots(readers, parts, group, start, end))
+            load_model_tensors(engine, lambda key: model_reader)
         except BaseException as e:
             engine._failed = f"loading {path} failed part-way ({type(e).__name__}: {e})"
             raise
@@ -282,7 +281,7 @@ def _check_matches(engine: Engine, readers: list[TensorFileReader], model_reader
     if [sorted(g["names"]) for g in hyper_groups] != [sorted(g["names"]) for g in engine.param_groups]:
         raise CheckpointError(f"{meta_path}: the parameter groups differ from the engine's "
                               f"({len(hyper_groups)} saved, {len(engine.param_groups)} now, or other members)")
-    state = _other_tensors(engine)
+    state = other_tensors(engine)
     for key, tensor in state.items():
         entry = model_reader.entries.get(key)
         if entry is None:
@@ -297,7 +296,7 @@ def _names(names: list[str]) -> str:
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
-def _other_tensors(engine: Engine) -> dict[str, torch.Tensor]:
+def other_tensors(engine: Engine) -> dict[str, torch.Tensor]:
     """The model's state_dict entries that are not trainable parameters (first key of each tensor)."""
     trainable = {id(slot.param) for g in engine.groups for slot in g.slots}
     seen: set[int] = set()
@@ -310,41 +309,23 @@ def _other_tensors(engine: Engine) -> dict[str, torch.Tensor]:
     return out
 
 
-def _load_group(engine: Engine, state: GroupState, readers: list[TensorFileReader]) -> None:
-    """Group's master, m and v from the files into its home, then its weights from the new master."""
-    group, store = state.group, engine.store
-    if state.placement is StatePlacement.HOST:
-        parts = split_state(state.state_host.view(torch.float32), group.numel)
-        _read_slots(readers, parts, group, 0, group.numel)
-        engine.weights.load_weights(group.index, parts[0], 0, True)
-        return
-    pieces = chunks(group.numel, store.chunk_elements)
-    for k, (start, end) in enumerate(pieces):
-        staging = store.staging[0].view(torch.float32)[:STATE_PARTS * (end - start)]
-        staging.zero_()  # padding between parameters is zero in every buffer (FlatGroup)
-        parts = split_state(staging, end - start)
-        _read_slots(readers, parts, group, start, end)
-        for handle in store.transfer("write", state, start, end, staging):
-            store.swap.wait(handle)
-        engine.weights.load_weights(group.index, parts[0], start, k == len(pieces) - 1)
-
-
 def _read_slots(readers: list[TensorFileReader], parts: tuple[torch.Tensor, ...], group: Any,
                 start: int, end: int) -> None:
     """Reads elements [start, end) of the group's parameters from the three state files into ``parts``
     (which hold exactly those elements)."""
     handles = []
     for reader, part in zip(readers, parts):
-        for slot in group.slots:
-            a, b = max(slot.offset, start), min(slot.end, end)
-            if a < b:
-                handles.append(reader.read(slot.name, (a - slot.offset) * 4, part[a - start:b - start]))
+        for slot, a, b in group.pieces(start, end):
+            handles.append(reader.read(slot.name, (a - slot.offset) * 4, part[a - start:b - start]))
     for handle in handles:
         readers[0].io.wait(handle)
 
 
-def _load_model_tensors(engine: Engine, reader: TensorFileReader) -> None:
-    for key, tensor in _other_tensors(engine).items():
+def load_model_tensors(engine: Engine, reader_of: Callable[[str], TensorFileReader]) -> None:
+    """The model's other state_dict tensors (frozen parameters, buffers) from the file ``reader_of(key)``,
+    converted to their dtype."""
+    for key, tensor in other_tensors(engine).items():
+        reader = reader_of(key)
         entry = reader.entry(key)
         staged = torch.empty(entry.shape, dtype=entry.dtype)
         reader.io.wait(reader.read(key, 0, staged))

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from offload.checkpoint.tensor_file import TensorFileReader
-from offload.engine.state_fill import fill_group
+from offload.engine.checkpointing import load_model_tensors, other_tensors
+from offload.engine.state_fill import fill_group, quiesce
 from offload.errors import CheckpointError
 from offload.storage.io_engine import IoEngine
 
@@ -73,19 +74,12 @@ def load_pretrained(engine: Engine, path: str | Path) -> None:
         targets = _targets(engine)
         _check(engine, where, targets, path)
         try:
-            if hasattr(engine.weights, "release_all"):
-                engine.weights.release_all()
-                engine.weights.drain_copies()
-            for state in engine.store.states:
+            quiesce(engine)
+            for state in engine.store.states:  # the masters; the moments of a new engine stay zero
                 group = state.group
-                fill_group(engine, state, lambda master, start, end, group=group:
-                           _read_master(group, master, start, end, where, targets))
-            for name, tensor in targets["other"].items():
-                reader = where[name]
-                staged = torch.empty(reader.entry(name).shape, dtype=reader.entry(name).dtype)
-                io.wait(reader.read(name, 0, staged))
-                with torch.no_grad():
-                    tensor.copy_(staged)
+                fill_group(engine, state, lambda parts, start, end, group=group:
+                           _read_master(group, parts[0], start, end, where, targets))
+            load_model_tensors(engine, where.__getitem__)
         except BaseException as e:
             engine._failed = f"loading {path} failed part-way ({type(e).__name__}: {e})"
             raise
@@ -100,14 +94,10 @@ def load_pretrained(engine: Engine, path: str | Path) -> None:
 def _targets(engine: Engine) -> dict:
     """The checkpoint name each trainable slot is read from (its own name or, for a tied parameter, any of its
     names), and the other tensors of the model's state_dict (frozen parameters, persistent buffers)."""
-    trainable = {id(slot.param) for g in engine.groups for slot in g.slots}
     names_of: dict[int, list[str]] = {}
-    other: dict[str, torch.Tensor] = {}
     for key, value in engine.model.state_dict(keep_vars=True).items():
         names_of.setdefault(id(value), []).append(key)
-        if id(value) not in trainable and len(names_of[id(value)]) == 1:
-            other[key] = value
-    return {"names": names_of, "other": other}
+    return {"names": names_of, "other": other_tensors(engine)}
 
 
 def _check(engine: Engine, where: dict[str, TensorFileReader], targets: dict, path: Path) -> None:
@@ -147,11 +137,7 @@ def _some(items: list[str]) -> str:
 def _read_master(group, master: torch.Tensor, start: int, end: int, where: dict[str, TensorFileReader],
                  targets: dict) -> None:
     """Elements [start, end) of the group's parameters, read and converted to fp32 into ``master``."""
-    master.zero_()  # padding between parameters
-    for slot in group.slots:
-        a, b = max(slot.offset, start), min(slot.end, end)
-        if a >= b:
-            continue
+    for slot, a, b in group.pieces(start, end):
         name = targets["source"][id(slot.param)]
         reader = where[name]
         entry = reader.entry(name)

@@ -1,6 +1,6 @@
-"""fill_group: writes a group's fp32 master weights, chunk by chunk, into its state (host or NVMe) with zero
-moments, and makes its compute-dtype weights from them wherever they live. Used to materialise a model built
-on the meta device and to load pretrained weights: one chunk of master weights in memory at a time."""
+"""fill_group: writes a group's optimizer state (fp32 master, m, v), chunk by chunk, into its home (host or
+NVMe) and makes its compute-dtype weights from the new master wherever they live. Used to materialise a model
+built on the meta device, to load pretrained weights and to load a checkpoint: one chunk in memory at a time."""
 
 from __future__ import annotations
 
@@ -13,36 +13,42 @@ from offload.optim.state_store import STATE_PARTS, GroupState, StatePlacement, c
 if TYPE_CHECKING:
     from offload.engine.engine import Engine
 
-# (master, start, end): fills ``master`` (fp32, end - start elements) with elements [start, end) of the group
-ReadMaster = Callable[[torch.Tensor, int, int], None]
+# (parts, start, end): writes elements [start, end) of the group into ``parts`` = (master, m, v), each fp32 of
+# end - start elements. A part it leaves alone keeps what it holds: the current values for a group in RAM,
+# zeros for an NVMe chunk; padding between parameters is zero in every buffer and stays so.
+ReadState = Callable[[tuple[torch.Tensor, ...], int, int], None]
 
 
-def fill_group(engine: Engine, state: GroupState, read: ReadMaster) -> None:
+def quiesce(engine: Engine) -> None:
+    """Before the homes are rewritten outside a step: no group on the device (its copy would go stale) and no
+    copy to the device still reading a home."""
+    if hasattr(engine.weights, "release_all"):
+        engine.weights.release_all()
+        engine.weights.drain_copies()
+
+
+def fill_group(engine: Engine, state: GroupState, read: ReadState) -> None:
     group, store = state.group, engine.store
     if state.placement is StatePlacement.HOST:
-        master, exp_avg, exp_avg_sq = split_state(state.state_host.view(torch.float32), group.numel)
-        read(master, 0, group.numel)
-        exp_avg.zero_()
-        exp_avg_sq.zero_()
-        engine.weights.load_weights(group.index, master, 0, True)
+        parts = split_state(state.state_host.view(torch.float32), group.numel)
+        read(parts, 0, group.numel)
+        engine.weights.load_weights(group.index, parts[0], 0, True)
         return
     pieces = chunks(group.numel, store.chunk_elements)
     for k, (start, end) in enumerate(pieces):
         staging = store.staging[0].view(torch.float32)[:STATE_PARTS * (end - start)]
-        staging.zero_()  # the moments start at zero; padding between parameters stays zero
-        master = split_state(staging, end - start)[0]
-        read(master, start, end)
+        staging.zero_()  # (the slot holds another chunk's bytes)
+        parts = split_state(staging, end - start)
+        read(parts, start, end)
         for handle in store.transfer("write", state, start, end, staging):
             store.swap.wait(handle)
-        engine.weights.load_weights(group.index, master, start, k == len(pieces) - 1)
+        engine.weights.load_weights(group.index, parts[0], start, k == len(pieces) - 1)
 
 
-def slot_reader(group, value_of: Callable[[object], torch.Tensor]) -> ReadMaster:
-    """A ReadMaster over in-memory parameter values (``value_of(slot)``: the slot's tensor, any dtype)."""
-    def read(master: torch.Tensor, start: int, end: int) -> None:
-        master.zero_()  # padding between parameters
-        for slot in group.slots:
-            a, b = max(slot.offset, start), min(slot.end, end)
-            if a < b:
-                master[a - start:b - start].copy_(value_of(slot).reshape(-1)[a - slot.offset:b - slot.offset])
+def master_from_values(group, value_of: Callable[[object], torch.Tensor]) -> ReadState:
+    """A ReadState that sets the master from in-memory parameter values (``value_of(slot)``, any dtype) and
+    leaves the moments (zero in a new engine) alone."""
+    def read(parts: tuple[torch.Tensor, ...], start: int, end: int) -> None:
+        for slot, a, b in group.pieces(start, end):
+            parts[0][a - start:b - start].copy_(value_of(slot).reshape(-1)[a - slot.offset:b - slot.offset])
     return read

@@ -9,6 +9,7 @@ group is one span.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -57,6 +58,13 @@ class FlatGroup:
     def view(self, flat: torch.Tensor, slot: Slot) -> torch.Tensor:
         """The part of a flat buffer of this group that holds ``slot``, in the parameter's shape."""
         return flat[slot.offset:slot.end].view(slot.shape)
+
+    def pieces(self, start: int, end: int) -> Iterator[tuple[Slot, int, int]]:
+        """(slot, a, b) for every slot with elements in [start, end) of the group: [a, b) is that overlap."""
+        for slot in self.slots:
+            a, b = max(slot.offset, start), min(slot.end, end)
+            if a < b:
+                yield slot, a, b
 
 
 def build_flat_group(index: int, spec: ParamGroupSpec, hyper_index_of: dict[int, int]) -> FlatGroup:

@@ -196,7 +196,6 @@ class OffloadedParams:
             with self.timeline.span("fetch", f"copy {self.groups[g].name or '<root>'}"):
                 copied = self._fill(g, self.weight_home_host[g])
         except BaseException:  # e.g. the device is out of memory: the group stays home
-            self.weight_device[g].untyped_storage().resize_(0)
             self._account(g, -1)
             raise
         if copied is None:
@@ -227,11 +226,8 @@ class OffloadedParams:
                                     f"({self.nbytes(g)} bytes) next to {self.resident_bytes} resident bytes",
                                     self.nbytes(g), max(0, self.device_limit - self.resident_bytes),
                                     "device_memory_limit")
-        if self.residency[g] is Residency.FETCHING and g in self._copying:  # CUDA, from a host home
-            self._h2d.wait_ready(self._copying.pop(g))
-            self.residency.move(g, Residency.RESIDENT)
-        elif self.residency[g] is Residency.FETCHING:
-            self._h2d.wait_ready(self._copy_read(g))
+        if self.residency[g] is Residency.FETCHING:  # a read from NVMe, or (CUDA) a copy to the device
+            self._h2d.wait_ready(self._copying.pop(g) if g in self._copying else self._copy_read(g))
             self.residency.move(g, Residency.RESIDENT)
 
     def _copy_read(self, g: int) -> torch.cuda.Event | None:
@@ -253,7 +249,6 @@ class OffloadedParams:
             with self.timeline.span("fetch", f"copy {name}"):
                 copied = self._fill(g, self._fetch_slots[slot].tensor[:self.nbytes(g)].view(self.dtype))
         except BaseException:  # e.g. the device is out of memory: the group stays home, the slot is free
-            self.weight_device[g].untyped_storage().resize_(0)
             self._free_fetch_slots.append(slot)
             self._account(g, -1)
             self.residency.move(g, Residency.RELEASED)
@@ -280,19 +275,16 @@ class OffloadedParams:
         state = self.residency[g]
         if state is Residency.RELEASED:
             return
-        if state is Residency.FETCHING and g in self._copying:
-            # A prefetch nobody used: its storage is freed now, and the allocator reuses the block only after
-            # the copy has run (Note [fetch stream], 3).
-            del self._copying[g]
-            self.weight_device[g].untyped_storage().resize_(0)
-        elif state is Residency.FETCHING:
+        if g in self._fetch:
             slot, handle = self._fetch.pop(g)
             try:
                 self.swap.wait(handle)
             except OSError:
                 pass  # a prefetch nobody uses: its failure does not matter, the group stays home
             self._free_fetch_slots.append(slot)
-        else:
+        else:  # resident, or (CUDA) a prefetch nobody used whose copy may still run: the allocator reuses
+            # the block only after the copy has run (Note [fetch stream], 3)
+            self._copying.pop(g, None)
             self.weight_device[g].untyped_storage().resize_(0)
         self._account(g, -1)
         self.residency.move(g, Residency.RELEASED)
@@ -317,10 +309,15 @@ class OffloadedParams:
         return [g for g in range(len(self.groups)) if self.residency[g] is not Residency.RELEASED]
 
     def _fill(self, g: int, source: torch.Tensor) -> torch.cuda.Event | None:
-        """Allocates group g's device storage and copies ``source`` into it; the copy's event on CUDA."""
+        """Allocates group g's device storage and copies ``source`` into it; the copy's event on CUDA. If
+        that fails (e.g. no device memory), the storage is released again before the error goes on."""
         weights = self.weight_device[g]
-        weights.untyped_storage().resize_(self.nbytes(g))
-        return self._h2d.copy(weights, source)
+        try:
+            weights.untyped_storage().resize_(self.nbytes(g))
+            return self._h2d.copy(weights, source)
+        except BaseException:
+            weights.untyped_storage().resize_(0)
+            raise
 
     def _account(self, g: int, sign: int) -> None:
         self.resident_bytes += sign * self.nbytes(g)
@@ -382,12 +379,11 @@ class OffloadedParams:
     def load_weights(self, g: int, master: torch.Tensor, start: int, last: bool) -> None:
         """Replaces group g's weights at home with elements [start, start + len) of its fp32 ``master`` (a
         checkpoint being loaded), chunk by chunk in order; an NVMe home is written when the last chunk arrives
-        and the write is complete when this returns. The group must be released."""
+        and the write is complete when this returns. The group must be released, and no copy to the device may
+        still read its home (``drain_copies``)."""
         if self.residency[g] is not Residency.RELEASED:
             raise RuntimeError(f"offload: group {g} is on the device while its weights are replaced")
         end = start + master.numel()
-        if start == 0:
-            self._h2d.drain()  # no copy may still be reading the home that is rewritten
         if self.home == "cpu":
             if not self._aliased[g]:
                 self.weight_home_host[g][start:end].copy_(master)
