@@ -16,17 +16,17 @@ from dataclasses import dataclass, field
 import psutil
 import torch
 
+from offload.engine.grad_stream import staging_ring_bytes
+from offload.engine.grad_swap import GRAD_SWAP_BUFFERS
 from offload.optim.state_store import FP32_BYTES, STATE_PARTS, staging_bytes
+from offload.schedule.offloaded_params import WRITEBACK_SLOTS
 from offload.storage.host_pool import HostPool
 from offload.storage.io_engine import DIRECT_ALIGNMENT
 
-FETCH_WRITEBACK_SLOTS = 2             # OffloadedParams.WRITEBACK_SLOTS
-GRAD_STAGING_MIN_BYTES = 64 << 20     # engine._GRAD_STAGING_MIN_BYTES (CUDA)
 # (params, optimizer, gradients), fastest first. Gradients go to NVMe when host_memory_limit is below what
 # their fp32 accumulators need (4 B/param); the engine decides that itself.
 PLACEMENTS = (("device", "cpu", "host"), ("cpu", "cpu", "host"), ("device", "nvme", "host"), ("cpu", "nvme", "host"),
               ("nvme", "nvme", "host"), ("nvme", "nvme", "nvme"))
-GRAD_SWAP_BUFFERS = 2                 # engine.GRAD_SWAP_BUFFERS
 # Llama shapes by size (hidden, layers, intermediate, heads), for a bare parameter count.
 _LLAMA_SHAPES = ((768, 12, 2048, 12), (1024, 24, 2816, 16), (2048, 24, 5504, 16), (2560, 32, 6912, 20),
                  (4096, 32, 11008, 32), (5120, 40, 13824, 40), (6656, 60, 17920, 52), (8192, 80, 22016, 64))
@@ -44,6 +44,7 @@ class ModelShape:
     layers: int
     vocab: int
     heads: int = 0
+    largest_param: int = 0         # elements of the largest trainable parameter
     use_width: int = 1             # the most groups one module's forward needs at once (a tied head: 2)
     exact_groups: bool = True      # False: groups derived from a parameter count
 
@@ -91,7 +92,8 @@ def shape_from_count(count: int, vocab: int = 32000) -> ModelShape:
     layers = max(1, round((count - 2 * vocab * h) / layer_numel(h, inter)))
     groups = (vocab * h,) + (layer_numel(h, inter),) * layers + (vocab * h + h,)
     return ModelShape(f"{count / 1e6:.0f}M-parameter Llama (assumed: hidden {h}, {layers} layers)", groups, 0,
-                      h, inter, layers, vocab, heads=heads, exact_groups=False)
+                      h, inter, layers, vocab, heads=heads, largest_param=max(vocab * h, h * inter),
+                      exact_groups=False)
 
 
 def shape_from_model(model: torch.nn.Module, name: str) -> ModelShape:
@@ -108,6 +110,7 @@ def shape_from_model(model: torch.nn.Module, name: str) -> ModelShape:
                       hidden, getattr(config, "intermediate_size", 4 * hidden) or 0,
                       getattr(config, "num_hidden_layers", 0) or 0, getattr(config, "vocab_size", 0) or 0,
                       heads=getattr(config, "num_attention_heads", 0) or 0,
+                      largest_param=max(p.numel() for spec in partition.groups for p in spec.params),
                       use_width=max_use_width(uses_by_module(model, groups)))
 
 
@@ -155,11 +158,11 @@ def estimate(shape: ModelShape, params: str, optimizer: str, gradients: str = "h
         parts["weight homes"] = sum(mapped(element * n) for n in numels)
     elif params == "nvme":
         slot = mapped(element * largest)
-        parts["weight fetch and write-back slots"] = ((prefetch + 1) * shape.use_width + FETCH_WRITEBACK_SLOTS) * slot
+        parts["weight fetch and write-back slots"] = ((prefetch + 1) * shape.use_width + WRITEBACK_SLOTS) * slot
     elif params == "device" and cuda and dtype != "fp32":
         parts["pinned weights for upload"] = sum(mapped(element * n) for n in numels)
     if cuda:
-        parts["gradient staging ring"] = mapped(max(GRAD_STAGING_MIN_BYTES, 2 * -(-largest * element // 512) * 512))
+        parts["gradient staging ring"] = mapped(staging_ring_bytes(shape.largest_param * element))
     pool = sum(parts.values())
 
     all_weights = shape.numel * element + shape.frozen_numel * element

@@ -16,14 +16,14 @@ from torch import nn
 from offload.config import Config
 from offload.engine import checkpointing
 from offload.engine.device_weights import DeviceWeights
-from offload.engine.grad_stream import GradientStream
-from offload.engine.grad_swap import GradSwap
+from offload.engine.grad_stream import GradientStream, staging_ring_bytes
+from offload.engine.grad_swap import GRAD_SWAP_BUFFERS, GradSwap
 from offload.engine.inputs import cast_inputs
 from offload.engine.resources import EngineResources
 from offload.engine.types import EngineStats, StepInfo
 from offload.errors import ConfigError, MemoryBudgetError
 from offload.layout.flat_group import build_flat_group, gather_fp32
-from offload.engine.state_fill import fill_group, slot_reader
+from offload.engine.state_fill import fill_group, master_from_values
 from offload.layout.meta_init import LOG_ATTRIBUTE, materializers_for, meta_value, order_of_completion
 from offload.layout.partition import partition_model
 from offload.schedule.fetch_scheduler import FetchScheduler, max_use_width, uses_by_module
@@ -41,8 +41,6 @@ from offload.timeline import NO_TIMELINE, Timeline
 
 log = logging.getLogger("offload")
 
-_GRAD_STAGING_MIN_BYTES = 64 << 20  # CUDA: pinned ring the gradients stream through (at least 2 of the largest)
-GRAD_SWAP_BUFFERS = 2  # host buffers for accumulators on NVMe: groups whose gradients are arriving at once
 
 # model -> the open engine wrapping it: a second engine on the same model would add a second set of hooks.
 _ENGINE_OF: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
@@ -173,8 +171,7 @@ class Engine:
         staging size and the host bytes still to be allocated for weights and that staging."""
         config, res, lowp_bytes = self.config, self._res, self._lowp_bytes
         largest_param = max(s.numel for g in self.groups for s in g.slots) * lowp_bytes
-        grad_staging = max(_GRAD_STAGING_MIN_BYTES, 2 * -(-largest_param // 512) * 512) \
-            if self.device.type == "cuda" else 0
+        grad_staging = staging_ring_bytes(largest_param) if self.device.type == "cuda" else 0
         # Host buffers of the parameters that are allocated after the plan: charge them first.
         weights_host = 0
         if (self.device.type == "cuda" and self.dtype != torch.float32) or config.params == "cpu":
@@ -260,7 +257,8 @@ class Engine:
             for g in order_of_completion(self._meta, self.groups):
                 group = self.groups[g]
                 values = {id(slot.param): self._value(slot.param, slot.name) for slot in group.slots}
-                fill_group(self, self.store.states[g], slot_reader(group, lambda slot: values[id(slot.param)]))
+                fill_group(self, self.store.states[g],
+                           master_from_values(group, lambda slot: values[id(slot.param)]))
                 del values
 
     def _value(self, t: torch.Tensor, name: str) -> torch.Tensor:
@@ -326,10 +324,7 @@ class Engine:
                 # torch.nn.utils.clip_grad_norm_, in fp32 as it does: max_norm / (norm + 1e-6), clamped at 1
                 clip = float(torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0))
             updates = [self._update_of(g) for g in self._update_order()]
-            for g, group in enumerate(self.groups):
-                for i in range(len(group.slots)):
-                    self._param_steps[g][i] += self._grads.received[g][i]
-            self._step += 1
+            self._count_step()
             overlapped = self._scheduler is not None
             if overlapped:
                 self.weights.release_all()  # e.g. after a forward that raised: the update needs every group home
@@ -383,19 +378,8 @@ class Engine:
             return self.step()
         start = time.perf_counter()
         offloaded = isinstance(self.weights, OffloadedParams)
-        def run_one(update: GroupUpdate, ready: list[torch.cuda.Event]) -> StepCounters:
-            try:
-                for event in ready:
-                    event.synchronize()
-            except BaseException as e:
-                self._failed = f"a step failed part-way ({type(e).__name__}: {e})"
-                if offloaded:
-                    self.weights.abort_updates(self._failed)
-                raise
-            return self._run_updates([update], 1.0, keep_order=True)
-
-        queue = UpdateQueue(run_one)
-        submitted: set[int] = set()
+        queue = UpdateQueue(lambda update, copies: self._run_updates([update], 1.0, keep_order=True, ready=copies))
+        submitted: dict[int, GroupUpdate] = {}
 
         def ready(g: int, copies: list[torch.cuda.Event]) -> None:
             if not any(self._grads.received[g]):
@@ -404,7 +388,7 @@ class Engine:
             if offloaded:
                 self.weights.expect_update([g], drain=False)
                 update.done = partial(self.weights.mark_updated, g)
-            submitted.add(g)
+            submitted[g] = update
             queue.submit(update, copies)
 
         if not offloaded:
@@ -424,25 +408,17 @@ class Engine:
             except BaseException:
                 pass  # the backward's error is the one to report
             if submitted:
-                self._failed = "backward_step failed after updating some groups"
-                if offloaded:
-                    self.weights.abort_updates(self._failed)
+                self._fail("backward_step failed after updating some groups")
             raise
         finally:
             self._grads.on_group_ready = None
         queue.close()
         grad_norm = float(self._grads.global_norm())
-        for g, group in enumerate(self.groups):
-            for i in range(len(group.slots)):
-                self._param_steps[g][i] += self._grads.received[g][i]
-        self._step += 1
+        self._count_step()
         self._eager_steps += 1
-        counters = StepCounters()
         if offloaded:
             self._inflight = self._res.inflight = queue  # joined by the next _sync, like an overlapped step
-            nvme = [self.store.states[g] for g in submitted if self.store.states[g].placement is StatePlacement.NVME]
-            counters = StepCounters(nvme_bytes_read=sum(s.nbytes for s in nvme),
-                                    nvme_bytes_written=sum(s.nbytes for s in nvme), groups_on_nvme=len(nvme))
+            counters = self._planned_counters(list(submitted.values()))
         else:
             counters = queue.wait()
             self._add_counters(counters)
@@ -455,16 +431,31 @@ class Engine:
                         nvme_bytes_read=counters.nvme_bytes_read, nvme_bytes_written=counters.nvme_bytes_written,
                         grad_bytes_to_host=grad_bytes, groups_on_nvme=counters.groups_on_nvme, overlapped=offloaded)
 
-    def _run_updates(self, updates: list[GroupUpdate], grad_scale: float, keep_order: bool = False) -> StepCounters:
+    def _count_step(self) -> None:
+        """One more optimizer step, and one more for each parameter that received a gradient."""
+        for g, group in enumerate(self.groups):
+            for i in range(len(group.slots)):
+                self._param_steps[g][i] += self._grads.received[g][i]
+        self._step += 1
+
+    def _run_updates(self, updates: list[GroupUpdate], grad_scale: float, keep_order: bool = False,
+                     ready: list[torch.cuda.Event] = ()) -> StepCounters:
+        """Runs ``updates`` (after the CUDA ``ready`` events: their gradient copies)."""
         try:
+            for event in ready:
+                event.synchronize()
             return self._stepper.run(updates, grad_scale, keep_order=keep_order)
         except BaseException as e:
             # Groups before the failure are updated, the rest are not, and a failed write may have left a
             # group's swap file half old, half new: no later step can be exact, so none is allowed.
-            self._failed = f"a step failed part-way ({type(e).__name__}: {e})"
-            if isinstance(self.weights, OffloadedParams):
-                self.weights.abort_updates(self._failed)  # fetches waiting for an update must not hang
+            self._fail(f"a step failed part-way ({type(e).__name__}: {e})")
             raise
+
+    def _fail(self, reason: str) -> None:
+        """The state is inconsistent: the engine refuses to go on, and fetches waiting for updates must not hang."""
+        self._failed = reason
+        if isinstance(self.weights, OffloadedParams):
+            self.weights.abort_updates(reason)
 
     def _launch(self, updates: list[GroupUpdate], grad_scale: float) -> StepCounters:
         """Starts the overlapped step; returns what is known now (bytes to move, groups on NVMe)."""
@@ -473,6 +464,11 @@ class Engine:
             update.done = partial(self.weights.mark_updated, update.state.group.index)
         work = partial(self._run_updates, updates, grad_scale, keep_order=True)  # the next forward's order
         self._inflight = self._res.inflight = BackgroundStep(work)
+        return self._planned_counters(updates)
+
+    @staticmethod
+    def _planned_counters(updates: list[GroupUpdate]) -> StepCounters:
+        """The NVMe traffic ``updates`` will cause (known before they run): state in and out, gradients in."""
         nvme = [u for u in updates if u.state.placement is StatePlacement.NVME]
         written = sum(u.state.nbytes for u in nvme)
         read = written + sum(u.state.group.numel * FP32_BYTES for u in nvme if u.grad_nvme is not None)

@@ -24,6 +24,14 @@ from offload.layout.flat_group import FlatGroup, Slot
 from offload.storage.host_pool import HostBuffer, HostPool
 from offload.timeline import NO_TIMELINE, Timeline
 
+STAGING_RING_MIN_BYTES = 64 << 20
+
+
+def staging_ring_bytes(largest_param_bytes: int) -> int:
+    """CUDA: the pinned ring the gradients stream through: two of the largest gradient (each 512-byte aligned),
+    and at least STAGING_RING_MIN_BYTES."""
+    return max(STAGING_RING_MIN_BYTES, 2 * -(-largest_param_bytes // 512) * 512)
+
 
 class _PendingCopy(NamedTuple):
     done: torch.cuda.Event

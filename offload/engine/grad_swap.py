@@ -18,6 +18,8 @@ from offload.optim.state_store import FP32_BYTES
 from offload.storage.host_pool import HostBuffer, HostPool
 from offload.storage.swap_store import SwapFile, SwapStore
 
+GRAD_SWAP_BUFFERS = 2  # host buffers for accumulators on NVMe: groups whose gradients are arriving at once
+
 
 class GradSwap:
     def __init__(self, groups: list[FlatGroup], pool: HostPool, swap: SwapStore, buffers: int) -> None:
