@@ -1,4 +1,4 @@
-"""`offload bench gpu`: training steps on a CUDA device, offload's placements against plain torch and torchao.
+"""`offload bench gpu`: training steps on a CUDA device, offload's placements against torch, torchao, DeepSpeed.
 
 One process builds every mode's model from the same seed and trains them in turn on the same batches: each
 round runs ``--steps`` steps of every mode, in alternating order (A B C, then C B A, ...), after one warm-up
@@ -8,7 +8,12 @@ step each, so that drift of the machine hits all modes alike. Modes:
   the GPU and bf16 autocast: the same mixed precision as offload's (fp32 master, bf16 compute);
 - ``opt-cpu``: offload, bf16 weights on the GPU, fp32 master and Adam state in pinned host RAM (ZeRO-Offload);
 - ``params-cpu``: offload, weights and state in host RAM, ``device_memory_limit`` = weights / ``--shrink``;
-- ``nvme``: offload, weights and state on NVMe (``--dir``), the same device limit.
+- ``nvme``: offload, weights and state on NVMe (``--dir``), the same device limit;
+- ``ds-offload``: DeepSpeed ZeRO-Offload (stage 2, optimizer in pinned host RAM, DeepSpeedCPUAdam, bf16);
+- ``ds-infinity``: DeepSpeed ZeRO-3 with parameters and optimizer in pinned host RAM, at most as many live
+  parameters on the GPU as ``params-cpu``'s device limit holds.
+The DeepSpeed modes need ``deepspeed`` importable; each runs in a worker process of its own
+(offload/bench/gpu_ds_worker.py) that takes its turn in the rounds like the others, its peak RSS its own.
 Every mode uses AdamW with the same hyper-parameters and no clipping, so the losses are comparable; offload's
 modes call ``engine.backward_step(loss)``, which then overlaps each group's update with the rest of backward
 (``--split-step``: ``backward(); step()``). Reported
@@ -24,13 +29,16 @@ import copy
 import importlib.util
 import json
 import resource
+import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 
-MODES = ("torch", "torchao", "opt-cpu", "params-cpu", "nvme")
+MODES = ("torch", "torchao", "opt-cpu", "params-cpu", "nvme", "ds-offload", "ds-infinity")
+DEEPSPEED_MODES = ("ds-offload", "ds-infinity")
 LR = 1e-4
 
 
@@ -39,7 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n".join(__doc__.splitlines()[2:]))
     ap.add_argument("--modes", default="torch,torchao,opt-cpu,params-cpu",
-                    help=f"comma-separated, from {','.join(MODES)} (default: all but nvme)")
+                    help=f"comma-separated, from {','.join(MODES)} (default: torch,torchao,opt-cpu,params-cpu)")
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--vocab", type=int, default=32000)
@@ -170,6 +178,51 @@ class _OffloadTrainer:
         self.engine.close()
 
 
+class _DeepSpeedWorker:
+    """The bench's handle on a gpu_ds_worker process: ``run(n)`` trains its next n batches there."""
+
+    def __init__(self, mode: str, a: argparse.Namespace, total_steps: int, live_params: int) -> None:
+        read_fd, write_fd = os.pipe()
+        cmd = [sys.executable, "-m", "offload.bench.gpu_ds_worker", "--mode", mode, "--hidden", str(a.hidden),
+               "--layers", str(a.layers), "--vocab", str(a.vocab), "--batch", str(a.batch), "--seq", str(a.seq),
+               "--total-steps", str(total_steps), "--live-params", str(live_params), "--reply-fd", str(write_fd)]
+        # DeepSpeed's own output goes to our stderr; the replies come over the pipe.
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=sys.stderr, text=True,
+                                     pass_fds=(write_fd,))
+        os.close(write_fd)
+        self.replies = os.fdopen(read_fd)
+        self.mode = mode
+        self.device_limit = 2 * live_params if mode == "ds-infinity" else None
+        self.ready: dict | None = None
+
+    def _answer(self) -> dict:
+        line = self.replies.readline()
+        if not line:
+            raise RuntimeError(f"{self.mode}: the DeepSpeed worker exited (rc {self.proc.wait()}) without answering")
+        return json.loads(line)
+
+    def wait_ready(self) -> dict:
+        self.ready = self._answer()
+        if not self.ready.get("ready"):
+            raise RuntimeError(f"{self.mode}: the DeepSpeed worker failed: {self.ready.get('error')}")
+        return self.ready
+
+    def run(self, steps: int) -> dict:
+        self.proc.stdin.write(f"run {steps}\n")
+        self.proc.stdin.flush()
+        return self._answer()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.close()
+                self.proc.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+        self.replies.close()
+
+
 def _make(mode: str, model, a: argparse.Namespace, weight_bytes: int, nvme_dir: str):
     limit = int(weight_bytes / a.shrink)
     if mode == "torch":
@@ -190,10 +243,10 @@ def run(a: argparse.Namespace) -> dict:
 
     if not torch.cuda.is_available():
         raise SystemExit("offload bench gpu: error: needs a CUDA device (torch.cuda.is_available() is False)")
-    if "torchao" in a.modes:
-        if importlib.util.find_spec("torchao") is None:
-            print("offload bench gpu: torchao is not installed; leaving out the torchao mode", file=sys.stderr)
-            a.modes = [m for m in a.modes if m != "torchao"]
+    for mode, module in (("torchao", "torchao"), ("ds-offload", "deepspeed"), ("ds-infinity", "deepspeed")):
+        if mode in a.modes and importlib.util.find_spec(module) is None:
+            print(f"offload bench gpu: {module} is not installed; leaving out the {mode} mode", file=sys.stderr)
+            a.modes = [m for m in a.modes if m != mode]
     base = bench_llama(a.hidden, a.layers, a.seq, vocab=a.vocab)
     nparams = sum(p.numel() for p in base.parameters())
     weight_bytes = 2 * nparams
@@ -202,11 +255,17 @@ def run(a: argparse.Namespace) -> dict:
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, a.vocab, (a.batch, a.seq), generator=gen).cuda() for _ in range(total_steps)]
     nvme_dir = a.dir or tempfile.mkdtemp(prefix="offload-bench-gpu-")  # removed at the end when ours
-    trainers, persistent, done, losses = {}, {}, {}, {}
+    trainers, persistent, done, losses, failed = {}, {}, {}, {}, {}
     print(f"offload bench gpu: {torch.cuda.get_device_name()}, {nparams / 1e6:.0f}M parameters, {tokens} tokens "
           f"per step, modes {', '.join(a.modes)}", file=sys.stderr, flush=True)
     try:
+        # The DeepSpeed workers start first: their CPU Adam build and set-up overlap the building of ours.
         for mode in a.modes:
+            if mode in DEEPSPEED_MODES:
+                trainers[mode] = _DeepSpeedWorker(mode, a, total_steps, int(nparams / a.shrink))
+        for mode in a.modes:
+            if mode in DEEPSPEED_MODES:
+                continue
             start = time.perf_counter()
             before = torch.cuda.memory_allocated()
             trainers[mode] = _make(mode, copy.deepcopy(base), a, weight_bytes, nvme_dir)
@@ -216,14 +275,36 @@ def run(a: argparse.Namespace) -> dict:
             done[mode] = 1
             print(f"  {mode}: built and warmed up in {time.perf_counter() - start:.1f} s", file=sys.stderr,
                   flush=True)
+        for mode in [m for m in a.modes if m in DEEPSPEED_MODES]:
+            try:
+                ready = trainers[mode].wait_ready()
+            except RuntimeError as e:  # reported, and the comparison goes on without it
+                print(f"offload bench gpu: {e}", file=sys.stderr, flush=True)
+                failed[mode] = str(e)
+                trainers.pop(mode).close()
+                a.modes = [m for m in a.modes if m != mode]
+                continue
+            losses[mode], done[mode], persistent[mode] = [ready["loss_first"]], 1, ready["persistent_bytes"]
+            print(f"  {mode}: ready in {ready['init_s']:.1f} s (DeepSpeed {ready['deepspeed']}, "
+                  f"{ready['optimizer']})", file=sys.stderr, flush=True)
         del base
-        host_before = {m: trainers[m].host_s.snapshot() for m in a.modes}
-        engine_before = {m: trainers[m].engine_seconds() for m in a.modes}
+        local = [m for m in a.modes if m not in DEEPSPEED_MODES]
+        host_before = {m: trainers[m].host_s.snapshot() for m in local}
+        engine_before = {m: trainers[m].engine_seconds() for m in local}
+        remote: dict[str, dict] = {}
         rounds: dict[str, list[float]] = {m: [] for m in a.modes}
         peaks: dict[str, int] = {m: 0 for m in a.modes}
         for r in range(a.rounds):
             for mode in (a.modes if r % 2 == 0 else a.modes[::-1]):
                 trainer = trainers[mode]
+                if mode in DEEPSPEED_MODES:  # its own process: it times itself, synchronised, the same way
+                    answer = trainer.run(a.steps)
+                    rounds[mode].append(answer["step_s"])
+                    peaks[mode] = max(peaks[mode], answer["gpu_peak_bytes"])
+                    losses[mode].append(answer["loss"])
+                    done[mode] = answer["steps_trained"]
+                    remote[mode] = answer
+                    continue
                 start_bytes = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
                 start = time.perf_counter()
@@ -242,21 +323,28 @@ def run(a: argparse.Namespace) -> dict:
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "modes": {},
         }
+        if failed:
+            result["failed"] = failed
         for mode in a.modes:
             step_s = statistics.median(rounds[mode])
-            timed = a.rounds * a.steps
-            now = trainers[mode].host_s.snapshot()
-            split = {f"host_{k}_s": (now[i] - host_before[mode][i]) / timed
-                     for i, k in enumerate(("forward", "backward", "step"))}
-            engine_now = trainers[mode].engine_seconds()
-            split.update({k: (v - engine_before[mode][k]) / timed for k, v in engine_now.items()})
-            result["modes"][mode] = {
+            record = {
                 "step_s": step_s, "step_s_rounds": rounds[mode], "tokens_per_s": tokens / step_s,
-                "gpu_peak_bytes": peaks[mode], "host_pool_peak_bytes": trainers[mode].host_pool_peak,
+                "gpu_peak_bytes": peaks[mode], "host_pool_peak_bytes": None,
                 "device_memory_limit": trainers[mode].device_limit,
                 "loss_first": float(losses[mode][0]), "loss_last": float(losses[mode][-1]), "steps_trained": done[mode],
-                "per_step": split,
             }
+            if mode in DEEPSPEED_MODES:
+                record.update(per_step=remote[mode]["per_step"], peak_rss_bytes=remote[mode]["peak_rss_bytes"],
+                              optimizer=trainers[mode].ready["optimizer"])
+            else:
+                timed = a.rounds * a.steps
+                now = trainers[mode].host_s.snapshot()
+                split = {f"host_{k}_s": (now[i] - host_before[mode][i]) / timed
+                         for i, k in enumerate(("forward", "backward", "step"))}
+                engine_now = trainers[mode].engine_seconds()
+                split.update({k: (v - engine_before[mode][k]) / timed for k, v in engine_now.items()})
+                record.update(per_step=split, host_pool_peak_bytes=trainers[mode].host_pool_peak)
+            result["modes"][mode] = record
         return result
     finally:
         for trainer in trainers.values():
@@ -270,14 +358,19 @@ def print_table(result: dict) -> None:
     print(f"\n{result['device']}: {result['params'] / 1e6:.0f}M-parameter Llama, {result['batch']}x{result['seq']} "
           f"tokens/step, {result['rounds']} rounds x {result['steps']} steps (medians); process peak RSS "
           f"{result['peak_rss_bytes'] / 2**30:.1f} GiB")
-    ref = modes.get("torchao")
-    print(f"{'mode':<11} {'s/step':>7} {'tokens/s':>9} {'vs torchao':>10} {'GPU peak GiB':>12} "
-          f"{'host pool GiB':>13} {'loss':>7}")
+    refs = [r for r in ("torchao", "ds-offload") if r in modes]
+    print(f"{'mode':<11} {'s/step':>7} {'tokens/s':>9} " + "".join(f"{'vs ' + r:>14}" for r in refs)
+          + f" {'GPU peak GiB':>12} {'host pool GiB':>13} {'loss':>7}")
     for mode, m in modes.items():
-        ratio = f"{m['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
+        ratios = "".join(f"{m['tokens_per_s'] / modes[r]['tokens_per_s']:13.2f}x" for r in refs)
         pool = f"{m['host_pool_peak_bytes'] / 2**30:.2f}" if m["host_pool_peak_bytes"] is not None else "-"
-        print(f"{mode:<11} {m['step_s']:7.3f} {m['tokens_per_s']:9.0f} {ratio:>10} "
+        print(f"{mode:<11} {m['step_s']:7.3f} {m['tokens_per_s']:9.0f} {ratios} "
               f"{m['gpu_peak_bytes'] / 2**30:12.2f} {pool:>13} {m['loss_last']:7.4f}")
+    for mode, m in modes.items():
+        if "optimizer" in m:
+            print(f"{mode}: {m['optimizer']}, its process's peak RSS {m['peak_rss_bytes'] / 2**30:.1f} GiB")
+    for mode, error in result.get("failed", {}).items():
+        print(f"{mode}: did not run: {error}")
     print("\nper step, seconds (host time in each call; adam / I/O / fetch waits from engine.stats()):")
     for mode, m in modes.items():
         print(f"{mode:<11} " + " ".join(f"{k}={v:.4f}" for k, v in m["per_step"].items()))
