@@ -20,10 +20,10 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
 python3 -m pip install -q -e . --no-build-isolation --no-deps 2>&1 | tail -5 || exit 1
-timeout 300 python3 -m offload.bench.gpu --modes torch,torchao,opt-cpu,params-cpu,ds-offload,ds-infinity \
+timeout 230 python3 -m offload.bench.gpu --modes torch,torchao,opt-cpu,params-cpu,ds-offload,ds-infinity \
     --json "$out/gpu-peers.json" 2>&1 | tee "$out/peers.log" | grep -v -E "^\[|Warning|warn\(" || status=1
-timeout 240 python3 tools/nightly_gpu.py --no-install --report-dir "$out" --work-dir "$out" 2>&1 \
+timeout 200 python3 tools/nightly_gpu.py --no-install --report-dir "$out" --work-dir "$out" 2>&1 \
     | tee "$out/nightly.log" | tail -40 || status=1
-timeout 60 python3 tools/step_timeline.py --device cuda --params device --optimizer cpu --hidden 1024 \
+timeout 50 python3 tools/step_timeline.py --device cuda --params device --optimizer cpu --hidden 1024 \
     --layers 24 --batch 8 --seq 512 --steps 3 --backward-step --out "$out/timeline-opt-cpu.json" 2>&1 | tail -5
 exit $status
