@@ -1,29 +1,45 @@
 #!/usr/bin/env bash
-# Everything a lent GPU machine (no network, minutes of time) should run, in one go, results under $OUT:
-#   1. the wheels carried in .whl/ (torchao, tomli_w, DeepSpeed and its pure-Python needs) into /tmp/site;
-#   2. offload built and installed without network;
-#   3. the paired comparison on the GPU: plain torch, torchao's CPUOffloadOptimizer, DeepSpeed ZeRO-Offload and
-#      ZeRO-Infinity (params in RAM) against offload's optimizer-on-CPU and params-on-CPU (gpu-peers.json);
-#   4. the nightly suite (GPU tests + its fixed benchmarks against tools/baselines, report in $OUT);
-#   5. a profiled timeline of offload's optimizer-on-CPU step on the comparison's model (timeline-*.json).
-# Each step has its own time limit so that one hang leaves the rest their time. Usage (repository root):
-#   OUT=/some/dir bash tools/gpu_session.sh
+# What a lent GPU machine (no network, minutes of time) should run, in one go. Steps, all by default:
+#   peers    the paired comparison on the GPU: plain torch, torchao's CPUOffloadOptimizer, DeepSpeed ZeRO-Offload
+#            and ZeRO-3 with params in RAM, against offload's optimizer-on-CPU and params-on-CPU (gpu-peers.json);
+#   nightly  the nightly suite (GPU tests + its fixed benchmarks against tools/baselines/nightly-gpu.json);
+#   timeline a profiled step of offload's optimizer-on-CPU placement on the comparison's model;
+# and, only when named, `baseline`: the nightly with --update-baseline first (a metric was added or redefined),
+# then `nightly` checks against what it stored. Before the steps: the wheels carried in .whl/ (torchao, tomli_w,
+# DeepSpeed and its pure-Python needs) go to /tmp/site, and offload is built and installed without network.
+# Results: one archive, $OUT/gpu-session.tgz, plus the logs' tails on stdout. Usage (repository root):
+#   OUT=/some/dir bash tools/gpu_session.sh [peers] [baseline] [nightly] [timeline]
 set -uo pipefail
 out="${OUT:-gpu-session}"
-mkdir -p "$out"
+steps="${*:-peers nightly timeline}"
+work="$(mktemp -d /tmp/gpu-session.XXXXXX)"
 export PYTHONUNBUFFERED=1
 status=0
+has() { [[ " $steps " == *" $1 "* ]]; }
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$work/device.txt"
 python3 -m pip install -q -e . --no-build-isolation --no-deps 2>&1 | tail -5 || exit 1
-timeout 230 python3 -m offload.bench.gpu --modes torch,torchao,opt-cpu,params-cpu,ds-offload,ds-infinity \
-    --json "$out/gpu-peers.json" 2>&1 | tee "$out/peers.log" | grep -v -E "^\[|Warning|warn\(" || status=1
-timeout 200 python3 tools/nightly_gpu.py --no-install --report-dir "$out" --work-dir "$out" 2>&1 \
-    | tee "$out/nightly.log" | tail -40 || status=1
-timeout 50 python3 tools/step_timeline.py --device cuda --params device --optimizer cpu --hidden 1024 \
-    --layers 24 --batch 8 --seq 512 --steps 3 --backward-step --out "$out/timeline-opt-cpu.json" 2>&1 | tail -5
+if has peers; then
+    timeout 230 python3 -m offload.bench.gpu --modes torch,torchao,opt-cpu,params-cpu,ds-offload,ds-infinity \
+        --json "$work/gpu-peers.json" 2>&1 | tee "$work/peers.log" | grep -v -E "^\[|Warning|warn\(" || status=1
+fi
+if has baseline; then
+    timeout 200 python3 tools/nightly_gpu.py --no-install --update-baseline --report-dir "$work/baseline" \
+        --work-dir "$work/baseline" 2>&1 | tee "$work/baseline.log" | tail -3
+    cp tools/baselines/nightly-gpu.json "$work/"
+fi
+if has nightly; then
+    skip=(); has baseline && skip=(--skip-tests)  # the baseline run just ran them
+    timeout 200 python3 tools/nightly_gpu.py --no-install "${skip[@]}" --report-dir "$work" --work-dir "$work" \
+        2>&1 | tee "$work/nightly.log" | tail -30 || status=1
+fi
+if has timeline; then
+    timeout 60 python3 tools/step_timeline.py --device cuda --params device --optimizer cpu --hidden 1024 \
+        --layers 24 --batch 8 --seq 512 --steps 2 --backward-step --out "$work/timeline-opt-cpu.json" 2>&1 | tail -4
+fi
+mkdir -p "$out" && tar czf "$out/gpu-session.tgz" -C "$work" . && ls -la "$out"
 exit $status

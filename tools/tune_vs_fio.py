@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from offload.bench.io import run_fio
-from offload.cli.tune import _measure
+from offload.cli.tune import measure_throughput
 from offload.config import Config, parse_bytes
 from offload.storage import HostPool, IoEngine
 
@@ -37,7 +37,7 @@ def main() -> int:
         for r in range(a.rounds):
             for impl in (("ours", "fio") if r % 2 == 0 else ("fio", "ours")):
                 if impl == "ours":
-                    write, read = _measure(work / "ours.bin", buffer.tensor, io, IoEngine)
+                    write, read = measure_throughput(work / "ours.bin", buffer.tensor, io, IoEngine)
                 else:
                     records = run_fio(work, nbytes)
                     write = max(x["gbs"] for x in records if x["op"] == "write")

@@ -123,7 +123,7 @@ class _TorchTrainer:
         self.host_s.add(t0, t1, t2, time.perf_counter())
         return loss.detach()
 
-    def engine_seconds(self) -> dict[str, float]:
+    def engine_totals(self) -> dict[str, float]:
         return {}
 
     def sync(self) -> None:
@@ -165,11 +165,13 @@ class _OffloadTrainer:
         self.host_s.add(t0, t1, t2, time.perf_counter())
         return loss.detach()
 
-    def engine_seconds(self) -> dict[str, float]:
-        """Totals since the start: seconds in the native Adam, waiting for NVMe, waiting for fetches."""
+    def engine_totals(self) -> dict[str, float]:
+        """Totals since the start: seconds in the native Adam, waiting for NVMe, waiting for fetches; bytes read
+        from and written to NVMe."""
         stats = self.engine.stats()
         return {"adam_s": stats.optimizer_adam_s, "io_wait_s": stats.optimizer_io_wait_s,
-                "fetch_wait_s": stats.fetch_wait_s}
+                "fetch_wait_s": stats.fetch_wait_s, "nvme_read_bytes": stats.nvme_bytes_read,
+                "nvme_written_bytes": stats.nvme_bytes_written}
 
     def sync(self) -> None:
         self.engine.synchronize()
@@ -290,7 +292,7 @@ def run(a: argparse.Namespace) -> dict:
         del base
         local = [m for m in a.modes if m not in DEEPSPEED_MODES]
         host_before = {m: trainers[m].host_s.snapshot() for m in local}
-        engine_before = {m: trainers[m].engine_seconds() for m in local}
+        engine_before = {m: trainers[m].engine_totals() for m in local}
         remote: dict[str, dict] = {}
         rounds: dict[str, list[float]] = {m: [] for m in a.modes}
         peaks: dict[str, int] = {m: 0 for m in a.modes}
@@ -341,7 +343,7 @@ def run(a: argparse.Namespace) -> dict:
                 now = trainers[mode].host_s.snapshot()
                 split = {f"host_{k}_s": (now[i] - host_before[mode][i]) / timed
                          for i, k in enumerate(("forward", "backward", "step"))}
-                engine_now = trainers[mode].engine_seconds()
+                engine_now = trainers[mode].engine_totals()
                 split.update({k: (v - engine_before[mode][k]) / timed for k, v in engine_now.items()})
                 record.update(per_step=split, host_pool_peak_bytes=trainers[mode].host_pool_peak)
             result["modes"][mode] = record
@@ -371,9 +373,10 @@ def print_table(result: dict) -> None:
             print(f"{mode}: {m['optimizer']}, its process's peak RSS {m['peak_rss_bytes'] / 2**30:.1f} GiB")
     for mode, error in result.get("failed", {}).items():
         print(f"{mode}: did not run: {error}")
-    print("\nper step, seconds (host time in each call; adam / I/O / fetch waits from engine.stats()):")
+    print("\nper step, seconds (host time in each call; adam / I/O / fetch waits and NVMe bytes from engine.stats()):")
     for mode, m in modes.items():
-        print(f"{mode:<11} " + " ".join(f"{k}={v:.4f}" for k, v in m["per_step"].items()))
+        print(f"{mode:<11} " + " ".join(f"{k[:-6]}={v / 1e9:.2f}GB" if k.endswith("_bytes") else f"{k}={v:.4f}"
+                                        for k, v in m["per_step"].items()))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -91,12 +91,12 @@ def run(args: argparse.Namespace) -> int:
         with tqdm(total=total, desc="offload tune", unit="config", disable=None) as bar:
             for r in range(args.rounds):
                 for io in (configs if r % 2 == 0 else configs[::-1]):
-                    results.setdefault(_key(io), []).append(_measure(path, buffer.tensor, io, IoEngine))
+                    results.setdefault(_key(io), []).append(measure_throughput(path, buffer.tensor, io, IoEngine))
                     bar.update(1)
                 best = max(configs, key=lambda io: _median_trial(io, results).score)
                 buffered = IOConfig(block_size=best.block_size, threads=best.threads, queue_depth=best.queue_depth,
                                     direct=False)
-                results.setdefault(_key(buffered), []).append(_measure(path, buffer.tensor, buffered, IoEngine))
+                results.setdefault(_key(buffered), []).append(measure_throughput(path, buffer.tensor, buffered, IoEngine))
                 bar.update(1)
     finally:
         pool.close()
@@ -128,7 +128,7 @@ def _median_trial(io: IOConfig, results: dict[tuple, list[tuple[float, float]]])
     return Trial(io, statistics.median(w for w, _ in runs), statistics.median(r for _, r in runs))
 
 
-def _measure(path: Path, buffer, io: IOConfig, engine_cls) -> tuple[float, float]:
+def measure_throughput(path: Path, buffer, io: IOConfig, engine_cls) -> tuple[float, float]:
     """(write GB/s, read GB/s) of the whole buffer to and from a fresh file at ``path`` with ``io``."""
     nbytes = buffer.numel()
     flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if io.direct else 0)
