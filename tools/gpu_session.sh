@@ -7,6 +7,12 @@
 # and, only when named, `baseline`: the nightly with --update-baseline first (a metric was added or redefined),
 # then `nightly` checks against what it stored. Before the steps: the wheels carried in .whl/ (torchao, tomli_w,
 # DeepSpeed and its pure-Python needs) go to /tmp/site, and offload is built and installed without network.
+# Making .whl/ on a machine with network (Python 3.12 on the GPU machine; DeepSpeed only as an sdist, so its
+# pure-Python wheel is built here, its ops are JIT-built there on first use):
+#   DS_BUILD_OPS=0 pip wheel --no-deps --no-build-isolation deepspeed==0.19.8 -w .whl   (needs torch installed)
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl torchao==0.18.0 tomli_w==1.2.0 \
+#       hjson pydantic pydantic_core annotated_types typing_inspection typing_extensions   (matching versions)
 # Results: one archive, $OUT/gpu-session.tgz, plus the logs' tails on stdout. Usage (repository root):
 #   OUT=/some/dir bash tools/gpu_session.sh [peers] [baseline] [nightly] [timeline]
 set -uo pipefail
