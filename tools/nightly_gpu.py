@@ -89,8 +89,10 @@ def install(a: argparse.Namespace, log: list[str]) -> int:
 def gpu_tests(log: list[str], measured_path: Path) -> dict:
     env = dict(os.environ, OFFLOAD_GPU_REPORT=str(measured_path))
     measured_path.unlink(missing_ok=True)  # the tests append; a reused --work-dir must not mix in an old run
-    rc, out = run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "--tb=short", "-p", "no:cacheprovider", "tests"], log, env)
-    summary = next((line for line in reversed(out.splitlines()) if re.search(r"\d+ (passed|failed|errors?|skipped)", line)), "")
+    rc, out = run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "--tb=short", "-p", "no:cacheprovider",
+                   "tests"], log, env)
+    summary = next((line for line in reversed(out.splitlines())
+                    if re.search(r"\d+ (passed|failed|errors?|skipped)", line)), "")
     failed = [line for line in out.splitlines() if line.startswith(("FAILED", "ERROR"))]
     measured = [json.loads(line) for line in measured_path.read_text().splitlines()] if measured_path.exists() else []
     return {"exit": rc, "summary": summary.strip("= "), "failed": failed, "measured": measured}
@@ -228,10 +230,12 @@ def markdown(report: dict) -> str:
                              f"{m['per_step']['nvme_written_bytes'] / 1e9:.2f} GB written per step; disk efficiency "
                              f"{disk_efficiency(m, r['disk']):.2f} (1.00: the step takes only what its bytes need)")
     if report["comparison"]:
-        lines += ["", "## Against the baseline", "", "| metric | baseline | now | ratio | ok |", "|---|---|---|---|---|"]
+        lines += ["", "## Against the baseline", "", "| metric | baseline | now | ratio | ok |",
+                  "|---|---|---|---|---|"]
         for row in report["comparison"]:
             ratio = f"{row['ratio']:.3f}" if row.get("ratio") else "-"
-            lines.append(f"| {row['metric']} | {row['baseline']:.6g} | {row['now'] if row['now'] is None else format(row['now'], '.6g')} "
+            now = "None" if row["now"] is None else format(row["now"], ".6g")
+            lines.append(f"| {row['metric']} | {row['baseline']:.6g} | {now} "
                          f"| {ratio} | {'yes' if row['ok'] else '**no**'} |")
     lines += ["", "Commands:", ""] + [f"- `{c}`" for c in report["log"]]
     return "\n".join(lines) + "\n"

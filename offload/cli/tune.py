@@ -96,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
                 best = max(configs, key=lambda io: _median_trial(io, results).score)
                 buffered = IOConfig(block_size=best.block_size, threads=best.threads, queue_depth=best.queue_depth,
                                     direct=False)
-                results.setdefault(_key(buffered), []).append(measure_throughput(path, buffer.tensor, buffered, IoEngine))
+                results.setdefault(_key(buffered), []).append(
+                    measure_throughput(path, buffer.tensor, buffered, IoEngine))
                 bar.update(1)
     finally:
         pool.close()
