@@ -129,7 +129,8 @@ def activation_bytes(shape: ModelShape, batch: int, seq_len: int, dtype_bytes: i
 # pages: fp32 gradient accumulators (4 B/param); Adam state in RAM (12 B/param) or, on NVMe, the staging slots
 # of the state pipeline; the weights' homes (params="cpu": one compute-dtype copy, none for fp32 with state in
 # RAM, where the master is the home) or, for params="nvme", the fetch slots ((prefetch + 1) x use width) and two
-# write-back slots of the largest group; on CUDA, the pinned weight buffers the kernel writes (params="device")
+# write-back slots of the largest group (none for fp32 with the optimizer on NVMe, whose weights are read from
+# the masters in the state files: Note [weights in the state file]); on CUDA, the pinned weight buffers the kernel writes (params="device")
 # and the gradient staging ring. On the CPU device the "device" weights are RAM too: all of them
 # (params="device"; none extra for fp32, which aliases the master) or the resident groups. The peak RSS is the
 # larger of two moments: building the engine (the process as it is, the model's fp32 parameters as built in
@@ -141,6 +142,7 @@ def estimate(shape: ModelShape, params: str, optimizer: str, gradients: str = "h
              base_rss: int | None = None, model_in_ram: bool = True) -> Estimate:
     element = {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
     cuda = device.startswith("cuda")
+    in_state = dtype == "fp32" and params == "nvme" and optimizer == "nvme"  # weights = the masters on NVMe
     numels = shape.group_numels
     largest = max(numels)
     mapped = HostPool.mapped_size
@@ -158,7 +160,8 @@ def estimate(shape: ModelShape, params: str, optimizer: str, gradients: str = "h
         parts["weight homes"] = sum(mapped(element * n) for n in numels)
     elif params == "nvme":
         slot = mapped(element * largest)
-        parts["weight fetch and write-back slots"] = ((prefetch + 1) * shape.use_width + WRITEBACK_SLOTS) * slot
+        writeback = 0 if in_state else WRITEBACK_SLOTS
+        parts["weight fetch and write-back slots"] = ((prefetch + 1) * shape.use_width + writeback) * slot
     elif params == "device" and cuda and dtype != "fp32":
         parts["pinned weights for upload"] = sum(mapped(element * n) for n in numels)
     if cuda:
@@ -181,7 +184,7 @@ def estimate(shape: ModelShape, params: str, optimizer: str, gradients: str = "h
     disk = 0
     if optimizer == "nvme":
         disk += sum(_file(STATE_PARTS * FP32_BYTES * n) for n in numels)
-    if params == "nvme":
+    if params == "nvme" and not in_state:
         disk += sum(_file(element * n) for n in numels)
     if gradients == "nvme":
         disk += sum(_file(FP32_BYTES * n) for n in numels)
@@ -191,7 +194,8 @@ def estimate(shape: ModelShape, params: str, optimizer: str, gradients: str = "h
         written += STATE_PARTS * FP32_BYTES * shape.numel
     if params == "nvme":
         read += 2 * element * shape.numel    # fetched in forward and again in backward
-        written += element * shape.numel     # the new weights, written back once
+        if not in_state:
+            written += element * shape.numel  # the new weights, written back once (else the state write is it)
     if gradients == "nvme":                  # written after backward, read by the optimizer (one micro-batch)
         read += FP32_BYTES * shape.numel
         written += FP32_BYTES * shape.numel

@@ -27,7 +27,8 @@ def _train(config, make, kind, data, fused: bool, **engine_kw):
 @pytest.mark.parametrize("params,dtype,optimizer", [("device", "fp32", "cpu"), ("device", "bf16", "cpu"),
                                                     ("cpu", "fp32", "cpu"), ("cpu", "bf16", "cpu"),
                                                     ("nvme", "bf16", "cpu"), ("device", "fp32", "nvme"),
-                                                    ("device", "bf16", "nvme"), ("nvme", "bf16", "nvme")])
+                                                    ("device", "bf16", "nvme"), ("nvme", "bf16", "nvme"),
+                                                    ("nvme", "fp32", "nvme")])
 def test_backward_step_is_bit_exact_with_backward_then_step(params, dtype, optimizer, tmp_path):
     data = batches("llama", 6, micro=1)
     make = lambda: tiny_llama(layers=4)  # noqa: E731

@@ -383,3 +383,52 @@ def test_a_failed_read_of_weights_leaves_the_engine_usable(tmp_path):
                 engine.step()
             states.append(engine.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_fp32_weights_are_read_from_the_optimizer_state(fused, tmp_path, monkeypatch):
+    """fp32 with params and optimizer on NVMe: a group's weights are the master part of its optimizer state
+    (Note [weights in the state file]), in its state file, or in RAM for the groups the host budget keeps there.
+    No weights file and no write-back: a step writes the state only. With ``backward_step`` the next forward's
+    fetches wait for the state writes of the update that overlapped backward. Training matches torch."""
+    import time
+
+    from offload.optim.group_stepper import GroupStepper
+    from offload.optim.state_store import StatePlacement
+
+    transfer = GroupStepper._transfer
+
+    def late_writes(self, op, *args):  # a fetch that did not wait for the state writes would read old weights
+        if op == "write":
+            time.sleep(0.02)
+        return transfer(self, op, *args)
+
+    monkeypatch.setattr(GroupStepper, "_transfer", late_writes)
+    data = batches("llama", 6, micro=1)
+    ref_losses, ref_state = reference_run("llama", tiny_llama(layers=4), data, torch.float32, lr=LR,
+                                          weight_decay=WEIGHT_DECAY, max_grad_norm=None, decay_groups=False)
+    model = tiny_llama(layers=4)
+    numel = sum(p.numel() for p in model.parameters())
+    config = offload.Config(device="cpu", dtype="fp32", params="nvme", optimizer="nvme", nvme_dir=tmp_path,
+                            host_memory_limit=numel * 20, prefetch_layers=1)  # 2 of the 6 groups' state in RAM
+    losses = []
+    with offload.Engine(model, config, lr=LR, weight_decay=WEIGHT_DECAY) as engine:
+        weights = engine.weights
+        assert weights.weights_in_state and not weights._writeback_slots
+        on_nvme = [s.placement is StatePlacement.NVME for s in engine.store.states]
+        assert [weights.home_is_state_file(g) for g in range(len(on_nvme))] == on_nvme
+        for step in data:
+            loss = loss_of("llama", engine, step[0])
+            if fused:
+                assert not engine.backward_step(loss).skipped
+            else:
+                engine.backward(loss)
+                engine.step()
+            losses.append(loss.item())
+        engine.synchronize()
+        stats = engine.stats()
+        state = engine.state_dict()
+        state_bytes = sum(12 * s.group.numel for s in engine.store.states if s.placement is StatePlacement.NVME)
+    assert stats.optimizer_groups_on_host > 0 and stats.optimizer_groups_on_nvme > 0
+    assert stats.nvme_bytes_written == len(data) * state_bytes
+    assert_matches(losses, state, ref_losses, ref_state, rtol=1e-5)

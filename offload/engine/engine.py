@@ -182,10 +182,12 @@ class Engine:
             # Frozen parameters stay on the device: the offloaded groups get what the limit leaves.
             limit = config.device_memory_limit
             width = max_use_width(uses_by_module(self.model, self.groups))
+            # fp32 weights with the optimizer on NVMe are read from the masters (Note [weights in the state file])
+            in_state = self.dtype == torch.float32 and config.params == "nvme" and config.optimizer == "nvme"
             res.weights = OffloadedParams(self.groups, config.params, self.dtype, self.pool, res.swap,
                                           None if limit is None else limit - self._frozen_bytes,
                                           fetch_slots=(config.prefetch_layers + 1) * width, timeline=self.timeline,
-                                          device=self.device)
+                                          device=self.device, weights_in_state=in_state)
         else:
             res.weights = DeviceWeights(self.device, self.dtype, self.pool)
         self.weights = res.weights
@@ -243,11 +245,15 @@ class Engine:
 
     def _fill_groups(self, placement: list[StatePlacement]) -> None:
         """Each group's optimizer state and weights, from the model's current values (group by group)."""
+        in_state = getattr(self.weights, "weights_in_state", False)
         alias_master = self.dtype == torch.float32 and (
-            self.config.params == "cpu" or (self.config.params == "device" and self.device.type == "cpu"))
+            self.config.params == "cpu" or (self.config.params == "device" and self.device.type == "cpu") or in_state)
         for group, where in zip(self.groups, placement):
             master = gather_fp32(group) if self._meta is None else None  # (meta: zeros now, filled below)
             state = self.store.add(group, where, master)
+            if in_state and where is StatePlacement.NVME:
+                self.weights.add(group, master, None, alias_file=state.state_nvme)
+                continue
             alias = None
             if alias_master and where is StatePlacement.HOST:
                 alias = split_state(state.state_host.view(torch.float32), group.numel)[0]
@@ -387,7 +393,7 @@ class Engine:
             update = self._update_of(g)
             if offloaded:
                 self.weights.expect_update([g], drain=False)
-                update.done = partial(self.weights.mark_updated, g)
+                self._mark_updated_when_home(update)
             submitted[g] = update
             queue.submit(update, copies)
 
@@ -461,10 +467,20 @@ class Engine:
         """Starts the overlapped step; returns what is known now (bytes to move, groups on NVMe)."""
         self.weights.expect_update([u.state.group.index for u in updates])
         for update in updates:
-            update.done = partial(self.weights.mark_updated, update.state.group.index)
+            self._mark_updated_when_home(update)
         work = partial(self._run_updates, updates, grad_scale, keep_order=True)  # the next forward's order
         self._inflight = self._res.inflight = BackgroundStep(work)
         return self._planned_counters(updates)
+
+    def _mark_updated_when_home(self, update: GroupUpdate) -> None:
+        """Lets fetches of the group go on once its new weights are home: when its Adam pass ends (the kernel
+        wrote them, or their write-back is issued and each fetch waits for it), or, for weights read from the
+        state file, once the state writes are complete (Note [weights in the state file])."""
+        g = update.state.group.index
+        if self.weights.home_is_state_file(g):
+            update.written = partial(self.weights.mark_updated, g)
+        else:
+            update.done = partial(self.weights.mark_updated, g)
 
     @staticmethod
     def _planned_counters(updates: list[GroupUpdate]) -> StepCounters:

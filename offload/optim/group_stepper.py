@@ -45,6 +45,10 @@ class GroupUpdate:
     after_update: Callable[[torch.Tensor, int, bool], None] | None = None
     done: Callable[[], None] | None = None  # called once the group's update (and after_update) is complete
     grad_nvme: SwapFile | None = None       # the group's gradients on NVMe (its state is on NVMe too)
+    # Called once the group's new state is in its home: right after ``done`` for a group in RAM, once the
+    # writes of all its chunks are complete for a group on NVMe (later than ``done``, which comes when the last
+    # chunk's Adam pass ends). What reads the state file itself (weights fetched from the master) waits for it.
+    written: Callable[[], None] | None = None
 
 
 @dataclass
@@ -103,6 +107,16 @@ class GroupStepper:
         nvme = [item for item in work if item[0].state.placement is StatePlacement.NVME]
         reads: dict[int, list[IoHandle]] = {}
         writes: dict[int, list[IoHandle]] = {}
+        # NVMe chunks of each group (by id) whose writes are not complete yet; 0 calls the group's ``written``.
+        unwritten = {id(u): sum(1 for v, _, _ in nvme if v is u) for u in order}
+
+        def wait_writes(j: int) -> None:
+            self._wait_all(writes.pop(j), counters)
+            update = nvme[j][0]
+            unwritten[id(update)] -= 1
+            if unwritten[id(update)] == 0 and update.written is not None:
+                update.written()
+
         ahead = max(1, len(self.store.staging) - 1)  # reads in flight
         for k in range(min(ahead, len(nvme))):
             reads[k] = self._transfer("read", nvme[k], k, counters)
@@ -125,7 +139,7 @@ class GroupStepper:
                 writes[k] = self._transfer("write", item, k, counters)
                 if k + ahead < len(nvme):
                     if k - 1 in writes:
-                        self._wait_all(writes.pop(k - 1), counters)
+                        wait_writes(k - 1)
                     reads[k + ahead] = self._transfer("read", nvme[k + ahead], k + ahead, counters)
                 k += 1
         except BaseException:
@@ -137,8 +151,8 @@ class GroupStepper:
                     except OSError:
                         pass
             raise
-        for handles in writes.values():
-            self._wait_all(handles, counters)
+        for j in sorted(writes):
+            wait_writes(j)
         return counters
 
     def _slot(self, k: int) -> torch.Tensor:
@@ -169,6 +183,8 @@ class GroupStepper:
             update.after_update(master[:end - start], start, last)
         if last and update.done is not None:
             update.done()
+        if last and update.written is not None and update.state.placement is StatePlacement.HOST:
+            update.written()
 
     def _transfer(self, op: str, item: tuple[GroupUpdate, int, int], k: int,
                   counters: StepCounters) -> list[IoHandle]:

@@ -11,6 +11,13 @@ The optimizer writes each group's new weights to its home: the native kernel wri
 host home, or into a write-back slot that is then written to the group's swap file. A fetch of a group first
 waits for that group's write-back, and nothing else, so writes overlap the next forward.
 
+Note [weights in the state file]: with fp32 weights the compute copy is the master itself. When the optimizer
+state is on NVMe too (``weights_in_state``), a second file of the same values would cost one more write of
+all weights per step, so a group's home is then the master part of its state: the first ``numel`` fp32 values
+of its state file (NVMe) or of its state buffer (a group whose state the host budget kept in RAM). No
+write-back slots exist; the optimizer's own state writes put the new weights home, and a fetch of the group
+waits until they are complete (``GroupUpdate.written``), not merely until its Adam pass ended.
+
 On the CPU device the device buffer is ordinary memory, accounted against ``device_memory_limit``, and a
 fill is a synchronous copy. On CUDA the host buffers are pinned and a fill is an asynchronous copy on the fetch
 stream (Note [fetch stream] in ``device_copy``): the group is FETCHING until its use makes the compute stream
@@ -40,9 +47,13 @@ WRITEBACK_SLOTS = 2  # new weights of group j are written to NVMe while the kern
 class OffloadedParams:
     def __init__(self, groups: list[FlatGroup], home: str, dtype: torch.dtype, pool: HostPool,
                  swap: SwapStore | None, device_limit: int | None, fetch_slots: int,
-                 timeline: Timeline = NO_TIMELINE, device: torch.device = torch.device("cpu")) -> None:
+                 timeline: Timeline = NO_TIMELINE, device: torch.device = torch.device("cpu"),
+                 weights_in_state: bool = False) -> None:
         """``home``: "cpu" or "nvme". ``fetch_slots``: host staging buffers for NVMe reads in flight (the
-        current group plus the prefetched ones)."""
+        current group plus the prefetched ones). ``weights_in_state``: every group's home will be the master
+        part of its optimizer state (Note [weights in the state file]; fp32 only), so no write-back slots."""
+        if weights_in_state and dtype != torch.float32:
+            raise ValueError("offload: weights can live in the optimizer state only in fp32")
         self.groups = groups
         self.device = torch.device(device)
         self._h2d = HostToDevice(self.device)
@@ -73,8 +84,9 @@ class OffloadedParams:
         self._fetch: dict[int, tuple[int, IoHandle]] = {}  # group -> (fetch slot, read in flight)
         # CUDA: the copy that last read each fetch slot; the slot takes a new NVMe read only once it is done.
         self._slot_copied: list[torch.cuda.Event | None] = [None] * nslots
+        self.weights_in_state = weights_in_state
         self._writeback_slots = [pool.allocate(largest, f"write-back staging {i}")
-                                 for i in range(WRITEBACK_SLOTS if home == "nvme" else 0)]
+                                 for i in range(WRITEBACK_SLOTS if home == "nvme" and not weights_in_state else 0)]
         self._writeback: dict[int, IoHandle] = {}            # group -> its weights' write in flight
         self._slot_write: list[IoHandle | None] = [None] * len(self._writeback_slots)
         self._next_writeback_slot = 0
@@ -101,14 +113,20 @@ class OffloadedParams:
 
     # ---- set-up ----------------------------------------------------------------------------------------------
 
-    def add(self, group: FlatGroup, master: torch.Tensor | None, alias: torch.Tensor | None) -> None:
+    def add(self, group: FlatGroup, master: torch.Tensor | None, alias: torch.Tensor | None,
+            alias_file: SwapFile | None = None) -> None:
         """Group ``group``'s home, filled from ``master`` (fp32 flat; None: zeros, filled later with
         ``load_weights``). ``alias``: an fp32 host tensor to use as the home itself (the master in RAM, for
-        fp32 weights), or None."""
-        self._aliased.append(alias is not None)
-        self.weight_home_nvme.append(None)
+        fp32 weights), or None. ``alias_file``: a swap file whose first ``numel`` fp32 values are the home
+        (the group's optimizer state on NVMe, Note [weights in the state file]), or None."""
+        if self.weights_in_state and alias is None and alias_file is None:
+            raise ValueError("offload: with weights in the optimizer state every group needs its master as home")
+        self._aliased.append(alias is not None or alias_file is not None)
+        self.weight_home_nvme.append(alias_file)
         if alias is not None:
             self.weight_home_host.append(alias)
+        elif alias_file is not None:
+            self.weight_home_host.append(None)
         elif self.home == "cpu":
             buffer = self.pool.allocate(self.nbytes(group.index), f"weights {group.name or '<root>'}")
             self._home_buffers.append(buffer)
@@ -123,6 +141,15 @@ class OffloadedParams:
                 staging.copy_(master)
                 self.swap.wait(self.swap.write(swap, 0, staging))
             self.weight_home_nvme[-1] = swap
+
+    def on_nvme(self, g: int) -> bool:
+        """Whether group g's home is a swap file (else a host buffer)."""
+        return self.weight_home_nvme[g] is not None
+
+    def home_is_state_file(self, g: int) -> bool:
+        """Whether group g's weights are read from its optimizer state file (Note [weights in the state file]):
+        then a fetch of g after an update must wait for the state writes, ``GroupUpdate.written``."""
+        return self._aliased[g] and self.on_nvme(g)
 
     def bind_parameters(self) -> None:
         """Points each parameter at its view of its group's device buffer, then releases every buffer's storage
@@ -176,7 +203,7 @@ class OffloadedParams:
         if not force and self.device_limit is not None and \
                 self.resident_bytes + self.nbytes(g) > self.device_limit:
             return False
-        if self.home == "nvme":
+        if self.on_nvme(g):
             if len(self._free_fetch_slots) <= reserve:
                 return False
             self._wait_writeback(g)  # the read must see the weights of the last step
@@ -220,7 +247,7 @@ class OffloadedParams:
 
     def _make_resident(self, g: int) -> None:
         if self.residency[g] is Residency.RELEASED and not self.start_fetch(g, wait_for_update=True):
-            if self.home == "nvme" and not self._free_fetch_slots:
+            if self.on_nvme(g) and not self._free_fetch_slots:
                 raise RuntimeError("offload: every fetch staging slot is in use; this is a scheduler bug")
             raise MemoryBudgetError(f"fetching parameter group {self.groups[g].name or '<root>'!r} "
                                     f"({self.nbytes(g)} bytes) next to {self.resident_bytes} resident bytes",
@@ -330,8 +357,10 @@ class OffloadedParams:
         Every group is released before a step (the scheduler's invariant), so no device copy goes stale."""
         if self.residency[g] is not Residency.RELEASED:
             raise RuntimeError(f"offload: group {g} is on the device during the optimizer step")
-        if self.home == "cpu":
+        if not self.on_nvme(g):
             return None if self.dtype == torch.float32 else self.weight_home_host[g]
+        if self._aliased[g]:  # the state writes carry the new weights home
+            return None
         slot = self._slot_of[g] = self._take_writeback_slot()
         staging = self._writeback_slots[slot].tensor[:self.nbytes(g)].view(self.dtype)
         return None if self.dtype == torch.float32 else staging
@@ -341,8 +370,10 @@ class OffloadedParams:
         """What moves group g's new weights home, chunk by chunk (``master`` chunk, its start, last chunk?),
         once its fp32 master is final (None when the kernel did). ``covered``: the element ranges the kernel
         updates (and writes to the kernel output)."""
-        if self.home == "cpu":
-            if self.dtype != torch.float32 or self._aliased[g]:
+        if self._aliased[g]:  # the home is the master itself, in RAM or in the state file
+            return None
+        if not self.on_nvme(g):
+            if self.dtype != torch.float32:
                 return None
             home = self.weight_home_host[g]
             return lambda master, start, last: home[start:start + master.numel()].copy_(master)
@@ -384,9 +415,10 @@ class OffloadedParams:
         if self.residency[g] is not Residency.RELEASED:
             raise RuntimeError(f"offload: group {g} is on the device while its weights are replaced")
         end = start + master.numel()
-        if self.home == "cpu":
-            if not self._aliased[g]:
-                self.weight_home_host[g][start:end].copy_(master)
+        if self._aliased[g]:  # the caller has written the master, which is the home
+            return
+        if not self.on_nvme(g):
+            self.weight_home_host[g][start:end].copy_(master)
             return
         if start == 0:
             self._wait_writeback(g)  # an older write of this group must not land after the new one
