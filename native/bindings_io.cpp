@@ -32,9 +32,8 @@ void translate_io_error(const std::exception_ptr& p, void*) {
 }
 
 // Reads fill `buffer`, so they take a writable array; writes only read it.
-template <class A>
-std::uint64_t submit(IoEngine& engine, int fd, bool write, const A& buffer, std::uint64_t offset,
-                     const std::string& path) {
+template <class E, class A>
+std::uint64_t submit(E& engine, int fd, bool write, const A& buffer, std::uint64_t offset, const std::string& path) {
   const char* where = write ? "IoEngine.write" : "IoEngine.read";
   if (fd < 0) throw nb::value_error((std::string(where) + ": fd must be an open file descriptor").c_str());
   const Buffer b = check_buffer(where, buffer, "buffer");
@@ -42,29 +41,45 @@ std::uint64_t submit(IoEngine& engine, int fd, bool write, const A& buffer, std:
   return engine.submit(fd, write, b.data, offset, b.numel * b.itemsize, path);
 }
 
+template <class E>
+void bind_engine(nb::class_<E>& cls) {
+  cls.def("read", [](E& e, int fd, const Array& buffer, std::uint64_t offset,
+                     const std::string& path) { return submit(e, fd, false, buffer, offset, path); },
+          "fd"_a, "buffer"_a, "offset"_a, "path"_a,
+          "Queue a read of len(buffer) bytes at `offset` into `buffer`; returns a handle. The buffer must stay "
+          "alive and untouched until wait(handle).")
+      .def("write", [](E& e, int fd, const ReadOnlyArray& buffer, std::uint64_t offset,
+                       const std::string& path) { return submit(e, fd, true, buffer, offset, path); },
+           "fd"_a, "buffer"_a, "offset"_a, "path"_a, "Queue a write of `buffer` at `offset`; returns a handle.")
+      .def("wait", [](E& e, std::uint64_t handle) { e.wait(handle); }, "handle"_a,
+           nb::call_guard<nb::gil_scoped_release>(),
+           "Block until the request is done; raises OSError(errno, message, path) for its first failure.")
+      .def("poll", [](E& e, std::uint64_t handle) { return e.poll(handle); }, "handle"_a,
+           "True when the request is done.")
+      .def("wait_all", [](E& e) { e.wait_all(); }, nb::call_guard<nb::gil_scoped_release>(),
+           "Wait for every outstanding request; raises the first failure after all have finished.")
+      .def_prop_ro("block_size", [](const E& e) { return e.block_size(); });
+}
+
 }  // namespace
 
 void bind_io(nb::module_& m) {
   nb::register_exception_translator(&translate_io_error);
 
-  nb::class_<IoEngine>(m, "IoEngine",
-                       "Worker threads doing pread/pwrite in blocks; submit returns a handle, wait raises OSError.")
-      .def(nb::init<int, std::size_t, int>(), "threads"_a, "block_size"_a, "queue_depth"_a)
-      .def("read", [](IoEngine& e, int fd, const Array& buffer, std::uint64_t offset,
-                      const std::string& path) { return submit(e, fd, false, buffer, offset, path); },
-           "fd"_a, "buffer"_a, "offset"_a, "path"_a,
-           "Queue a read of len(buffer) bytes at `offset` into `buffer`; returns a handle. The buffer must stay "
-           "alive and untouched until wait(handle).")
-      .def("write", [](IoEngine& e, int fd, const ReadOnlyArray& buffer, std::uint64_t offset,
-                       const std::string& path) { return submit(e, fd, true, buffer, offset, path); },
-           "fd"_a, "buffer"_a, "offset"_a, "path"_a, "Queue a write of `buffer` at `offset`; returns a handle.")
-      .def("wait", &IoEngine::wait, "handle"_a, nb::call_guard<nb::gil_scoped_release>(),
-           "Block until the request is done; raises OSError(errno, message, path) for its first failure.")
-      .def("poll", &IoEngine::poll, "handle"_a, "True when the request is done.")
-      .def("wait_all", &IoEngine::wait_all, nb::call_guard<nb::gil_scoped_release>(),
-           "Wait for every outstanding request; raises the first failure after all have finished.")
-      .def_prop_ro("block_size", &IoEngine::block_size)
+  nb::class_<IoEngine> threads(m, "IoEngine",
+                               "Worker threads doing pread/pwrite in blocks; submit returns a handle, wait raises "
+                               "OSError.");
+  threads.def(nb::init<int, std::size_t, int>(), "threads"_a, "block_size"_a, "queue_depth"_a)
       .def_prop_ro("threads", &IoEngine::threads);
+  bind_engine(threads);
+  nb::class_<UringIoEngine> uring(m, "UringIoEngine",
+                                  "The same contract on one io_uring: queue_depth blocks in flight, one completion "
+                                  "thread.");
+  uring.def(nb::init<std::size_t, int>(), "block_size"_a, "queue_depth"_a)
+      .def_prop_ro("queue_depth", &UringIoEngine::queue_depth);
+  bind_engine(uring);
+  m.def("uring_available", &uring_available,
+        "Whether this kernel lets the process use io_uring read/write operations (a ring is set up to find out).");
 
   m.def("inject_io_fault", [](const std::string& kind, std::uint64_t after) {
         IoFault fault;

@@ -14,6 +14,8 @@ namespace {
 std::atomic<int> g_fault{0};
 std::atomic<std::uint64_t> g_fault_countdown{0};
 
+}  // namespace
+
 IoFault take_fault() {
   const int fault = g_fault.load(std::memory_order_relaxed);
   if (fault == 0) return IoFault::kNone;
@@ -22,36 +24,41 @@ IoFault take_fault() {
   return static_cast<IoFault>(fault);
 }
 
-}  // namespace
-
 void inject_io_fault(IoFault fault, std::uint64_t after_transfers) {
   g_fault_countdown.store(after_transfers == 0 ? 1 : after_transfers, std::memory_order_relaxed);
   g_fault.store(static_cast<int>(fault), std::memory_order_relaxed);
 }
 
-struct IoEngine::Request {
-  int fd;
-  bool write;
-  std::string path;
-  std::mutex mutex;  // guards everything below
-  std::condition_variable done;
-  std::size_t blocks_left = 0;
-  bool failed = false;
-  int error_number = 0;
-  std::uint64_t error_offset = 0;
-  std::string error_what;
-
-  void finish_block(bool ok, int error_number_, std::uint64_t offset, const std::string& what) {
-    std::lock_guard<std::mutex> lock(mutex);
-    if (!ok && !failed) {  // keep the first failure
-      failed = true;
-      error_number = error_number_;
-      error_offset = offset;
-      error_what = what;
-    }
-    if (--blocks_left == 0) done.notify_all();
+void IoRequests::Request::finish_block(bool ok, int error_number_, std::uint64_t offset, const std::string& what) {
+  std::lock_guard<std::mutex> lock(mutex);
+  if (!ok && !failed) {  // keep the first failure
+    failed = true;
+    error_number = error_number_;
+    error_offset = offset;
+    error_what = what;
   }
-};
+  if (--blocks_left == 0) done.notify_all();
+}
+
+std::pair<std::uint64_t, std::shared_ptr<IoRequests::Request>> IoRequests::open_request(int fd, bool write,
+                                                                                        std::string path,
+                                                                                        std::size_t blocks) {
+  auto request = std::make_shared<Request>();
+  request->fd = fd;
+  request->write = write;
+  request->path = std::move(path);
+  request->blocks_left = blocks;
+  std::lock_guard<std::mutex> lock(mutex_);
+  const std::uint64_t handle = next_handle_++;
+  requests_.emplace(handle, request);
+  return {handle, request};
+}
+
+std::string IoRequests::describe_failure(const Request& r, std::size_t length, std::uint64_t offset, int err,
+                                         bool end_of_file) {
+  return std::string(r.write ? "write" : "read") + " of " + std::to_string(length) + " bytes at offset " +
+         std::to_string(offset) + " failed: " + (end_of_file ? "unexpected end of file" : std::strerror(err));
+}
 
 IoEngine::IoEngine(int threads, std::size_t block_size, int queue_depth)
     : block_size_(block_size), queue_depth_(static_cast<std::size_t>(queue_depth)) {
@@ -89,14 +96,8 @@ IoEngine::~IoEngine() {
 
 std::uint64_t IoEngine::submit(int fd, bool write, void* buffer, std::uint64_t offset, std::size_t length,
                                std::string path) {
-  auto request = std::make_shared<Request>();
-  request->fd = fd;
-  request->write = write;
-  request->path = std::move(path);
-  request->blocks_left = (length + block_size_ - 1) / block_size_;
+  auto [handle, request] = open_request(fd, write, std::move(path), (length + block_size_ - 1) / block_size_);
   std::unique_lock<std::mutex> lock(mutex_);
-  const std::uint64_t handle = next_handle_++;
-  requests_.emplace(handle, request);
   for (std::size_t done = 0; done < length; done += block_size_) {
     // Back-pressure: see Note [io queue]. Waiting releases mutex_, so workers keep draining the queue.
     queue_space_.wait(lock, [&] { return queue_.size() < queue_depth_; });
@@ -143,10 +144,8 @@ void IoEngine::transfer(const Block& block) {
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) {
       const int err = n < 0 ? errno : EIO;
-      const std::string what = std::string(r.write ? "write" : "read") + " of " + std::to_string(block.length - done) +
-                               " bytes at offset " + std::to_string(block.offset + done) + " failed: " +
-                               (n < 0 ? std::strerror(err) : "unexpected end of file");
-      r.finish_block(false, err, block.offset + done, what);
+      r.finish_block(false, err, block.offset + done,
+                     describe_failure(r, block.length - done, block.offset + done, err, n == 0));
       return;
     }
     done += static_cast<std::size_t>(n);  // a short transfer continues from where it stopped
@@ -154,7 +153,7 @@ void IoEngine::transfer(const Block& block) {
   r.finish_block(true, 0, 0, {});
 }
 
-std::shared_ptr<IoEngine::Request> IoEngine::find(std::uint64_t handle) {
+std::shared_ptr<IoRequests::Request> IoRequests::find(std::uint64_t handle) {
   std::lock_guard<std::mutex> lock(mutex_);
   auto it = requests_.find(handle);
   if (it == requests_.end()) {
@@ -163,13 +162,13 @@ std::shared_ptr<IoEngine::Request> IoEngine::find(std::uint64_t handle) {
   return it->second;
 }
 
-bool IoEngine::poll(std::uint64_t handle) {
+bool IoRequests::poll(std::uint64_t handle) {
   auto request = find(handle);
   std::lock_guard<std::mutex> lock(request->mutex);
   return request->blocks_left == 0;
 }
 
-void IoEngine::wait(std::uint64_t handle) {
+void IoRequests::wait(std::uint64_t handle) {
   auto request = find(handle);
   {
     std::unique_lock<std::mutex> lock(request->mutex);
@@ -184,7 +183,7 @@ void IoEngine::wait(std::uint64_t handle) {
   }
 }
 
-void IoEngine::wait_all() {
+void IoRequests::wait_all() {
   std::vector<std::uint64_t> handles;
   {
     std::lock_guard<std::mutex> lock(mutex_);

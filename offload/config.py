@@ -55,15 +55,18 @@ class IOConfig:
     """How the swap store moves data to and from files.
 
     block_size: bytes per transfer (a multiple of 4 KiB). threads x queue_depth: transfers in flight at once,
-    as fio's numjobs x iodepth (the engine runs one worker thread per transfer in flight, at most 256).
-    direct: ``"auto"`` opens swap files with O_DIRECT and falls back to buffered I/O (with one warning) where
-    the filesystem refuses it; ``True`` requires O_DIRECT; ``False`` always uses buffered I/O.
+    as fio's numjobs x iodepth (at most 256). direct: ``"auto"`` opens swap files with O_DIRECT and falls back
+    to buffered I/O (with one warning) where the filesystem refuses it; ``True`` requires O_DIRECT; ``False``
+    always uses buffered I/O. backend: ``"io_uring"`` keeps the transfers in flight on one io_uring with one
+    completion thread; ``"threads"`` runs one worker thread per transfer in flight doing pread/pwrite;
+    ``"auto"`` takes io_uring where the kernel allows it (Linux 5.6+, not disabled) and threads elsewhere.
     """
 
     block_size: int | str = "8MiB"
     queue_depth: int = 32
     threads: int = 2
     direct: bool | str = "auto"
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         block = parse_bytes("io.block_size", self.block_size)
@@ -78,6 +81,7 @@ class IOConfig:
             raise ConfigError(f"io.threads x io.queue_depth: at most 256 transfers in flight; got "
                               f"{self.threads} x {self.queue_depth} = {self.in_flight}")
         _choice("io.direct", self.direct, ("auto", True, False))
+        _choice("io.backend", self.backend, IO_BACKENDS)
 
     @property
     def in_flight(self) -> int:
@@ -85,6 +89,7 @@ class IOConfig:
         return self.threads * self.queue_depth
 
 
+IO_BACKENDS = ("auto", "io_uring", "threads")
 _PLACEMENTS_PARAMS = ("device", "cpu", "nvme")
 _PLACEMENTS_OPTIMIZER = ("cpu", "nvme")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -70,6 +70,7 @@ def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     finally:
         for reader in readers.values():
             reader.close()
+        io.close()
     if (version / "config.json").exists():
         partial_config = out / f".config.json.partial-{os.getpid()}"
         write_file_durably(partial_config, (version / "config.json").read_bytes())

@@ -1,8 +1,8 @@
 """`offload tune`: measures the swap directory's disk with our I/O engine and writes the best IOConfig.
 
-The sweep covers block size x transfers in flight (threads x queue depth; the engine runs one worker per
-transfer in flight, so only their product matters to it) with O_DIRECT, then buffered I/O at the best O_DIRECT
-setting. Each configuration writes the whole test file and reads it back; the sweep runs ``--rounds`` times,
+The sweep covers block size x transfers in flight (threads x queue depth; only their product matters to the
+engine) x backend (io_uring where the kernel allows it, and worker threads) with O_DIRECT, then buffered I/O at
+the best O_DIRECT setting. Each configuration writes the whole test file and reads it back; the sweep runs ``--rounds`` times,
 in alternating order, and each configuration's score is the median over rounds of the rate at which it moves
 equal amounts both ways (the engine's workload: every byte of state read is written back), i.e. the harmonic
 mean of read and write GB/s. Buffered reads are made to come from the disk: the file is fsynced and dropped
@@ -78,8 +78,11 @@ def run(args: argparse.Namespace) -> int:
     if free < nbytes + (64 << 20):
         raise OSError(28, f"--dir: the test file needs {nbytes / 2**30:.2f} GiB and {free / 2**30:.2f} GiB are "
                           f"free in {root}; use a smaller --size", str(root))
-    configs = [(IOConfig(block_size=b, threads=t, queue_depth=q, direct=True)) for b in BLOCK_SIZES
-               for t, q in IN_FLIGHT]
+    from offload.storage.io_engine import resolve_backend
+
+    backends = ["io_uring", "threads"] if resolve_backend("auto") == "io_uring" else ["threads"]
+    configs = [IOConfig(block_size=b, threads=t, queue_depth=q, direct=True, backend=k) for b in BLOCK_SIZES
+               for t, q in IN_FLIGHT for k in backends]
     workdir = Path(tempfile.mkdtemp(prefix="offload-tune-", dir=root))
     pool = HostPool()
     results: dict[tuple, list[tuple[float, float]]] = {}
@@ -95,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
                     bar.update(1)
                 best = max(configs, key=lambda io: _median_trial(io, results).score)
                 buffered = IOConfig(block_size=best.block_size, threads=best.threads, queue_depth=best.queue_depth,
-                                    direct=False)
+                                    direct=False, backend=best.backend)
                 results.setdefault(_key(buffered), []).append(
                     measure_throughput(path, buffer.tensor, buffered, IoEngine))
                 bar.update(1)
@@ -109,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
                   f"write_gbs={best.write_gbs:.3f} read_gbs={best.read_gbs:.3f}\n")
     _plot(trials, Path(args.out).with_suffix(".png"))
     print(f"best: block_size={best.io.block_size >> 20}MiB threads={best.io.threads} queue_depth={best.io.queue_depth} "
-          f"direct={best.io.direct} (write {best.write_gbs:.2f} GB/s, read {best.read_gbs:.2f} GB/s); "
+          f"direct={best.io.direct} backend={best.io.backend} (write {best.write_gbs:.2f} GB/s, read {best.read_gbs:.2f} GB/s); "
           f"written to [io] of {args.out}")
     print(json.dumps({"dir": str(root), "size": nbytes, "rounds": args.rounds, "best": asdict(best.io),
                       "write_gbs": best.write_gbs, "read_gbs": best.read_gbs}))
@@ -117,11 +120,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _key(io: IOConfig) -> tuple:
-    return (io.block_size, io.threads, io.queue_depth, io.direct)
+    return (io.block_size, io.threads, io.queue_depth, io.direct, io.backend)
 
 
 def _all_configs(results: dict[tuple, list]) -> list[IOConfig]:
-    return [IOConfig(block_size=b, threads=t, queue_depth=q, direct=d) for b, t, q, d in results]
+    return [IOConfig(block_size=b, threads=t, queue_depth=q, direct=d, backend=k) for b, t, q, d, k in results]
 
 
 def _median_trial(io: IOConfig, results: dict[tuple, list[tuple[float, float]]]) -> Trial:
@@ -145,6 +148,7 @@ def measure_throughput(path: Path, buffer, io: IOConfig, engine_cls) -> tuple[fl
         start = time.perf_counter()
         engine.wait(engine.read(fd, 0, buffer, str(path)))
         read_s = time.perf_counter() - start
+        engine.close()  # (its threads or ring go now, not when the garbage collector gets to them)
     finally:
         os.close(fd)
         path.unlink(missing_ok=True)
@@ -153,10 +157,10 @@ def measure_throughput(path: Path, buffer, io: IOConfig, engine_cls) -> tuple[fl
 
 def _print_table(trials: list[Trial], root: Path, nbytes: int, rounds: int) -> None:
     print(f"\n{root}: {nbytes / 2**30:.2f} GiB written and read per configuration, median of {rounds} rounds\n")
-    print("| block | threads x qd | direct | write GB/s | read GB/s | both ways GB/s |")
-    print("|---|---|---|---|---|---|")
+    print("| block | threads x qd | direct | backend | write GB/s | read GB/s | both ways GB/s |")
+    print("|---|---|---|---|---|---|---|")
     for t in trials:
-        print(f"| {t.io.block_size >> 20} MiB | {t.io.threads} x {t.io.queue_depth} | {t.io.direct} | "
+        print(f"| {t.io.block_size >> 20} MiB | {t.io.threads} x {t.io.queue_depth} | {t.io.direct} | {t.io.backend} | "
               f"{t.write_gbs:.2f} | {t.read_gbs:.2f} | {t.score:.2f} |")
     print()
 
@@ -183,7 +187,8 @@ def _plot(trials: list[Trial], png: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    labels = [f"{t.io.block_size >> 20}M {t.io.threads}x{t.io.queue_depth}{'' if t.io.direct else ' buf'}"
+    labels = [f"{t.io.block_size >> 20}M {t.io.threads}x{t.io.queue_depth} {t.io.backend[:2]}"
+              f"{'' if t.io.direct else ' buf'}"
               for t in trials]
     fig, ax = plt.subplots(figsize=(max(6, len(trials) * 0.45), 4))
     x = range(len(trials))

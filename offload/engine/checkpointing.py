@@ -78,6 +78,8 @@ def save(engine: Engine, path: str, extra: dict[str, Any] | None) -> Path:
     except BaseException:
         directory.abandon(version)  # the previous checkpoint, if any, is still the current one
         raise
+    finally:
+        io.close()
     total = sum(r.size for r in records.values())
     seconds = time.perf_counter() - start
     log.info("offload: saved step %d to %s (%.2f GB in %.1f s, %.2f GB/s)", engine._step, path, total / 1e9,
@@ -242,6 +244,7 @@ def load(engine: Engine, path: str, restore_rng: bool) -> dict[str, Any]:
     finally:
         for reader in readers + [model_reader]:
             reader.close()
+        io.close()
     engine._step = step
     for g, group in enumerate(engine.groups):
         engine._param_steps[g] = [int(param_steps[slot.name]) for slot in group.slots]

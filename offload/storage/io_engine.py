@@ -14,6 +14,19 @@ from offload.config import IOConfig
 DIRECT_ALIGNMENT = 4096  # O_DIRECT: buffer address, file offset and length all multiples of this
 
 
+_URING: bool | None = None  # whether io_uring works here, found out once per process
+
+
+def resolve_backend(backend: str) -> str:
+    """``"io_uring"`` or ``"threads"`` for an ``IOConfig.backend`` value (``"auto"``: io_uring if available)."""
+    global _URING
+    if backend != "auto":
+        return backend
+    if _URING is None:
+        _URING = bool(_C.uring_available())
+    return "io_uring" if _URING else "threads"
+
+
 class IoHandle(NamedTuple):
     """One submitted transfer. Holds the buffer, so that it stays alive until the transfer is waited for."""
 
@@ -27,7 +40,8 @@ class IoHandle(NamedTuple):
 
 class IoEngine:
     """Reads and writes between host buffers and open files, ``config.in_flight`` (threads x queue_depth)
-    transfers at a time, one per worker thread, in blocks of ``config.block_size`` bytes.
+    transfers at a time, in blocks of ``config.block_size`` bytes, on one io_uring or one worker thread per
+    transfer (``config.backend``; ``self.backend`` says which).
 
     ``read``/``write`` return at once with an :class:`IoHandle`; ``wait(handle)`` blocks (without the GIL)
     until that transfer is complete and raises ``OSError(errno, message, path)`` if any part of it failed
@@ -38,9 +52,16 @@ class IoEngine:
 
     def __init__(self, config: IOConfig | None = None) -> None:
         self.config = config or IOConfig()
-        # One worker per transfer in flight; as many blocks may wait in the queue behind them.
         in_flight = self.config.in_flight
-        self._engine = _C.IoEngine(in_flight, self.config.block_size, in_flight)
+        self.backend = resolve_backend(self.config.backend)
+        if self.backend == "io_uring":  # in_flight blocks on the ring, one completion thread
+            try:
+                self._engine = _C.UringIoEngine(self.config.block_size, in_flight)
+            except RuntimeError as e:
+                raise RuntimeError(f"offload: io.backend='io_uring': the kernel refused it ({e}); use 'threads' "
+                                   "or 'auto'") from None
+        else:  # one worker per transfer in flight; as many blocks may wait in the queue behind them
+            self._engine = _C.IoEngine(in_flight, self.config.block_size, in_flight)
 
     def read(self, fd: int, offset: int, buffer: torch.Tensor, path: str) -> IoHandle:
         """Queues a read of ``buffer.nbytes`` bytes at ``offset`` of ``fd`` into ``buffer`` (a contiguous CPU tensor)."""
