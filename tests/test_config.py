@@ -136,6 +136,7 @@ BAD = [
     (dict(io={"queue_depth": 0}), "io.queue_depth", "from 1 to 256"),
     (dict(io={"threads": "2"}), "io.threads", "got '2'"),
     (dict(io={"direct": "yes"}), "io.direct", "'auto', True, False"),
+    (dict(io={"backend": "uring"}), "io.backend", "did you mean 'io_uring'"),
     (dict(io={"blocksize": "8MiB"}), "io.blocksize", "did you mean 'io.block_size'"),
     (dict(io="fast"), "io", "IOConfig or a dict"),
     (_nvme(io={"threads": 16, "queue_depth": 32}), "io.threads x io.queue_depth", "at most 256"),
@@ -172,13 +173,14 @@ def test_bad_cases_are_distinct():
 def test_file_round_trip(tmp_path):
     cfg = Config(device="cpu", params="nvme", optimizer="nvme", nvme_dir=tmp_path / "swap", dtype="float16",
                  host_memory_limit="24GiB", device_memory_limit=123 << 20, prefetch_layers=0,
-                 io={"block_size": "1MiB", "queue_depth": 4, "threads": 8, "direct": True})
+                 io={"block_size": "1MiB", "queue_depth": 4, "threads": 8, "direct": True, "backend": "threads"})
     path = tmp_path / "offload.toml"
     cfg.to_file(path)
     written = tomllib.loads(path.read_text())
     assert written["host_memory_limit"] == 24 << 30 and written["device_memory_limit"] == 123 << 20
     assert written["dtype"] == "fp16" and written["nvme_dir"] == str(tmp_path / "swap")
-    assert written["io"] == {"block_size": 1 << 20, "queue_depth": 4, "threads": 8, "direct": True}
+    assert written["io"] == {"block_size": 1 << 20, "queue_depth": 4, "threads": 8, "direct": True,
+                             "backend": "threads"}
     assert Config.from_file(path) == cfg
     assert Config.from_file(str(path)) == cfg
 
