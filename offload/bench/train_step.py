@@ -8,6 +8,11 @@ device, one micro-batch) for a few steps:
 The offload worker also measures our I/O engine's bandwidth in the same directory, reading and writing
 alternately (the disk here shares one bandwidth between reads and writes), and the I/O floor is the step's
 NVMe bytes at that bandwidth. Reported: medians over rounds and ratio = offload step / max(compute step, floor).
+A process's step time is the time of its timed steps, from the first one's start to the end of the last one's
+overlapped update (``engine.synchronize()``), over their number. By default each step is ``backward(loss);
+step()`` with clipping at 1.0 (the update then needs the global norm and starts after backward);
+``--backward-step`` trains without clipping through ``engine.backward_step(loss)``, whose updates run during
+backward, in both processes.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per process, after one warm-up step")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--prefetch", type=int, default=2)
+    ap.add_argument("--backward-step", action="store_true",
+                    help="no clipping, engine.backward_step(loss) (updates overlap backward) in both processes")
     ap.add_argument("--out", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -85,22 +92,29 @@ def run_worker(a: argparse.Namespace) -> None:
                                 nvme_dir=tempfile.mkdtemp(dir=a.dir), prefetch_layers=a.prefetch,
                                 device_memory_limit=device_limit)
     ids = torch.randint(0, 32000, (1, a.tokens), generator=torch.Generator().manual_seed(0))
-    with offload.Engine(model, config, lr=1e-4, max_grad_norm=1.0) as engine:
-        times, moved = [], []
-        for step in range(a.steps + 1):
-            before = engine.stats()
-            start = time.perf_counter()
-            engine.backward(engine(input_ids=ids, labels=ids).loss)
-            engine.step()
-            elapsed = time.perf_counter() - start
-            after = engine.stats()
-            if step:  # the first step warms caches and traces the order
-                times.append(elapsed)
-                moved.append(after.nvme_bytes_read - before.nvme_bytes_read
-                             + after.nvme_bytes_written - before.nvme_bytes_written)
-        record = dict(kind=kind, params=nparams, step_s=statistics.median(times), device_limit=device_limit,
-                      nvme_bytes=statistics.median(moved) if moved else 0,
-                      device_peak=engine.stats().device_param_bytes_peak)
+    with offload.Engine(model, config, lr=1e-4, max_grad_norm=None if a.backward_step else 1.0) as engine:
+        def step() -> None:
+            loss = engine(input_ids=ids, labels=ids).loss
+            if a.backward_step:
+                engine.backward_step(loss)
+            else:
+                engine.backward(loss)
+                engine.step()
+
+        step()  # the first step warms caches and traces the order
+        engine.synchronize()
+        before = engine.stats()
+        start = time.perf_counter()
+        for _ in range(a.steps):
+            step()
+        engine.synchronize()  # the last step's overlapped update belongs to the timed steps
+        elapsed = time.perf_counter() - start
+        after = engine.stats()
+        moved = (after.nvme_bytes_read - before.nvme_bytes_read
+                 + after.nvme_bytes_written - before.nvme_bytes_written) / a.steps
+        record = dict(kind=kind, params=nparams, step_s=elapsed / a.steps, device_limit=device_limit,
+                      nvme_bytes=moved, device_peak=engine.stats().device_param_bytes_peak,
+                      backward_step=a.backward_step)
         if kind == "offload" and engine.swap is not None:
             record["mixed_gbs"] = _mixed_bandwidth(engine, max(1 << 30, int(record["nvme_bytes"])))
     print(json.dumps(record), flush=True)
@@ -113,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     common = ["--params", a.params, "--optimizer", a.optimizer, "--dir", a.dir, "--layers", str(a.layers),
               "--hidden", str(a.hidden), "--tokens", str(a.tokens), "--steps", str(a.steps),
-              "--prefetch", str(a.prefetch)]
+              "--prefetch", str(a.prefetch)] + (["--backward-step"] if a.backward_step else [])
     rounds = []
     for r in range(a.rounds):
         record = {"round": r}
@@ -135,11 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.out:
         with open(a.out, "a") as f:
             for record in rounds:
-                f.write(json.dumps(dict(record, placement=f"params={a.params} optimizer={a.optimizer}")) + "\n")
+                f.write(json.dumps(dict(record, placement=f"params={a.params} optimizer={a.optimizer}",
+                                        backward_step=a.backward_step)) + "\n")
     med = {k: statistics.median(r[k] for r in rounds) for k in ("compute_s", "offload_s", "io_floor_s", "ratio")}
     params = rounds[0]["offload"]["params"]
-    print(f"\nparams={a.params} optimizer={a.optimizer}: {params / 1e6:.0f}M parameters, {a.tokens} tokens/step, "
-          f"{a.rounds} rounds (medians)")
+    how = "backward_step, no clipping" if a.backward_step else "backward + step, clipping at 1.0"
+    print(f"\nparams={a.params} optimizer={a.optimizer} ({how}): {params / 1e6:.0f}M parameters, {a.tokens} "
+          f"tokens/step, {a.rounds} rounds (medians)")
     print(f"{'compute-only s':>15} {'offload s':>10} {'I/O floor s':>12} {'offload / max(compute, I/O)':>28}")
     print(f"{med['compute_s']:15.3f} {med['offload_s']:10.3f} {med['io_floor_s']:12.3f} "
           f"{med['ratio']:20.3f} [{min(r['ratio'] for r in rounds):.2f}-{max(r['ratio'] for r in rounds):.2f}]")
