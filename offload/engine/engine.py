@@ -138,6 +138,7 @@ class Engine:
         self._meta = None  # the replay log and anything it still holds go now
         self.swap = res.swap
         self._stepper = GroupStepper(self.store, self.timeline)
+        self._arrival_order: list[int] = []  # groups in the order the last backward_step submitted them
         on_nvme = placement.count(StatePlacement.NVME)
         log.info("offload: %d groups, %d trainable parameters; parameters on %s; optimizer state of %d groups "
                  "in RAM, %d on NVMe; gradients on %s", len(self.groups),
@@ -384,8 +385,9 @@ class Engine:
             return self.step()
         start = time.perf_counter()
         offloaded = isinstance(self.weights, OffloadedParams)
-        queue = UpdateQueue(lambda update, copies: self._run_updates([update], 1.0, keep_order=True, ready=copies))
         submitted: dict[int, GroupUpdate] = {}
+        queue = UpdateQueue(lambda update, copies: self._run_updates([update], 1.0, keep_order=True, ready=copies),
+                            after=self._read_ahead(), at_exit=self._stepper.discard_preload)
 
         def ready(g: int, copies: list[torch.cuda.Event]) -> None:
             if not any(self._grads.received[g]):
@@ -419,6 +421,7 @@ class Engine:
         finally:
             self._grads.on_group_ready = None
         queue.close()
+        self._arrival_order = list(submitted)  # the order the next backward_step's read-ahead expects
         grad_norm = float(self._grads.global_norm())
         self._count_step()
         self._eager_steps += 1
@@ -436,6 +439,20 @@ class Engine:
                         time_s=time.perf_counter() - start, adam_s=counters.adam_s, io_wait_s=counters.io_wait_s,
                         nvme_bytes_read=counters.nvme_bytes_read, nvme_bytes_written=counters.nvme_bytes_written,
                         grad_bytes_to_host=grad_bytes, groups_on_nvme=counters.groups_on_nvme, overlapped=offloaded)
+
+    def _read_ahead(self) -> Callable[[GroupUpdate | None], None]:
+        """For the update queue of a backward_step: after each group's update (and before the first), start
+        reading the state of the group expected next, in the order the last backward_step's groups came in
+        (Note [state read-ahead], group_stepper.py). A group that comes out of order is read when it comes."""
+        order, ran = list(self._arrival_order), set()
+
+        def after(update: GroupUpdate | None) -> None:
+            if update is not None:
+                ran.add(update.state.group.index)
+            upcoming = [g for g in order if g not in ran]
+            if upcoming:
+                self._stepper.preload(self.store.states[upcoming[0]])
+        return after
 
     def _count_step(self) -> None:
         """One more optimizer step, and one more for each parameter that received a gradient."""

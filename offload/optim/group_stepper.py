@@ -84,6 +84,12 @@ class GroupStepper:
         self.store = store
         self.timeline = timeline
         self._issued: dict[int, tuple[str, str, float]] = {}  # handle id -> (track, name, issue time)
+        # Note [state read-ahead]: between two runs every staging slot is free, and ``preload(state)`` issues
+        # the reads of that group's first chunks into the slots a run of it alone would use first (chunk k in
+        # slot k), so that they proceed while its gradients are still being computed. The next run takes them
+        # over if it is that group's; any other run, and ``discard_preload``, waits for them first, since they
+        # write into slots that run is about to reuse. (state, {chunk: handles}), or None.
+        self._preloaded: tuple[GroupState, dict[int, list[IoHandle]]] | None = None
 
     def run(self, updates: list[GroupUpdate], grad_scale: float, keep_order: bool = False) -> StepCounters:
         """Updates every group; returns once all state is written back. ``grad_scale`` multiplies every gradient
@@ -105,7 +111,7 @@ class GroupStepper:
                 (chunks(u.state.group.numel, self.store.chunk_elements)
                  if u.state.placement is StatePlacement.NVME else [(0, u.state.group.numel)])]
         nvme = [item for item in work if item[0].state.placement is StatePlacement.NVME]
-        reads: dict[int, list[IoHandle]] = {}
+        reads: dict[int, list[IoHandle]] = self._take_preload(nvme, counters)
         writes: dict[int, list[IoHandle]] = {}
         # NVMe chunks of each group (by id) whose writes are not complete yet; 0 calls the group's ``written``.
         unwritten = {id(u): sum(1 for v, _, _ in nvme if v is u) for u in order}
@@ -119,7 +125,8 @@ class GroupStepper:
 
         ahead = max(1, len(self.store.staging) - 1)  # reads in flight
         for k in range(min(ahead, len(nvme))):
-            reads[k] = self._transfer("read", nvme[k], k, counters)
+            if k not in reads:
+                reads[k] = self._transfer("read", nvme[k], k, counters)
         k = 0
         lowp_out = None
         try:
@@ -154,6 +161,49 @@ class GroupStepper:
         for j in sorted(writes):
             wait_writes(j)
         return counters
+
+    def preload(self, state: GroupState) -> None:
+        """Starts reading the first chunks of ``state``'s group (on NVMe, its gradients in RAM), whose update is
+        expected next (Note [state read-ahead]). Only between runs, on the thread that runs them."""
+        self.discard_preload()
+        if state.placement is not StatePlacement.NVME or self.store.parts != STATE_PARTS:
+            return  # (gradients on NVMe are read with the state, and they are not complete yet)
+        item = GroupUpdate(state=state, grad_host=None, segments=[])
+        pieces = chunks(state.group.numel, self.store.chunk_elements)
+        ahead = max(1, len(self.store.staging) - 1)
+        handles: dict[int, list[IoHandle]] = {}
+        self._preloaded = (state, handles)  # recorded as they are issued: a failure part-way leaves no stray read
+        for k, (start, end) in enumerate(pieces[:ahead]):
+            handles[k] = self._transfer("read", (item, start, end), k, StepCounters())
+
+    def discard_preload(self) -> None:
+        """Waits for the reads of a preload nobody took (their slots are free again afterwards)."""
+        preloaded, self._preloaded = self._preloaded, None
+        if preloaded is None:
+            return
+        for handles in preloaded[1].values():
+            for handle in handles:
+                self._issued.pop(handle.id, None)
+                try:
+                    self.store.swap.wait(handle)
+                except OSError:
+                    pass  # nobody reads what it brought; the group's next run reads it again and reports
+
+    def _take_preload(self, nvme: list[tuple[GroupUpdate, int, int]],
+                      counters: StepCounters) -> dict[int, list[IoHandle]]:
+        """The preloaded reads, if they are those of this run's first chunks (then counted in ``counters``)."""
+        preloaded = self._preloaded
+        if preloaded is None:
+            return {}
+        state, handles = preloaded
+        pieces = chunks(state.group.numel, self.store.chunk_elements)
+        if nvme and nvme[0][0].state is state and nvme[0][0].grad_nvme is None and \
+                all(k < len(nvme) and nvme[k][0].state is state and nvme[k][1:] == pieces[k] for k in handles):
+            self._preloaded = None
+            counters.nvme_bytes_read += sum(h.nbytes for hs in handles.values() for h in hs)
+            return dict(handles)
+        self.discard_preload()
+        return {}
 
     def _slot(self, k: int) -> torch.Tensor:
         return self.store.staging[k % len(self.store.staging)].view(torch.float32)
