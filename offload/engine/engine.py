@@ -33,7 +33,7 @@ from offload.optim.group_stepper import GroupStepper, GroupUpdate, Segment, Step
 from offload.optim.hyper import resolve_param_groups
 from offload.optim.loss_scale import LossScaler
 from offload.optim.update_queue import UpdateQueue
-from offload.optim.state_store import (FP32_BYTES, STATE_PARTS, OptimizerStateStore, StatePlacement,
+from offload.optim.state_store import (FP32_BYTES, STATE_PARTS, GroupState, OptimizerStateStore, StatePlacement,
                                        plan_placement, split_state, staging_bytes)
 from offload.storage.host_pool import HostPool
 from offload.storage.swap_store import SwapStore
@@ -386,8 +386,11 @@ class Engine:
         start = time.perf_counter()
         offloaded = isinstance(self.weights, OffloadedParams)
         submitted: dict[int, GroupUpdate] = {}
-        queue = UpdateQueue(lambda update, copies: self._run_updates([update], 1.0, keep_order=True, ready=copies),
-                            after=self._read_ahead(), at_exit=self._stepper.discard_preload)
+        expect_next = self._expected_next()
+        queue = UpdateQueue(lambda update, copies: self._run_updates([update], 1.0, keep_order=True, ready=copies,
+                                                                     read_ahead=expect_next),
+                            after=lambda update: self._preload(expect_next([update] if update else [])),
+                            at_exit=self._stepper.discard_preload)
 
         def ready(g: int, copies: list[torch.cuda.Event]) -> None:
             if not any(self._grads.received[g]):
@@ -440,19 +443,21 @@ class Engine:
                         nvme_bytes_read=counters.nvme_bytes_read, nvme_bytes_written=counters.nvme_bytes_written,
                         grad_bytes_to_host=grad_bytes, groups_on_nvme=counters.groups_on_nvme, overlapped=offloaded)
 
-    def _read_ahead(self) -> Callable[[GroupUpdate | None], None]:
-        """For the update queue of a backward_step: after each group's update (and before the first), start
-        reading the state of the group expected next, in the order the last backward_step's groups came in
-        (Note [state read-ahead], group_stepper.py). A group that comes out of order is read when it comes."""
-        order, ran = list(self._arrival_order), set()
+    def _expected_next(self) -> Callable[[list[GroupUpdate]], GroupState | None]:
+        """For a backward_step's state read-ahead (Note [state read-ahead], group_stepper.py): called with the
+        updates just done, returns the state of the group expected next, in the order the last backward_step's
+        groups came in (a group that comes out of order is simply read when it comes)."""
+        order, done = list(self._arrival_order), set()
 
-        def after(update: GroupUpdate | None) -> None:
-            if update is not None:
-                ran.add(update.state.group.index)
-            upcoming = [g for g in order if g not in ran]
-            if upcoming:
-                self._stepper.preload(self.store.states[upcoming[0]])
-        return after
+        def expect_next(updates: list[GroupUpdate]) -> GroupState | None:
+            done.update(u.state.group.index for u in updates)
+            upcoming = next((g for g in order if g not in done), None)
+            return None if upcoming is None else self.store.states[upcoming]
+        return expect_next
+
+    def _preload(self, state: GroupState | None) -> None:
+        if state is not None:
+            self._stepper.preload(state)
 
     def _count_step(self) -> None:
         """One more optimizer step, and one more for each parameter that received a gradient."""
@@ -462,12 +467,13 @@ class Engine:
         self._step += 1
 
     def _run_updates(self, updates: list[GroupUpdate], grad_scale: float, keep_order: bool = False,
-                     ready: list[torch.cuda.Event] = ()) -> StepCounters:
-        """Runs ``updates`` (after the CUDA ``ready`` events: their gradient copies)."""
+                     ready: list[torch.cuda.Event] = (), read_ahead=None) -> StepCounters:
+        """Runs ``updates`` (after the CUDA ``ready`` events: their gradient copies); ``read_ahead`` as
+        GroupStepper.run's."""
         try:
             for event in ready:
                 event.synchronize()
-            return self._stepper.run(updates, grad_scale, keep_order=keep_order)
+            return self._stepper.run(updates, grad_scale, keep_order=keep_order, read_ahead=read_ahead)
         except BaseException as e:
             # Groups before the failure are updated, the rest are not, and a failed write may have left a
             # group's swap file half old, half new: no later step can be exact, so none is allowed.

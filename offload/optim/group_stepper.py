@@ -84,24 +84,31 @@ class GroupStepper:
         self.store = store
         self.timeline = timeline
         self._issued: dict[int, tuple[str, str, float]] = {}  # handle id -> (track, name, issue time)
-        # Note [state read-ahead]: between two runs every staging slot is free, and ``preload(state)`` issues
-        # the reads of that group's first chunks into the slots a run of it alone would use first (chunk k in
-        # slot k), so that they proceed while its gradients are still being computed. The next run takes them
-        # over if it is that group's; any other run, and ``discard_preload``, waits for them first, since they
-        # write into slots that run is about to reuse. (state, {chunk: handles}), or None.
+        # The slot that the next run's first NVMe chunk goes to: the rotation goes on from run to run, so that a
+        # run's first chunks do not land in the slots whose writes the run before may still be finishing.
+        self._base = 0
+        # Note [state read-ahead]: ``preload(state)`` issues the reads of that group's first chunks into the
+        # slots the next run will use first (chunk k in slot base + k), so that they proceed while its
+        # gradients are still being computed. A run given ``read_ahead`` does so itself for the group expected
+        # next as soon as its last Adam pass is done, into the slots its own writes in flight leave free, and
+        # only then waits for those writes: the disk reads the next group's state while it writes this one's.
+        # The next run takes the reads over if it is that group's; any other run, and ``discard_preload``,
+        # waits for them first, since they fill slots that run is about to reuse. (state, {chunk: handles}).
         self._preloaded: tuple[GroupState, dict[int, list[IoHandle]]] | None = None
 
-    def run(self, updates: list[GroupUpdate], grad_scale: float, keep_order: bool = False) -> StepCounters:
+    def run(self, updates: list[GroupUpdate], grad_scale: float, keep_order: bool = False,
+            read_ahead: Callable[[list[GroupUpdate]], GroupState | None] | None = None) -> StepCounters:
         """Updates every group; returns once all state is written back. ``grad_scale`` multiplies every gradient
         (loss-scale unscaling and the clipping factor folded into one factor). ``keep_order`` updates the groups
         in the given order (an overlapped step: the next forward's); otherwise host groups are spread between
-        NVMe groups, so that the CPU works while the disk does."""
+        NVMe groups, so that the CPU works while the disk does. ``read_ahead(updates)``, called once the last
+        Adam pass is done, names the group whose update comes next (or None): see Note [state read-ahead]."""
         counters = StepCounters()
         # Note [state pipeline]: NVMe groups are cut into chunks (CHUNK_ELEMENTS), and the chunks rotate
         # through the S staging slots (STAGING_SLOTS; fewer when there are fewer chunks, which then never
-        # wrap). The read of the k-th NVMe chunk goes into slot k % S. S-1 reads are issued up front; after
-        # chunk k's Adam pass its write is issued, and the read of chunk k+S-1 may then reuse slot
-        # (k+S-1) % S once the write of chunk k-1, issued one Adam pass earlier, is complete. So while the CPU
+        # wrap). The read of the k-th NVMe chunk goes into slot (base + k) % S. S-1 reads are issued up front;
+        # after chunk k's Adam pass its write is issued, and the read of chunk k+S-1 may then reuse its slot
+        # once the write of chunk k-1, issued one Adam pass earlier, is complete. So while the CPU
         # updates chunk k, the disk reads chunks k+1..k+S-2 and writes chunk k-1: enough bytes in flight to
         # keep the disk busy with chunks much smaller than a group. Waits are on the handles, so a slot is
         # never overwritten while a transfer still uses it.
@@ -158,13 +165,22 @@ class GroupStepper:
                     except OSError:
                         pass
             raise
+        busy = {self._slot_index(j) for j in writes}
+        self._base = self._slot_index(len(nvme))
+        if read_ahead is not None:
+            expected = read_ahead(order)
+            if expected is not None:
+                self.preload(expected, busy)
         for j in sorted(writes):
             wait_writes(j)
         return counters
 
-    def preload(self, state: GroupState) -> None:
+    def preload(self, state: GroupState, busy: set[int] = frozenset()) -> None:
         """Starts reading the first chunks of ``state``'s group (on NVMe, its gradients in RAM), whose update is
-        expected next (Note [state read-ahead]). Only between runs, on the thread that runs them."""
+        expected next (Note [state read-ahead]), into the next run's first slots up to the first one in
+        ``busy`` (slots whose transfers are still in flight). On the thread that runs the updates."""
+        if self._preloaded is not None and self._preloaded[0] is state:
+            return
         self.discard_preload()
         if state.placement is not StatePlacement.NVME or self.store.parts != STATE_PARTS:
             return  # (gradients on NVMe are read with the state, and they are not complete yet)
@@ -174,6 +190,8 @@ class GroupStepper:
         handles: dict[int, list[IoHandle]] = {}
         self._preloaded = (state, handles)  # recorded as they are issued: a failure part-way leaves no stray read
         for k, (start, end) in enumerate(pieces[:ahead]):
+            if self._slot_index(k) in busy:
+                break
             handles[k] = self._transfer("read", (item, start, end), k, StepCounters())
 
     def discard_preload(self) -> None:
@@ -205,8 +223,12 @@ class GroupStepper:
         self.discard_preload()
         return {}
 
+    def _slot_index(self, k: int) -> int:
+        """The staging slot of the run's k-th NVMe chunk."""
+        return (self._base + k) % len(self.store.staging) if self.store.staging else 0
+
     def _slot(self, k: int) -> torch.Tensor:
-        return self.store.staging[k % len(self.store.staging)].view(torch.float32)
+        return self.store.staging[self._slot_index(k)].view(torch.float32)
 
     def _adam(self, update: GroupUpdate, start: int, end: int, state: tuple[torch.Tensor, ...],
               lowp_out: torch.Tensor | None, grad_scale: float, counters: StepCounters,
