@@ -126,3 +126,24 @@ def test_backward_step_reads_each_groups_state_before_its_gradients_come(tmp_pat
             info = engine.backward_step(loss_of("llama", engine, step[0]))
             assert len(taken) == len(engine.groups) and all(taken) == (i > 0), (i, taken)
             assert info.nvme_bytes_read == state_bytes
+
+
+def test_state_read_ahead_gives_way_to_checkpoints_and_state_dict(tmp_path):
+    """Between backward_steps the next step's first state is already being read into the staging slots; a
+    save, a state_dict or a load in between drops it first, and training goes on exactly as without them."""
+    data = batches("llama", 4, micro=1)
+
+    def train(interrupt: bool):
+        config = offload.Config(device="cpu", dtype="fp32", optimizer="nvme", nvme_dir=tmp_path / str(interrupt))
+        with offload.Engine(tiny_llama(layers=4), config, lr=1e-3) as engine:
+            for i, step in enumerate(data):
+                engine.backward_step(loss_of("llama", engine, step[0]))
+                if interrupt and i == 1:
+                    engine.save(tmp_path / "ckpt")
+                    before = engine.state_dict()
+                    engine.load(tmp_path / "ckpt")
+                    assert all(torch.equal(before[k], v) for k, v in engine.state_dict().items())
+            return engine.state_dict()
+
+    plain, interrupted = train(False), train(True)
+    assert all(torch.equal(plain[k], interrupted[k]) for k in plain)

@@ -137,7 +137,7 @@ class Engine:
                    for name, buffer in module._buffers.items() if buffer is not None]
         self._meta = None  # the replay log and anything it still holds go now
         self.swap = res.swap
-        self._stepper = GroupStepper(self.store, self.timeline)
+        self._stepper = res.stepper = GroupStepper(self.store, self.timeline)
         self._arrival_order: list[int] = []  # groups in the order the last backward_step submitted them
         on_nvme = placement.count(StatePlacement.NVME)
         log.info("offload: %d groups, %d trainable parameters; parameters on %s; optimizer state of %d groups "
@@ -288,7 +288,8 @@ class Engine:
             raise ValueError("engine.backward: loss must be a tensor with one element")
         if self.dtype == torch.float16:
             loss = loss.float() * self._scaler.scale
-        self._sync()  # the gradient accumulators are about to be written: the last step must have read them
+        self._sync(keep_read_ahead=True)  # the gradient accumulators are about to be written: the last step
+        # must have read them
         try:
             if self._scheduler is None:
                 loss.backward()
@@ -312,7 +313,7 @@ class Engine:
         [overlapped step]); ``StepInfo.overlapped`` is then True and the Adam / I/O times of the step are
         added to ``engine.stats()`` when it completes. The result is the same either way."""
         self._check_open()
-        self._sync()
+        self._sync(keep_read_ahead=True)
         start = time.perf_counter()
         self._grads.finish()
         if not self._grads.any_received():
@@ -378,7 +379,7 @@ class Engine:
         backward too. A parameter that gets two gradients in one backward (shared by two reentrant
         checkpointed segments) cannot be handled this way: that raises, and the engine is then failed."""
         self._check_open()
-        self._sync()
+        self._sync(keep_read_ahead=True)
         if (self.max_grad_norm is not None or self.dtype == torch.float16 or self.skip_nonfinite
                 or self._res.grad_swap is not None or self._grads.any_received()):
             self.backward(loss)
@@ -390,7 +391,7 @@ class Engine:
         queue = UpdateQueue(lambda update, copies: self._run_updates([update], 1.0, keep_order=True, ready=copies,
                                                                      read_ahead=expect_next),
                             after=lambda update: self._preload(expect_next([update] if update else [])),
-                            at_exit=self._stepper.discard_preload)
+                            at_exit=self._read_ahead_for_next_step)
 
         def ready(g: int, copies: list[torch.cuda.Event]) -> None:
             if not any(self._grads.received[g]):
@@ -423,8 +424,8 @@ class Engine:
             raise
         finally:
             self._grads.on_group_ready = None
-        queue.close()
         self._arrival_order = list(submitted)  # the order the next backward_step's read-ahead expects
+        queue.close()
         grad_norm = float(self._grads.global_norm())
         self._count_step()
         self._eager_steps += 1
@@ -458,6 +459,14 @@ class Engine:
     def _preload(self, state: GroupState | None) -> None:
         if state is not None:
             self._stepper.preload(state)
+
+    def _read_ahead_for_next_step(self) -> None:
+        """When a backward_step's updates are all done: start reading the state of the group the next
+        backward_step updates first (the head, usually), so that it comes in during the next forward. Anything
+        but training drops it first (``_sync``)."""
+        self._stepper.discard_preload()
+        if self._failed is None and self._arrival_order:
+            self._stepper.preload(self.store.states[self._arrival_order[0]])
 
     def _count_step(self) -> None:
         """One more optimizer step, and one more for each parameter that received a gradient."""
@@ -513,13 +522,16 @@ class Engine:
         read = written + sum(u.state.group.numel * FP32_BYTES for u in nvme if u.grad_nvme is not None)
         return StepCounters(nvme_bytes_read=read, nvme_bytes_written=written, groups_on_nvme=len(nvme))
 
-    def _sync(self) -> None:
-        """Waits for an overlapped step; its failure becomes this call's (and marks the engine failed)."""
+    def _sync(self, keep_read_ahead: bool = False) -> None:
+        """Waits for an overlapped step; its failure becomes this call's (and marks the engine failed). Unless
+        ``keep_read_ahead`` (training calls), also waits for and drops state reads begun for the next
+        backward_step (Note [state read-ahead]): what follows may use the staging slots itself."""
         inflight, self._inflight = self._inflight, None
-        if inflight is None:
-            return
-        self._res.inflight = None
-        self._add_counters(inflight.wait())
+        if inflight is not None:
+            self._res.inflight = None
+            self._add_counters(inflight.wait())
+        if not keep_read_ahead and getattr(self, "_stepper", None) is not None:
+            self._stepper.discard_preload()
 
     def _add_counters(self, counters: StepCounters) -> None:
         self._nvme_read += counters.nvme_bytes_read
@@ -630,7 +642,7 @@ class Engine:
         """Blocks until the last step is complete: the overlapped optimizer update (offloaded parameters) and,
         on CUDA, every kernel and copy queued on the device. For timing; training never needs it."""
         self._check_open()
-        self._sync()
+        self._sync(keep_read_ahead=True)  # (reads begun for the next step are part of it, not of this one)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 

@@ -33,6 +33,7 @@ class EngineResources:
         self.scheduler: FetchScheduler | None = None
         self.store: OptimizerStateStore | None = None
         self.inflight: BackgroundStep | None = None  # an overlapped optimizer step still running
+        self.stepper = None  # GroupStepper: its state reads begun for the next step end before staging is freed
         self.grad_swap: GradSwap | None = None
         self.keep_weights = True  # close(): offloaded weights go back into the model (else: meta tensors)
 
@@ -61,6 +62,8 @@ class EngineResources:
                 pass
             self.inflight = None
         try:
+            if self.stepper is not None:
+                self.stepper.discard_preload()
             if self.scheduler is not None:
                 self.scheduler.close()
                 self._restore_model()

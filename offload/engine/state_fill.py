@@ -21,7 +21,8 @@ ReadState = Callable[[tuple[torch.Tensor, ...], int, int], None]
 
 def quiesce(engine: Engine) -> None:
     """Before the homes are rewritten outside a step: no group on the device (its copy would go stale) and no
-    copy to the device still reading a home."""
+    copy to the device still reading a home; no state read begun for the next step (it fills staging slots)."""
+    engine._stepper.discard_preload()
     if hasattr(engine.weights, "release_all"):
         engine.weights.release_all()
         engine.weights.drain_copies()
