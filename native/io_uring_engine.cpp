@@ -28,7 +28,9 @@
 namespace offload::native {
 namespace {
 
-int sys_setup(unsigned entries, io_uring_params* p) { return static_cast<int>(::syscall(__NR_io_uring_setup, entries, p)); }
+int sys_setup(unsigned entries, io_uring_params* p) {
+  return static_cast<int>(::syscall(__NR_io_uring_setup, entries, p));
+}
 
 int sys_enter(int fd, unsigned to_submit, unsigned min_complete, unsigned flags) {
   return static_cast<int>(::syscall(__NR_io_uring_enter, fd, to_submit, min_complete, flags, nullptr, 0));

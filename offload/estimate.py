@@ -125,17 +125,18 @@ def activation_bytes(shape: ModelShape, batch: int, seq_len: int, dtype_bytes: i
     return shape.layers * per_layer + logits + 2 * per_layer + logits
 
 
-# Note [what the estimate counts]: host buffers are the engine's HostPool allocations, each rounded to whole
-# pages: fp32 gradient accumulators (4 B/param); Adam state in RAM (12 B/param) or, on NVMe, the staging slots
-# of the state pipeline; the weights' homes (params="cpu": one compute-dtype copy, none for fp32 with state in
-# RAM, where the master is the home) or, for params="nvme", the fetch slots ((prefetch + 1) x use width) and two
-# write-back slots of the largest group (none for fp32 with the optimizer on NVMe, whose weights are read from
-# the masters in the state files: Note [weights in the state file]); on CUDA, the pinned weight buffers the kernel writes (params="device")
-# and the gradient staging ring. On the CPU device the "device" weights are RAM too: all of them
-# (params="device"; none extra for fp32, which aliases the master) or the resident groups. The peak RSS is the
-# larger of two moments: building the engine (the process as it is, the model's fp32 parameters as built in
-# RAM, every host buffer and the device weights) and training (the process, the buffers, the resident
-# weights, and the activations with backward's working set).
+# Note [what the estimate counts]: host buffers are the engine's HostPool allocations, each rounded to whole pages:
+# fp32 gradient accumulators (4 B/param); Adam state in RAM (12 B/param) or, on NVMe, the staging slots of the state
+# pipeline; the weights' homes (params="cpu": one compute-dtype copy, none for fp32 with state in RAM, where the
+# master is the home) or, for params="nvme", the fetch slots ((prefetch + 1) x use width) and two write-back slots of
+# the largest group (none for fp32 with the optimizer on NVMe, whose weights are read from the masters in the state
+# files: Note [weights in the state file]); on CUDA, the pinned weight buffers the kernel writes (params="device")
+# and the gradient staging ring. On the CPU device the "device" weights are RAM too: all of them (params="device";
+# none extra for fp32, which aliases the master) or the resident groups. The peak RSS is the larger of two moments:
+# building the engine (the process as it is, the model's fp32 parameters as built in RAM, every host buffer and the
+# device weights) and training (the process, the buffers, the resident weights, and the activations with backward's
+# working set).
+
 def estimate(shape: ModelShape, params: str, optimizer: str, gradients: str = "host", *, dtype: str = "bf16",
              device: str = "cpu",
              batch: int = 1, seq_len: int = 512, prefetch: int = 2, device_memory_limit: int | None = None,

@@ -3,8 +3,9 @@
 Each round runs every implementation's small sweep back to back (the order alternates between rounds): write the
 whole file, then read it back, with O_DIRECT and a page-aligned buffer (page-locked for DeepSpeed; ours is
 page-locked too when CUDA is present). "ours" is our engine with its default backend (io_uring where the kernel
-allows it), "ours-threads" the same engine on worker threads. The best configuration of each implementation in a round is compared with
-the others' best in the same round; the table reports medians over rounds. Files are removed at the end.
+allows it), "ours-threads" the same engine on worker threads. The best configuration of each implementation in a
+round is compared with the others' best in the same round; the table reports medians over rounds. Files are removed
+at the end.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """`offload tune`: measures the swap directory's disk with our I/O engine and writes the best IOConfig.
 
-The sweep covers block size x transfers in flight (threads x queue depth; only their product matters to the
-engine) x backend (io_uring where the kernel allows it, and worker threads) with O_DIRECT, then buffered I/O at
-the best O_DIRECT setting. Each configuration writes the whole test file and reads it back; the sweep runs ``--rounds`` times,
-in alternating order, and each configuration's score is the median over rounds of the rate at which it moves
-equal amounts both ways (the engine's workload: every byte of state read is written back), i.e. the harmonic
-mean of read and write GB/s. Buffered reads are made to come from the disk: the file is fsynced and dropped
-from the page cache before it is read.
+The sweep covers block size x transfers in flight (threads x queue depth; only their product matters to the engine)
+x backend (io_uring where the kernel allows it, and worker threads) with O_DIRECT, then buffered I/O at the best
+O_DIRECT setting. Each configuration writes the whole test file and reads it back; the sweep runs ``--rounds``
+times, in alternating order, and each configuration's score is the median over rounds of the rate at which it moves
+equal amounts both ways (the engine's workload: every byte of state read is written back), i.e. the harmonic mean of
+read and write GB/s. Buffered reads are made to come from the disk: the file is fsynced and dropped from the page
+cache before it is read.
 """
 
 from __future__ import annotations
@@ -112,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
                   f"write_gbs={best.write_gbs:.3f} read_gbs={best.read_gbs:.3f}\n")
     _plot(trials, Path(args.out).with_suffix(".png"))
     print(f"best: block_size={best.io.block_size >> 20}MiB threads={best.io.threads} queue_depth={best.io.queue_depth} "
-          f"direct={best.io.direct} backend={best.io.backend} (write {best.write_gbs:.2f} GB/s, read {best.read_gbs:.2f} GB/s); "
+          f"direct={best.io.direct} backend={best.io.backend} (write {best.write_gbs:.2f} GB/s, "
+          f"read {best.read_gbs:.2f} GB/s); "
           f"written to [io] of {args.out}")
     print(json.dumps({"dir": str(root), "size": nbytes, "rounds": args.rounds, "best": asdict(best.io),
                       "write_gbs": best.write_gbs, "read_gbs": best.read_gbs}))

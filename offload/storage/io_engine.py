@@ -64,7 +64,8 @@ class IoEngine:
             self._engine = _C.IoEngine(in_flight, self.config.block_size, in_flight)
 
     def read(self, fd: int, offset: int, buffer: torch.Tensor, path: str) -> IoHandle:
-        """Queues a read of ``buffer.nbytes`` bytes at ``offset`` of ``fd`` into ``buffer`` (a contiguous CPU tensor)."""
+        """Queues a read of ``buffer.nbytes`` bytes at ``offset`` of ``fd`` into ``buffer`` (a contiguous CPU
+        tensor)."""
         return self._submit("read", fd, offset, buffer, path)
 
     def write(self, fd: int, offset: int, buffer: torch.Tensor, path: str) -> IoHandle:
