@@ -466,7 +466,10 @@ class Engine:
         but training drops it first (``_sync``)."""
         self._stepper.discard_preload()
         if self._failed is None and self._arrival_order:
-            self._stepper.preload(self.store.states[self._arrival_order[0]])
+            try:
+                self._stepper.preload(self.store.states[self._arrival_order[0]])
+            except Exception:  # only a read-ahead: the next step reads the state itself (and reports a failure)
+                self._stepper.discard_preload()
 
     def _count_step(self) -> None:
         """One more optimizer step, and one more for each parameter that received a gradient."""

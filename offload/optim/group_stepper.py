@@ -168,9 +168,12 @@ class GroupStepper:
         busy = {self._slot_index(j) for j in writes}
         self._base = self._slot_index(len(nvme))
         if read_ahead is not None:
-            expected = read_ahead(order)
-            if expected is not None:
-                self.preload(expected, busy)
+            try:
+                expected = read_ahead(order)
+                if expected is not None:
+                    self.preload(expected, busy)
+            except Exception:  # only a read-ahead: the writes below must still be waited for, and the next run
+                self.discard_preload()  # reads what it needs itself
         for j in sorted(writes):
             wait_writes(j)
         return counters
