@@ -390,7 +390,7 @@ class Engine:
         expect_next = self._expected_next()
         queue = UpdateQueue(lambda update, copies: self._run_updates([update], 1.0, keep_order=True, ready=copies,
                                                                      read_ahead=expect_next),
-                            after=lambda update: self._preload(expect_next([update] if update else [])),
+                            on_start=lambda: self._preload(expect_next([])),
                             at_exit=self._read_ahead_for_next_step)
 
         def ready(g: int, copies: list[torch.cuda.Event]) -> None:

@@ -21,13 +21,13 @@ class UpdateQueue:
     BackgroundStep's meaning, so the engine joins either kind of step the same way."""
 
     def __init__(self, run_one: Callable[[GroupUpdate, list[torch.cuda.Event]], StepCounters],
-                 name: str = "offload-step", after: Callable[[GroupUpdate | None], None] | None = None,
+                 name: str = "offload-step", on_start: Callable[[], None] | None = None,
                  at_exit: Callable[[], None] | None = None) -> None:
-        """``after(update)`` runs on the queue's thread when it starts (``None``) and after each update, to
-        prepare the next one (the engine's state read-ahead); an error there is ignored, as the next update does
-        not depend on it. ``at_exit()`` runs on the thread when it ends, however it ends."""
+        """``on_start()`` runs on the queue's thread before the first update (the engine's state read-ahead); an
+        error there is ignored, as no update depends on it. ``at_exit()`` runs on the thread when it ends, however
+        it ends."""
         self._run_one = run_one
-        self._after = after
+        self._on_start = on_start
         self._at_exit = at_exit
         self._items: queue.SimpleQueue = queue.SimpleQueue()
         self._counters = StepCounters()
@@ -49,7 +49,11 @@ class UpdateQueue:
 
     def _loop(self) -> None:
         try:
-            self._prepare(None)
+            if self._on_start is not None:
+                try:
+                    self._on_start()
+                except Exception:
+                    pass  # read-ahead only: each update reads what it needs itself
             while True:
                 item = self._items.get()
                 if item is None:
@@ -63,8 +67,6 @@ class UpdateQueue:
                         setattr(self._counters, f.name, getattr(self._counters, f.name) + getattr(done, f.name))
                 except BaseException as e:  # handed to whoever waits
                     self._error = e
-                    continue
-                self._prepare(update)
         finally:
             if self._at_exit is not None:
                 try:
@@ -72,11 +74,3 @@ class UpdateQueue:
                 except BaseException as e:
                     if self._error is None:
                         self._error = e
-
-    def _prepare(self, update: GroupUpdate | None) -> None:
-        if self._after is None:
-            return
-        try:
-            self._after(update)
-        except Exception:
-            pass  # read-ahead only: the next update reads what it needs itself
