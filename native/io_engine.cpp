@@ -24,6 +24,11 @@ IoFault take_fault() {
   return static_cast<IoFault>(fault);
 }
 
+std::size_t short_fault_length(std::size_t want) {
+  const std::size_t half = (want / 2) & ~std::size_t{4095};
+  return half > 0 ? half : want;
+}
+
 void inject_io_fault(IoFault fault, std::uint64_t after_transfers) {
   g_fault_countdown.store(after_transfers == 0 ? 1 : after_transfers, std::memory_order_relaxed);
   g_fault.store(static_cast<int>(fault), std::memory_order_relaxed);
@@ -128,10 +133,7 @@ void IoEngine::transfer(const Block& block) {
   while (done < block.length) {
     std::size_t want = block.length - done;
     const IoFault fault = take_fault();
-    if (fault == IoFault::kShort) {  // half of it, still whole 4 KiB pages (O_DIRECT), never nothing
-      const std::size_t half = (want / 2) & ~std::size_t{4095};
-      if (half > 0) want = half;
-    }
+    if (fault == IoFault::kShort) want = short_fault_length(want);
     ssize_t n;
     if (fault == IoFault::kEio) {
       n = -1;

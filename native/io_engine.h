@@ -37,6 +37,9 @@ enum class IoFault { kNone = 0, kEio = 1, kShort = 2 };
 void inject_io_fault(IoFault fault, std::uint64_t after_transfers);
 
 IoFault take_fault();  // the engines' side of the hook: the fault for this transfer, if one is armed
+// What an injected kShort fault leaves of a transfer of `want` bytes: half, in whole 4 KiB pages (as O_DIRECT
+// requires), and never nothing.
+std::size_t short_fault_length(std::size_t want);
 
 // The handle table both engines share. A request is cut into blocks; it is complete when every block is, and
 // keeps its first failure. Note [io requests]: `mutex_` guards the table; each request's completion state has

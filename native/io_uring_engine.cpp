@@ -154,24 +154,20 @@ struct UringIoEngine::Ring {
     }
   }
 
-  // Queues the rest of slot `s`'s block, or fails it on an injected fault (caller holds sq_mutex). Returns
-  // false when the block is finished (failed) and its slot is free again.
-  bool queue_rest(unsigned s) {
+  // Queues the rest of slot `s`'s block, or fails it (and frees the slot) on an injected fault (caller holds
+  // sq_mutex).
+  void queue_rest(unsigned s) {
     Op& op = ops[s];
     // (one entry's length is 32 bits, and Linux moves at most 0x7ffff000 bytes per call anyway)
     std::size_t want = std::min<std::size_t>(op.length - op.done, std::size_t{1} << 30);
     const IoFault fault = take_fault();
     if (fault == IoFault::kEio) {
       finish(s, false, EIO, false);
-      return false;
+      return;
     }
-    if (fault == IoFault::kShort) {  // half of it, whole 4 KiB pages (O_DIRECT), never nothing
-      const std::size_t half = (want / 2) & ~std::size_t{4095};
-      if (half > 0) want = half;
-    }
+    if (fault == IoFault::kShort) want = short_fault_length(want);
     push(op.request->write ? IORING_OP_WRITE : IORING_OP_READ, op.request->fd, op.buffer + op.done, want,
          op.offset + op.done, s + 1);
-    return true;
   }
 
   // Slot `s`'s block is done (ok) or failed; frees the slot (caller holds sq_mutex).
