@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from offload.checkpoint.directory import CheckpointDir, fsync_dir, write_file_durably
+from offload.checkpoint.sharded_reader import ShardedTensorReader, state_reader
 from offload.checkpoint.tensor_file import TensorFileReader, TensorFileWriter, plan_entries
 from offload.config import IOConfig
 from offload.errors import CheckpointError
@@ -48,8 +49,10 @@ def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     except OSError as e:
         raise OSError(e.errno, f"cannot create {out}: {e.strerror}", str(out)) from None
     io = IoEngine(IOConfig())
-    readers = {source: TensorFileReader(version / f"{source}.safetensors", io) for source in ("master", "model")}
+    readers = {}
     try:
+        readers["model"] = TensorFileReader(version / "model.safetensors", io)
+        readers["master"] = state_reader(version, "master", int(meta.get("world_size", 1)), io)
         sources = [(key, readers[source], name) for key, source, name in layout if source != "alias"]
         tied = {key: name for key, source, name in layout if source == "alias"}
         entries = plan_entries([(key, _exported_dtype(reader.entry(name).dtype), reader.entry(name).shape)
@@ -85,7 +88,7 @@ def _exported_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype.is_floating_point else dtype
 
 
-def _copy(reader: TensorFileReader, name: str, writer: TensorFileWriter) -> None:
+def _copy(reader: TensorFileReader | ShardedTensorReader, name: str, writer: TensorFileWriter) -> None:
     """Appends tensor ``name`` of ``reader`` to ``writer``, converted to its exported dtype, piece by piece."""
     entry = reader.entry(name)
     out_dtype = _exported_dtype(entry.dtype)
@@ -95,5 +98,5 @@ def _copy(reader: TensorFileReader, name: str, writer: TensorFileWriter) -> None
     for first in range(0, numel, step):
         n = min(step, numel - first)
         piece = torch.empty(n, dtype=entry.dtype)
-        reader.io.wait(reader.read(name, first * element, piece))
+        reader.wait(reader.read(name, first * element, piece))
         writer.wait(writer.append(piece.to(out_dtype)))

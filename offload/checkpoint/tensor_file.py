@@ -236,6 +236,11 @@ class TensorFileReader:
                              f"{name!r} ({entry.nbytes} bytes)")
         return self.io.read(self.fd, self.data_start + entry.begin + byte_offset, out.view(-1), str(self.path))
 
+    def wait(self, handles: IoHandle | list[IoHandle]) -> None:
+        """Waits for reads queued by ``read`` (one handle or a list, as ShardedTensorReader returns)."""
+        for handle in handles if isinstance(handles, list) else [handles]:
+            self.io.wait(handle)
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

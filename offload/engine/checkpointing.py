@@ -14,6 +14,11 @@ A checkpoint version holds (see ``offload.checkpoint.directory`` for the atomic 
 State on NVMe is streamed out of the swap files through staging slots, chunk by chunk (the swap files are read,
 never copied); state in RAM is written straight from the host buffers. Only the bounded staging is used, so a
 save or load needs no memory beyond the engine's budget and a fixed 16 MiB for checksums.
+
+With several ranks every rank writes its shard of the three state files (Note [sharded checkpoints],
+sharded_reader.py) into the version directory rank 0 opened, rank 0 writes the rest, and rank 0 commits once
+every rank has reported its files written and fsynced; a failure on any rank abandons the version on all.
+``save`` and ``load`` are then collective calls, and the checkpoint path must be one directory all ranks see.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from offload.checkpoint.directory import CheckpointDir, write_file_durably
+from offload.checkpoint.sharded_reader import SHAPES_KEY, SHARD_OFFSETS_KEY, rank_file_name, state_reader
 from offload.checkpoint.tensor_file import FileRecord, TensorFileReader, TensorFileWriter, byte_view, plan_entries
 from offload.engine.state_fill import fill_group, quiesce
 from offload.errors import CheckpointError
@@ -62,24 +68,18 @@ def save(engine: Engine, path: str, extra: dict[str, Any] | None) -> Path:
         raise RuntimeError("engine.save: gradients were accumulated since the last step and a checkpoint cannot "
                            "hold them; call engine.step() before saving")
     start = time.perf_counter()
+    ranks = engine.ranks
     directory = CheckpointDir(path)
-    version = directory.begin(engine._step)
-    io = IoEngine(engine.config.io)
-    try:
-        records = _write_optimizer_state(engine, version, io)
-        keys, other = _state_dict_layout(engine)
-        records[MODEL_FILE + ".safetensors"] = _write_tensors(version / (MODEL_FILE + ".safetensors"), other, io)
-        meta = _meta(engine, keys, extra_json)
-        records[META_FILE] = write_file_durably(version / META_FILE, json.dumps(meta, indent=1).encode())
-        hf_config = _hf_config_json(engine.model)
-        if hf_config is not None:
-            records[HF_CONFIG_FILE] = write_file_durably(version / HF_CONFIG_FILE, hf_config.encode())
-        directory.commit(version, records)
-    except BaseException:
-        directory.abandon(version)  # the previous checkpoint, if any, is still the current one
-        raise
-    finally:
-        io.close()
+    if not ranks.many:
+        version = directory.begin(engine._step)
+        try:
+            records = _write_files(engine, version, extra_json)
+            directory.commit(version, records)
+        except BaseException:
+            directory.abandon(version)  # the previous checkpoint, if any, is still the current one
+            raise
+    else:
+        version, records = _save_ranks(engine, directory, extra_json)
     total = sum(r.size for r in records.values())
     seconds = time.perf_counter() - start
     log.info("offload: saved step %d to %s (%.2f GB in %.1f s, %.2f GB/s)", engine._step, path, total / 1e9,
@@ -87,15 +87,94 @@ def save(engine: Engine, path: str, extra: dict[str, Any] | None) -> Path:
     return version
 
 
+def _write_files(engine: Engine, version: Path, extra: dict[str, Any]) -> dict[str, FileRecord]:
+    """This rank's files of the checkpoint (all of them with one rank): its state shards, and on rank 0 the
+    model's other tensors, meta.json and config.json. Returns their records."""
+    io = IoEngine(engine.config.io)
+    try:
+        records = _write_optimizer_state(engine, version, io)
+        if engine.ranks.rank == 0:
+            keys, other = _state_dict_layout(engine)
+            records[MODEL_FILE + ".safetensors"] = _write_tensors(version / (MODEL_FILE + ".safetensors"), other,
+                                                                  io)
+            meta = _meta(engine, keys, extra)
+            records[META_FILE] = write_file_durably(version / META_FILE, json.dumps(meta, indent=1).encode())
+            hf_config = _hf_config_json(engine.model)
+            if hf_config is not None:
+                records[HF_CONFIG_FILE] = write_file_durably(version / HF_CONFIG_FILE, hf_config.encode())
+        return records
+    finally:
+        io.close()
+
+
+def _save_ranks(engine: Engine, directory: CheckpointDir, extra: dict[str, Any]) -> tuple[Path, dict]:
+    """The collective save: rank 0 opens the version, every rank writes its files, rank 0 commits if all did.
+    Every rank raises if any failed (naming the rank and its error), and the version is then removed."""
+    ranks = engine.ranks
+    opened: tuple[str | None, str | None] = (None, None)
+    if ranks.rank == 0:
+        try:
+            opened = (str(directory.begin(engine._step)), None)
+        except Exception as e:
+            opened = (None, f"{type(e).__name__}: {e}")
+    name, error = ranks.from_rank0(opened)
+    if error is not None:
+        raise CheckpointError(f"engine.save: rank 0 could not start the checkpoint ({error})")
+    version = Path(name)
+    records, error = {}, None
+    try:
+        records = _write_files(engine, version, extra)
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+    reports = ranks.all_objects((records, error))
+    failed = [(r, err) for r, (_, err) in enumerate(reports) if err is not None]
+    outcome = None
+    if ranks.rank == 0:
+        try:
+            if failed:
+                directory.abandon(version)
+            else:
+                directory.commit(version, {k: v for rank_records, _ in reports for k, v in rank_records.items()})
+        except Exception as e:
+            directory.abandon(version)
+            outcome = f"rank 0 could not commit it ({type(e).__name__}: {e})"
+    outcome = ranks.from_rank0(outcome)
+    if failed:
+        rank, err = failed[0]
+        raise CheckpointError(f"engine.save: rank {rank} failed to write its part ({err}); nothing was saved")
+    if outcome is not None:
+        raise CheckpointError(f"engine.save: {outcome}; nothing was saved")
+    merged = {k: v for rank_records, _ in reports for k, v in rank_records.items()}
+    return version, merged
+
+
+def _state_entries(engine: Engine) -> tuple[list[tuple[str, torch.dtype, tuple[int, ...]]], dict[str, str]]:
+    """The tensors of this rank's state files, in the order they are written (group by group), and the files'
+    metadata: whole parameters with one rank; with several, the run of each parameter's elements in this
+    rank's shard with where it starts (Note [sharded checkpoints])."""
+    if not engine.ranks.many:
+        return [(slot.name, torch.float32, tuple(slot.shape)) for g in engine.groups for slot in g.slots], \
+            {"format": "pt"}
+    tensors, offsets, shapes = [], {}, {}
+    for group in engine.groups:
+        for slot, a, b in group.pieces(group.lo, group.hi):
+            tensors.append((slot.name, torch.float32, (b - a,)))
+            offsets[slot.name] = a - slot.offset
+            shapes[slot.name] = list(slot.shape)
+    return tensors, {"format": "pt", SHARD_OFFSETS_KEY: json.dumps(offsets), SHAPES_KEY: json.dumps(shapes)}
+
+
 def _write_optimizer_state(engine: Engine, version: Path, io: IoEngine) -> dict[str, FileRecord]:
-    """master, exp_avg and exp_avg_sq of every trainable parameter, group by group, into three files."""
+    """master, exp_avg and exp_avg_sq of every trainable parameter (this rank's shard of each), group by
+    group, into three files."""
     store = engine.store
-    tensors = [(slot.name, torch.float32, tuple(slot.shape)) for g in engine.groups for slot in g.slots]
+    tensors, metadata = _state_entries(engine)
     entries = plan_entries(tensors)
     writers = []
     try:
         for name in STATE_FILES:
-            writers.append(TensorFileWriter(version / f"{name}.safetensors", entries, io, {"format": "pt"}))
+            file_name = rank_file_name(name, engine.ranks.rank) if engine.ranks.many else f"{name}.safetensors"
+            writers.append(TensorFileWriter(version / file_name, entries, io, metadata))
         # Note [checkpoint staging]: NVMe groups come in through at most two of the optimizer's staging slots
         # (free: no step is running). The writes of a chunk are queued and the read of the next chunk goes to
         # the other slot; a slot is refilled only after the writes queued from it are complete.
@@ -104,13 +183,14 @@ def _write_optimizer_state(engine: Engine, version: Path, io: IoEngine) -> dict[
         turn = 0
         for state in store.states:
             group = state.group
+            lo = group.lo  # the state buffers hold the shard: element e of the group is at e - lo
             if state.placement is StatePlacement.HOST:
-                parts = split_state(state.state_host.view(torch.float32), group.numel)
+                parts = split_state(state.state_host.view(torch.float32), group.shard_numel)
                 for writer, part in zip(writers, parts):
-                    for slot in group.slots:
-                        writer.append(part[slot.offset:slot.end])
+                    for _, a, b in group.pieces(group.lo, group.hi):
+                        writer.append(part[a - lo:b - lo])
                 continue
-            for start, end in chunks(group.numel, store.chunk_elements):
+            for start, end in chunks(group.shard_numel, store.chunk_elements):
                 s = turn % len(slots)
                 turn += 1
                 for w, handles in writes_from[s]:
@@ -121,9 +201,9 @@ def _write_optimizer_state(engine: Engine, version: Path, io: IoEngine) -> dict[
                     store.swap.wait(handle)
                 parts = split_state(staging, end - start)
                 for w, part in enumerate(parts):
-                    for _, a, b in group.pieces(start, end):
-                        writes_from[s].append((w, writers[w].append(part[a - start:b - start])))
-        return {f"{name}.safetensors": writer.finish() for name, writer in zip(STATE_FILES, writers)}
+                    for _, a, b in group.pieces(lo + start, lo + end):
+                        writes_from[s].append((w, writers[w].append(part[a - lo - start:b - lo - start])))
+        return {writer.path.name: writer.finish() for writer in writers}
     finally:
         for writer in writers:
             writer.close()
@@ -190,6 +270,7 @@ def _meta(engine: Engine, keys: list[list[str]], extra: dict[str, Any]) -> dict[
     return {
         "offload_version": __version__,
         "step": engine._step,
+        "world_size": engine.ranks.world,
         "param_steps": {slot.name: engine._param_steps[g][i] for g, group in enumerate(engine.groups)
                         for i, slot in enumerate(group.slots)},
         "loss_scaler": engine._scaler.state_dict(),
@@ -225,10 +306,17 @@ def load(engine: Engine, path: str, restore_rng: bool) -> dict[str, Any]:
         scaler, hyper_groups, extra = meta["loss_scaler"], meta["param_groups"], meta["extra"]
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{meta_path}: malformed ({type(e).__name__}: {e})") from None
-    io = IoEngine(engine.config.io)
-    readers = [TensorFileReader(version / f"{name}.safetensors", io) for name in STATE_FILES]
-    model_reader = TensorFileReader(version / (MODEL_FILE + ".safetensors"), io)
     try:
+        world = int(meta.get("world_size", 1))
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{meta_path}: malformed world_size {meta.get('world_size')!r}") from None
+    io = IoEngine(engine.config.io)
+    readers: list = []
+    model_reader = None
+    try:
+        for name in STATE_FILES:  # (saved by any number of ranks: each reads its own shard of every group)
+            readers.append(state_reader(version, name, world, io))
+        model_reader = TensorFileReader(version / (MODEL_FILE + ".safetensors"), io)
         _check_matches(engine, readers, model_reader, param_steps, hyper_groups, meta_path)
         engine._grads.reset()  # gradients accumulated before the load belong to the state it replaces
         try:
@@ -243,7 +331,8 @@ def load(engine: Engine, path: str, restore_rng: bool) -> dict[str, Any]:
             raise
     finally:
         for reader in readers + [model_reader]:
-            reader.close()
+            if reader is not None:
+                reader.close()
         io.close()
     engine._step = step
     for g, group in enumerate(engine.groups):
@@ -319,9 +408,9 @@ def _read_slots(readers: list[TensorFileReader], parts: tuple[torch.Tensor, ...]
     handles = []
     for reader, part in zip(readers, parts):
         for slot, a, b in group.pieces(start, end):
-            handles.append(reader.read(slot.name, (a - slot.offset) * 4, part[a - start:b - start]))
-    for handle in handles:
-        readers[0].io.wait(handle)
+            handles.append((reader, reader.read(slot.name, (a - slot.offset) * 4, part[a - start:b - start])))
+    for reader, handle in handles:
+        reader.wait(handle)
 
 
 def load_model_tensors(engine: Engine, reader_of: Callable[[str], TensorFileReader]) -> None:

@@ -7,6 +7,9 @@ The model keeps its ``nn.Parameter`` objects; only their ``.data`` is pointed at
 - CPU device, fp32, state on NVMe: copied from the master in the staging slot after the group's update.
 - CUDA: the kernel (or, for fp32, a copy) fills a pinned host buffer ``weight_host``, which is uploaded on a
   side stream; see Note [weight uploads on CUDA].
+With several ranks (Note [rank shards]) each rank updates its shard ``[lo, hi)`` of every group only: the
+routes above fill that part of the buffer, and ``gather`` (a collective, on the training thread) then brings
+every rank's part into every rank's ``weight_device``.
 """
 
 from __future__ import annotations
@@ -15,13 +18,15 @@ from typing import Callable
 
 import torch
 
+from offload.engine.ranks import Ranks
 from offload.layout.flat_group import FlatGroup
 from offload.storage.host_pool import HostBuffer, HostPool
 
 
 class DeviceWeights:
-    def __init__(self, device: torch.device, dtype: torch.dtype, pool: HostPool) -> None:
+    def __init__(self, device: torch.device, dtype: torch.dtype, pool: HostPool, ranks: Ranks = Ranks()) -> None:
         self.device = device
+        self.ranks = ranks
         self.dtype = dtype
         self.pool = pool
         self.groups: list[FlatGroup] = []
@@ -36,7 +41,9 @@ class DeviceWeights:
         """Creates group g's device buffer from ``master`` (its fp32 flat weights; None: zeros, filled later
         with ``load_weights``); ``bind_parameters`` later points the parameters at it. ``alias``: a CPU fp32
         flat tensor to use as the buffer itself (the master in RAM when the device is the CPU and the dtype
-        fp32), or None."""
+        fp32), or None; never with several ranks (the master is a shard, the buffer the whole group)."""
+        if alias is not None and group.sharded:
+            raise ValueError("offload: a rank's master shard cannot be the weights of the whole group")
         if alias is not None:
             weights = alias
         elif master is None:
@@ -65,14 +72,25 @@ class DeviceWeights:
 
     def load_weights(self, g: int, master: torch.Tensor, start: int, last: bool) -> None:
         """Sets group g's weights from elements [start, start + len) of its fp32 ``master`` (a checkpoint
-        being loaded); the buffers hold them when this returns."""
+        being loaded; shard coordinates); the buffers hold them when this returns. With several ranks the
+        ``last`` chunk gathers every rank's shard (a collective)."""
         if self._aliased[g]:
             return  # the weights are the master, which the caller has just filled
-        end = start + master.numel()
+        lo = self.groups[g].lo
+        start, end = lo + start, lo + start + master.numel()
         if self.weight_host[g] is not None:
             self._wait_upload(g)  # an upload still reading weight_host must finish before it is rewritten
             self.weight_host[g].view(self.dtype)[start:end].copy_(master)
         self.weight_device[g][start:end].copy_(master)
+        if last and self.groups[g].sharded:
+            self.gather([g])
+
+    def gather(self, groups: list[int]) -> None:
+        """Every rank's updated shard of ``groups`` into every rank's device buffer (collective; call on the
+        training thread, after ``finish_step``, whose stream wait orders the gather after the uploads)."""
+        for g in groups:
+            group, weights = self.groups[g], self.weight_device[g]
+            self.ranks.all_gather(weights, weights[group.lo:group.hi])
 
     @property
     def nbytes(self) -> int:
@@ -85,21 +103,25 @@ class DeviceWeights:
             self._wait_upload(g)  # the previous upload must have read its host source before it is rewritten
         if self.dtype == torch.float32:
             return None
-        return self.weight_device[g] if self.device.type == "cpu" else self.weight_host[g].view(self.dtype)
+        lo, hi = self.groups[g].lo, self.groups[g].hi
+        target = self.weight_device[g] if self.device.type == "cpu" else self.weight_host[g].view(self.dtype)
+        return target[lo:hi]
 
     def after_update(self, g: int, master_is_staged: bool,
                      covered: list[tuple[int, int]]) -> Callable[[torch.Tensor, int, bool], None] | None:
         """The callback (``master`` chunk, its start, last chunk?) that moves group g's new weights to the
-        device once its fp32 master is final (None when the kernel already put them there)."""
+        device once its fp32 master is final (None when the kernel already put them there). ``start`` counts
+        from this rank's shard."""
+        lo, hi = self.groups[g].lo, self.groups[g].hi
         weights = self.weight_device[g]
         if self.device.type == "cpu":
             if self.dtype != torch.float32 or self._aliased[g]:
                 return None
-            return lambda master, start, last: weights[start:start + master.numel()].copy_(master)
+            return lambda master, start, last: weights[lo + start:lo + start + master.numel()].copy_(master)
         if self.dtype != torch.float32:
-            source = self.weight_host[g].view(self.dtype)
-            return lambda master, start, last: self._upload(g, weights, source, wait=False) if last else None
-        return lambda master, start, last: self._upload(g, weights[start:start + master.numel()], master,
+            source = self.weight_host[g].view(self.dtype)[lo:hi]
+            return lambda master, start, last: self._upload(g, weights[lo:hi], source, wait=False) if last else None
+        return lambda master, start, last: self._upload(g, weights[lo + start:lo + start + master.numel()], master,
                                                         wait=master_is_staged)
 
     def begin_step(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -19,6 +20,7 @@ from offload.engine.device_weights import DeviceWeights
 from offload.engine.grad_stream import GradientStream, staging_ring_bytes
 from offload.engine.grad_swap import GRAD_SWAP_BUFFERS, GradSwap
 from offload.engine.inputs import cast_inputs
+from offload.engine.ranks import Ranks
 from offload.engine.resources import EngineResources
 from offload.engine.types import EngineStats, StepInfo
 from offload.errors import ConfigError, MemoryBudgetError
@@ -61,7 +63,7 @@ class Engine:
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  max_grad_norm: float | None = None, loss_scale: str | float = "dynamic",
                  param_groups: list[dict[str, Any]] | None = None, skip_nonfinite: bool = False,
-                 timeline: Timeline | None = None) -> None:
+                 timeline: Timeline | None = None, process_group: Any = None) -> None:
         self.config = config = config if config is not None else Config()
         if not isinstance(config, Config):
             raise ConfigError(f"config: expected an offload.Config; got {type(config).__name__}")
@@ -70,6 +72,10 @@ class Engine:
             raise ConfigError(f"max_grad_norm: expected None or a positive number; got {max_grad_norm!r}")
         self.model = model
         self.device = torch.device(config.device)
+        try:
+            self.ranks = Ranks.resolve(self.device, process_group)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.dtype = config.torch_dtype
         self.max_grad_norm = max_grad_norm
         self.skip_nonfinite = skip_nonfinite
@@ -81,7 +87,8 @@ class Engine:
             raise ConfigError("model: it has no trainable parameters (every parameter has requires_grad=False)")
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         self.param_groups, hyper_of = resolve_param_groups(model, trainable, param_groups, defaults)
-        self.groups = [build_flat_group(i, spec, hyper_of) for i, spec in enumerate(partition.groups)]
+        self.groups = [build_flat_group(i, spec, hyper_of, self.ranks.rank, self.ranks.world)
+                       for i, spec in enumerate(partition.groups)]
         self._frozen = partition.frozen
         # A model built on the meta device is materialised group by group (offload/layout/meta_init.py).
         on_meta = any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
@@ -127,7 +134,7 @@ class Engine:
         order = {id(p): i for i, p in enumerate(self.model.parameters())}
         grad_hosts = [None] * len(self.groups) if grads_on_nvme else [b.view(torch.float32) for b in res.grad_hosts]
         res.grads = self._grads = GradientStream(self.groups, grad_hosts, self.device, self.pool, grad_staging,
-                                                 order, self.timeline)
+                                                 order, self.timeline, self.ranks)
         self._grads.grad_swap = res.grad_swap
         self._fill_groups(placement)
         frozen = [(p, self._value(p, name).to(self.device, self.dtype if p.is_floating_point() else None))
@@ -175,10 +182,12 @@ class Engine:
         grad_staging = staging_ring_bytes(largest_param) if self.device.type == "cuda" else 0
         # Host buffers of the parameters that are allocated after the plan: charge them first.
         weights_host = 0
-        if (self.device.type == "cuda" and self.dtype != torch.float32) or config.params == "cpu":
+        if config.params == "cpu":  # the homes: this rank's shards
+            weights_host = sum(HostPool.mapped_size(g.shard_numel * lowp_bytes) for g in self.groups)
+        elif self.device.type == "cuda" and self.dtype != torch.float32:  # kernel output of whole groups
             weights_host = sum(HostPool.mapped_size(g.numel * lowp_bytes) for g in self.groups)
         if offloaded and (config.params == "nvme" or config.optimizer == "nvme"):
-            res.swap = SwapStore(config.nvme_dir, config.io)
+            res.swap = self._swap_store()
         if offloaded:
             # Frozen parameters stay on the device: the offloaded groups get what the limit leaves.
             limit = config.device_memory_limit
@@ -188,9 +197,10 @@ class Engine:
             res.weights = OffloadedParams(self.groups, config.params, self.dtype, self.pool, res.swap,
                                           None if limit is None else limit - self._frozen_bytes,
                                           fetch_slots=(config.prefetch_layers + 1) * width, timeline=self.timeline,
-                                          device=self.device, weights_in_state=in_state)
+                                          device=self.device, weights_in_state=in_state,
+                                          gather=self.ranks.all_gather if self.ranks.many else None)
         else:
-            res.weights = DeviceWeights(self.device, self.dtype, self.pool)
+            res.weights = DeviceWeights(self.device, self.dtype, self.pool, self.ranks)
         self.weights = res.weights
         return grad_staging, weights_host + (HostPool.mapped_size(grad_staging) if grad_staging else 0)
 
@@ -198,29 +208,34 @@ class Engine:
         """Gradient accumulators (host or NVMe) and the optimizer state store; returns each group's placement."""
         config, res = self.config, self._res
         if grads_on_nvme:
-            largest = max(g.numel for g in self.groups)
+            largest = max(g.shard_numel for g in self.groups)
             needed = (self.pool.stats().in_use + fixed + GRAD_SWAP_BUFFERS * HostPool.mapped_size(FP32_BYTES * largest)
                       + staging_bytes(largest, parts=STATE_PARTS + 1))  # the gradients travel with the state
             if needed > config.host_memory_limit:
                 raise MemoryBudgetError("the staging buffers alone, with gradients and optimizer state all on NVMe",
                                         needed, config.host_memory_limit, "host_memory_limit")
             if res.swap is None:
-                res.swap = SwapStore(config.nvme_dir, config.io)
+                res.swap = self._swap_store()
             res.grad_swap = GradSwap(self.groups, self.pool, res.swap, buffers=GRAD_SWAP_BUFFERS)
         else:
             for group in self.groups:
-                res.grad_hosts.append(self.pool.allocate(group.numel * FP32_BYTES,
+                res.grad_hosts.append(self.pool.allocate(group.shard_numel * FP32_BYTES,
                                                          f"gradient accumulator {group.name or '<root>'}"))
         budget_left = None
         if config.host_memory_limit is not None:
             budget_left = config.host_memory_limit - self.pool.stats().in_use - fixed
         placement = [StatePlacement.NVME] * len(self.groups) if grads_on_nvme else \
             plan_placement(self.groups, config.optimizer == "nvme", budget_left)
-        nvme_numels = [g.numel for g, p in zip(self.groups, placement) if p is StatePlacement.NVME]
+        nvme_numels = [g.shard_numel for g, p in zip(self.groups, placement) if p is StatePlacement.NVME]
         if nvme_numels and res.swap is None:
-            res.swap = SwapStore(config.nvme_dir, config.io)
+            res.swap = self._swap_store()
         res.store = self.store = OptimizerStateStore(self.pool, res.swap, nvme_numels, grads_on_nvme=grads_on_nvme)
         return placement
+
+    def _swap_store(self) -> SwapStore:
+        """The swap store under ``nvme_dir``; each rank's in a directory of its own."""
+        return SwapStore(self.config.nvme_dir, self.config.io,
+                         label=f"rank{self.ranks.rank}" if self.ranks.many else "")
 
     def _gradients_go_to_nvme(self, fixed: int) -> bool:
         """True when the optimizer state is on NVMe and the host budget cannot hold the gradient accumulators
@@ -229,8 +244,8 @@ class Engine:
         limit = self.config.host_memory_limit
         if limit is None or self.config.optimizer != "nvme":
             return False
-        grads = sum(HostPool.mapped_size(g.numel * FP32_BYTES) for g in self.groups)
-        staging = staging_bytes(max(g.numel for g in self.groups))
+        grads = sum(HostPool.mapped_size(g.shard_numel * FP32_BYTES) for g in self.groups)
+        staging = staging_bytes(max(g.shard_numel for g in self.groups))
         return self.pool.stats().in_use + fixed + grads + staging > limit
 
     def _check_device_budget(self, offloaded: bool) -> None:
@@ -247,17 +262,18 @@ class Engine:
     def _fill_groups(self, placement: list[StatePlacement]) -> None:
         """Each group's optimizer state and weights, from the model's current values (group by group)."""
         in_state = getattr(self.weights, "weights_in_state", False)
-        alias_master = self.dtype == torch.float32 and (
-            self.config.params == "cpu" or (self.config.params == "device" and self.device.type == "cpu") or in_state)
+        # (several ranks: a master shard cannot be the device weights of a whole group)
+        device_alias = self.config.params == "device" and self.device.type == "cpu" and not self.ranks.many
+        alias_master = self.dtype == torch.float32 and (self.config.params == "cpu" or device_alias or in_state)
         for group, where in zip(self.groups, placement):
             master = gather_fp32(group) if self._meta is None else None  # (meta: zeros now, filled below)
-            state = self.store.add(group, where, master)
+            state = self.store.add(group, where, None if master is None else master[group.lo:group.hi])
             if in_state and where is StatePlacement.NVME:
                 self.weights.add(group, master, None, alias_file=state.state_nvme)
                 continue
             alias = None
             if alias_master and where is StatePlacement.HOST:
-                alias = split_state(state.state_host.view(torch.float32), group.numel)[0]
+                alias = split_state(state.state_host.view(torch.float32), group.shard_numel)[0]
             self.weights.add(group, master, alias)
         if self._meta is not None:
             # Groups are filled in the order the replay finishes them (Note [replay]), one at a time.
@@ -342,6 +358,7 @@ class Engine:
                 counters = self._run_updates(updates, clip / scale)
                 self._add_counters(counters)
                 self.weights.finish_step()
+                self._gather_device_weights(updates)
         if self.dtype == torch.float16:
             self._scaler.update(overflow)
         grad_bytes, self._grads.bytes_to_host = self._grads.bytes_to_host, 0
@@ -436,6 +453,7 @@ class Engine:
             counters = queue.wait()
             self._add_counters(counters)
             self.weights.finish_step()
+            self._gather_device_weights(list(submitted.values()))
         grad_bytes, self._grads.bytes_to_host = self._grads.bytes_to_host, 0
         self._grads.reset()
         self.timeline.add("step", f"step {self._step} (during backward)", start, time.perf_counter())
@@ -443,6 +461,12 @@ class Engine:
                         time_s=time.perf_counter() - start, adam_s=counters.adam_s, io_wait_s=counters.io_wait_s,
                         nvme_bytes_read=counters.nvme_bytes_read, nvme_bytes_written=counters.nvme_bytes_written,
                         grad_bytes_to_host=grad_bytes, groups_on_nvme=counters.groups_on_nvme, overlapped=offloaded)
+
+    def _gather_device_weights(self, updates: list[GroupUpdate]) -> None:
+        """Several ranks, parameters on the device: every rank's updated shard into every rank's weights (the
+        same groups on every rank: the gradients were reduced over all of them). Collective."""
+        if self.ranks.many:
+            self.weights.gather(sorted(u.state.group.index for u in updates))
 
     def _expected_next(self) -> Callable[[list[GroupUpdate]], GroupState | None]:
         """For a backward_step's state read-ahead (Note [state read-ahead], group_stepper.py): called with the
@@ -522,7 +546,7 @@ class Engine:
         """The NVMe traffic ``updates`` will cause (known before they run): state in and out, gradients in."""
         nvme = [u for u in updates if u.state.placement is StatePlacement.NVME]
         written = sum(u.state.nbytes for u in nvme)
-        read = written + sum(u.state.group.numel * FP32_BYTES for u in nvme if u.grad_nvme is not None)
+        read = written + sum(u.state.group.shard_numel * FP32_BYTES for u in nvme if u.grad_nvme is not None)
         return StepCounters(nvme_bytes_read=read, nvme_bytes_written=written, groups_on_nvme=len(nvme))
 
     def _sync(self, keep_read_ahead: bool = False) -> None:
@@ -565,6 +589,10 @@ class Engine:
             else:
                 segments.append(Segment(slot.offset, slot.end, step, hyper["lr"], hyper["betas"][0],
                                         hyper["betas"][1], hyper["eps"], hyper["weight_decay"]))
+        if group.sharded:  # this rank's part of each, counted from its shard (Note [rank shards])
+            segments = [dataclasses.replace(seg, start=max(seg.start, group.lo) - group.lo,
+                                            end=min(seg.end, group.hi) - group.lo)
+                        for seg in segments if max(seg.start, group.lo) < min(seg.end, group.hi)]
         state = self.store.states[g]
         grad_nvme = self._res.grad_swap.files[g] if self._res.grad_swap is not None else None
         return GroupUpdate(state=state, grad_host=self._grads.grad_hosts[g], grad_nvme=grad_nvme, segments=segments,
@@ -618,7 +646,8 @@ class Engine:
         """The model's state with the fp32 master weights for trainable parameters: CPU tensors the caller
         owns (each its own storage; they stay valid after ``close()``), under the keys of
         ``model.state_dict()``. Frozen parameters and buffers are copied to the CPU as they are on the device,
-        frozen floating-point parameters converted to fp32."""
+        frozen floating-point parameters converted to fp32. Collective with several ranks: every rank calls
+        it, and every rank gets the whole model."""
         self._check_open()
         self._sync()
         where = {id(slot.param): (g, slot) for g, group in enumerate(self.groups) for slot in group.slots}
@@ -632,7 +661,7 @@ class Engine:
             if id(value) in where:
                 g, slot = where[id(value)]
                 if g not in masters:
-                    masters[g] = self.store.read_master(self.store.states[g])
+                    masters[g] = self._full_master(g)
                 tensor = self.groups[g].view(masters[g], slot).clone()
             else:
                 tensor = value.detach().to("cpu", copy=True)
@@ -640,6 +669,16 @@ class Engine:
                     tensor = tensor.float()
             copies[id(value)] = out[key] = tensor
         return out
+
+    def _full_master(self, g: int) -> torch.Tensor:
+        """Group g's whole fp32 master (a new CPU tensor); with several ranks an all-gather of the shards."""
+        shard = self.store.read_master(self.store.states[g])
+        if not self.ranks.many:
+            return shard
+        group = self.groups[g]
+        full = torch.empty(group.numel, dtype=torch.float32, device=self.ranks.device)
+        self.ranks.all_gather(full, shard.to(self.ranks.device))
+        return full.cpu()
 
     def synchronize(self) -> None:
         """Blocks until the last step is complete: the overlapped optimizer update (offloaded parameters) and,
@@ -674,7 +713,7 @@ class Engine:
                            gradients_on_nvme=self._res.grad_swap is not None,
                            optimizer_groups_on_host=placements.count(StatePlacement.HOST),
                            optimizer_groups_on_nvme=placements.count(StatePlacement.NVME),
-                           fetch_wait_s=fetch_wait)
+                           fetch_wait_s=fetch_wait, rank=self.ranks.rank, world_size=self.ranks.world)
 
     # ---- lifetime --------------------------------------------------------------------------------------------
 

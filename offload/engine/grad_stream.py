@@ -8,6 +8,10 @@ over the gradients. The norms are computed as ``torch.nn.utils.clip_grad_norm_``
 ``vector_norm`` per parameter, then the norm of those, in the model's parameter order), so clipping scales the
 gradients by the very same fp32 factor (on CUDA the first gradient's norm is reduced on the device, in fp32,
 in the GPU's order: the factor agrees to fp32 rounding; see Note [first gradient on CUDA]).
+
+With several ranks the gradients go through a ShardReducer (grad_reduce.py) instead: a group's gradients are
+reduce-scattered on the device once all of them have arrived, and the accumulator holds this rank's shard of
+the mean over ranks. The norm is then the norm of each group's shard, summed in squares over the ranks.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from offload.engine.grad_reduce import ShardReduced, ShardReducer
 from offload.engine.grad_swap import GradSwap
+from offload.engine.ranks import Ranks
 from offload.engine.staging_ring import ByteRing
 from offload.layout.flat_group import FlatGroup, Slot
 from offload.storage.host_pool import HostBuffer, HostPool
@@ -49,9 +55,10 @@ class GradientStream:
 
     def __init__(self, groups: list[FlatGroup], grad_hosts: list[torch.Tensor | None], device: torch.device,
                  pool: HostPool, staging_bytes: int, param_order: dict[int, int],
-                 timeline: Timeline = NO_TIMELINE) -> None:
+                 timeline: Timeline = NO_TIMELINE, ranks: Ranks = Ranks()) -> None:
         """``param_order``: id(param) -> its position in ``model.parameters()`` (the order of the norms).
-        ``grad_hosts[g]`` is None for a group whose accumulator lives on NVMe (``grad_swap``, set later)."""
+        ``grad_hosts[g]`` is None for a group whose accumulator lives on NVMe (``grad_swap``, set later).
+        With several ``ranks`` the accumulators hold this rank's shard (Note [rank shards])."""
         self.groups = groups
         self.grad_hosts = grad_hosts
         self.device = device
@@ -70,7 +77,10 @@ class GradientStream:
         self._pending: deque[_PendingCopy] = deque()
         self._first_copies: list[torch.cuda.Event] = []  # device -> accumulator copies not yet waited for
         self._staging: HostBuffer | None = None
-        if device.type == "cuda":
+        self.ranks = ranks
+        self.reducer = ShardReducer(groups, ranks, device) if ranks.many else None
+        self._shard_norms: dict[int, torch.Tensor] = {}  # several ranks: group -> norm of its shard's accumulator
+        if device.type == "cuda" and self.reducer is None:
             self._side_stream = torch.cuda.Stream(device)
             self._staging = pool.allocate(staging_bytes, "gradient staging")
             self._ring = ByteRing(staging_bytes)
@@ -104,7 +114,12 @@ class GradientStream:
                 self.on_group_ready(group_index, list(self._copies_of_group[group_index]))
 
     def _take(self, group_index: int, slot_index: int, grad: torch.Tensor) -> None:
-        if self.device.type == "cuda" and grad.numel() > 0:
+        if self.reducer is not None:
+            with self.timeline.span("gradients", self.groups[group_index].slots[slot_index].name):
+                reduced = self.reducer.add(group_index, slot_index, grad)
+                if reduced is not None:
+                    self._add_shard(reduced)
+        elif self.device.type == "cuda" and grad.numel() > 0:
             if self.grad_hosts[group_index] is not None and not self.received[group_index][slot_index]:
                 self._copy_first(group_index, slot_index, grad)
             else:
@@ -189,6 +204,27 @@ class GradientStream:
         self.norms[group_index][slot_index] = norm
         self.bytes_to_host += accum.numel() * accum.element_size()
 
+    def _add_shard(self, reduced: ShardReduced) -> None:
+        """Adds a group's reduced shard into its accumulator: the first of an accumulation overwrites the whole
+        shard (every element: parameters without a gradient get zeros), later ones add."""
+        g = reduced.group_index
+        started = any(self.received[g])
+        flat = self.grad_hosts[g]
+        if flat is None:
+            flat = self.grad_swap.accumulator(g, holds_data=started)
+        shard = reduced.shard_device  # (CUDA: the copies below wait for the reduction on the current stream)
+        if started:
+            flat.add_(shard.to("cpu"))
+        else:
+            flat.copy_(shard)
+        self.bytes_to_host += flat.numel() * flat.element_size()
+        for i in reduced.slots:
+            self.received[g][i] = True
+        self._shard_norms[g] = torch.linalg.vector_norm(flat)
+        if self.grad_hosts[g] is None:
+            for i in reduced.slots:
+                self.grad_swap.arrived(g, i)
+
     def _drain_one(self) -> None:
         copy = self._pending.popleft()
         copy.done.synchronize()
@@ -196,7 +232,10 @@ class GradientStream:
         self._ring.release_oldest()
 
     def finish(self) -> None:
-        """Blocks until every gradient handed to a hook is in its accumulator (on NVMe for swapped groups)."""
+        """Blocks until every gradient handed to a hook is in its accumulator (on NVMe for swapped groups).
+        Collective with several ranks (groups that did not complete are reduced now)."""
+        if self.reducer is not None:
+            self.reducer.flush(self._add_shard)
         while self._pending:
             self._drain_one()
         for done in self._first_copies:
@@ -206,7 +245,13 @@ class GradientStream:
             self.grad_swap.end_backward()
 
     def global_norm(self) -> torch.Tensor:
-        """The fp32 L2 norm over every gradient received since the last reset (0-dim tensor)."""
+        """The fp32 L2 norm over every gradient received since the last reset (0-dim tensor). Collective with
+        several ranks."""
+        if self.reducer is not None:
+            local = torch.zeros(())
+            if self._shard_norms:
+                local = torch.linalg.vector_norm(torch.stack([self._shard_norms[g] for g in sorted(self._shard_norms)]))
+            return self.ranks.sum(local.square()).sqrt()
         ordered = sorted((self._order[g][i], norm) for g, per_group in enumerate(self.norms)
                          for i, norm in enumerate(per_group) if norm is not None)
         if not ordered:
@@ -228,6 +273,7 @@ class GradientStream:
             per_group[:] = [False] * len(per_group)
         for per_group in self.norms:
             per_group[:] = [None] * len(per_group)
+        self._shard_norms.clear()
         for copies in self._copies_of_group:
             copies.clear()
 
@@ -236,6 +282,8 @@ class GradientStream:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        if self.reducer is not None:
+            self.reducer.close()
         for copy in self._pending:
             copy.done.synchronize()
         self._pending.clear()

@@ -26,8 +26,8 @@ class GradSwap:
         self.groups = groups
         self.pool = pool
         self.swap = swap
-        self.files: list[SwapFile] = [swap.create(f"gradients {g.index}", g.numel * FP32_BYTES) for g in groups]
-        largest = max(g.numel for g in groups) * FP32_BYTES
+        self.files: list[SwapFile] = [swap.create(f"gradients {g.index}", g.shard_numel * FP32_BYTES) for g in groups]
+        largest = max(g.shard_numel for g in groups) * FP32_BYTES
         self._buffers: list[HostBuffer] = [pool.allocate(largest, f"gradient staging {i}") for i in range(buffers)]
         self._free = list(range(buffers))
         self._loaded: OrderedDict[int, int] = OrderedDict()  # group -> buffer, oldest first
@@ -66,7 +66,7 @@ class GradSwap:
         self._arrived.clear()
 
     def _view(self, g: int) -> torch.Tensor:
-        return self._buffers[self._loaded[g]].tensor[:self.groups[g].numel * FP32_BYTES].view(torch.float32)
+        return self._buffers[self._loaded[g]].tensor[:self.groups[g].shard_numel * FP32_BYTES].view(torch.float32)
 
     def _flush(self, g: int) -> None:
         view = self._view(g)

@@ -29,18 +29,21 @@ def quiesce(engine: Engine) -> None:
 
 
 def fill_group(engine: Engine, state: GroupState, read: ReadState) -> None:
+    """``read`` is asked for group coordinates; the state and weights homes hold this rank's shard of them
+    (Note [rank shards]), so ``read`` sees elements [lo + start, lo + end) for shard elements [start, end)."""
     group, store = state.group, engine.store
+    numel, lo = group.shard_numel, group.lo
     if state.placement is StatePlacement.HOST:
-        parts = split_state(state.state_host.view(torch.float32), group.numel)
-        read(parts, 0, group.numel)
+        parts = split_state(state.state_host.view(torch.float32), numel)
+        read(parts, lo, lo + numel)
         engine.weights.load_weights(group.index, parts[0], 0, True)
         return
-    pieces = chunks(group.numel, store.chunk_elements)
+    pieces = chunks(numel, store.chunk_elements)
     for k, (start, end) in enumerate(pieces):
         staging = store.staging[0].view(torch.float32)[:STATE_PARTS * (end - start)]
         staging.zero_()  # (the slot holds another chunk's bytes)
         parts = split_state(staging, end - start)
-        read(parts, start, end)
+        read(parts, lo + start, lo + end)
         for handle in store.transfer("write", state, start, end, staging):
             store.swap.wait(handle)
         engine.weights.load_weights(group.index, parts[0], start, k == len(pieces) - 1)

@@ -4,6 +4,13 @@ Every buffer of a group (fp32 master, Adam m and v, gradient accumulator, the de
 dtype) has the same element layout, so one offset locates a parameter in all of them and the native Adam runs
 over long contiguous spans. Parameters are ordered by hyper-parameter group, so that each hyper-parameter
 group is one span.
+
+Note [rank shards]: with several ranks (``torch.distributed``) the group's length is padded to a multiple of
+``world * GROUP_ALIGN_ELEMENTS`` and rank r owns elements ``[lo, hi) = [r * numel / world, (r + 1) * numel /
+world)``: its host and NVMe buffers (master, m, v, gradient accumulator, the offloaded weights) hold only that
+shard, in the same order, so host buffers index ``element - lo``. The device buffer of the weights always holds
+the whole group (an all-gather of the shards fills it). Each shard is whole 4 KiB pages in every dtype, as
+O_DIRECT needs. One rank: ``lo = 0``, ``hi = numel``.
 """
 
 from __future__ import annotations
@@ -54,6 +61,16 @@ class FlatGroup:
     name: str
     slots: tuple[Slot, ...]
     numel: int
+    lo: int     # this rank's shard of every host buffer: elements [lo, hi) (Note [rank shards])
+    hi: int
+
+    @property
+    def shard_numel(self) -> int:
+        return self.hi - self.lo
+
+    @property
+    def sharded(self) -> bool:
+        return self.shard_numel != self.numel
 
     def view(self, flat: torch.Tensor, slot: Slot) -> torch.Tensor:
         """The part of a flat buffer of this group that holds ``slot``, in the parameter's shape."""
@@ -67,8 +84,10 @@ class FlatGroup:
                 yield slot, a, b
 
 
-def build_flat_group(index: int, spec: ParamGroupSpec, hyper_index_of: dict[int, int]) -> FlatGroup:
-    """Lays out ``spec``'s parameters, grouped by hyper-parameter group (stable within one)."""
+def build_flat_group(index: int, spec: ParamGroupSpec, hyper_index_of: dict[int, int], rank: int = 0,
+                     world: int = 1) -> FlatGroup:
+    """Lays out ``spec``'s parameters, grouped by hyper-parameter group (stable within one), with ``rank``'s
+    shard of ``world`` (Note [rank shards])."""
     order = sorted(range(len(spec.params)), key=lambda i: hyper_index_of[id(spec.params[i])])
     slots = []
     offset = 0
@@ -77,8 +96,11 @@ def build_flat_group(index: int, spec: ParamGroupSpec, hyper_index_of: dict[int,
         slots.append(Slot(name=spec.param_names[i], param=param, offset=offset, numel=param.numel(),
                           shape=param.shape, hyper_index=hyper_index_of[id(param)]))
         offset = _round_up(offset + param.numel(), PARAM_ALIGN_ELEMENTS)
-    return FlatGroup(index=index, name=spec.name, slots=tuple(slots),
-                     numel=max(GROUP_ALIGN_ELEMENTS, _round_up(offset, GROUP_ALIGN_ELEMENTS)))
+    align = GROUP_ALIGN_ELEMENTS * world
+    numel = max(align, _round_up(offset, align))
+    shard = numel // world
+    return FlatGroup(index=index, name=spec.name, slots=tuple(slots), numel=numel, lo=rank * shard,
+                     hi=(rank + 1) * shard)
 
 
 def gather_fp32(group: FlatGroup) -> torch.Tensor:
@@ -87,3 +109,14 @@ def gather_fp32(group: FlatGroup) -> torch.Tensor:
     for slot in group.slots:
         group.view(master, slot).copy_(slot.param.detach())
     return master
+
+
+def shard_spans(group: FlatGroup, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of group-coordinate element ranges ``spans`` inside this rank's shard, in shard coordinates
+    (``element - lo``); empty parts are left out."""
+    out = []
+    for a, b in spans:
+        a, b = max(a, group.lo), min(b, group.hi)
+        if a < b:
+            out.append((a - group.lo, b - group.lo))
+    return out

@@ -32,8 +32,9 @@ class Segment:
 
 @dataclass
 class GroupUpdate:
-    """What to do for one group. ``lowp_out()``, called right before the group's Adam pass, returns the flat
-    bf16/fp16 tensor (the group's length) that receives the updated weights from the kernel itself, or None;
+    """What to do for one group, in the coordinates of this rank's shard of it (the whole group with one rank;
+    Note [rank shards]). ``lowp_out()``, called right before the group's Adam pass, returns the flat
+    bf16/fp16 tensor (the shard's length) that receives the updated weights from the kernel itself, or None;
     ``after_update(master, start, last)`` runs for each chunk of the group (elements [start, start +
     len(master)); ``last`` for the final one) once its new fp32 master weights are final and before their
     staging slot is reused (for copies the kernel cannot write)."""
@@ -115,8 +116,8 @@ class GroupStepper:
         order = list(updates) if keep_order else _interleave(updates)
         counters.groups_on_nvme = sum(u.state.placement is StatePlacement.NVME for u in order)
         work = [(u, start, end) for u in order for start, end in
-                (chunks(u.state.group.numel, self.store.chunk_elements)
-                 if u.state.placement is StatePlacement.NVME else [(0, u.state.group.numel)])]
+                (chunks(u.state.group.shard_numel, self.store.chunk_elements)
+                 if u.state.placement is StatePlacement.NVME else [(0, u.state.group.shard_numel)])]
         nvme = [item for item in work if item[0].state.placement is StatePlacement.NVME]
         reads: dict[int, list[IoHandle]] = self._take_preload(nvme, counters)
         writes: dict[int, list[IoHandle]] = {}
@@ -142,7 +143,8 @@ class GroupStepper:
                 if start == 0:  # a group's first chunk: where its new low-precision weights go
                     lowp_out = update.lowp_out() if update.lowp_out is not None else None
                 if update.state.placement is StatePlacement.HOST:
-                    master, m, v = split_state(update.state.state_host.view(torch.float32), update.state.group.numel)
+                    master, m, v = split_state(update.state.state_host.view(torch.float32),
+                                               update.state.group.shard_numel)
                     self._adam(update, start, end, (master, m, v), lowp_out, grad_scale, counters)
                     continue
                 self._wait_all(reads.pop(k), counters)
@@ -188,7 +190,7 @@ class GroupStepper:
         if state.placement is not StatePlacement.NVME or self.store.parts != STATE_PARTS:
             return  # (gradients on NVMe are read with the state, and they are not complete yet)
         item = GroupUpdate(state=state, grad_host=None, segments=[])
-        pieces = chunks(state.group.numel, self.store.chunk_elements)
+        pieces = chunks(state.group.shard_numel, self.store.chunk_elements)
         ahead = max(1, len(self.store.staging) - 1)
         handles: dict[int, list[IoHandle]] = {}
         self._preloaded = (state, handles)  # recorded as they are issued: a failure part-way leaves no stray read
@@ -217,7 +219,7 @@ class GroupStepper:
         if preloaded is None:
             return {}
         state, handles = preloaded
-        pieces = chunks(state.group.numel, self.store.chunk_elements)
+        pieces = chunks(state.group.shard_numel, self.store.chunk_elements)
         if nvme and nvme[0][0].state is state and nvme[0][0].grad_nvme is None and \
                 all(k < len(nvme) and nvme[k][0].state is state and nvme[k][1:] == pieces[k] for k in handles):
             self._preloaded = None
@@ -253,7 +255,7 @@ class GroupStepper:
                          weight_decay=seg.weight_decay, adamw=True, bias_correction=True, grad_scale=grad_scale)
         counters.adam_s += time.perf_counter() - began
         self.timeline.add("adam", update.state.group.name or "<root>", began, time.perf_counter())
-        last = end == update.state.group.numel
+        last = end == update.state.group.shard_numel
         if update.after_update is not None:
             update.after_update(master[:end - start], start, last)
         if last and update.done is not None:

@@ -3,7 +3,9 @@
 A group's optimizer state is one run of ``3 * numel`` fp32 values, ``master | exp_avg | exp_avg_sq``, laid
 out the same in a host buffer and in a swap file (each part a whole number of 4 KiB pages, see FlatGroup), so a
 group on NVMe is brought in with one read into a staging buffer, and the Adam pass does not care where the
-state came from. Placement is decided per group (DESIGN.md "Placement is decided per group").
+state came from. Placement is decided per group (DESIGN.md "Placement is decided per group"). With several
+ranks every buffer here holds this rank's shard of the group only (Note [rank shards], flat_group.py):
+``numel`` below is the shard's length and element k is the group's element ``lo + k``.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ class GroupState:
 
     @property
     def nbytes(self) -> int:
-        return STATE_PARTS * self.group.numel * FP32_BYTES
+        return STATE_PARTS * self.group.shard_numel * FP32_BYTES
 
 
 def split_state(state_flat: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -80,10 +82,10 @@ def plan_placement(groups: list[FlatGroup], on_nvme: bool, budget_left: int | No
         return [StatePlacement.HOST] * len(groups)
     if budget_left is None:
         return [StatePlacement.NVME] * len(groups)
-    sizes = [STATE_PARTS * g.numel * FP32_BYTES for g in groups]
+    sizes = [STATE_PARTS * g.shard_numel * FP32_BYTES for g in groups]
     if sum(sizes) <= budget_left:
         return [StatePlacement.HOST] * len(groups)
-    left = budget_left - staging_bytes(max(g.numel for g in groups))  # one chunk in every staging slot
+    left = budget_left - staging_bytes(max(g.shard_numel for g in groups))  # one chunk in every staging slot
     placement = []
     for size in sizes:
         if size <= left:
@@ -121,18 +123,18 @@ class OptimizerStateStore:
                                           for i in range(slots)]
 
     def add(self, group: FlatGroup, where: StatePlacement, master: torch.Tensor | None) -> GroupState:
-        """Group ``group``'s state in ``where``: master from ``master`` (None: zeros, to be filled later), moments
-        zero."""
-        nbytes = STATE_PARTS * group.numel * FP32_BYTES
+        """Group ``group``'s state in ``where``: master from ``master`` (this rank's shard, fp32; None: zeros, to
+        be filled later), moments zero."""
+        nbytes = STATE_PARTS * group.shard_numel * FP32_BYTES
         if where is StatePlacement.HOST:
             state_host = self.pool.allocate(nbytes, f"optimizer state {group.name or '<root>'}")
-            master_host, _, _ = split_state(state_host.view(torch.float32), group.numel)
+            master_host, _, _ = split_state(state_host.view(torch.float32), group.shard_numel)
             if master is not None:
                 master_host.copy_(master)  # the moments start at zero: the pool's fresh pages are zero-filled
             state = GroupState(group, where, state_host, None)
         else:
             state = GroupState(group, where, None, self.swap.create(f"optimizer state {group.index}", nbytes))
-            for start, end in (chunks(group.numel, self.chunk_elements) if master is not None else []):
+            for start, end in (chunks(group.shard_numel, self.chunk_elements) if master is not None else []):
                 staging = self.staging[0].view(torch.float32)[:STATE_PARTS * (end - start)]
                 master_stage, m_stage, v_stage = split_state(staging, end - start)
                 master_stage.copy_(master[start:end])
@@ -144,12 +146,13 @@ class OptimizerStateStore:
         return state
 
     def read_master(self, state: GroupState) -> torch.Tensor:
-        """A new fp32 CPU tensor with the group's master weights. For an NVMe group this reads through staging
+        """A new fp32 CPU tensor with the group's master weights (this rank's shard). For an NVMe group this
+        reads through staging
         slot 0, so it must not run while a step is in progress."""
         if state.placement is StatePlacement.HOST:
-            return split_state(state.state_host.view(torch.float32), state.group.numel)[0].clone()
-        master = torch.empty(state.group.numel, dtype=torch.float32)
-        for start, end in chunks(state.group.numel, self.chunk_elements):
+            return split_state(state.state_host.view(torch.float32), state.group.shard_numel)[0].clone()
+        master = torch.empty(state.group.shard_numel, dtype=torch.float32)
+        for start, end in chunks(state.group.shard_numel, self.chunk_elements):
             master_stage = self.staging[0].view(torch.float32)[:end - start]
             self.swap.wait(self.swap.read(state.state_nvme, start * FP32_BYTES, master_stage))
             master[start:end].copy_(master_stage)
@@ -161,7 +164,7 @@ class OptimizerStateStore:
         file (parts at 0, numel and 2 * numel elements) and ``staging`` (the same parts of ``end - start``
         elements back to back); a read also brings the gradients from ``grad_nvme`` into a fourth part.
         Returns the handles."""
-        n, numel = end - start, state.group.numel
+        n, numel = end - start, state.group.shard_numel
         submit = self.swap.read if op == "read" else self.swap.write
         handles = [submit(state.state_nvme, (part * numel + start) * FP32_BYTES, staging[part * n:(part + 1) * n])
                    for part in range(STATE_PARTS)]

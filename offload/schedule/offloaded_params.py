@@ -18,6 +18,10 @@ of its state file (NVMe) or of its state buffer (a group whose state the host bu
 write-back slots exist; the optimizer's own state writes put the new weights home, and a fetch of the group
 waits until they are complete (``GroupUpdate.written``), not merely until its Adam pass ended.
 
+With several ranks (Note [rank shards], flat_group.py) a home, its staging and its write-back hold this rank's
+shard of the group; a fetch fills that part of the device buffer, and the group's first use after it gathers
+the other ranks' parts (``ensure_resident``, the only place that issues the collective).
+
 On the CPU device the device buffer is ordinary memory, accounted against ``device_memory_limit``, and a
 fill is a synchronous copy. On CUDA the host buffers are pinned and a fill is an asynchronous copy on the fetch
 stream (Note [fetch stream] in ``device_copy``): the group is FETCHING until its use makes the compute stream
@@ -33,7 +37,7 @@ from typing import Callable
 import torch
 
 from offload.errors import MemoryBudgetError
-from offload.layout.flat_group import FlatGroup
+from offload.layout.flat_group import FlatGroup, shard_spans
 from offload.schedule.device_copy import HostToDevice
 from offload.schedule.residency import Residency, ResidencyTable
 from offload.storage.host_pool import HostBuffer, HostPool
@@ -48,10 +52,13 @@ class OffloadedParams:
     def __init__(self, groups: list[FlatGroup], home: str, dtype: torch.dtype, pool: HostPool,
                  swap: SwapStore | None, device_limit: int | None, fetch_slots: int,
                  timeline: Timeline = NO_TIMELINE, device: torch.device = torch.device("cpu"),
-                 weights_in_state: bool = False) -> None:
+                 weights_in_state: bool = False,
+                 gather: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> None:
         """``home``: "cpu" or "nvme". ``fetch_slots``: host staging buffers for NVMe reads in flight (the
         current group plus the prefetched ones). ``weights_in_state``: every group's home will be the master
-        part of its optimizer state (Note [weights in the state file]; fp32 only), so no write-back slots."""
+        part of its optimizer state (Note [weights in the state file]; fp32 only), so no write-back slots.
+        ``gather(full, shard)``: with several ranks, the all-gather that fills a group's device buffer from
+        every rank's shard once this rank's is in place (Note [rank shards])."""
         if weights_in_state and dtype != torch.float32:
             raise ValueError("offload: weights can live in the optimizer state only in fp32")
         self.groups = groups
@@ -65,6 +72,12 @@ class OffloadedParams:
         self.device_limit = device_limit
         self.element_size = torch.empty((), dtype=dtype).element_size()
         self.residency = ResidencyTable(len(groups))
+        if gather is None and any(g.sharded for g in groups):
+            raise ValueError("offload: sharded groups need the all-gather that completes their fetch")
+        self._gather = gather
+        # Whether a resident group's device buffer holds every rank's shard: a fill writes this rank's shard,
+        # and only ``ensure_resident`` (on the training thread, in the model's order of use) gathers the rest.
+        self._gathered = [True] * len(groups)
         self.timeline = timeline
         self._issued: dict[int, float] = {}  # group -> when its NVMe read was issued (for the timeline)
         self.weight_device: list[torch.Tensor] = []
@@ -77,7 +90,7 @@ class OffloadedParams:
         self.nvme_bytes_read = 0       # weights fetched from and written back to NVMe since the start
         self.nvme_bytes_written = 0
         self.fetch_wait_s = 0.0        # compute blocked on fetches (and on the overlapped step's updates)
-        largest = max(g.numel for g in groups) * self.element_size
+        largest = max(g.shard_numel for g in groups) * self.element_size  # staging holds a home: a shard
         nslots = fetch_slots if home == "nvme" else 0
         self._fetch_slots = [pool.allocate(largest, f"fetch staging {i}") for i in range(nslots)]
         self._free_fetch_slots = list(range(nslots))
@@ -109,7 +122,12 @@ class OffloadedParams:
         self.io_failure: OSError | None = None  # a failed write-back: the group's file is stale, nothing may go on
 
     def nbytes(self, g: int) -> int:
+        """Bytes of group g on the device (the whole group)."""
         return self.groups[g].numel * self.element_size
+
+    def home_nbytes(self, g: int) -> int:
+        """Bytes of group g's home (this rank's shard; the whole group with one rank)."""
+        return self.groups[g].shard_numel * self.element_size
 
     # ---- set-up ----------------------------------------------------------------------------------------------
 
@@ -128,17 +146,17 @@ class OffloadedParams:
         elif alias_file is not None:
             self.weight_home_host.append(None)
         elif self.home == "cpu":
-            buffer = self.pool.allocate(self.nbytes(group.index), f"weights {group.name or '<root>'}")
+            buffer = self.pool.allocate(self.home_nbytes(group.index), f"weights {group.name or '<root>'}")
             self._home_buffers.append(buffer)
             self.weight_home_host.append(buffer.view(self.dtype))
             if master is not None:  # (a new pool buffer is zero already)
-                self.weight_home_host[-1].copy_(master)
+                self.weight_home_host[-1].copy_(master[group.lo:group.hi])
         else:
             self.weight_home_host.append(None)
-            swap = self.swap.create(f"weights {group.index}", self.nbytes(group.index))
+            swap = self.swap.create(f"weights {group.index}", self.home_nbytes(group.index))
             if master is not None:  # (a new swap file reads as zeros)
-                staging = self._writeback_slots[0].tensor[:self.nbytes(group.index)].view(self.dtype)
-                staging.copy_(master)
+                staging = self._writeback_slots[0].tensor[:self.home_nbytes(group.index)].view(self.dtype)
+                staging.copy_(master[group.lo:group.hi])
                 self.swap.wait(self.swap.write(swap, 0, staging))
             self.weight_home_nvme[-1] = swap
 
@@ -211,9 +229,9 @@ class OffloadedParams:
             if self._slot_copied[slot] is not None:  # the slot's last copy to the device must have read it
                 self._slot_copied[slot].synchronize()
                 self._slot_copied[slot] = None
-            staging = self._fetch_slots[slot].tensor[:self.nbytes(g)]
+            staging = self._fetch_slots[slot].tensor[:self.home_nbytes(g)]
             self._fetch[g] = (slot, self.swap.read(self.weight_home_nvme[g], 0, staging))
-            self.nvme_bytes_read += self.nbytes(g)
+            self.nvme_bytes_read += self.home_nbytes(g)
             self._issued[g] = self.timeline.now()
             self._account(g, +1)
             self.residency.move(g, Residency.FETCHING)
@@ -236,12 +254,18 @@ class OffloadedParams:
         """Blocks until group g's weights are on the device. Raises MemoryBudgetError if it does not fit
         ``device_memory_limit`` next to the groups resident now. Time spent here for a group that was not
         resident yet is added to ``fetch_wait_s``."""
-        if self.residency[g] is Residency.RESIDENT:
+        if self.residency[g] is Residency.RESIDENT and self._gathered[g]:
             return
-        self.advance()
         start = time.perf_counter()
         try:
-            self._make_resident(g)
+            if self.residency[g] is not Residency.RESIDENT:
+                self.advance()
+                self._make_resident(g)
+            if not self._gathered[g]:  # several ranks: the other shards (Note [collective order], ranks.py)
+                group, weights = self.groups[g], self.weight_device[g]
+                with self.timeline.span("fetch", f"all-gather {group.name or '<root>'}"):
+                    self._gather(weights, weights[group.lo:group.hi])
+                self._gathered[g] = True
         finally:
             self.fetch_wait_s += time.perf_counter() - start
 
@@ -274,7 +298,7 @@ class OffloadedParams:
         self.timeline.add("nvme read", f"weights {name}", self._issued.pop(g), self.timeline.now())
         try:
             with self.timeline.span("fetch", f"copy {name}"):
-                copied = self._fill(g, self._fetch_slots[slot].tensor[:self.nbytes(g)].view(self.dtype))
+                copied = self._fill(g, self._fetch_slots[slot].tensor[:self.home_nbytes(g)].view(self.dtype))
         except BaseException:  # e.g. the device is out of memory: the group stays home, the slot is free
             self._free_fetch_slots.append(slot)
             self._account(g, -1)
@@ -341,7 +365,9 @@ class OffloadedParams:
         weights = self.weight_device[g]
         try:
             weights.untyped_storage().resize_(self.nbytes(g))
-            return self._h2d.copy(weights, source)
+            group = self.groups[g]
+            self._gathered[g] = not group.sharded
+            return self._h2d.copy(weights[group.lo:group.hi], source)
         except BaseException:
             weights.untyped_storage().resize_(0)
             raise
@@ -362,7 +388,7 @@ class OffloadedParams:
         if self._aliased[g]:  # the state writes carry the new weights home
             return None
         slot = self._slot_of[g] = self._take_writeback_slot()
-        staging = self._writeback_slots[slot].tensor[:self.nbytes(g)].view(self.dtype)
+        staging = self._writeback_slots[slot].tensor[:self.home_nbytes(g)].view(self.dtype)
         return None if self.dtype == torch.float32 else staging
 
     def after_update(self, g: int, master_is_staged: bool,
@@ -377,12 +403,12 @@ class OffloadedParams:
                 return None
             home = self.weight_home_host[g]
             return lambda master, start, last: home[start:start + master.numel()].copy_(master)
-        stale = [(s.offset, s.end) for s in self.groups[g].slots
-                 if not any(a <= s.offset and s.end <= b for a, b in covered)]
+        pieces = shard_spans(self.groups[g], [(s.offset, s.end) for s in self.groups[g].slots])
+        stale = [(p, q) for p, q in pieces if not any(a <= p and q <= b for a, b in covered)]
 
         def write_home(master: torch.Tensor, start: int, last: bool) -> None:
             slot = self._slot_of[g]  # taken by kernel_output(g) just before this group's first chunk
-            staging = self._writeback_slots[slot].tensor[:self.nbytes(g)].view(self.dtype)
+            staging = self._writeback_slots[slot].tensor[:self.home_nbytes(g)].view(self.dtype)
             end = start + master.numel()
             if self.dtype == torch.float32:
                 staging[start:end].copy_(master)
@@ -399,7 +425,7 @@ class OffloadedParams:
             del self._slot_of[g]
             handle = self.swap.write(self.weight_home_nvme[g], 0, staging)
             with self._lock:
-                self.nvme_bytes_written += self.nbytes(g)
+                self.nvme_bytes_written += self.home_nbytes(g)
                 self._writeback[g] = handle
                 self._slot_write[slot] = handle
                 self._unwaited[handle.id] = handle
@@ -423,12 +449,12 @@ class OffloadedParams:
         if start == 0:
             self._wait_writeback(g)  # an older write of this group must not land after the new one
             self._slot_of[g] = self._take_writeback_slot()
-        staging = self._writeback_slots[self._slot_of[g]].tensor[:self.nbytes(g)].view(self.dtype)
+        staging = self._writeback_slots[self._slot_of[g]].tensor[:self.home_nbytes(g)].view(self.dtype)
         staging[start:end].copy_(master)
         if last:
             del self._slot_of[g]
             self._wait_write_now(self.swap.write(self.weight_home_nvme[g], 0, staging))
-            self.nvme_bytes_written += self.nbytes(g)
+            self.nvme_bytes_written += self.home_nbytes(g)
 
     def _wait_write_now(self, handle: IoHandle) -> None:
         try:

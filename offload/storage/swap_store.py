@@ -89,13 +89,16 @@ class SwapStore:
     filesystems) gets buffered I/O and one warning; ``io.direct=True`` makes that an error.
     """
 
-    def __init__(self, root: str | os.PathLike, io: IOConfig | None = None) -> None:
+    def __init__(self, root: str | os.PathLike, io: IOConfig | None = None, label: str = "") -> None:
+        """``label`` (e.g. ``rank1``) goes into the run directory's name, so that the ranks of one job sharing
+        ``root`` can be told apart."""
         self.io = io or IOConfig()
         self.root = Path(root)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             clean_stale_runs(self.root)
-            self.run_dir = Path(tempfile.mkdtemp(prefix=f"{RUN_PREFIX}{os.getpid()}-", dir=self.root))
+            prefix = f"{RUN_PREFIX}{os.getpid()}-" + (f"{label}-" if label else "")
+            self.run_dir = Path(tempfile.mkdtemp(prefix=prefix, dir=self.root))
             (self.run_dir / OWNER_FILE).write_text(f"{os.getpid()}\n")
         except OSError as e:
             raise OSError(e.errno, f"cannot create a swap directory under {self.root}: {e.strerror}",
