@@ -21,9 +21,9 @@ except ImportError:  # the Llama tests skip; the MLP tests still run
     LlamaConfig = LlamaForCausalLM = None
 
 
-def tiny_llama(seed: int = 0, layers: int = 2, tied: bool = True) -> nn.Module:
+def tiny_llama(seed: int = 0, layers: int = 2, tied: bool = True, hidden: int = 32) -> nn.Module:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+    config = LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                          tie_word_embeddings=tied, attn_implementation="eager")
     return LlamaForCausalLM(config)

@@ -7,7 +7,9 @@ what to train and how) and writes what the parent compares to ``out_dir/rank{ran
 from __future__ import annotations
 
 import os
+import resource
 
+import psutil
 import torch
 import torch.distributed as dist
 
@@ -25,6 +27,22 @@ def global_batches(steps: int, rows: int, seed: int = 1) -> list[dict]:
     return out
 
 
+def build_model(job: dict) -> torch.nn.Module:
+    """The model of ``job``: a tied tiny Llama; with ``unused``, layer 0 also holds a Linear that forward never
+    calls (its group never completes in backward: the ranks must agree on which parameters got gradients)."""
+    model = tiny_llama(layers=job.get("layers", 4), tied=True, hidden=job.get("hidden", 32))
+    if job.get("unused"):
+        model.model.layers[0].unused = torch.nn.Linear(model.config.hidden_size, 8)
+    return model
+
+
+def step_batches(job: dict) -> list[list[dict]]:
+    """Per step, ``micro`` global batches of ``rows`` sequences (gradients accumulate over them)."""
+    micro = job.get("micro", 1)
+    flat = global_batches(job["steps"] * micro, job["rows"])
+    return [flat[i * micro:(i + 1) * micro] for i in range(job["steps"])]
+
+
 def share(batch: dict, rank: int, world: int) -> dict:
     rows = batch["input_ids"].shape[0] // world
     return {k: v[rank * rows:(rank + 1) * rows] for k, v in batch.items()}
@@ -34,7 +52,10 @@ def run(rank: int, world: int, port: int, job: dict, out_dir: str) -> None:
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    on_cuda = job["config"].get("device", "cpu").startswith("cuda")
+    if on_cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if on_cuda else "gloo", rank=rank, world_size=world)
     try:
         result = _train(rank, world, job)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -43,21 +64,29 @@ def run(rank: int, world: int, port: int, job: dict, out_dir: str) -> None:
 
 
 def _train(rank: int, world: int, job: dict) -> dict:
-    model = tiny_llama(layers=job.get("layers", 4), tied=True)
+    model = offload.init_empty(lambda: build_model(job)) if job.get("meta") else build_model(job)
     config = offload.Config(**job["config"])
     losses = []
-    result: dict = {}
+    # Host memory the engine adds: its peak RSS over the RSS with the model built (ru_maxrss is in KiB)
+    result: dict = {"rss_before": psutil.Process().memory_info().rss}
     with offload.Engine(model, config, **job.get("engine", {})) as engine:
+        result["rss_state"] = psutil.Process().memory_info().rss  # built and filled, before any training
         if job.get("load"):
             engine.load(job["load"])
-        for batch in global_batches(job["steps"], job["rows"])[job.get("skip", 0):]:
-            loss = loss_of("llama", engine, share(batch, rank, world))
-            if job.get("backward_step"):
-                engine.backward_step(loss)
-            else:
-                engine.backward(loss)
+        if job.get("pretrained"):
+            offload.load_pretrained(engine, job["pretrained"])
+        for micro_batches in step_batches(job)[job.get("skip", 0):]:
+            total = 0.0
+            for k, batch in enumerate(micro_batches):
+                loss = loss_of("llama", engine, share(batch, rank, world))
+                if job.get("backward_step") and k == len(micro_batches) - 1:
+                    engine.backward_step(loss)
+                else:
+                    engine.backward(loss)
+                total += loss.item() / len(micro_batches)
+            if not job.get("backward_step"):
                 engine.step()
-            mean = loss.detach().clone()
+            mean = torch.tensor(total, dtype=torch.float64, device=engine.device)
             dist.all_reduce(mean)
             losses.append(mean.item() / world)
         result["state"] = engine.state_dict()
@@ -65,4 +94,5 @@ def _train(rank: int, world: int, job: dict) -> dict:
         if job.get("save"):
             engine.save(job["save"], extra={"rank_count": world})
     result["losses"] = losses
+    result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return result

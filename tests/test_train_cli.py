@@ -117,3 +117,37 @@ def test_fine_tuning_from_an_exported_checkpoint_starts_where_training_left_off(
     assert "config.json model" in tuned.stdout  # the model is the checkpoint's own
     # the first step starts from the trained weights: its loss is near the trained one, far below a fresh start
     assert _losses(tuned.stdout)[1] < trained_loss + 0.5 < _losses(scratch.stdout)[1] - 1.0
+
+
+def test_under_torchrun_two_ranks_train_the_run_of_one_process(tmp_path):
+    """`torchrun --nproc-per-node 2 -m offload train`: each rank takes half of every batch and half of the
+    state; the losses are those of one process on the same batches (fp32), rank 0 alone prints, the
+    checkpoint holds each rank's shard, and nothing is left behind."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    flags = ["--steps", "6", "--log-every", "1", "--dtype", "fp32", "--batch", "4", "--seq-len", "32",
+             "--no-sample"]
+    env = dict(os.environ, TMPDIR=str(tmp_path / "tmp"), OMP_NUM_THREADS="1")
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "work").mkdir()
+    ckpt = tmp_path / "ckpt"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", str(port), "-m", "offload", "train", *flags,
+                           "--checkpoint-dir", str(ckpt)],
+                          cwd=tmp_path / "work", env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 ranks: each trains on 2 of the 4 sequences" in done.stdout
+    assert done.stdout.count("offload train:") == 1  # one rank speaks
+    single = _train(tmp_path, *flags)
+    ranks, alone = _losses(done.stdout), _losses(single.stdout)
+    assert sorted(ranks) == list(range(1, 7))
+    for step, loss in alone.items():
+        assert ranks[step] == pytest.approx(loss, rel=1e-4), step
+    version = next(ckpt.glob("v-*"))
+    assert {p.name for p in version.glob("master*")} == {"master.rank0.safetensors", "master.rank1.safetensors"}
+    # (torchrun's own agent leaves its torchelastic_* directory in TMPDIR; nothing of ours may remain)
+    ours = [p for p in (tmp_path / "tmp").iterdir() if not p.name.startswith("torchelastic_")]
+    assert ours == [] and list((tmp_path / "work").iterdir()) == []

@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from offload.cli.launch import Launch, start
 from offload.cli.train_setup import PRESETS, batch_at, build_model, load_text, make_config
 from offload.errors import ConfigError
 from offload.storage.swap_store import OWNER_FILE, clean_stale_runs
@@ -32,6 +33,8 @@ EXAMPLES = """examples:
   offload train --config offload.toml            # the I/O settings `offload tune` wrote
   offload train --checkpoint-dir runs/ckpt --checkpoint-every 100   # then: --resume to continue exactly
   offload train --init-from runs/exported --lr 3e-4   # fine-tune: weights of a safetensors checkpoint
+  torchrun --nproc-per-node 2 -m offload train --batch 8   # 2 ranks, each 4 of every 8 sequences, each
+                                                           # holding half of the offloaded state
 """
 
 
@@ -128,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     scratch = None
     engine = None
+    launch = Launch()
     try:
         # Everything this run puts in the temp dir goes in one directory, removed at the end: the swap files
         # (without --nvme-dir) and torch's compile cache, which importing transformers creates (empty).
@@ -136,6 +140,10 @@ def run(args: argparse.Namespace) -> int:
         Path(scratch, OWNER_FILE).write_text(f"{os.getpid()}\n")
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(scratch, "torch-cache"))
         config = make_config(args, scratch)
+        launch = start(config.device, args.batch)  # under torchrun: join the other ranks
+        if not launch.main:  # one rank speaks for all (the others' errors still reach stderr)
+            sys.stdout = open(os.devnull, "w")
+            logging.getLogger().setLevel(logging.WARNING)
         tokens, source = load_text(args.data)
         batch_at(tokens, 0, 1, args.seq_len, args.seed)  # checks the data is long enough before anything big
         if args.model is None:
@@ -151,6 +159,9 @@ def run(args: argparse.Namespace) -> int:
         stats = engine.stats()
         print(f"offload train: {args.model} model, {numel / 1e6:.1f}M parameters, {config.dtype} on {config.device}; "
               f"data: {source}")
+        if launch.world > 1:
+            print(f"  {launch.world} ranks: each trains on {args.batch // launch.world} of the {args.batch} sequences "
+                  f"of every step and holds 1/{launch.world} of the offloaded state (figures below: rank 0's)")
         print(f"  parameters: {config.params}; optimizer state: {stats.optimizer_groups_on_host} groups in RAM, "
               f"{stats.optimizer_groups_on_nvme} on NVMe{f' ({config.nvme_dir})' if config.nvme_dir else ''}; "
               f"host buffers {stats.host_bytes_in_use / 2**20:.0f} MiB")
@@ -164,11 +175,11 @@ def run(args: argparse.Namespace) -> int:
         elif args.init_from:
             offload.load_pretrained(engine, args.init_from)
             print(f"  weights from {args.init_from}")
-        losses = _train(engine, args, tokens, first)
+        losses = _train(engine, args, tokens, first, launch)
         if args.checkpoint_dir and (not args.checkpoint_every or args.steps % args.checkpoint_every):
             engine.save(args.checkpoint_dir, extra={"step": args.steps})
         _summary(engine, args, losses)
-        if timeline is not None:
+        if timeline is not None and launch.main:
             timeline.save(args.timeline)
             print(f"timeline written to {args.timeline}")
         return 0
@@ -180,20 +191,26 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 130
     finally:
-        if engine is not None:
-            engine.close()
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+        try:
+            if engine is not None:
+                engine.close()  # (collective with several ranks: the weights come back into every rank's model)
+        finally:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+            launch.stop()
+            if not launch.main:
+                sys.stdout.close()
+                sys.stdout = sys.__stdout__
 
 
 def _has_checkpoint(path: str) -> bool:
     return (Path(path) / "CURRENT").exists()
 
 
-def _train(engine, args: argparse.Namespace, tokens: torch.Tensor, first: int) -> list[float]:
+def _train(engine, args: argparse.Namespace, tokens: torch.Tensor, first: int, launch: Launch) -> list[float]:
     from tqdm import tqdm
 
-    interactive = sys.stdout.isatty()
+    interactive = sys.stdout.isatty() and launch.main
     process = psutil.Process()
     bar = tqdm(total=args.steps, initial=first, disable=not interactive, unit="step", dynamic_ncols=True)
     losses = []
@@ -202,17 +219,17 @@ def _train(engine, args: argparse.Namespace, tokens: torch.Tensor, first: int) -
         for step in range(first, args.steps):
             start = time.perf_counter()
             engine.lr = learning_rate(step, args.steps, args.lr)
-            ids = batch_at(tokens, step, args.batch, args.seq_len, args.seed)
+            ids = launch.share(batch_at(tokens, step, args.batch, args.seq_len, args.seed))
             loss = engine(input_ids=ids, labels=ids).loss
             engine.backward(loss)
             info = engine.step()
-            losses.append(loss.item())
+            losses.append(launch.mean(loss.item()))  # the loss of the global batch
             elapsed = time.perf_counter() - start
             now = engine.stats()
             # Engine totals, not StepInfo: an overlapped step's optimizer time and NVMe bytes are added to the
             # totals when it completes (during the next step), so in steady state each line shows one step's.
             report = StepReport(
-                step=info.step, loss=losses[-1], tokens_per_s=ids.numel() / elapsed, step_s=elapsed,
+                step=info.step, loss=losses[-1], tokens_per_s=ids.numel() * launch.world / elapsed, step_s=elapsed,
                 fetch_wait_s=now.fetch_wait_s - before.fetch_wait_s,
                 optimizer_s=(now.optimizer_adam_s + now.optimizer_io_wait_s
                              - before.optimizer_adam_s - before.optimizer_io_wait_s),

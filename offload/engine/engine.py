@@ -179,7 +179,8 @@ class Engine:
         staging size and the host bytes still to be allocated for weights and that staging."""
         config, res, lowp_bytes = self.config, self._res, self._lowp_bytes
         largest_param = max(s.numel for g in self.groups for s in g.slots) * lowp_bytes
-        grad_staging = staging_ring_bytes(largest_param) if self.device.type == "cuda" else 0
+        # (several ranks reduce the gradients on the device and copy shards: no staging ring)
+        grad_staging = staging_ring_bytes(largest_param) if self.device.type == "cuda" and not self.ranks.many else 0
         # Host buffers of the parameters that are allocated after the plan: charge them first.
         weights_host = 0
         if config.params == "cpu":  # the homes: this rank's shards

@@ -55,15 +55,40 @@ class Ranks:
     def many(self) -> bool:
         return self.world > 1
 
+    # Note [gloo without scratch]: gloo's reduce_scatter and all_gather allocate host buffers the size of the
+    # whole input on every call; glibc then keeps that memory (its mmap threshold rises to the size freed), so
+    # a rank's RSS grew by several groups' worth, which is what partitioning is meant to save. On gloo the
+    # same results therefore come from one collective per rank's shard that works in place: a ``reduce``
+    # into the owner's part of the buffer, a ``broadcast`` from each owner's part. NCCL works in device
+    # memory the caching allocator reuses: there the fused collectives are used.
     def reduce_scatter_mean(self, shard_out: torch.Tensor, full: torch.Tensor) -> None:
-        """``shard_out`` = this rank's 1/world of the mean over ranks of ``full`` (equal-sized shards)."""
-        _reduce_scatter_single(shard_out, full, group=self.group)
+        """``shard_out`` = this rank's 1/world of the mean over ranks of ``full`` (equal-sized shards);
+        ``full`` is clobbered."""
+        if self._gloo:
+            n = shard_out.numel()
+            for r in range(self.world):
+                dist.reduce(full[r * n:(r + 1) * n], dst=self._global_rank(r), group=self.group)
+            shard_out.copy_(full[self.rank * n:(self.rank + 1) * n])
+        else:
+            _reduce_scatter_single(shard_out, full, group=self.group)
         shard_out.div_(self.world)
 
     def all_gather(self, full_out: torch.Tensor, shard: torch.Tensor) -> None:
         """Rank r's ``shard`` into elements [r * len, (r + 1) * len) of ``full_out`` on every rank. ``shard``
         may be this rank's part of ``full_out`` itself."""
-        _all_gather_single(full_out, shard, group=self.group)
+        if self._gloo:
+            n = shard.numel()
+            mine = full_out[self.rank * n:(self.rank + 1) * n]
+            if mine.data_ptr() != shard.data_ptr():
+                mine.copy_(shard)
+            for r in range(self.world):
+                dist.broadcast(full_out[r * n:(r + 1) * n], src=self._global_rank(r), group=self.group)
+        else:
+            _all_gather_single(full_out, shard, group=self.group)
+
+    @property
+    def _gloo(self) -> bool:
+        return self.device.type == "cpu"  # (resolve: the CPU device runs on gloo, CUDA on NCCL)
 
     def sum(self, value: torch.Tensor) -> torch.Tensor:
         """The sum over ranks of ``value`` (any device; returned on the CPU)."""

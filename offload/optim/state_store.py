@@ -147,8 +147,7 @@ class OptimizerStateStore:
 
     def read_master(self, state: GroupState) -> torch.Tensor:
         """A new fp32 CPU tensor with the group's master weights (this rank's shard). For an NVMe group this
-        reads through staging
-        slot 0, so it must not run while a step is in progress."""
+        reads through staging slot 0, so it must not run while a step is in progress."""
         if state.placement is StatePlacement.HOST:
             return split_state(state.state_host.view(torch.float32), state.group.shard_numel)[0].clone()
         master = torch.empty(state.group.shard_numel, dtype=torch.float32)
