@@ -69,7 +69,10 @@ def _train(rank: int, world: int, job: dict) -> dict:
     losses = []
     # Host memory the engine adds: its peak RSS over the RSS with the model built (ru_maxrss is in KiB)
     result: dict = {"rss_before": psutil.Process().memory_info().rss}
-    with offload.Engine(model, config, **job.get("engine", {})) as engine:
+    engine_kw = dict(job.get("engine", {}))
+    if job.get("own_group"):  # a process group passed in, not the default one
+        engine_kw["process_group"] = dist.new_group(ranks=list(range(world)))
+    with offload.Engine(model, config, **engine_kw) as engine:
         result["rss_state"] = psutil.Process().memory_info().rss  # built and filled, before any training
         if job.get("load"):
             engine.load(job["load"])

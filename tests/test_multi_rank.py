@@ -69,13 +69,14 @@ def test_two_ranks_match_one_process_on_the_global_batch(params, optimizer, tmp_
 @pytest.mark.parametrize("params, optimizer, variant", [
     ("nvme", "cpu", {"micro": 2, "unused": True}),
     ("cpu", "nvme", {"meta": True, "backward_step": True}),
-    ("nvme", "nvme", {"backward_step": True, "micro": 2}),
+    ("nvme", "nvme", {"backward_step": True, "micro": 2, "own_group": True}),
 ])
 def test_two_ranks_accumulation_unused_parameters_meta_init_and_backward_step(params, optimizer, variant,
                                                                                tmp_path):
     """Micro-batches accumulate into the shards; a group that never completes (a parameter without gradient)
     is reduced when backward ends and that parameter is left alone; a model built on the meta device is
-    materialised shard by shard; backward_step updates each shard as its group's reduction lands."""
+    materialised shard by shard; backward_step updates each shard as its group's reduction lands; a process
+    group passed to the engine is used instead of the default one."""
     steps, rows = 8, 4
     clip = None if variant.get("backward_step") else 1.0
     ref_losses, ref_state = reference(steps, rows, max_grad_norm=clip, **variant)
@@ -125,12 +126,20 @@ def test_save_with_two_ranks_export_resume_and_load_anywhere(tmp_path):
     for result in resumed:
         assert_matches(first[0]["losses"] + result["losses"], result["state"], ref_losses, ref_state, rtol=1e-5)
 
-    # one process loads the two ranks' shards (re-partitioned: it owns every element)
+    # one process loads the two ranks' shards (re-partitioned: it owns every element), and its own
+    # single-file checkpoint of them resumes on two ranks just the same
     single = offload.Config(**{**config, "nvme_dir": str(tmp_path / "nvme1")})
     with offload.Engine(tiny_llama(layers=4), single, **engine_kw) as engine:
         engine.load(ckpt)
         for key, value in engine.state_dict().items():
             torch.testing.assert_close(value, saved_state[key], rtol=0, atol=0, msg=lambda m: f"{key}: {m}")
+        engine.save(tmp_path / "ckpt1")
+    again = run_ranks({"steps": steps, "skip": 6, "rows": rows, "config": config, "engine": engine_kw,
+                       "load": str(tmp_path / "ckpt1")}, tmp_path)
+    for result, before in zip(again, resumed):
+        assert result["losses"] == before["losses"]
+        for key, value in result["state"].items():
+            torch.testing.assert_close(value, before["state"][key], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

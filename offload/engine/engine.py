@@ -118,6 +118,11 @@ class Engine:
             raise
         attach()  # nothing above changed the model; this (which cannot fail) does
         _ENGINE_OF[model] = weakref.ref(self)
+        # Bringing offloaded weights back gathers them from every rank: only an explicit close(), which every
+        # rank calls, may do that. An engine of several ranks that is collected (or reaches interpreter exit)
+        # unclosed leaves meta tensors instead of issuing a collective the other ranks never join.
+        if self.ranks.many:
+            self._res.keep_weights = False
         # An engine dropped without close() still removes its hooks and swap files (the hooks hold the
         # gradient stream, not the engine, so the engine can be collected).
         self._finalizer = weakref.finalize(self, self._res.release)
@@ -723,7 +728,9 @@ class Engine:
         afterwards. Idempotent. With offloaded parameters, ``keep_weights`` decides whether their current
         weights go back into the model (which then works on its own) or the parameters become meta tensors
         (no memory; save or export first). The default keeps them unless that would exceed
-        ``host_memory_limit`` (a model larger than the host budget is never brought into RAM whole)."""
+        ``host_memory_limit`` (a model larger than the host budget is never brought into RAM whole). With
+        several ranks and offloaded parameters, keeping the weights gathers them: every rank must call it (an
+        engine of several ranks dropped without ``close()`` leaves meta tensors)."""
         if self._closed:
             return
         if isinstance(self.weights, OffloadedParams):
