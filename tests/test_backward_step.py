@@ -147,3 +147,77 @@ def test_state_read_ahead_gives_way_to_checkpoints_and_state_dict(tmp_path):
 
     plain, interrupted = train(False), train(True)
     assert all(torch.equal(plain[k], interrupted[k]) for k in plain)
+
+
+def test_update_queue_runs_the_most_urgent_pending_update_first():
+    """While one update runs, those submitted meanwhile wait; the thread then takes them lowest priority first
+    (ties in submission order), and reports which one it would take next."""
+    import threading
+    from types import SimpleNamespace
+
+    from offload.optim.group_stepper import StepCounters
+    from offload.optim.update_queue import UpdateQueue
+
+    gate, ran = threading.Event(), []
+
+    def run_one(update, ready):
+        if not ran:
+            gate.wait(10)
+        ran.append(update.name)
+        return StepCounters(adam_s=1.0)
+
+    urgency = {"deep": 5, "mid": 3, "mid2": 3, "shallow": 0}
+    queue = UpdateQueue(run_one, priority=lambda u: urgency[u.name])
+    make = lambda name: SimpleNamespace(name=name)  # noqa: E731
+    queue.submit(make("deep"))  # the thread takes it at once and blocks on the gate
+    while queue.next_pending() is not None:
+        pass
+    for name in ("mid", "deep", "shallow", "mid2"):
+        queue.submit(make(name))
+    assert queue.next_pending().name == "shallow"
+    queue.close()
+    gate.set()
+    assert queue.wait().adam_s == 5.0
+    assert ran == ["deep", "shallow", "mid", "mid2", "deep"]
+
+
+@pytest.mark.parametrize("where", ["step", "backward_step"])
+def test_an_interrupted_step_fails_the_engine_and_close_neither_hangs_nor_loses_weights(where, tmp_path,
+                                                                                        monkeypatch):
+    """Ctrl-C at the worst moment: after the groups were announced as being updated but before any update
+    ran. The engine refuses to go on, and close() returns (no fetch waits for an update that never comes)
+    with the model holding the weights of the last completed step."""
+    import threading
+
+    from offload.optim.background_step import BackgroundStep
+    from offload.optim.update_queue import UpdateQueue
+
+    config = offload.Config(device="cpu", dtype="fp32", params="nvme", optimizer="nvme", nvme_dir=tmp_path,
+                            prefetch_layers=1)
+    data = batches("llama", 2, micro=1)
+    engine = offload.Engine(tiny_llama(layers=4), config, lr=3e-3)
+    engine.backward(loss_of("llama", engine, data[0][0]))
+    engine.step()
+    before = {k: v.clone() for k, v in engine.state_dict().items()}
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if where == "step":
+        monkeypatch.setattr(BackgroundStep, "start", interrupt)
+        engine.backward(loss_of("llama", engine, data[1][0]))
+        with pytest.raises(KeyboardInterrupt):
+            engine.step()
+    else:
+        monkeypatch.setattr(UpdateQueue, "submit", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            engine.backward_step(loss_of("llama", engine, data[1][0]))
+    if where == "step":
+        with pytest.raises(RuntimeError, match="interrupted"):
+            engine.backward(loss_of("llama", engine, data[1][0]))
+    closing = threading.Thread(target=engine.close)
+    closing.start()
+    closing.join(60)
+    assert not closing.is_alive(), "close() hangs"
+    for key, value in engine.model.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0, msg=lambda m: f"{key}: {m}")

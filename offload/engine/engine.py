@@ -354,12 +354,16 @@ class Engine:
                 # torch.nn.utils.clip_grad_norm_, in fp32 as it does: max_norm / (norm + 1e-6), clamped at 1
                 clip = float(torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0))
             updates = [self._update_of(g) for g in self._update_order()]
-            self._count_step()
             overlapped = self._scheduler is not None
-            if overlapped:
-                self.weights.release_all()  # e.g. after a forward that raised: the update needs every group home
-                counters = self._launch(updates, clip / scale)
-            else:
+            try:
+                self._count_step()
+                if overlapped:
+                    self.weights.release_all()  # e.g. after a forward that raised: every group must be home
+                    counters = self._launch(updates, clip / scale)
+            except KeyboardInterrupt:  # step counts and launched updates may disagree now
+                self._failed = "a step was interrupted part-way (KeyboardInterrupt)"
+                raise
+            if not overlapped:
                 self.weights.begin_step()
                 counters = self._run_updates(updates, clip / scale)
                 self._add_counters(counters)
@@ -391,6 +395,11 @@ class Engine:
     #   update at a time; nothing else uses the optimizer's staging during backward); gradients on NVMe are
     #   excluded, since their accumulators are written out only when backward ends;
     # - the gradients of this backward only: an accumulation started by backward() takes the plain path.
+    # With offloaded weights the queue runs the most urgent pending update first: the group the next forward
+    # needs first. Gradients come deepest group first, and when the disk cannot keep up with backward a
+    # backlog of deep groups builds; the shallow groups, whose gradients come last and whose weights the next
+    # forward needs first, then go ahead of it, and the deep groups' updates run under the next forward,
+    # each before that forward fetches its group (``expect_update``). Same updates, another order.
     # Groups left incomplete (a parameter without gradient) are updated after backward. The result is the
     # same as ``backward(); step()``: the same kernel on the same inputs, group by group.
     def backward_step(self, loss: torch.Tensor) -> StepInfo:
@@ -410,11 +419,16 @@ class Engine:
         start = time.perf_counter()
         offloaded = isinstance(self.weights, OffloadedParams)
         submitted: dict[int, GroupUpdate] = {}
-        expect_next = self._expected_next()
+        made: list[UpdateQueue] = []  # the queue, once built: the read-ahead asks it what runs next
+        expect_next = self._expected_next(lambda: made[0].next_pending() if made else None)
+        urgency = {g: i for i, g in enumerate(self._update_order())}  # position in the next forward
         queue = UpdateQueue(lambda update, copies: self._run_updates([update], 1.0, keep_order=True, ready=copies,
                                                                      read_ahead=expect_next),
                             on_start=lambda: self._preload(expect_next([])),
-                            at_exit=self._read_ahead_for_next_step)
+                            at_exit=self._read_ahead_for_next_step,
+                            priority=(lambda update: urgency[update.state.group.index]) if offloaded else None)
+        made.append(queue)
+        self._res.inflight = queue  # whatever interrupts from here on, close() closes and joins it
 
         def ready(g: int, copies: list[torch.cuda.Event]) -> None:
             if not any(self._grads.received[g]):
@@ -423,8 +437,8 @@ class Engine:
             if offloaded:
                 self.weights.expect_update([g], drain=False)
                 self._mark_updated_when_home(update)
-            submitted[g] = update
             queue.submit(update, copies)
+            submitted[g] = update  # (after: a group that never reached the queue was not updated)
 
         if not offloaded:
             self.weights.begin_step()
@@ -444,6 +458,8 @@ class Engine:
                 pass  # the backward's error is the one to report
             if submitted:
                 self._fail("backward_step failed after updating some groups")
+            elif offloaded:  # no update was handed over: nothing will mark a group updated
+                self.weights.settle_updates()
             raise
         finally:
             self._grads.on_group_ready = None
@@ -457,6 +473,7 @@ class Engine:
             counters = self._planned_counters(list(submitted.values()))
         else:
             counters = queue.wait()
+            self._res.inflight = None
             self._add_counters(counters)
             self.weights.finish_step()
             self._gather_device_weights(list(submitted.values()))
@@ -474,14 +491,19 @@ class Engine:
         if self.ranks.many:
             self.weights.gather(sorted(u.state.group.index for u in updates))
 
-    def _expected_next(self) -> Callable[[list[GroupUpdate]], GroupState | None]:
+    def _expected_next(self, pending: Callable[[], GroupUpdate | None]
+                       ) -> Callable[[list[GroupUpdate]], GroupState | None]:
         """For a backward_step's state read-ahead (Note [state read-ahead], group_stepper.py): called with the
-        updates just done, returns the state of the group expected next, in the order the last backward_step's
-        groups came in (a group that comes out of order is simply read when it comes)."""
+        updates just done, returns the state of the group expected next: the update ``pending()`` says the
+        queue takes next, or when none is waiting, the next group in the order the last backward_step's
+        groups came in (a group that comes otherwise is simply read when it comes)."""
         order, done = list(self._arrival_order), set()
 
         def expect_next(updates: list[GroupUpdate]) -> GroupState | None:
             done.update(u.state.group.index for u in updates)
+            waiting = pending()
+            if waiting is not None:
+                return waiting.state
             upcoming = next((g for g in order if g not in done), None)
             return None if upcoming is None else self.store.states[upcoming]
         return expect_next
@@ -530,11 +552,15 @@ class Engine:
 
     def _launch(self, updates: list[GroupUpdate], grad_scale: float) -> StepCounters:
         """Starts the overlapped step; returns what is known now (bytes to move, groups on NVMe)."""
-        self.weights.expect_update([u.state.group.index for u in updates])
         for update in updates:
             self._mark_updated_when_home(update)
         work = partial(self._run_updates, updates, grad_scale, keep_order=True)  # the next forward's order
-        self._inflight = self._res.inflight = BackgroundStep(work)
+        step = BackgroundStep(work)
+        # Recorded before it starts: whatever interrupts from here on, close() joins this step (and then lets
+        # fetches stop waiting for updates that will never come, EngineResources.release).
+        self._inflight = self._res.inflight = step
+        self.weights.expect_update([u.state.group.index for u in updates])
+        step.start()
         return self._planned_counters(updates)
 
     def _mark_updated_when_home(self, update: GroupUpdate) -> None:
@@ -559,10 +585,16 @@ class Engine:
         """Waits for an overlapped step; its failure becomes this call's (and marks the engine failed). Unless
         ``keep_read_ahead`` (training calls), also waits for and drops state reads begun for the next
         backward_step (Note [state read-ahead]): what follows may use the staging slots itself."""
-        inflight, self._inflight = self._inflight, None
+        inflight = self._inflight
         if inflight is not None:
-            self._res.inflight = None
-            self._add_counters(inflight.wait())
+            try:
+                counters = inflight.wait()
+            except BaseException:
+                if inflight.done():  # the step itself failed, and is over
+                    self._inflight = self._res.inflight = None
+                raise  # (interrupted while waiting: the step still runs, and close() joins it)
+            self._inflight = self._res.inflight = None
+            self._add_counters(counters)
         if not keep_read_ahead and getattr(self, "_stepper", None) is not None:
             self._stepper.discard_preload()
 

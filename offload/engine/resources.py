@@ -40,27 +40,35 @@ class EngineResources:
     def _restore_model(self) -> None:
         """Offloaded parameters get their weights back in real storage: the model works without the engine.
         Unless ``keep_weights`` is False: they then become meta tensors (shapes only, no memory)."""
-        if not self.keep_weights:
-            self.weights.release_all()
-            for group in self.weights.groups:
-                for slot in group.slots:
-                    torch.utils.swap_tensors(slot.param, nn.Parameter(torch.empty(slot.shape, dtype=slot.param.dtype,
-                                                                                  device="meta"),
-                                                                      requires_grad=slot.param.requires_grad))
-            return
-        try:
-            self.weights.materialize()
-        except Exception as e:  # a failed engine may not manage; the model is then unusable, say so
-            log.warning("offload: could not bring the offloaded weights back into the model (%s); the model's "
-                        "offloaded parameters are empty", e)
+        if self.keep_weights:
+            try:
+                self.weights.materialize()
+                return
+            except Exception as e:  # a failed engine may not manage; the model is then unusable, say so
+                log.warning("offload: could not bring the offloaded weights back into the model (%s); its "
+                            "offloaded parameters are now meta tensors", e)
+        # (never views of released storage: reading those would read freed memory)
+        self.weights.release_all()
+        for group in self.weights.groups:
+            for slot in group.slots:
+                torch.utils.swap_tensors(slot.param, nn.Parameter(torch.empty(slot.shape, dtype=slot.param.dtype,
+                                                                              device="meta"),
+                                                                  requires_grad=slot.param.requires_grad))
 
     def release(self) -> None:
         if self.inflight is not None:
+            close = getattr(self.inflight, "close", None)
+            if close is not None:  # an UpdateQueue left open by an interrupted backward_step: no more updates
+                close()
             try:
                 self.inflight.wait()  # nothing below may be freed while the step still uses it
             except BaseException:  # already reported to the caller, or about to be dropped with the engine
                 pass
             self.inflight = None
+        if isinstance(self.weights, OffloadedParams):
+            # No update runs any more; one that was announced (expect_update) but interrupted before it ran
+            # never will, and the weights at home are then the last ones written: fetches need not wait.
+            self.weights.settle_updates()
         try:
             if self.stepper is not None:
                 self.stepper.discard_preload()

@@ -195,6 +195,12 @@ class OffloadedParams:
     def mark_updated(self, g: int) -> None:
         self._updated[g].set()
 
+    def settle_updates(self) -> None:
+        """No update is running or will run (the caller has joined the step): fetches stop waiting for updates
+        that were announced but never happened (a step interrupted before it started)."""
+        for event in self._updated:
+            event.set()
+
     def abort_updates(self, reason: str) -> None:
         """The overlapped step failed: nobody may wait for its updates any longer."""
         self._step_failure = reason
