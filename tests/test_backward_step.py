@@ -149,38 +149,6 @@ def test_state_read_ahead_gives_way_to_checkpoints_and_state_dict(tmp_path):
     assert all(torch.equal(plain[k], interrupted[k]) for k in plain)
 
 
-def test_update_queue_runs_the_most_urgent_pending_update_first():
-    """While one update runs, those submitted meanwhile wait; the thread then takes them lowest priority first
-    (ties in submission order), and reports which one it would take next."""
-    import threading
-    from types import SimpleNamespace
-
-    from offload.optim.group_stepper import StepCounters
-    from offload.optim.update_queue import UpdateQueue
-
-    gate, ran = threading.Event(), []
-
-    def run_one(update, ready):
-        if not ran:
-            gate.wait(10)
-        ran.append(update.name)
-        return StepCounters(adam_s=1.0)
-
-    urgency = {"deep": 5, "mid": 3, "mid2": 3, "shallow": 0}
-    queue = UpdateQueue(run_one, priority=lambda u: urgency[u.name])
-    make = lambda name: SimpleNamespace(name=name)  # noqa: E731
-    queue.submit(make("deep"))  # the thread takes it at once and blocks on the gate
-    while queue.next_pending() is not None:
-        pass
-    for name in ("mid", "deep", "shallow", "mid2"):
-        queue.submit(make(name))
-    assert queue.next_pending().name == "shallow"
-    queue.close()
-    gate.set()
-    assert queue.wait().adam_s == 5.0
-    assert ran == ["deep", "shallow", "mid", "mid2", "deep"]
-
-
 @pytest.mark.parametrize("where", ["step", "backward_step"])
 def test_an_interrupted_step_fails_the_engine_and_close_neither_hangs_nor_loses_weights(where, tmp_path,
                                                                                         monkeypatch):

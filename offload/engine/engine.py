@@ -395,11 +395,6 @@ class Engine:
     #   update at a time; nothing else uses the optimizer's staging during backward); gradients on NVMe are
     #   excluded, since their accumulators are written out only when backward ends;
     # - the gradients of this backward only: an accumulation started by backward() takes the plain path.
-    # With offloaded weights the queue runs the most urgent pending update first: the group the next forward
-    # needs first. Gradients come deepest group first, and when the disk cannot keep up with backward a
-    # backlog of deep groups builds; the shallow groups, whose gradients come last and whose weights the next
-    # forward needs first, then go ahead of it, and the deep groups' updates run under the next forward,
-    # each before that forward fetches its group (``expect_update``). Same updates, another order.
     # Groups left incomplete (a parameter without gradient) are updated after backward. The result is the
     # same as ``backward(); step()``: the same kernel on the same inputs, group by group.
     def backward_step(self, loss: torch.Tensor) -> StepInfo:
@@ -419,15 +414,11 @@ class Engine:
         start = time.perf_counter()
         offloaded = isinstance(self.weights, OffloadedParams)
         submitted: dict[int, GroupUpdate] = {}
-        made: list[UpdateQueue] = []  # the queue, once built: the read-ahead asks it what runs next
-        expect_next = self._expected_next(lambda: made[0].next_pending() if made else None)
-        urgency = {g: i for i, g in enumerate(self._update_order())}  # position in the next forward
+        expect_next = self._expected_next()
         queue = UpdateQueue(lambda update, copies: self._run_updates([update], 1.0, keep_order=True, ready=copies,
                                                                      read_ahead=expect_next),
                             on_start=lambda: self._preload(expect_next([])),
-                            at_exit=self._read_ahead_for_next_step,
-                            priority=(lambda update: urgency[update.state.group.index]) if offloaded else None)
-        made.append(queue)
+                            at_exit=self._read_ahead_for_next_step)
         self._res.inflight = queue  # whatever interrupts from here on, close() closes and joins it
 
         def ready(g: int, copies: list[torch.cuda.Event]) -> None:
@@ -491,19 +482,14 @@ class Engine:
         if self.ranks.many:
             self.weights.gather(sorted(u.state.group.index for u in updates))
 
-    def _expected_next(self, pending: Callable[[], GroupUpdate | None]
-                       ) -> Callable[[list[GroupUpdate]], GroupState | None]:
+    def _expected_next(self) -> Callable[[list[GroupUpdate]], GroupState | None]:
         """For a backward_step's state read-ahead (Note [state read-ahead], group_stepper.py): called with the
-        updates just done, returns the state of the group expected next: the update ``pending()`` says the
-        queue takes next, or when none is waiting, the next group in the order the last backward_step's
-        groups came in (a group that comes otherwise is simply read when it comes)."""
+        updates just done, returns the state of the group expected next, in the order the last backward_step's
+        groups came in (a group that comes out of order is simply read when it comes)."""
         order, done = list(self._arrival_order), set()
 
         def expect_next(updates: list[GroupUpdate]) -> GroupState | None:
             done.update(u.state.group.index for u in updates)
-            waiting = pending()
-            if waiting is not None:
-                return waiting.state
             upcoming = next((g for g in order if g not in done), None)
             return None if upcoming is None else self.store.states[upcoming]
         return expect_next
