@@ -18,6 +18,7 @@ import torch
 
 from offload.engine.grad_stream import staging_ring_bytes
 from offload.engine.grad_swap import GRAD_SWAP_BUFFERS
+from offload.layout.flat_group import GROUP_ALIGN_ELEMENTS
 from offload.optim.state_store import FP32_BYTES, STATE_PARTS, staging_bytes
 from offload.schedule.offloaded_params import WRITEBACK_SLOTS
 from offload.storage.host_pool import HostPool
@@ -135,16 +136,22 @@ def activation_bytes(shape: ModelShape, batch: int, seq_len: int, dtype_bytes: i
 # none extra for fp32, which aliases the master) or the resident groups. The peak RSS is the larger of two moments:
 # building the engine (the process as it is, the model's fp32 parameters as built in RAM, every host buffer and the
 # device weights) and training (the process, the buffers, the resident weights, and the activations with backward's
-# working set).
+# working set). With several ranks every figure is one rank's: the host buffers, swap files and NVMe traffic are
+# those of its shard of each group (Note [rank shards]), while the model as built, the device weights and the
+# activations are per process, and the gradient reduction adds two fp32 buffers of the largest group on the
+# device (RAM on the CPU device).
 
 def estimate(shape: ModelShape, params: str, optimizer: str, gradients: str = "host", *, dtype: str = "bf16",
              device: str = "cpu",
              batch: int = 1, seq_len: int = 512, prefetch: int = 2, device_memory_limit: int | None = None,
-             base_rss: int | None = None, model_in_ram: bool = True) -> Estimate:
+             base_rss: int | None = None, model_in_ram: bool = True, ranks: int = 1) -> Estimate:
+    """One rank's figures when ``ranks`` share the state (one process: 1); see Note [what the estimate counts]."""
     element = {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
     cuda = device.startswith("cuda")
     in_state = dtype == "fp32" and params == "nvme" and optimizer == "nvme"  # weights = the masters on NVMe
-    numels = shape.group_numels
+    align = GROUP_ALIGN_ELEMENTS * ranks
+    whole = [-(-n // align) * align if ranks > 1 else n for n in shape.group_numels]  # padded for the ranks
+    numels = [n // ranks for n in whole]                          # this rank's shard of each
     largest = max(numels)
     mapped = HostPool.mapped_size
     parts: dict[str, int] = {}
@@ -164,20 +171,21 @@ def estimate(shape: ModelShape, params: str, optimizer: str, gradients: str = "h
         writeback = 0 if in_state else WRITEBACK_SLOTS
         parts["weight fetch and write-back slots"] = ((prefetch + 1) * shape.use_width + writeback) * slot
     elif params == "device" and cuda and dtype != "fp32":
-        parts["pinned weights for upload"] = sum(mapped(element * n) for n in numels)
-    if cuda:
+        parts["pinned weights for upload"] = sum(mapped(element * n) for n in whole)  # (whole groups)
+    if cuda and ranks == 1:  # (several ranks reduce on the device and copy shards)
         parts["gradient staging ring"] = mapped(staging_ring_bytes(shape.largest_param * element))
     pool = sum(parts.values())
+    reduction = 2 * FP32_BYTES * max(whole) if ranks > 1 else 0  # ShardReducer's buffers, on the device
 
     all_weights = shape.numel * element + shape.frozen_numel * element
     if params == "device":
         device_weights = all_weights
     else:
-        resident = (prefetch + 1) * shape.use_width * largest * element + shape.frozen_numel * element
+        resident = (prefetch + 1) * shape.use_width * max(whole) * element + shape.frozen_numel * element
         device_weights = min(resident, device_memory_limit) if device_memory_limit else resident
     activations = activation_bytes(shape, batch, seq_len, element)
-    weights_in_ram = 0 if cuda else (0 if params == "device" and dtype == "fp32" and optimizer == "cpu"
-                                     else device_weights)
+    aliased = params == "device" and dtype == "fp32" and optimizer == "cpu" and ranks == 1  # the master
+    weights_in_ram = 0 if cuda else (0 if aliased else device_weights) + reduction
     base = psutil.Process().memory_info().rss if base_rss is None else base_rss
     model_fp32 = FP32_BYTES * (shape.numel + shape.frozen_numel) if model_in_ram else 0
     at_build = base + model_fp32 + pool + (weights_in_ram if params == "device" else 0)
@@ -190,18 +198,22 @@ def estimate(shape: ModelShape, params: str, optimizer: str, gradients: str = "h
     if gradients == "nvme":
         disk += sum(_file(FP32_BYTES * n) for n in numels)
     read = written = 0
+    share = shape.numel if ranks == 1 else sum(numels)  # this rank's elements
     if optimizer == "nvme":
-        read += STATE_PARTS * FP32_BYTES * shape.numel
-        written += STATE_PARTS * FP32_BYTES * shape.numel
+        read += STATE_PARTS * FP32_BYTES * share
+        written += STATE_PARTS * FP32_BYTES * share
     if params == "nvme":
-        read += 2 * element * shape.numel    # fetched in forward and again in backward
+        read += 2 * element * share    # fetched in forward and again in backward
         if not in_state:
-            written += element * shape.numel  # the new weights, written back once (else the state write is it)
-    if gradients == "nvme":                  # written after backward, read by the optimizer (one micro-batch)
-        read += FP32_BYTES * shape.numel
-        written += FP32_BYTES * shape.numel
+            written += element * share  # the new weights, written back once (else the state write is it)
+    if gradients == "nvme":            # written after backward, read by the optimizer (one micro-batch)
+        read += FP32_BYTES * share
+        written += FP32_BYTES * share
     parts.update({"base process": base, "model as built (fp32)": model_fp32, "activations": activations})
-    return Estimate(params, optimizer, gradients, device, device_bytes=device_weights + (activations if cuda else 0),
+    if ranks > 1:
+        parts["gradient reduction buffers (device)"] = reduction
+    return Estimate(params, optimizer, gradients, device,
+                    device_bytes=device_weights + (activations + reduction if cuda else 0),
                     host_pool_bytes=pool, host_peak_bytes=max(at_build, in_training), disk_bytes=disk,
                     nvme_read_per_step=read, nvme_written_per_step=written, parts=parts)
 

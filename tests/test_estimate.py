@@ -65,6 +65,19 @@ def test_parameter_counts_and_assumed_shapes():
         assert not shape.exact_groups
 
 
+def test_with_ranks_each_rank_needs_its_share():
+    """--ranks N: host buffers, swap files and NVMe traffic of one rank's shard; the device side is per
+    process, plus the gradient reduction's buffers (tests/test_multi_rank.py checks it against real ranks)."""
+    shape = shape_from_count(1_000_000_000)
+    for p, o, g in PLACEMENTS:
+        one = estimate(shape, p, o, g, base_rss=0, device="cuda")
+        four = estimate(shape, p, o, g, base_rss=0, device="cuda", ranks=4)
+        assert four.nvme_read_per_step == pytest.approx(one.nvme_read_per_step / 4, rel=0.01)
+        assert four.disk_bytes == pytest.approx(one.disk_bytes / 4, rel=0.01)
+        assert four.host_pool_bytes < one.host_pool_bytes / 2
+        assert four.device_bytes > one.device_bytes  # (+ the reduction buffers)
+
+
 def test_recommendation_is_the_fastest_placement_that_fits():
     shape = shape_from_count(1_000_000_000)
     estimates = [estimate(shape, p, o, g, base_rss=0) for p, o, g in PLACEMENTS]

@@ -197,6 +197,14 @@ def test_each_rank_holds_half_of_the_state(tmp_path):
         assert state_rss <= 0.5 * state_rss_single + fixed, \
             f"state RSS {state_rss / 2**20:.0f} MiB on a rank vs {state_rss_single / 2**20:.0f} MiB alone"
         assert result["peak_rss"] < single["peak_rss"]
+    # offload estimate --ranks 2 predicts each rank's host buffers
+    from offload.estimate import estimate, shape_from_model
+
+    predicted = estimate(shape_from_model(model, "test"), "cpu", "cpu", dtype="fp32", device="cpu", ranks=WORLD)
+    for result in results:
+        assert predicted.host_pool_bytes == pytest.approx(result["stats"].host_bytes_peak, rel=0.01)
+    alone = estimate(shape_from_model(model, "test"), "cpu", "cpu", dtype="fp32", device="cpu")
+    assert alone.host_pool_bytes == pytest.approx(single["stats"].host_bytes_peak, rel=0.01)
 
 
 def test_two_ranks_load_pretrained_weights_into_their_shards(tmp_path):

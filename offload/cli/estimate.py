@@ -17,7 +17,8 @@ EXAMPLES = """examples:
   offload estimate --model medium                       # a preset of offload train
   offload estimate --model path/to/config.json --batch 4 --seq-len 2048 --device cuda
   offload estimate --model 7B --ram 64GiB --gpu 24GiB --disk 500GiB
-  offload estimate --model large --config offload.toml  # with offload tune's bandwidths: a disk-time floor"""
+  offload estimate --model large --config offload.toml  # with offload tune's bandwidths: a disk-time floor
+  offload estimate --model 7B --ranks 4 --device cuda   # per rank, 4 GPUs sharing the offloaded state"""
 
 _TUNE_LINE = re.compile(r"#\s*offload tune.*?write_gbs=([0-9.]+)\s+read_gbs=([0-9.]+)")
 
@@ -33,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
     parser.add_argument("--prefetch-layers", type=int, default=2)
+    parser.add_argument("--ranks", type=int, default=1,
+                        help="processes sharing the state (torchrun --nproc-per-node); figures are per rank")
     parser.add_argument("--device-memory-limit", default=None, help="for offloaded parameters (e.g. 2GiB)")
     parser.add_argument("--ram", default=None, help="host RAM to plan for (default: what is available now)")
     parser.add_argument("--gpu", default=None, help="GPU memory to plan for (default: the GPU's, when on cuda)")
@@ -83,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
     from offload.estimate import PLACEMENTS, estimate, recommend
 
-    for flag in ("batch", "seq_len"):
+    for flag in ("batch", "seq_len", "ranks"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')}: must be >= 1; got {getattr(args, flag)}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -108,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
                           nvme_dir) from None
     bandwidth = tuned_bandwidths(args.config)
     estimates = [estimate(shape, p, o, gr, dtype=args.dtype, device=device, batch=args.batch, seq_len=args.seq_len,
-                          prefetch=args.prefetch_layers, device_memory_limit=limit, model_in_ram=args.model_in_ram)
+                          prefetch=args.prefetch_layers, device_memory_limit=limit, model_in_ram=args.model_in_ram,
+                          ranks=args.ranks)
                  for p, o, gr in PLACEMENTS]
     best = recommend(estimates, ram, gpu, disk)
 
@@ -127,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
         return 0 if best else 1
     gib = 2**30
     print(f"{shape.name}: {shape.numel / 1e6:.1f}M trainable parameters in {len(shape.group_numels)} groups, "
-          f"{args.dtype}, {device}, batch {args.batch} x {args.seq_len} tokens")
+          f"{args.dtype}, {device}, batch {args.batch} x {args.seq_len} tokens"
+          + (f" per rank; {args.ranks} ranks, every figure below is one rank's" if args.ranks > 1 else ""))
     print(f"planning for: RAM {ram / gib:.1f} GiB" + (f", GPU {gpu / gib:.1f} GiB" if gpu else "") +
           f", disk {disk / gib:.1f} GiB free in {nvme_dir}")
     where = "GPU" if cuda else "device (RAM)"
