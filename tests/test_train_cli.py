@@ -70,8 +70,11 @@ def test_a_killed_run_resumes_exactly(tmp_path):
 def test_ctrl_c_stops_cleanly_and_removes_swap_files(tmp_path):
     env = dict(os.environ, TMPDIR=str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
+    # (SIGINT back to its default in the child: a shell that starts this suite in the background without job
+    # control ignores SIGINT, the child would inherit that, and Python would then never raise KeyboardInterrupt)
     child = subprocess.Popen([sys.executable, "-m", "offload", "train", "--steps", "100000", "--log-every", "1",
-                              *FAST], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              *FAST], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in child.stdout:
         if line.startswith("step=3 "):
             break
