@@ -75,7 +75,13 @@ def _train(rank: int, world: int, job: dict) -> dict:
     with offload.Engine(model, config, **engine_kw) as engine:
         result["rss_state"] = psutil.Process().memory_info().rss  # built and filled, before any training
         if job.get("load"):
-            engine.load(job["load"])
+            try:
+                engine.load(job["load"])
+            except offload.CheckpointError as e:
+                if not job.get("expect_load_error"):
+                    raise
+                result["load_error"] = str(e)
+                return result
         if job.get("pretrained"):
             offload.load_pretrained(engine, job["pretrained"])
         for micro_batches in step_batches(job)[job.get("skip", 0):]:

@@ -6,6 +6,7 @@ batch: each rank takes half of every batch, and the engine's mean over ranks mus
 
 from __future__ import annotations
 
+import shutil
 import socket
 
 import pytest
@@ -125,6 +126,18 @@ def test_save_with_two_ranks_export_resume_and_load_anywhere(tmp_path):
                          "load": str(ckpt)}, tmp_path)
     for result in resumed:
         assert_matches(first[0]["losses"] + result["losses"], result["state"], ref_losses, ref_state, rtol=1e-5)
+
+    # a corrupt shard: every rank refuses the checkpoint, naming the file (each checksums half of the files)
+    broken = tmp_path / "broken"
+    shutil.copytree(ckpt, broken)
+    victim = next(broken.glob("v-*")) / "exp_avg.rank1.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    refused = run_ranks({"steps": 0, "rows": rows, "config": config, "engine": engine_kw, "load": str(broken),
+                         "expect_load_error": True}, tmp_path)
+    for result in refused:
+        assert "exp_avg.rank1.safetensors: checksum mismatch" in result["load_error"]
 
     # one process loads the two ranks' shards (re-partitioned: it owns every element), and its own
     # single-file checkpoint of them resumes on two ranks just the same

@@ -298,7 +298,7 @@ def _hf_config_json(model: torch.nn.Module) -> str | None:
 
 def load(engine: Engine, path: str, restore_rng: bool) -> dict[str, Any]:
     start = time.perf_counter()
-    version, records = CheckpointDir(path).verify()  # nothing is changed before every byte is known good
+    version, records = _verify(engine, path)  # nothing is changed before every byte is known good
     meta_path = version / META_FILE
     try:
         meta = json.loads(meta_path.read_bytes())
@@ -347,6 +347,23 @@ def load(engine: Engine, path: str, restore_rng: bool) -> dict[str, Any]:
     log.info("offload: loaded step %d from %s (%.2f GB in %.1f s)", step, path, total / 1e9,
              time.perf_counter() - start)
     return extra
+
+
+def _verify(engine: Engine, path: str) -> tuple[Path, dict[str, FileRecord]]:
+    """CheckpointDir.verify; with several ranks each checksums its share of the files and every rank raises
+    the first failure any rank found (collective)."""
+    ranks = engine.ranks
+    if not ranks.many:
+        return CheckpointDir(path).verify()
+    found, error = None, None
+    try:
+        found = CheckpointDir(path).verify(share=(ranks.rank, ranks.world))
+    except Exception as e:  # (every rank must reach the exchange below, whatever failed)
+        error = str(e) if isinstance(e, CheckpointError) else f"{path}: {type(e).__name__}: {e}"
+    errors = [e for e in ranks.all_objects(error) if e is not None]
+    if errors:
+        raise CheckpointError(errors[0])
+    return found
 
 
 def _check_matches(engine: Engine, readers: list[TensorFileReader], model_reader: TensorFileReader,
