@@ -115,8 +115,5 @@ class Ranks:
         dist.broadcast_object_list(box, src=self._global_rank(0), group=self.group)
         return box[0]
 
-    def barrier(self) -> None:
-        dist.barrier(group=self.group)
-
     def _global_rank(self, group_rank: int) -> int:
         return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
