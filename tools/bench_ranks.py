@@ -55,14 +55,14 @@ def _rank(rank: int, world: int, port: int, a: argparse.Namespace, out_dir: str)
         with offload.Engine(model, config, lr=1e-4) as engine:
             rss_state = process.memory_info().rss
             for step in range(a.warmup + a.steps):
+                if step == a.warmup:  # (the previous step is complete: each step ends with synchronize)
+                    before = engine.stats()
                 ids = torch.randint(0, a.vocab, (a.batch, a.tokens), generator=gen)[rank * rows:(rank + 1) * rows]
                 dist.barrier()
                 start = time.perf_counter()
                 engine.backward_step(engine(input_ids=ids, labels=ids).loss)
                 engine.synchronize()
                 dist.barrier()
-                if step == a.warmup - 1 or (a.warmup == 0 and step == 0):
-                    before = engine.stats()
                 if step >= a.warmup:
                     times.append(time.perf_counter() - start)
             stats = engine.stats()

@@ -26,15 +26,17 @@ SHARD_OFFSETS_KEY = "shard_offsets"
 SHAPES_KEY = "shapes"
 
 
-def rank_file_name(base: str, rank: int) -> str:
-    return f"{base}.rank{rank}.safetensors"
+def rank_file_name(base: str, rank: int, world: int) -> str:
+    """The name of state file ``base`` (master, exp_avg, exp_avg_sq) written by ``rank`` of ``world``: one
+    file of whole tensors with one rank, one file of shard runs per rank otherwise."""
+    return f"{base}.safetensors" if world == 1 else f"{base}.rank{rank}.safetensors"
 
 
 def state_reader(version: Path, base: str, world: int, io: IoEngine) -> TensorFileReader | ShardedTensorReader:
     """The reader of state file ``base`` (master, exp_avg, exp_avg_sq) of a checkpoint saved by ``world``
     ranks: the one file of a single-rank save, or every rank's."""
     if world == 1:
-        return TensorFileReader(version / f"{base}.safetensors", io)
+        return TensorFileReader(version / rank_file_name(base, 0, 1), io)
     return ShardedTensorReader(version, base, world, io)
 
 
@@ -43,7 +45,7 @@ class ShardedTensorReader:
     reads of a byte range of the full tensor and returns their handles, ``wait`` waits for them."""
 
     def __init__(self, version: Path, base: str, world: int, io: IoEngine) -> None:
-        self.path = version / rank_file_name(base, 0)
+        self.path = version / rank_file_name(base, 0, world)
         self.io = io
         self._files: list[TensorFileReader] = []
         # name -> [(first element, element count, file)], by first element
@@ -51,7 +53,7 @@ class ShardedTensorReader:
         self.entries: dict[str, TensorEntry] = {}
         try:
             for rank in range(world):
-                self._add(TensorFileReader(version / rank_file_name(base, rank), io))
+                self._add(TensorFileReader(version / rank_file_name(base, rank, world), io))
             self._check_complete()
         except BaseException:
             self.close()

@@ -128,13 +128,14 @@ def _save_ranks(engine: Engine, directory: CheckpointDir, extra: dict[str, Any])
         error = f"{type(e).__name__}: {e}"
     reports = ranks.all_objects((records, error))
     failed = [(r, err) for r, (_, err) in enumerate(reports) if err is not None]
+    merged = {name: record for rank_records, _ in reports for name, record in rank_records.items()}
     outcome = None
     if ranks.rank == 0:
         try:
             if failed:
                 directory.abandon(version)
             else:
-                directory.commit(version, {k: v for rank_records, _ in reports for k, v in rank_records.items()})
+                directory.commit(version, merged)
         except Exception as e:
             directory.abandon(version)
             outcome = f"rank 0 could not commit it ({type(e).__name__}: {e})"
@@ -144,7 +145,6 @@ def _save_ranks(engine: Engine, directory: CheckpointDir, extra: dict[str, Any])
         raise CheckpointError(f"engine.save: rank {rank} failed to write its part ({err}); nothing was saved")
     if outcome is not None:
         raise CheckpointError(f"engine.save: {outcome}; nothing was saved")
-    merged = {k: v for rank_records, _ in reports for k, v in rank_records.items()}
     return version, merged
 
 
@@ -173,7 +173,7 @@ def _write_optimizer_state(engine: Engine, version: Path, io: IoEngine) -> dict[
     writers = []
     try:
         for name in STATE_FILES:
-            file_name = rank_file_name(name, engine.ranks.rank) if engine.ranks.many else f"{name}.safetensors"
+            file_name = rank_file_name(name, engine.ranks.rank, engine.ranks.world)
             writers.append(TensorFileWriter(version / file_name, entries, io, metadata))
         # Note [checkpoint staging]: NVMe groups come in through at most two of the optimizer's staging slots
         # (free: no step is running). The writes of a chunk are queued and the read of the next chunk goes to

@@ -24,7 +24,7 @@ from offload.engine.ranks import Ranks
 from offload.engine.resources import EngineResources
 from offload.engine.types import EngineStats, StepInfo
 from offload.errors import ConfigError, MemoryBudgetError
-from offload.layout.flat_group import build_flat_group, gather_fp32
+from offload.layout.flat_group import build_flat_group, gather_fp32, shard_spans
 from offload.engine.state_fill import fill_group, master_from_values
 from offload.layout.meta_init import LOG_ATTRIBUTE, materializers_for, meta_value, order_of_completion
 from offload.layout.partition import partition_model
@@ -614,9 +614,8 @@ class Engine:
                 segments.append(Segment(slot.offset, slot.end, step, hyper["lr"], hyper["betas"][0],
                                         hyper["betas"][1], hyper["eps"], hyper["weight_decay"]))
         if group.sharded:  # this rank's part of each, counted from its shard (Note [rank shards])
-            segments = [dataclasses.replace(seg, start=max(seg.start, group.lo) - group.lo,
-                                            end=min(seg.end, group.hi) - group.lo)
-                        for seg in segments if max(seg.start, group.lo) < min(seg.end, group.hi)]
+            segments = [dataclasses.replace(seg, start=a, end=b)
+                        for seg in segments for a, b in shard_spans(group, [(seg.start, seg.end)])]
         state = self.store.states[g]
         grad_nvme = self._res.grad_swap.files[g] if self._res.grad_swap is not None else None
         return GroupUpdate(state=state, grad_host=self._grads.grad_hosts[g], grad_nvme=grad_nvme, segments=segments,
