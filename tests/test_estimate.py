@@ -118,5 +118,7 @@ def test_errors_are_one_line():
                                   "large) nor a config file")
     out = _cli("--model", "7B", "--ram", "lots")
     assert out.returncode == 1 and out.stderr.count("\n") == 1 and "--ram" in out.stderr
+    out = _cli("--model", "7B", "--ranks", "0")
+    assert out.returncode == 1 and out.stderr.strip() == "offload estimate: error: --ranks: must be >= 1; got 0"
     out = _cli("--model", "7B", "--ram", "1GiB", "--disk", "1GiB")
     assert out.returncode == 1 and "none fits" in out.stdout
