@@ -3,7 +3,11 @@
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/string.h>
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <cerrno>
+#include <cstring>
 #include <string>
 
 #include "buffer_checks.h"
@@ -80,6 +84,24 @@ void bind_io(nb::module_& m) {
   bind_engine(uring);
   m.def("uring_available", &uring_available,
         "Whether this kernel lets the process use io_uring read/write operations (a ring is set up to find out).");
+
+  m.def("protect_pages", [](std::uintptr_t address, std::size_t nbytes, bool writable) {
+        // Note [CPU device pages] in offload/schedule/device_storage.py: a released group's pages become
+        // inaccessible, a claimed group's readable and writable again.
+        const auto page = static_cast<std::uintptr_t>(sysconf(_SC_PAGESIZE));
+        if (address == 0 || address % page != 0 || nbytes % page != 0) {
+          throw nb::value_error(("protect_pages: address " + std::to_string(address) + " and nbytes " +
+                                 std::to_string(nbytes) + " must be non-zero multiples of the page size (" +
+                                 std::to_string(page) + ")").c_str());
+        }
+        if (mprotect(reinterpret_cast<void*>(address), nbytes, writable ? PROT_READ | PROT_WRITE : PROT_NONE) != 0) {
+          const int err = errno;
+          PyErr_SetObject(PyExc_OSError, Py_BuildValue("(is)", err, ("mprotect of " + std::to_string(nbytes) +
+                                                                     " bytes: " + std::strerror(err)).c_str()));
+          throw nb::python_error();
+        }
+      }, "address"_a, "nbytes"_a, "writable"_a,
+      "mprotect a page-aligned range to PROT_READ|PROT_WRITE (writable) or PROT_NONE; OSError on failure.");
 
   m.def("inject_io_fault", [](const std::string& kind, std::uint64_t after) {
         IoFault fault;

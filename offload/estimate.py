@@ -129,9 +129,10 @@ def activation_bytes(shape: ModelShape, batch: int, seq_len: int, dtype_bytes: i
 # Note [what the estimate counts]: host buffers are the engine's HostPool allocations, each rounded to whole pages:
 # fp32 gradient accumulators (4 B/param); Adam state in RAM (12 B/param) or, on NVMe, the staging slots of the state
 # pipeline; the weights' homes (params="cpu": one compute-dtype copy, none for fp32 with state in RAM, where the
-# master is the home) or, for params="nvme", the fetch slots ((prefetch + 1) x use width) and two write-back slots of
-# the largest group (none for fp32 with the optimizer on NVMe, whose weights are read from the masters in the state
-# files: Note [weights in the state file]); on CUDA, the pinned weight buffers the kernel writes (params="device")
+# master is the home) or, for params="nvme", two write-back slots of the largest group (none for fp32 with the
+# optimizer on NVMe, whose weights are read from the masters in the state files: Note [weights in the state file])
+# and, on CUDA, the fetch slots ((prefetch + 1) x use width; the CPU device reads into its own buffers, Note [CPU
+# device pages]); on CUDA, the pinned weight buffers the kernel writes (params="device")
 # and the gradient staging ring. On the CPU device the "device" weights are RAM too: all of them (params="device";
 # none extra for fp32, which aliases the master) or the resident groups. The peak RSS is the larger of two moments:
 # building the engine (the process as it is, the model's fp32 parameters as built in RAM, every host buffer and the
@@ -169,7 +170,9 @@ def estimate(shape: ModelShape, params: str, optimizer: str, gradients: str = "h
     elif params == "nvme":
         slot = mapped(element * largest)
         writeback = 0 if in_state else WRITEBACK_SLOTS
-        parts["weight fetch and write-back slots"] = ((prefetch + 1) * shape.use_width + writeback) * slot
+        fetch = (prefetch + 1) * shape.use_width if cuda else 0  # CPU: reads land in the device buffers
+        if fetch + writeback:
+            parts["weight fetch and write-back slots"] = (fetch + writeback) * slot
     elif params == "device" and cuda and dtype != "fp32":
         parts["pinned weights for upload"] = sum(mapped(element * n) for n in whole)  # (whole groups)
     if cuda and ranks == 1:  # (several ranks reduce on the device and copy shards)

@@ -6,6 +6,7 @@ what to train and how) and writes what the parent compares to ``out_dir/rank{ran
 
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
 
@@ -63,17 +64,24 @@ def run(rank: int, world: int, port: int, job: dict, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def _settled_rss() -> int:
+    """RSS once glibc has returned the free memory it keeps in its heaps (freed temporaries of the build, such
+    as the model's original parameters, would otherwise count or not depending on where they were allocated)."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return psutil.Process().memory_info().rss
+
+
 def _train(rank: int, world: int, job: dict) -> dict:
     model = offload.init_empty(lambda: build_model(job)) if job.get("meta") else build_model(job)
     config = offload.Config(**job["config"])
     losses = []
     # Host memory the engine adds: its peak RSS over the RSS with the model built (ru_maxrss is in KiB)
-    result: dict = {"rss_before": psutil.Process().memory_info().rss}
+    result: dict = {"rss_before": _settled_rss()}
     engine_kw = dict(job.get("engine", {}))
     if job.get("own_group"):  # a process group passed in, not the default one
         engine_kw["process_group"] = dist.new_group(ranks=list(range(world)))
     with offload.Engine(model, config, **engine_kw) as engine:
-        result["rss_state"] = psutil.Process().memory_info().rss  # built and filled, before any training
+        result["rss_state"] = _settled_rss()  # built and filled, before any training
         if job.get("load"):
             try:
                 engine.load(job["load"])

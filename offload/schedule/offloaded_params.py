@@ -22,8 +22,9 @@ With several ranks (Note [rank shards], flat_group.py) a home, its staging and i
 shard of the group; a fetch fills that part of the device buffer, and the group's first use after it gathers
 the other ranks' parts (``ensure_resident``, the only place that issues the collective).
 
-On the CPU device the device buffer is ordinary memory, accounted against ``device_memory_limit``, and a
-fill is a synchronous copy. On CUDA the host buffers are pinned and a fill is an asynchronous copy on the fetch
+On the CPU device the device buffer is a mapping of its own that gives its pages back to the OS on release and
+is accounted against ``device_memory_limit``; a fetch from NVMe reads straight into it, and a fill from a host
+home is a synchronous copy (Note [CPU device pages] in ``device_storage``). On CUDA the host buffers are pinned and a fill is an asynchronous copy on the fetch
 stream (Note [fetch stream] in ``device_copy``): the group is FETCHING until its use makes the compute stream
 wait for the copy, so a prefetch overlaps the kernels of the groups before it.
 """
@@ -39,6 +40,7 @@ import torch
 from offload.errors import MemoryBudgetError
 from offload.layout.flat_group import FlatGroup, shard_spans
 from offload.schedule.device_copy import HostToDevice
+from offload.schedule.device_storage import GroupStorage
 from offload.schedule.residency import Residency, ResidencyTable
 from offload.storage.host_pool import HostBuffer, HostPool
 from offload.storage.io_engine import IoHandle
@@ -80,7 +82,8 @@ class OffloadedParams:
         self._gathered = [True] * len(groups)
         self.timeline = timeline
         self._issued: dict[int, float] = {}  # group -> when its NVMe read was issued (for the timeline)
-        self.weight_device: list[torch.Tensor] = []
+        self._storage: list[GroupStorage] = []
+        self.weight_device: list[torch.Tensor] = []  # each group's ``_storage[g].tensor``
         self.weight_home_host: list[torch.Tensor | None] = []
         self.weight_home_nvme: list[SwapFile | None] = []
         self._home_buffers: list[HostBuffer] = []
@@ -92,7 +95,12 @@ class OffloadedParams:
         self.fetch_wait_s = 0.0        # compute blocked on fetches (and on the overlapped step's updates)
         largest = max(g.shard_numel for g in groups) * self.element_size  # staging holds a home: a shard
         nslots = fetch_slots if home == "nvme" else 0
-        self._fetch_slots = [pool.allocate(largest, f"fetch staging {i}") for i in range(nslots)]
+        # A fetch slot is one NVMe read of weights in flight. On CUDA it is a pinned staging buffer that the
+        # read fills and the copy to the device empties; on the CPU device the read lands in the group's own
+        # buffer (Note [CPU device pages]), so a slot is only a token that bounds the reads in flight.
+        self._direct = self.device.type == "cpu"
+        self._fetch_slots = [] if self._direct else [pool.allocate(largest, f"fetch staging {i}")
+                                                     for i in range(nslots)]
         self._free_fetch_slots = list(range(nslots))
         self._fetch: dict[int, tuple[int, IoHandle]] = {}  # group -> (fetch slot, read in flight)
         # CUDA: the copy that last read each fetch slot; the slot takes a new NVMe read only once it is done.
@@ -173,11 +181,11 @@ class OffloadedParams:
         """Points each parameter at its view of its group's device buffer, then releases every buffer's storage
         (one group's worth of memory at a time)."""
         for group in self.groups:
-            weights = torch.empty(group.numel, dtype=self.dtype, device=self.device)
+            storage = GroupStorage(self.device, self.dtype, group.numel)  # given back (empty) from the start
             for slot in group.slots:
-                slot.param.data = group.view(weights, slot)
-            weights.untyped_storage().resize_(0)
-            self.weight_device.append(weights)
+                slot.param.data = group.view(storage.tensor, slot)
+            self._storage.append(storage)
+            self.weight_device.append(storage.tensor)
 
     # ---- residency -------------------------------------------------------------------------------------------
 
@@ -235,8 +243,19 @@ class OffloadedParams:
             if self._slot_copied[slot] is not None:  # the slot's last copy to the device must have read it
                 self._slot_copied[slot].synchronize()
                 self._slot_copied[slot] = None
-            staging = self._fetch_slots[slot].tensor[:self.home_nbytes(g)]
-            self._fetch[g] = (slot, self.swap.read(self.weight_home_nvme[g], 0, staging))
+            if self._direct:  # straight into the device buffer (Note [CPU device pages])
+                group = self.groups[g]
+                self._storage[g].claim()
+                self._gathered[g] = not group.sharded
+                target = self.weight_device[g][group.lo:group.hi].view(torch.uint8)
+            else:
+                target = self._fetch_slots[slot].tensor[:self.home_nbytes(g)]
+            try:
+                self._fetch[g] = (slot, self.swap.read(self.weight_home_nvme[g], 0, target))
+            except BaseException:
+                self._free_fetch_slots.insert(0, slot)
+                self._storage[g].give_back()
+                raise
             self.nvme_bytes_read += self.home_nbytes(g)
             self._issued[g] = self.timeline.now()
             self._account(g, +1)
@@ -297,11 +316,15 @@ class OffloadedParams:
             # The file is intact (only the read failed): the group stays home and a later use may retry.
             self._free_fetch_slots.append(slot)
             self._issued.pop(g, None)
+            self._storage[g].give_back()
             self._account(g, -1)
             self.residency.move(g, Residency.RELEASED)
             raise
         name = self.groups[g].name or "<root>"
         self.timeline.add("nvme read", f"weights {name}", self._issued.pop(g), self.timeline.now())
+        if self._direct:  # the read filled the device buffer itself
+            self._free_fetch_slots.append(slot)
+            return None
         try:
             with self.timeline.span("fetch", f"copy {name}"):
                 copied = self._fill(g, self._fetch_slots[slot].tensor[:self.home_nbytes(g)].view(self.dtype))
@@ -342,13 +365,13 @@ class OffloadedParams:
         else:  # resident, or (CUDA) a prefetch nobody used whose copy may still run: the allocator reuses
             # the block only after the copy has run (Note [fetch stream], 3)
             self._copying.pop(g, None)
-            self.weight_device[g].untyped_storage().resize_(0)
+        self._storage[g].give_back()
         self._account(g, -1)
         self.residency.move(g, Residency.RELEASED)
 
     def storage_address(self, g: int) -> int:
-        """Address of group g's device storage (0 while released)."""
-        return self.weight_device[g].untyped_storage().data_ptr()
+        """Address of group g's device storage (on CUDA 0 while released; on the CPU fixed for the run)."""
+        return self._storage[g].address
 
     def materialize(self) -> None:
         """Brings every group to the device, ignoring the limit, for good: the model works on its own again
@@ -370,12 +393,12 @@ class OffloadedParams:
         that fails (e.g. no device memory), the storage is released again before the error goes on."""
         weights = self.weight_device[g]
         try:
-            weights.untyped_storage().resize_(self.nbytes(g))
+            self._storage[g].claim()
             group = self.groups[g]
             self._gathered[g] = not group.sharded
             return self._h2d.copy(weights[group.lo:group.hi], source)
         except BaseException:
-            weights.untyped_storage().resize_(0)
+            self._storage[g].give_back()
             raise
 
     def _account(self, g: int, sign: int) -> None:

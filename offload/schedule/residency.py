@@ -7,8 +7,9 @@ import enum
 
 class Residency(enum.Enum):
     RELEASED = "released"  # no device copy: the weights exist only at home (host RAM or NVMe)
-    FETCHING = "fetching"  # a read from NVMe into a host staging slot, or (CUDA) the copy to the device, is in
-                           # flight; the compute stream has not been made to wait for it yet
+    FETCHING = "fetching"  # a read from NVMe (into a host staging slot; on the CPU device into the device
+                           # buffer itself), or (CUDA) the copy to the device, is in flight; nothing has
+                           # waited for it yet
     RESIDENT = "resident"  # the device buffer holds the current weights
 
 
