@@ -358,7 +358,9 @@ class Engine:
             try:
                 self._count_step()
                 if overlapped:
-                    self.weights.release_all()  # e.g. after a forward that raised: every group must be home
+                    # e.g. after a forward that raised: every group must be home, but those kept for the next
+                    # forward, whose update refreshes them (Note [kept through the update])
+                    self.weights.release_all(keep_kept=True)
                     counters = self._launch(updates, clip / scale)
             except KeyboardInterrupt:  # step counts and launched updates may disagree now
                 self._failed = "a step was interrupted part-way (KeyboardInterrupt)"

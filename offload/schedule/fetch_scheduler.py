@@ -111,7 +111,8 @@ class FetchScheduler:
             self._diverged = False
             self._recording = torch.is_grad_enabled()
             # Whatever an interrupted forward left on the device goes home; a saved view is refetched in backward.
-            self.params.release_all()
+            # Groups kept through the update are this forward's first (Note [kept through the update]).
+            self.params.release_all(keep_kept=True)
 
     def _on_model_forward_end(self, module: nn.Module, args: tuple, output) -> None:
         if self.phase is Phase.FORWARD:
@@ -218,7 +219,7 @@ class FetchScheduler:
         done = self._grads_done[g]
         done.add(slot_index)
         if len(done) == self._group_sizes[g]:
-            self.params.release(g)
+            self.params.release_or_keep(g)
 
     def _locate(self, needed: tuple[int, ...]) -> int | None:
         """The position in this forward's uses of the backward use now running: searched from the last one
@@ -232,15 +233,21 @@ class FetchScheduler:
         return None
 
     def begin_backward(self) -> None:
+        # The groups backward finishes last are the next forward's first: those within the prefetch window
+        # may stay on the device through their update (Note [kept through the update], offloaded_params).
+        first = self.forward_order()[:self.prefetch + 1] if self._trace_valid else []
+        largest = max((self.params.nbytes(g) for g in range(len(self._group_sizes))), default=0)
+        self.params.set_keep_candidates(first, self.max_use_width * largest)
         self.phase = Phase.BACKWARD
         self._backward_pointer = len(self._uses) - 1
         self._grads_done = [set() for _ in self._group_sizes]
 
     def end_backward(self) -> None:
-        """After backward: every group goes home (the optimizer updates them there)."""
+        """After backward: every group goes home (the optimizer updates them there), except those kept for
+        the next forward (Note [kept through the update])."""
         self.phase = Phase.FORWARD
         self._uses.clear()
-        self.params.release_all()
+        self.params.release_all(keep_kept=True)
 
     def _prefetch(self, uses: list[tuple[int, ...]]) -> None:
         self.params.advance()

@@ -18,6 +18,16 @@ of its state file (NVMe) or of its state buffer (a group whose state the host bu
 write-back slots exist; the optimizer's own state writes put the new weights home, and a fetch of the group
 waits until they are complete (``GroupUpdate.written``), not merely until its Adam pass ended.
 
+Note [kept through the update]: on the CPU device, the groups the next forward uses first (the last ones
+backward finishes) would otherwise be released at the end of backward, updated, written home and read back
+at once, with the forward waiting for all of it: the step's tail. Instead, when backward gives such a group
+its last gradient (``release_or_keep``) and the device limit leaves room for one more use, the group stays
+RESIDENT ("kept"); its update then also copies each new master chunk into the device buffer (``after_update``,
+on the update thread; fp32 -> compute dtype rounds exactly as the kernel's own copy does), and its next use
+waits only for that copy (``_fresh``), not for the writes home. A kept group stays kept until it is released:
+until then every update announced for it refreshes its device buffer, and a release first waits for a
+refresh in flight (the update thread may be writing the buffer). Only unsharded groups on the CPU device.
+
 With several ranks (Note [rank shards], flat_group.py) a home, its staging and its write-back hold this rank's
 shard of the group; a fetch fills that part of the device buffer, and the group's first use after it gathers
 the other ranks' parts (``ensure_resident``, the only place that issues the collective).
@@ -126,6 +136,15 @@ class OffloadedParams:
         for event in self._updated:
             event.set()
         self._lock = threading.Lock()
+        # Note [kept through the update]: the groups that may be kept (set by the scheduler), those kept now,
+        # and per group whether its device buffer holds its latest weights (cleared while a kept group's
+        # update is pending; set by the update thread). ``_keep_reserve``: bytes a use may need next to them.
+        self._keep_candidates: frozenset[int] = frozenset()
+        self._keep_reserve = 0
+        self._kept: set[int] = set()
+        self._fresh = [threading.Event() for _ in groups]
+        for event in self._fresh:
+            event.set()
         self._step_failure: str | None = None
         self.io_failure: OSError | None = None  # a failed write-back: the group's file is stale, nothing may go on
 
@@ -199,6 +218,8 @@ class OffloadedParams:
             self._h2d.drain()
         for g in groups:
             self._updated[g].clear()
+            if g in self._kept:
+                self._fresh[g].clear()
 
     def mark_updated(self, g: int) -> None:
         self._updated[g].set()
@@ -206,14 +227,33 @@ class OffloadedParams:
     def settle_updates(self) -> None:
         """No update is running or will run (the caller has joined the step): fetches stop waiting for updates
         that were announced but never happened (a step interrupted before it started)."""
-        for event in self._updated:
+        for event in self._updated + self._fresh:
             event.set()
 
     def abort_updates(self, reason: str) -> None:
         """The overlapped step failed: nobody may wait for its updates any longer."""
         self._step_failure = reason
-        for event in self._updated:
+        for event in self._updated + self._fresh:
             event.set()
+
+    def set_keep_candidates(self, groups: list[int], reserve_bytes: int) -> None:
+        """The groups the next forward uses first, which backward may keep on the device (Note [kept through
+        the update]); ``reserve_bytes``: room that must stay free next to them for the next use."""
+        self._keep_candidates = frozenset(g for g in groups if self._direct and not self.groups[g].sharded)
+        self._keep_reserve = reserve_bytes
+
+    def release_or_keep(self, g: int) -> None:
+        """Backward gave every parameter of group g its gradient: keeps g resident if it is a candidate and
+        the device limit leaves room for the next use next to it, else releases it."""
+        if g in self._keep_candidates and self.residency[g] is Residency.RESIDENT and self._gathered[g] and \
+                (self.device_limit is None or self.resident_bytes + self._keep_reserve <= self.device_limit):
+            self._kept.add(g)
+            return
+        self.release(g)
+
+    def kept(self) -> set[int]:
+        """The groups kept on the device for the next forward now."""
+        return set(self._kept)
 
     def start_fetch(self, g: int, wait_for_update: bool = False, reserve: int = 0, force: bool = False) -> bool:
         """Starts bringing group g to the device if there is room now; False (and nothing started) otherwise,
@@ -278,7 +318,14 @@ class OffloadedParams:
     def ensure_resident(self, g: int) -> None:
         """Blocks until group g's weights are on the device. Raises MemoryBudgetError if it does not fit
         ``device_memory_limit`` next to the groups resident now. Time spent here for a group that was not
-        resident yet is added to ``fetch_wait_s``."""
+        resident yet, or whose refresh by the update was still running, is added to ``fetch_wait_s``."""
+        if g in self._kept and not self._fresh[g].is_set():  # its update is refreshing the device buffer
+            start = time.perf_counter()
+            with self.timeline.span("fetch", f"wait for refresh {self.groups[g].name or '<root>'}"):
+                self._fresh[g].wait()
+            self.fetch_wait_s += time.perf_counter() - start
+        if self._step_failure is not None and g in self._kept:
+            raise RuntimeError(f"offload: {self._step_failure}; the weights cannot be fetched")
         if self.residency[g] is Residency.RESIDENT and self._gathered[g]:
             return
         start = time.perf_counter()
@@ -355,6 +402,9 @@ class OffloadedParams:
         state = self.residency[g]
         if state is Residency.RELEASED:
             return
+        if g in self._kept:  # a refresh in flight may still write the buffer (Note [kept through the update])
+            self._fresh[g].wait()
+            self._kept.discard(g)
         if g in self._fetch:
             slot, handle = self._fetch.pop(g)
             try:
@@ -381,9 +431,11 @@ class OffloadedParams:
                 self.start_fetch(g, wait_for_update=True, force=True)
             self.ensure_resident(g)
 
-    def release_all(self) -> None:
+    def release_all(self, keep_kept: bool = False) -> None:
+        """Releases every group (with ``keep_kept``, all but the kept ones: Note [kept through the update])."""
         for g in range(len(self.groups)):
-            self.release(g)
+            if not (keep_kept and g in self._kept):
+                self.release(g)
 
     def resident_groups(self) -> list[int]:
         return [g for g in range(len(self.groups)) if self.residency[g] is not Residency.RELEASED]
@@ -409,8 +461,9 @@ class OffloadedParams:
 
     def kernel_output(self, g: int) -> torch.Tensor | None:
         """Where the Adam kernel writes group g's new low-precision weights (None for fp32; see after_update).
-        Every group is released before a step (the scheduler's invariant), so no device copy goes stale."""
-        if self.residency[g] is not Residency.RELEASED:
+        Every group is released before a step (the scheduler's invariant), so no device copy goes stale, but
+        the kept ones, whose device buffers the update refreshes (Note [kept through the update])."""
+        if self.residency[g] is not Residency.RELEASED and g not in self._kept:
             raise RuntimeError(f"offload: group {g} is on the device during the optimizer step")
         if not self.on_nvme(g):
             return None if self.dtype == torch.float32 else self.weight_home_host[g]
@@ -424,7 +477,24 @@ class OffloadedParams:
                      covered: list[tuple[int, int]]) -> Callable[[torch.Tensor, int, bool], None] | None:
         """What moves group g's new weights home, chunk by chunk (``master`` chunk, its start, last chunk?),
         once its fp32 master is final (None when the kernel did). ``covered``: the element ranges the kernel
-        updates (and writes to the kernel output)."""
+        updates (and writes to the kernel output). A kept group's device buffer is refreshed too."""
+        home = self._home_writer(g, covered)
+        if g not in self._kept:
+            return home
+        device, fresh, name = self.weight_device[g], self._fresh[g], self.groups[g].name or "<root>"
+
+        def refresh(master: torch.Tensor, start: int, last: bool) -> None:
+            if home is not None:
+                home(master, start, last)
+            with self.timeline.span("fetch", f"refresh {name}"):
+                device[start:start + master.numel()].copy_(master)  # (unsharded: shard = group)
+            if last:
+                fresh.set()
+
+        return refresh
+
+    def _home_writer(self, g: int,
+                     covered: list[tuple[int, int]]) -> Callable[[torch.Tensor, int, bool], None] | None:
         if self._aliased[g]:  # the home is the master itself, in RAM or in the state file
             return None
         if not self.on_nvme(g):
