@@ -320,7 +320,7 @@ class Engine:
             try:
                 loss.backward()
             finally:
-                self._scheduler.end_backward()  # every group goes home, where the step updates it
+                self._scheduler.end_backward()  # every group goes home, where the step updates it (but the kept ones)
         finally:
             if self._res.grad_swap is not None:
                 self._grads.finish()  # accumulators on NVMe are written out after every backward

@@ -24,9 +24,11 @@ at once, with the forward waiting for all of it: the step's tail. Instead, when 
 its last gradient (``release_or_keep``) and the device limit leaves room for one more use, the group stays
 RESIDENT ("kept"); its update then also copies each new master chunk into the device buffer (``after_update``,
 on the update thread; fp32 -> compute dtype rounds exactly as the kernel's own copy does), and its next use
-waits only for that copy (``_fresh``), not for the writes home. A kept group stays kept until it is released:
-until then every update announced for it refreshes its device buffer, and a release first waits for a
-refresh in flight (the update thread may be writing the buffer). Only unsharded groups on the CPU device.
+waits only for that copy (``_fresh``), not for the writes home. A group is kept until its first use (then it
+is an ordinary resident group) or its release; until then every update announced for it refreshes its device
+buffer, and a release first waits for a refresh in flight (the update thread may be writing the buffer). One
+still kept when the next backward begins was not used by that forward and goes home. Only unsharded groups
+on the CPU device.
 
 With several ranks (Note [rank shards], flat_group.py) a home, its staging and its write-back hold this rank's
 shard of the group; a fetch fills that part of the device buffer, and the group's first use after it gathers
@@ -34,9 +36,10 @@ the other ranks' parts (``ensure_resident``, the only place that issues the coll
 
 On the CPU device the device buffer is a mapping of its own that gives its pages back to the OS on release and
 is accounted against ``device_memory_limit``; a fetch from NVMe reads straight into it, and a fill from a host
-home is a synchronous copy (Note [CPU device pages] in ``device_storage``). On CUDA the host buffers are pinned and a fill is an asynchronous copy on the fetch
-stream (Note [fetch stream] in ``device_copy``): the group is FETCHING until its use makes the compute stream
-wait for the copy, so a prefetch overlaps the kernels of the groups before it.
+home is a synchronous copy (Note [CPU device pages] in ``device_storage``). On CUDA the host buffers are
+pinned and a fill is an asynchronous copy on the fetch stream (Note [fetch stream] in ``device_copy``): the
+group is FETCHING until its use makes the compute stream wait for the copy, so a prefetch overlaps the
+kernels of the groups before it.
 """
 
 from __future__ import annotations
@@ -238,7 +241,11 @@ class OffloadedParams:
 
     def set_keep_candidates(self, groups: list[int], reserve_bytes: int) -> None:
         """The groups the next forward uses first, which backward may keep on the device (Note [kept through
-        the update]); ``reserve_bytes``: room that must stay free next to them for the next use."""
+        the update]); ``reserve_bytes``: room that must stay free next to them for the next use. A group still
+        kept from the last backward was not used by the forward since (a use releases it): it goes home now,
+        rather than stay on the device for a forward that may never use it."""
+        for g in list(self._kept):
+            self.release(g)
         self._keep_candidates = frozenset(g for g in groups if self._direct and not self.groups[g].sharded)
         self._keep_reserve = reserve_bytes
 
@@ -324,8 +331,10 @@ class OffloadedParams:
             with self.timeline.span("fetch", f"wait for refresh {self.groups[g].name or '<root>'}"):
                 self._fresh[g].wait()
             self.fetch_wait_s += time.perf_counter() - start
-        if self._step_failure is not None and g in self._kept:
-            raise RuntimeError(f"offload: {self._step_failure}; the weights cannot be fetched")
+        if g in self._kept:
+            if self._step_failure is not None:
+                raise RuntimeError(f"offload: {self._step_failure}; the weights cannot be fetched")
+            self._kept.discard(g)  # used: an ordinary resident group from now on
         if self.residency[g] is Residency.RESIDENT and self._gathered[g]:
             return
         start = time.perf_counter()
