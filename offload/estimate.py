@@ -20,7 +20,7 @@ from offload.engine.grad_stream import staging_ring_bytes
 from offload.engine.grad_swap import GRAD_SWAP_BUFFERS
 from offload.layout.flat_group import GROUP_ALIGN_ELEMENTS
 from offload.optim.state_store import FP32_BYTES, STATE_PARTS, staging_bytes
-from offload.schedule.offloaded_params import WRITEBACK_SLOTS
+from offload.schedule.write_back import WRITEBACK_SLOTS
 from offload.storage.host_pool import HostPool
 from offload.storage.io_engine import DIRECT_ALIGNMENT
 

@@ -8,8 +8,8 @@ that autograd saved in forward are such views too, so they see the weights again
 refilled the storage (the scheduler guarantees that it has before the backward of that group runs).
 
 The optimizer writes each group's new weights to its home: the native kernel writes them straight into the
-host home, or into a write-back slot that is then written to the group's swap file. A fetch of a group first
-waits for that group's write-back, and nothing else, so writes overlap the next forward.
+host home, or into a write-back slot that is then written to the group's swap file (``write_back``). A fetch
+of a group first waits for that group's write-back, and nothing else, so writes overlap the next forward.
 
 Note [weights in the state file]: with fp32 weights the compute copy is the master itself. When the optimizer
 state is on NVMe too (``weights_in_state``), a second file of the same values would cost one more write of
@@ -55,12 +55,11 @@ from offload.layout.flat_group import FlatGroup, shard_spans
 from offload.schedule.device_copy import HostToDevice
 from offload.schedule.device_storage import GroupStorage
 from offload.schedule.residency import Residency, ResidencyTable
+from offload.schedule.write_back import WRITEBACK_SLOTS, WriteBack
 from offload.storage.host_pool import HostBuffer, HostPool
 from offload.storage.io_engine import IoHandle
 from offload.storage.swap_store import SwapFile, SwapStore
 from offload.timeline import NO_TIMELINE, Timeline
-
-WRITEBACK_SLOTS = 2  # new weights of group j are written to NVMe while the kernel fills the slot for j+1
 
 
 class OffloadedParams:
@@ -103,8 +102,7 @@ class OffloadedParams:
         self._aliased: list[bool] = []
         self.resident_bytes = 0
         self.peak_resident_bytes = 0
-        self.nvme_bytes_read = 0       # weights fetched from and written back to NVMe since the start
-        self.nvme_bytes_written = 0
+        self.nvme_bytes_read = 0       # weights fetched from NVMe since the start (written: ``nvme_bytes_written``)
         self.fetch_wait_s = 0.0        # compute blocked on fetches (and on the overlapped step's updates)
         largest = max(g.shard_numel for g in groups) * self.element_size  # staging holds a home: a shard
         nslots = fetch_slots if home == "nvme" else 0
@@ -119,26 +117,15 @@ class OffloadedParams:
         # CUDA: the copy that last read each fetch slot; the slot takes a new NVMe read only once it is done.
         self._slot_copied: list[torch.cuda.Event | None] = [None] * nslots
         self.weights_in_state = weights_in_state
-        self._writeback_slots = [pool.allocate(largest, f"write-back staging {i}")
-                                 for i in range(WRITEBACK_SLOTS if home == "nvme" and not weights_in_state else 0)]
-        self._writeback: dict[int, IoHandle] = {}            # group -> its weights' write in flight
-        self._slot_write: list[IoHandle | None] = [None] * len(self._writeback_slots)
-        self._next_writeback_slot = 0
+        self._write_back = WriteBack(pool, swap, largest,
+                                     WRITEBACK_SLOTS if home == "nvme" and not weights_in_state else 0)
         self._slot_of: dict[int, int] = {}                  # group -> write-back slot its kernel output uses
-        # A write-back is waited for by whichever comes first, the next fetch of its group or the next use of
-        # its slot (possibly on different threads). The first one to come waits on the I/O engine; anyone else
-        # waits on the write's event, set once that wait has returned. Both by handle id; an id in neither is
-        # complete.
-        self._unwaited: dict[int, IoHandle] = {}
-        self._write_done: dict[int, threading.Event] = {}
         # Note [overlapped step]: the optimizer may update the groups on a background thread while the next
         # forward runs. ``_updated[g]`` is cleared when such a step is launched and set once group g's new
         # weights are home (its write-back issued); a fetch of g waits for it, a prefetch skips g until then.
-        # ``_lock`` guards the write-back bookkeeping, which both threads touch.
         self._updated = [threading.Event() for _ in groups]
         for event in self._updated:
             event.set()
-        self._lock = threading.Lock()
         # Note [kept through the update]: the groups that may be kept (set by the scheduler), those kept now,
         # and per group whether its device buffer holds its latest weights (cleared while a kept group's
         # update is pending; set by the update thread). ``_keep_reserve``: bytes a use may need next to them.
@@ -149,7 +136,20 @@ class OffloadedParams:
         for event in self._fresh:
             event.set()
         self._step_failure: str | None = None
-        self.io_failure: OSError | None = None  # a failed write-back: the group's file is stale, nothing may go on
+
+    @property
+    def io_failure(self) -> OSError | None:
+        """A failed write-back: the group's file is stale, nothing may go on."""
+        return self._write_back.io_failure
+
+    @property
+    def nvme_bytes_written(self) -> int:
+        """Weights written back to NVMe since the start."""
+        return self._write_back.nvme_bytes_written
+
+    @property
+    def _writeback_slots(self) -> list[HostBuffer]:
+        return self._write_back.slots
 
     def nbytes(self, g: int) -> int:
         """Bytes of group g on the device (the whole group)."""
@@ -185,7 +185,7 @@ class OffloadedParams:
             self.weight_home_host.append(None)
             swap = self.swap.create(f"weights {group.index}", self.home_nbytes(group.index))
             if master is not None:  # (a new swap file reads as zeros)
-                staging = self._writeback_slots[0].tensor[:self.home_nbytes(group.index)].view(self.dtype)
+                staging = self._write_back.staging(0, self.home_nbytes(group.index), self.dtype)
                 staging.copy_(master[group.lo:group.hi])
                 self.swap.wait(self.swap.write(swap, 0, staging))
             self.weight_home_nvme[-1] = swap
@@ -285,7 +285,7 @@ class OffloadedParams:
         if self.on_nvme(g):
             if len(self._free_fetch_slots) <= reserve:
                 return False
-            self._wait_writeback(g)  # the read must see the weights of the last step
+            self._write_back.wait_group(g)  # the read must see the weights of the last step
             slot = self._free_fetch_slots.pop(0)  # the longest free: its copy has most likely finished
             if self._slot_copied[slot] is not None:  # the slot's last copy to the device must have read it
                 self._slot_copied[slot].synchronize()
@@ -478,8 +478,8 @@ class OffloadedParams:
             return None if self.dtype == torch.float32 else self.weight_home_host[g]
         if self._aliased[g]:  # the state writes carry the new weights home
             return None
-        slot = self._slot_of[g] = self._take_writeback_slot()
-        staging = self._writeback_slots[slot].tensor[:self.home_nbytes(g)].view(self.dtype)
+        slot = self._slot_of[g] = self._write_back.take_slot()
+        staging = self._write_back.staging(slot, self.home_nbytes(g), self.dtype)
         return None if self.dtype == torch.float32 else staging
 
     def after_update(self, g: int, master_is_staged: bool,
@@ -516,7 +516,7 @@ class OffloadedParams:
 
         def write_home(master: torch.Tensor, start: int, last: bool) -> None:
             slot = self._slot_of[g]  # taken by kernel_output(g) just before this group's first chunk
-            staging = self._writeback_slots[slot].tensor[:self.home_nbytes(g)].view(self.dtype)
+            staging = self._write_back.staging(slot, self.home_nbytes(g), self.dtype)
             end = start + master.numel()
             if self.dtype == torch.float32:
                 staging[start:end].copy_(master)
@@ -531,13 +531,7 @@ class OffloadedParams:
             if not last:
                 return
             del self._slot_of[g]
-            handle = self.swap.write(self.weight_home_nvme[g], 0, staging)
-            with self._lock:
-                self.nvme_bytes_written += self.home_nbytes(g)
-                self._writeback[g] = handle
-                self._slot_write[slot] = handle
-                self._unwaited[handle.id] = handle
-                self._write_done[handle.id] = threading.Event()
+            self._write_back.issue(g, slot, self.weight_home_nvme[g], staging)
 
         return write_home
 
@@ -555,57 +549,13 @@ class OffloadedParams:
             self.weight_home_host[g][start:end].copy_(master)
             return
         if start == 0:
-            self._wait_writeback(g)  # an older write of this group must not land after the new one
-            self._slot_of[g] = self._take_writeback_slot()
-        staging = self._writeback_slots[self._slot_of[g]].tensor[:self.home_nbytes(g)].view(self.dtype)
+            self._write_back.wait_group(g)  # an older write of this group must not land after the new one
+            self._slot_of[g] = self._write_back.take_slot()
+        staging = self._write_back.staging(self._slot_of[g], self.home_nbytes(g), self.dtype)
         staging[start:end].copy_(master)
         if last:
             del self._slot_of[g]
-            self._wait_write_now(self.swap.write(self.weight_home_nvme[g], 0, staging))
-            self.nvme_bytes_written += self.home_nbytes(g)
-
-    def _wait_write_now(self, handle: IoHandle) -> None:
-        try:
-            self.swap.wait(handle)
-        except OSError as e:
-            self.io_failure = e  # the group's file is now neither old nor new weights
-            raise
-
-    def _take_writeback_slot(self) -> int:
-        slot = self._next_writeback_slot
-        self._next_writeback_slot = (slot + 1) % len(self._writeback_slots)
-        if self._slot_write[slot] is not None:  # the slot's previous write must be done before it is refilled
-            self._wait_write(self._slot_write[slot])
-            self._slot_write[slot] = None
-        return slot
-
-    def _wait_write(self, handle: IoHandle) -> None:
-        """Returns once the write is complete, whoever else is waiting for it."""
-        with self._lock:
-            mine = self._unwaited.pop(handle.id, None) is not None
-            done = self._write_done.get(handle.id)
-        if done is None:
-            return
-        if mine:  # exactly one thread waits on the I/O engine for a handle
-            try:
-                self.swap.wait(handle)
-            except OSError as e:
-                self.io_failure = e  # every other waiter, and every later fetch, raises it too
-                raise
-            finally:
-                with self._lock:
-                    self._write_done.pop(handle.id, None)
-                done.set()
-        else:
-            done.wait()
-        if self.io_failure is not None:
-            raise self.io_failure
-
-    def _wait_writeback(self, g: int) -> None:
-        with self._lock:
-            handle = self._writeback.pop(g, None)
-        if handle is not None:
-            self._wait_write(handle)
+            self._write_back.write_now(self.weight_home_nvme[g], staging)
 
     def drain_copies(self) -> None:
         """Blocks until no copy to the device still reads a host buffer (before the homes are rewritten
@@ -619,16 +569,8 @@ class OffloadedParams:
                     self.ensure_resident(g)
         finally:
             self._h2d.drain()  # the copies read host buffers that are freed below, whatever happened above
-        with self._lock:
-            pending = list(self._unwaited.values())
-        for handle in pending:
-            try:
-                self._wait_write(handle)
-            except OSError:
-                pass  # recorded in io_failure and reported when it happened; closing must still finish
-        self._writeback.clear()
-        for buffer in self._home_buffers + self._fetch_slots + self._writeback_slots:
+        self._write_back.close()
+        for buffer in self._home_buffers + self._fetch_slots:
             self.pool.release(buffer)
         self._home_buffers.clear()
         self._fetch_slots.clear()
-        self._writeback_slots.clear()
