@@ -466,8 +466,12 @@ def test_the_next_forwards_first_groups_stay_through_their_update(params, dtype,
     data = batches("llama", 5, micro=1)
 
     def run(keep: bool):
-        if not keep:  # the same engine, with no candidates: every group goes home after backward
-            monkeypatch.setattr(OffloadedParams, "set_keep_candidates", lambda self, groups, reserve: None)
+        with monkeypatch.context() as patch:
+            if not keep:  # the same engine, with no candidates: every group goes home after backward
+                patch.setattr(OffloadedParams, "set_keep_candidates", lambda self, groups, reserve: None)
+            return train()
+
+    def train():
         config = offload.Config(device="cpu", dtype=dtype, params=params, optimizer="nvme", nvme_dir=tmp_path,
                                 prefetch_layers=1)
         losses, kept, fetched = [], [], []
@@ -486,8 +490,6 @@ def test_the_next_forwards_first_groups_stay_through_their_update(params, dtype,
                 kept.append(weights.kept())
             first = engine._scheduler.forward_order()[:2]
             state = engine.state_dict()
-        monkeypatch.undo()
-        monkeypatch.setattr(GroupStepper, "_transfer", late_writes)
         return losses, state, kept, fetched, first
 
     losses, state, kept, fetched, first = run(keep=True)

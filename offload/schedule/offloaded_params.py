@@ -292,8 +292,7 @@ class OffloadedParams:
                 self._slot_copied[slot] = None
             if self._direct:  # straight into the device buffer (Note [CPU device pages])
                 group = self.groups[g]
-                self._storage[g].claim()
-                self._gathered[g] = not group.sharded
+                self._claim(g)
                 target = self.weight_device[g][group.lo:group.hi].view(torch.uint8)
             else:
                 target = self._fetch_slots[slot].tensor[:self.home_nbytes(g)]
@@ -326,12 +325,12 @@ class OffloadedParams:
         """Blocks until group g's weights are on the device. Raises MemoryBudgetError if it does not fit
         ``device_memory_limit`` next to the groups resident now. Time spent here for a group that was not
         resident yet, or whose refresh by the update was still running, is added to ``fetch_wait_s``."""
-        if g in self._kept and not self._fresh[g].is_set():  # its update is refreshing the device buffer
-            start = time.perf_counter()
-            with self.timeline.span("fetch", f"wait for refresh {self.groups[g].name or '<root>'}"):
-                self._fresh[g].wait()
-            self.fetch_wait_s += time.perf_counter() - start
         if g in self._kept:
+            if not self._fresh[g].is_set():  # its update is refreshing the device buffer
+                start = time.perf_counter()
+                with self.timeline.span("fetch", f"wait for refresh {self.groups[g].name or '<root>'}"):
+                    self._fresh[g].wait()
+                self.fetch_wait_s += time.perf_counter() - start
             if self._step_failure is not None:
                 raise RuntimeError(f"offload: {self._step_failure}; the weights cannot be fetched")
             self._kept.discard(g)  # used: an ordinary resident group from now on
@@ -452,15 +451,18 @@ class OffloadedParams:
     def _fill(self, g: int, source: torch.Tensor) -> torch.cuda.Event | None:
         """Allocates group g's device storage and copies ``source`` into it; the copy's event on CUDA. If
         that fails (e.g. no device memory), the storage is released again before the error goes on."""
-        weights = self.weight_device[g]
+        weights, group = self.weight_device[g], self.groups[g]
         try:
-            self._storage[g].claim()
-            group = self.groups[g]
-            self._gathered[g] = not group.sharded
+            self._claim(g)
             return self._h2d.copy(weights[group.lo:group.hi], source)
         except BaseException:
             self._storage[g].give_back()
             raise
+
+    def _claim(self, g: int) -> None:
+        """Group g's device memory, about to receive this rank's shard (the other ranks' still to gather)."""
+        self._storage[g].claim()
+        self._gathered[g] = not self.groups[g].sharded
 
     def _account(self, g: int, sign: int) -> None:
         self.resident_bytes += sign * self.nbytes(g)
