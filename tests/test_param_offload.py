@@ -498,3 +498,104 @@ def test_the_next_forwards_first_groups_stay_through_their_update(params, dtype,
     assert losses == ref_losses and all(torch.equal(state[k], ref_state[k]) for k in state)
     if params == "nvme":  # the kept groups' bytes are not read again by the forwards after the first
         assert all(f < r for f, r in zip(fetched[1:], ref_fetched[1:]))
+
+
+@pytest.mark.parametrize("limit", [None, "tight"])
+def test_fp32_updates_during_backward_run_on_the_fetched_weights(limit, tmp_path, monkeypatch):
+    """Note [lent to the update]: fp32, params and optimizer on NVMe, ``backward_step``: a group's device
+    buffer, still holding the master it was read from, is its update's master; the update reads only the
+    moments from NVMe. Slow reads and writes make a forward that used a lent buffer before its Adam pass, a
+    release before the writes that read it, or a master written from anywhere else show up as different
+    losses or weights. The result is bit-equal to the same engine lending nothing, and matches torch."""
+    import time
+
+    from offload.optim.group_stepper import GroupStepper
+    from offload.schedule.offloaded_params import OffloadedParams
+
+    transfer = GroupStepper._transfer
+
+    def slow(self, op, *args, **kw):
+        time.sleep(0.01)
+        return transfer(self, op, *args, **kw)
+
+    monkeypatch.setattr(GroupStepper, "_transfer", slow)
+    data = batches("llama", 5, micro=1)
+    ref_losses, ref_state = reference_run("llama", tiny_llama(layers=4), data, torch.float32, lr=LR,
+                                          weight_decay=WEIGHT_DECAY, max_grad_norm=None, decay_groups=False)
+    cap = None if limit is None else 3 * max_group_bytes(tiny_llama(layers=4), 4)  # a use, a prefetch, one more
+
+    def run(lend: bool):
+        with monkeypatch.context() as patch:
+            if not lend:
+                patch.setattr(OffloadedParams, "lend_to_updates", lambda self, on: None)
+            config = offload.Config(device="cpu", dtype="fp32", params="nvme", optimizer="nvme",
+                                    nvme_dir=tmp_path, prefetch_layers=1, device_memory_limit=cap)
+            losses, lent = [], 0
+            with offload.Engine(tiny_llama(layers=4), config, lr=LR, weight_decay=WEIGHT_DECAY) as engine:
+                lend_master = engine.weights.lend_master
+
+                def counted(g):
+                    nonlocal lent
+                    master = lend_master(g)
+                    lent += master is not None
+                    return master
+
+                patch.setattr(engine.weights, "lend_master", counted)
+                for step in data:
+                    loss = loss_of("llama", engine, step[0])
+                    losses.append(loss.item())
+                    engine.backward_step(loss)
+                engine.synchronize()
+                stats, state = engine.stats(), engine.state_dict()
+                smallest = min(s.group.numel for s in engine.store.states)
+            return losses, state, stats, lent, smallest
+
+    losses, state, stats, lent, smallest = run(lend=True)
+    base_losses, base_state, base_stats, base_lent, _ = run(lend=False)
+    assert base_lent == 0 and lent >= 2 * len(data)  # at least the kept groups each step
+    assert losses == base_losses and all(torch.equal(state[k], base_state[k]) for k in state)
+    assert_matches(losses, state, ref_losses, ref_state, rtol=1e-5)
+    # every lent update reads its master from nowhere: at least 4 bytes per element of each lent group less
+    assert base_stats.nvme_bytes_read - stats.nvme_bytes_read >= lent * 4 * smallest
+    assert stats.nvme_bytes_written == base_stats.nvme_bytes_written
+    if cap is not None:
+        assert 0 < stats.device_param_bytes_peak <= cap
+
+
+def test_a_lent_group_is_used_only_after_its_adam_pass_and_released_only_after_its_writes(tmp_path):
+    """Note [lent to the update], the two waits, driven directly: a use of a lent group waits for the update's
+    Adam pass (``after_update`` of its last chunk), and its release for the state writes (``mark_updated``).
+    In training the update order makes the first wait rare (the forward needs the groups updated last)."""
+    import threading
+    import time
+
+    config = offload.Config(device="cpu", dtype="fp32", params="nvme", optimizer="nvme", nvme_dir=tmp_path,
+                            prefetch_layers=1)
+    with offload.Engine(tiny_llama(layers=4), config, lr=LR) as engine:
+        weights = engine.weights
+        g = len(weights.groups) // 2
+        assert weights.can_lend(g)
+        weights.release_all()
+        weights.ensure_resident(g)
+        weights.lend_to_updates(True)
+        weights.release_or_keep(g)  # backward is done with it; its update will take it
+        master = weights.lend_master(g)
+        weights.lend_to_updates(False)
+        assert master is not None and master.data_ptr() == weights.weight_device[g].data_ptr()
+
+        def wait_in_thread(call):
+            thread = threading.Thread(target=call)
+            thread.start()
+            time.sleep(0.2)
+            return thread
+
+        use = wait_in_thread(lambda: weights.ensure_resident(g))
+        assert use.is_alive()  # the Adam pass has not ended
+        weights.after_update(g, True, [])(master, 0, True)
+        use.join(5)
+        assert not use.is_alive()
+        release = wait_in_thread(lambda: weights.release(g))
+        assert release.is_alive()  # the writes have not completed
+        weights.mark_updated(g)
+        release.join(5)
+        assert not release.is_alive() and weights.resident_groups() == []

@@ -150,6 +150,8 @@ class Engine:
         self._meta = None  # the replay log and anything it still holds go now
         self.swap = res.swap
         self._stepper = res.stepper = GroupStepper(self.store, self.timeline)
+        if isinstance(self.weights, OffloadedParams):  # Note [lent to the update], offloaded_params.py
+            self._stepper.master_in_memory = lambda state: self.weights.can_lend(state.group.index)
         self._arrival_order: list[int] = []  # groups in the order the last backward_step submitted them
         on_nvme = placement.count(StatePlacement.NVME)
         log.info("offload: %d groups, %d trainable parameters; parameters on %s; optimizer state of %d groups "
@@ -204,7 +206,8 @@ class Engine:
                                           None if limit is None else limit - self._frozen_bytes,
                                           fetch_slots=(config.prefetch_layers + 1) * width, timeline=self.timeline,
                                           device=self.device, weights_in_state=in_state,
-                                          gather=self.ranks.all_gather if self.ranks.many else None)
+                                          gather=self.ranks.all_gather if self.ranks.many else None,
+                                          lend_limit=config.prefetch_layers + 1)
         else:
             res.weights = DeviceWeights(self.device, self.dtype, self.pool, self.ranks)
         self.weights = res.weights
@@ -437,6 +440,8 @@ class Engine:
             self.weights.begin_step()
         self._grads.count_arrivals()
         self._grads.on_group_ready = ready
+        if offloaded:  # each group's update follows its backward: it may take the weights (Note [lent to ...])
+            self.weights.lend_to_updates(True)
         try:
             self.backward(loss)
             self._grads.finish()
@@ -456,6 +461,8 @@ class Engine:
             raise
         finally:
             self._grads.on_group_ready = None
+            if offloaded:
+                self.weights.lend_to_updates(False)
         self._arrival_order = list(submitted)  # the order the next backward_step's read-ahead expects
         queue.close()
         grad_norm = float(self._grads.global_norm())
@@ -566,7 +573,8 @@ class Engine:
         """The NVMe traffic ``updates`` will cause (known before they run): state in and out, gradients in."""
         nvme = [u for u in updates if u.state.placement is StatePlacement.NVME]
         written = sum(u.state.nbytes for u in nvme)
-        read = written + sum(u.state.group.shard_numel * FP32_BYTES for u in nvme if u.grad_nvme is not None)
+        read = written + sum(u.state.group.shard_numel * FP32_BYTES for u in nvme if u.grad_nvme is not None) \
+            - sum(u.state.group.shard_numel * FP32_BYTES for u in nvme if u.master is not None)
         return StepCounters(nvme_bytes_read=read, nvme_bytes_written=written, groups_on_nvme=len(nvme))
 
     def _sync(self, keep_read_ahead: bool = False) -> None:
@@ -583,6 +591,8 @@ class Engine:
                 raise  # (interrupted while waiting: the step still runs, and close() joins it)
             self._inflight = self._res.inflight = None
             self._add_counters(counters)
+            if isinstance(self.weights, OffloadedParams):
+                self.weights.reap()  # lent groups nobody uses go home now (Note [lent to the update])
         if not keep_read_ahead and getattr(self, "_stepper", None) is not None:
             self._stepper.discard_preload()
 
@@ -620,8 +630,11 @@ class Engine:
                         for seg in segments for a, b in shard_spans(group, [(seg.start, seg.end)])]
         state = self.store.states[g]
         grad_nvme = self._res.grad_swap.files[g] if self._res.grad_swap is not None else None
+        # (before after_update: a lent group's update runs on its device buffer, Note [lent to the update])
+        master = self.weights.lend_master(g) \
+            if isinstance(self.weights, OffloadedParams) and state.placement is StatePlacement.NVME else None
         return GroupUpdate(state=state, grad_host=self._grads.grad_hosts[g], grad_nvme=grad_nvme, segments=segments,
-                           lowp_out=partial(self.weights.kernel_output, g),
+                           master=master, lowp_out=partial(self.weights.kernel_output, g),
                            after_update=self.weights.after_update(g, state.placement is StatePlacement.NVME,
                                                                   [(s.start, s.end) for s in segments]))
 

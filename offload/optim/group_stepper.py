@@ -48,8 +48,12 @@ class GroupUpdate:
     grad_nvme: SwapFile | None = None       # the group's gradients on NVMe (its state is on NVMe too)
     # Called once the group's new state is in its home: right after ``done`` for a group in RAM, once the
     # writes of all its chunks are complete for a group on NVMe (later than ``done``, which comes when the last
-    # chunk's Adam pass ends). What reads the state file itself (weights fetched from the master) waits for it.
+    # chunk's Adam pass ends). What reads the state file itself (weights fetched from the master) waits for it,
+    # and so does whoever frees ``master``.
     written: Callable[[], None] | None = None
+    # The group's fp32 master weights already in memory (this rank's shard, page-aligned), bit-equal to the
+    # master part of its state file, for a group on NVMe: Note [master in memory]. None: read with the moments.
+    master: torch.Tensor | None = None
 
 
 @dataclass
@@ -94,8 +98,17 @@ class GroupStepper:
         # next as soon as its last Adam pass is done, into the slots its own writes in flight leave free, and
         # only then waits for those writes: the disk reads the next group's state while it writes this one's.
         # The next run takes the reads over if it is that group's; any other run, and ``discard_preload``,
-        # waits for them first, since they fill slots that run is about to reuse. (state, {chunk: handles}).
-        self._preloaded: tuple[GroupState, dict[int, list[IoHandle]]] | None = None
+        # waits for them first, since they fill slots that run is about to reuse.
+        # (state, {chunk: handles}, whether the reads include the master).
+        self._preloaded: tuple[GroupState, dict[int, list[IoHandle]], bool] | None = None
+        # Note [master in memory]: an fp32 group whose weights are the master part of its state file was
+        # just read from there for backward, and the weights are still in memory when its update runs (the
+        # caller lends them: ``GroupUpdate.master``). The update then reads only the moments, runs Adam on
+        # the weights in place and writes the master from them: one part in three less to read. Whoever lends
+        # the memory keeps it until the group's ``written``. ``master_in_memory(state)`` says whether that is
+        # expected for a group, so that a read-ahead leaves its master out; a run whose update then comes
+        # without it reads the master itself.
+        self.master_in_memory: Callable[[GroupState], bool] = lambda state: False
 
     def run(self, updates: list[GroupUpdate], grad_scale: float, keep_order: bool = False,
             read_ahead: Callable[[list[GroupUpdate]], GroupState | None] | None = None) -> StepCounters:
@@ -150,6 +163,8 @@ class GroupStepper:
                 self._wait_all(reads.pop(k), counters)
                 staging = self._slot(k)[:self.store.parts * (end - start)]
                 parts = split_state(staging, end - start)
+                if update.master is not None:
+                    parts = (update.master[start:end],) + parts[1:]
                 grad = staging[STATE_PARTS * (end - start):] if update.grad_nvme is not None else None
                 self._adam(update, start, end, parts, lowp_out, grad_scale, counters, grad)
                 writes[k] = self._transfer("write", item, k, counters)
@@ -190,14 +205,16 @@ class GroupStepper:
         if state.placement is not StatePlacement.NVME or self.store.parts != STATE_PARTS:
             return  # (gradients on NVMe are read with the state, and they are not complete yet)
         item = GroupUpdate(state=state, grad_host=None, segments=[])
+        with_master = not self.master_in_memory(state)
         pieces = chunks(state.group.shard_numel, self.store.chunk_elements)
         ahead = max(1, len(self.store.staging) - 1)
         handles: dict[int, list[IoHandle]] = {}
-        self._preloaded = (state, handles)  # recorded as they are issued: a failure part-way leaves no stray read
+        # recorded as they are issued: a failure part-way leaves no stray read
+        self._preloaded = (state, handles, with_master)
         for k, (start, end) in enumerate(pieces[:ahead]):
             if self._slot_index(k) in busy:
                 break
-            handles[k] = self._transfer("read", (item, start, end), k, StepCounters())
+            handles[k] = self._transfer("read", (item, start, end), k, StepCounters(), read_master=with_master)
 
     def discard_preload(self) -> None:
         """Waits for the reads of a preload nobody took (their slots are free again afterwards)."""
@@ -218,12 +235,15 @@ class GroupStepper:
         preloaded = self._preloaded
         if preloaded is None:
             return {}
-        state, handles = preloaded
+        state, handles, with_master = preloaded
         pieces = chunks(state.group.shard_numel, self.store.chunk_elements)
         if nvme and nvme[0][0].state is state and nvme[0][0].grad_nvme is None and \
                 all(k < len(nvme) and nvme[k][0].state is state and nvme[k][1:] == pieces[k] for k in handles):
             self._preloaded = None
             counters.nvme_bytes_read += sum(h.nbytes for hs in handles.values() for h in hs)
+            if not with_master and nvme[0][0].master is None:  # expected in memory, but it is not: read it
+                for k in handles:
+                    handles[k] = handles[k] + self._transfer("read", nvme[k], k, counters, parts=(0,))
             return dict(handles)
         self.discard_preload()
         return {}
@@ -263,12 +283,20 @@ class GroupStepper:
         if last and update.written is not None and update.state.placement is StatePlacement.HOST:
             update.written()
 
-    def _transfer(self, op: str, item: tuple[GroupUpdate, int, int], k: int,
-                  counters: StepCounters) -> list[IoHandle]:
+    def _transfer(self, op: str, item: tuple[GroupUpdate, int, int], k: int, counters: StepCounters,
+                  read_master: bool = True, parts: tuple[int, ...] | None = None) -> list[IoHandle]:
+        """Issues the transfers of chunk ``item`` through slot k: a read of the parts the update needs (the
+        master too unless it is in memory or ``read_master`` is False; ``parts=(0,)``: the master only), or
+        the write of all three."""
         update, start, end = item
         state = update.state
-        handles = self.store.transfer(op, state, start, end, self._slot(k)[:self.store.parts * (end - start)],
-                                      update.grad_nvme)
+        staging = self._slot(k)[:self.store.parts * (end - start)]
+        master = update.master[start:end] if update.master is not None else None
+        if parts == (0,):
+            handles = [self.store.swap.read(state.state_nvme, start * FP32_BYTES, staging[:end - start])]
+        else:
+            handles = self.store.transfer(op, state, start, end, staging, update.grad_nvme, master=master,
+                                          read_master=read_master and master is None)
         nbytes = (len(handles)) * (end - start) * FP32_BYTES
         if op == "read":
             counters.nvme_bytes_read += nbytes

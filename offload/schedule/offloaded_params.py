@@ -30,6 +30,19 @@ buffer, and a release first waits for a refresh in flight (the update thread may
 still kept when the next backward begins was not used by that forward and goes home. Only unsharded groups
 on the CPU device.
 
+Note [lent to the update]: in fp32 with the weights in the state file, a group's device buffer holds exactly
+the master part of its state file when backward is done with it (it was read from there; nothing writes
+weights between). When its update follows at once (``backward_step``: ``lend_to_updates``), the group stays
+RESIDENT ("lendable") and its update takes the buffer as its master (``lend_master``; Note [master in
+memory], group_stepper.py): the update reads only the moments and runs Adam on the buffer in place, and the
+state writes read the new master from it. From then on the buffer may not be given back until those writes
+are complete (``_returned``, set with ``mark_updated`` at the group's ``written``), and a use must first wait
+for the Adam pass (``_fresh``). A lent group the next forward keeps (a kept group) needs no refresh copy; any
+other goes home once its writes are complete, when the training thread next looks (``reap``), unless a use
+took it over first (then the scheduler releases it as any resident group, and the release waits for the
+writes). Room: as for kept groups, and at most ``lend_limit`` such groups at a time. Only unsharded groups on
+the CPU device.
+
 With several ranks (Note [rank shards], flat_group.py) a home, its staging and its write-back hold this rank's
 shard of the group; a fetch fills that part of the device buffer, and the group's first use after it gathers
 the other ranks' parts (``ensure_resident``, the only place that issues the collective).
@@ -67,12 +80,13 @@ class OffloadedParams:
                  swap: SwapStore | None, device_limit: int | None, fetch_slots: int,
                  timeline: Timeline = NO_TIMELINE, device: torch.device = torch.device("cpu"),
                  weights_in_state: bool = False,
-                 gather: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> None:
+                 gather: Callable[[torch.Tensor, torch.Tensor], None] | None = None, lend_limit: int = 0) -> None:
         """``home``: "cpu" or "nvme". ``fetch_slots``: host staging buffers for NVMe reads in flight (the
         current group plus the prefetched ones). ``weights_in_state``: every group's home will be the master
         part of its optimizer state (Note [weights in the state file]; fp32 only), so no write-back slots.
         ``gather(full, shard)``: with several ranks, the all-gather that fills a group's device buffer from
-        every rank's shard once this rank's is in place (Note [rank shards])."""
+        every rank's shard once this rank's is in place (Note [rank shards]). ``lend_limit``: how many groups
+        that no forward keeps may stay lent to their update at once (Note [lent to the update])."""
         if weights_in_state and dtype != torch.float32:
             raise ValueError("offload: weights can live in the optimizer state only in fp32")
         self.groups = groups
@@ -134,6 +148,17 @@ class OffloadedParams:
         self._kept: set[int] = set()
         self._fresh = [threading.Event() for _ in groups]
         for event in self._fresh:
+            event.set()
+        # Note [lent to the update]: whether backward's groups may be lent now, those waiting for their update
+        # to take them (lendable), those whose buffer an update has taken (lent: its writes may read it until
+        # ``_returned``), and the lent ones nobody has used since (``reap`` releases them once returned).
+        self._lending = False
+        self._lend_limit = lend_limit
+        self._lendable: set[int] = set()
+        self._lent: set[int] = set()
+        self._reapable: set[int] = set()
+        self._returned = [threading.Event() for _ in groups]
+        for event in self._returned:
             event.set()
         self._step_failure: str | None = None
 
@@ -225,19 +250,50 @@ class OffloadedParams:
                 self._fresh[g].clear()
 
     def mark_updated(self, g: int) -> None:
+        """Group g's new weights are home (for a home in the state file: its writes are complete, so a lent
+        device buffer is no longer read by them either)."""
         self._updated[g].set()
+        self._returned[g].set()
 
     def settle_updates(self) -> None:
         """No update is running or will run (the caller has joined the step): fetches stop waiting for updates
         that were announced but never happened (a step interrupted before it started)."""
-        for event in self._updated + self._fresh:
+        for event in self._updated + self._fresh + self._returned:
             event.set()
 
     def abort_updates(self, reason: str) -> None:
-        """The overlapped step failed: nobody may wait for its updates any longer."""
+        """The overlapped step failed: nobody may wait for its updates any longer. (Its transfers are waited
+        for before the failure is reported, so no write still reads a lent buffer.)"""
         self._step_failure = reason
-        for event in self._updated + self._fresh:
+        for event in self._updated + self._fresh + self._returned:
             event.set()
+
+    def can_lend(self, g: int) -> bool:
+        """Whether group g's device buffer can be its update's master (Note [lent to the update])."""
+        return self._direct and self.home_is_state_file(g) and not self.groups[g].sharded
+
+    def lend_to_updates(self, on: bool) -> None:
+        """Whether each group's update follows as soon as backward is done with it (``backward_step``), so
+        that its device buffer may be lent to the update (Note [lent to the update])."""
+        self._lending = on
+
+    def lend_master(self, g: int) -> torch.Tensor | None:
+        """Group g's device buffer, for its update about to be built to use as its master, or None (then the
+        update reads the master from the state file). Training thread."""
+        if g not in self._lendable:
+            return None
+        self._lendable.discard(g)
+        self._lent.add(g)
+        if g not in self._kept:
+            self._reapable.add(g)
+        self._returned[g].clear()
+        self._fresh[g].clear()
+        return self.weight_device[g]
+
+    def reap(self) -> None:
+        """Sends home the lent groups nobody has used whose update's writes are complete."""
+        for g in [g for g in self._reapable if self._returned[g].is_set()]:
+            self.release(g)
 
     def set_keep_candidates(self, groups: list[int], reserve_bytes: int) -> None:
         """The groups the next forward uses first, which backward may keep on the device (Note [kept through
@@ -251,12 +307,19 @@ class OffloadedParams:
 
     def release_or_keep(self, g: int) -> None:
         """Backward gave every parameter of group g its gradient: keeps g resident if it is a candidate and
-        the device limit leaves room for the next use next to it, else releases it."""
-        if g in self._keep_candidates and self.residency[g] is Residency.RESIDENT and self._gathered[g] and \
-                (self.device_limit is None or self.resident_bytes + self._keep_reserve <= self.device_limit):
-            self._kept.add(g)
+        the device limit leaves room for the next use next to it, or if its update is to take its buffer
+        (Note [lent to the update]); else releases it."""
+        self.reap()
+        room = self.device_limit is None or self.resident_bytes + self._keep_reserve <= self.device_limit
+        if self.residency[g] is not Residency.RESIDENT or not self._gathered[g] or not room:
+            self.release(g)
             return
-        self.release(g)
+        if g in self._keep_candidates:
+            self._kept.add(g)
+        if self._lending and self.can_lend(g) and (g in self._kept or len(self._reapable) < self._lend_limit):
+            self._lendable.add(g)
+        elif g not in self._kept:
+            self.release(g)
 
     def kept(self) -> set[int]:
         """The groups kept on the device for the next forward now."""
@@ -269,6 +332,7 @@ class OffloadedParams:
         From host RAM the copy is done here; from NVMe the read is only issued."""
         if self.residency[g] is not Residency.RELEASED:
             return True
+        self.reap()
         if not self._updated[g].is_set():
             if not wait_for_update:
                 return False
@@ -325,8 +389,8 @@ class OffloadedParams:
         """Blocks until group g's weights are on the device. Raises MemoryBudgetError if it does not fit
         ``device_memory_limit`` next to the groups resident now. Time spent here for a group that was not
         resident yet, or whose refresh by the update was still running, is added to ``fetch_wait_s``."""
-        if g in self._kept:
-            if not self._fresh[g].is_set():  # its update is refreshing the device buffer
+        if g in self._kept or g in self._lent:
+            if not self._fresh[g].is_set():  # its update is refreshing (or, lent, updating) the device buffer
                 start = time.perf_counter()
                 with self.timeline.span("fetch", f"wait for refresh {self.groups[g].name or '<root>'}"):
                     self._fresh[g].wait()
@@ -334,6 +398,7 @@ class OffloadedParams:
             if self._step_failure is not None:
                 raise RuntimeError(f"offload: {self._step_failure}; the weights cannot be fetched")
             self._kept.discard(g)  # used: an ordinary resident group from now on
+            self._reapable.discard(g)  # (lent: its release still waits for the writes that read it)
         if self.residency[g] is Residency.RESIDENT and self._gathered[g]:
             return
         start = time.perf_counter()
@@ -350,6 +415,12 @@ class OffloadedParams:
             self.fetch_wait_s += time.perf_counter() - start
 
     def _make_resident(self, g: int) -> None:
+        while self.residency[g] is Residency.RELEASED and self._reapable and \
+                not self.start_fetch(g, wait_for_update=True):
+            # no room: the lent groups nobody uses go home as soon as their writes are complete
+            with self.timeline.span("fetch", "wait for lent weights"):
+                self._returned[min(self._reapable)].wait()
+            self.reap()
         if self.residency[g] is Residency.RELEASED and not self.start_fetch(g, wait_for_update=True):
             if self.on_nvme(g) and not self._free_fetch_slots:
                 raise RuntimeError("offload: every fetch staging slot is in use; this is a scheduler bug")
@@ -413,6 +484,11 @@ class OffloadedParams:
         if g in self._kept:  # a refresh in flight may still write the buffer (Note [kept through the update])
             self._fresh[g].wait()
             self._kept.discard(g)
+        if g in self._lent:  # the state writes may still read it (Note [lent to the update])
+            self._returned[g].wait()
+            self._lent.discard(g)
+            self._reapable.discard(g)
+        self._lendable.discard(g)
         if g in self._fetch:
             slot, handle = self._fetch.pop(g)
             try:
@@ -440,9 +516,11 @@ class OffloadedParams:
             self.ensure_resident(g)
 
     def release_all(self, keep_kept: bool = False) -> None:
-        """Releases every group (with ``keep_kept``, all but the kept ones: Note [kept through the update])."""
+        """Releases every group (with ``keep_kept``, all but the kept ones, and the lent ones whose writes are
+        not complete yet, which ``reap`` sends home later: Note [kept through the update], [lent to the
+        update])."""
         for g in range(len(self.groups)):
-            if not (keep_kept and g in self._kept):
+            if not (keep_kept and (g in self._kept or (g in self._reapable and not self._returned[g].is_set()))):
                 self.release(g)
 
     def resident_groups(self) -> list[int]:
@@ -474,7 +552,7 @@ class OffloadedParams:
         """Where the Adam kernel writes group g's new low-precision weights (None for fp32; see after_update).
         Every group is released before a step (the scheduler's invariant), so no device copy goes stale, but
         the kept ones, whose device buffers the update refreshes (Note [kept through the update])."""
-        if self.residency[g] is not Residency.RELEASED and g not in self._kept:
+        if self.residency[g] is not Residency.RELEASED and g not in self._kept and g not in self._lent:
             raise RuntimeError(f"offload: group {g} is on the device during the optimizer step")
         if not self.on_nvme(g):
             return None if self.dtype == torch.float32 else self.weight_home_host[g]
@@ -490,9 +568,12 @@ class OffloadedParams:
         once its fp32 master is final (None when the kernel did). ``covered``: the element ranges the kernel
         updates (and writes to the kernel output). A kept group's device buffer is refreshed too."""
         home = self._home_writer(g, covered)
+        fresh = self._fresh[g]
+        if g in self._lent:  # the update runs on the device buffer itself: nothing to copy
+            return lambda master, start, last: fresh.set() if last else None
         if g not in self._kept:
             return home
-        device, fresh, name = self.weight_device[g], self._fresh[g], self.groups[g].name or "<root>"
+        device, name = self.weight_device[g], self.groups[g].name or "<root>"
 
         def refresh(master: torch.Tensor, start: int, last: bool) -> None:
             if home is not None:
