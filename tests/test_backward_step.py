@@ -104,8 +104,9 @@ def test_a_group_without_gradient_is_left_alone_and_a_partial_one_updated_after_
 
 def test_backward_step_reads_each_groups_state_before_its_gradients_come(tmp_path, monkeypatch):
     """From the second backward_step on, every NVMe group's update finds its first chunks already read (Note
-    [state read-ahead]), and the state is still read once per step; that the results do not change is the test
-    above (optimizer="nvme" rows)."""
+    [state read-ahead]), and the state is still read once per step (m and v only: fp32 on the CPU, the master
+    is the device weights, Note [master in memory]); that the results do not change is the test above
+    (optimizer="nvme" rows)."""
     from offload.optim.group_stepper import GroupStepper
 
     taken = []
@@ -120,7 +121,7 @@ def test_backward_step_reads_each_groups_state_before_its_gradients_come(tmp_pat
     monkeypatch.setattr(GroupStepper, "_take_preload", counting)
     config = offload.Config(device="cpu", dtype="fp32", optimizer="nvme", nvme_dir=tmp_path)
     with offload.Engine(tiny_llama(layers=4), config, lr=1e-3) as engine:
-        state_bytes = sum(12 * s.group.numel for s in engine.store.states)
+        state_bytes = sum(8 * s.group.numel for s in engine.store.states)
         for i, step in enumerate(batches("llama", 3, micro=1)):
             taken.clear()
             info = engine.backward_step(loss_of("llama", engine, step[0]))

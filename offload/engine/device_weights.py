@@ -4,7 +4,10 @@ The model keeps its ``nn.Parameter`` objects; only their ``.data`` is pointed at
 (``weight_device``) in the compute dtype. After Adam, the new weights reach that buffer by the cheapest route:
 - CPU device, bf16/fp16: the native kernel writes them straight into ``weight_device`` in the Adam pass.
 - CPU device, fp32, optimizer state in RAM: ``weight_device`` *is* the fp32 master, updated in place.
-- CPU device, fp32, state on NVMe: copied from the master in the staging slot after the group's update.
+- CPU device, fp32, state on NVMe: ``weight_device`` is bit-equal to the master in the state file, so the
+  update takes it as its master (``lend_master``; Note [master in memory], group_stepper.py): it reads only
+  the moments, runs Adam on ``weight_device`` in place, and writes the master home from it. Such a buffer is
+  page-aligned (O_DIRECT writes read it), a mapping of its own (``GroupStorage``) claimed for the whole run.
 - CUDA: the kernel (or, for fp32, a copy) fills a pinned host buffer ``weight_host``, which is uploaded on a
   side stream; see Note [weight uploads on CUDA].
 With several ranks (Note [rank shards]) each rank updates its shard ``[lo, hi)`` of every group only: the
@@ -20,6 +23,7 @@ import torch
 
 from offload.engine.ranks import Ranks
 from offload.layout.flat_group import FlatGroup
+from offload.schedule.device_storage import GroupStorage
 from offload.storage.host_pool import HostBuffer, HostPool
 
 
@@ -33,19 +37,33 @@ class DeviceWeights:
         self.weight_device: list[torch.Tensor] = []
         self.weight_host: list[HostBuffer | None] = []
         self._aliased: list[bool] = []
+        self._master_here: list[bool] = []  # whether the update runs on weight_device (see the module doc)
+        self._storage: list[GroupStorage] = []  # (keeps those buffers' mappings alive; the tensor does too)
         self._uploaded: list[torch.cuda.Event | None] = []
         self._upload_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._compute_stream: torch.cuda.Stream | None = None  # the caller's stream, taken by begin_step
 
-    def add(self, group: FlatGroup, master: torch.Tensor | None, alias: torch.Tensor | None) -> None:
+    def add(self, group: FlatGroup, master: torch.Tensor | None, alias: torch.Tensor | None,
+            state_on_nvme: bool = False) -> None:
         """Creates group g's device buffer from ``master`` (its fp32 flat weights; None: zeros, filled later
         with ``load_weights``); ``bind_parameters`` later points the parameters at it. ``alias``: a CPU fp32
         flat tensor to use as the buffer itself (the master in RAM when the device is the CPU and the dtype
-        fp32), or None; never with several ranks (the master is a shard, the buffer the whole group)."""
+        fp32), or None; never with several ranks (the master is a shard, the buffer the whole group).
+        ``state_on_nvme``: the group's optimizer state is on NVMe (then, on the CPU in fp32 with one rank, the
+        buffer is what the update runs on: see the module doc)."""
         if alias is not None and group.sharded:
             raise ValueError("offload: a rank's master shard cannot be the weights of the whole group")
+        master_here = (state_on_nvme and alias is None and self.device.type == "cpu"
+                       and self.dtype == torch.float32 and not group.sharded)
         if alias is not None:
             weights = alias
+        elif master_here:
+            storage = GroupStorage(self.device, self.dtype, group.numel)
+            storage.claim()  # for good: the kernel supplies zeroed pages, the copy below fills them
+            self._storage.append(storage)
+            weights = storage.tensor
+            if master is not None:
+                weights.copy_(master)
         elif master is None:
             weights = torch.zeros(group.numel, dtype=self.dtype, device=self.device)
         else:
@@ -61,6 +79,7 @@ class DeviceWeights:
         self.groups.append(group)
         self.weight_device.append(weights)
         self._aliased.append(alias is not None)
+        self._master_here.append(master_here)
         self._uploaded.append(None)
 
     def bind_parameters(self) -> None:
@@ -96,6 +115,15 @@ class DeviceWeights:
     def nbytes(self) -> int:
         return sum(w.numel() * w.element_size() for w in self.weight_device)
 
+    def can_lend(self, g: int) -> bool:
+        """Whether group g's update runs on its device buffer (see the module doc)."""
+        return self._master_here[g]
+
+    def lend_master(self, g: int) -> torch.Tensor | None:
+        """The fp32 master for group g's update to run on in place (Note [master in memory]), or None. The
+        buffer lives for the whole run, so nothing has to wait for the writes that read it."""
+        return self.weight_device[g] if self._master_here[g] else None
+
     def kernel_output(self, g: int) -> torch.Tensor | None:
         """Where the Adam kernel writes group g's low-precision weights (None for fp32, see after_update).
         Call once per step before group g's update."""
@@ -115,7 +143,7 @@ class DeviceWeights:
         lo, hi = self.groups[g].lo, self.groups[g].hi
         weights = self.weight_device[g]
         if self.device.type == "cpu":
-            if self.dtype != torch.float32 or self._aliased[g]:
+            if self.dtype != torch.float32 or self._aliased[g] or self._master_here[g]:
                 return None
             return lambda master, start, last: weights[lo + start:lo + start + master.numel()].copy_(master)
         if self.dtype != torch.float32:

@@ -150,8 +150,10 @@ class Engine:
         self._meta = None  # the replay log and anything it still holds go now
         self.swap = res.swap
         self._stepper = res.stepper = GroupStepper(self.store, self.timeline)
-        if isinstance(self.weights, OffloadedParams):  # Note [lent to the update], offloaded_params.py
-            self._stepper.master_in_memory = lambda state: self.weights.can_lend(state.group.index)
+        # Note [master in memory], group_stepper.py: groups whose update may run on the weights in memory.
+        # (Bound to the weights, not to the engine: resources must not keep a dropped engine alive.)
+        can_lend = self.weights.can_lend
+        self._stepper.master_in_memory = lambda state: can_lend(state.group.index)
         self._arrival_order: list[int] = []  # groups in the order the last backward_step submitted them
         on_nvme = placement.count(StatePlacement.NVME)
         log.info("offload: %d groups, %d trainable parameters; parameters on %s; optimizer state of %d groups "
@@ -283,7 +285,10 @@ class Engine:
             alias = None
             if alias_master and where is StatePlacement.HOST:
                 alias = split_state(state.state_host.view(torch.float32), group.shard_numel)[0]
-            self.weights.add(group, master, alias)
+            if isinstance(self.weights, DeviceWeights):
+                self.weights.add(group, master, alias, state_on_nvme=where is StatePlacement.NVME)
+            else:
+                self.weights.add(group, master, alias)
         if self._meta is not None:
             # Groups are filled in the order the replay finishes them (Note [replay]), one at a time.
             for g in order_of_completion(self._meta, self.groups):
@@ -631,8 +636,7 @@ class Engine:
         state = self.store.states[g]
         grad_nvme = self._res.grad_swap.files[g] if self._res.grad_swap is not None else None
         # (before after_update: a lent group's update runs on its device buffer, Note [lent to the update])
-        master = self.weights.lend_master(g) \
-            if isinstance(self.weights, OffloadedParams) and state.placement is StatePlacement.NVME else None
+        master = self.weights.lend_master(g) if state.placement is StatePlacement.NVME else None
         return GroupUpdate(state=state, grad_host=self._grads.grad_hosts[g], grad_nvme=grad_nvme, segments=segments,
                            master=master, lowp_out=partial(self.weights.kernel_output, g),
                            after_update=self.weights.after_update(g, state.placement is StatePlacement.NVME,

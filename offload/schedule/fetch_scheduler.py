@@ -148,7 +148,7 @@ class FetchScheduler:
             returned = {t.untyped_storage().data_ptr() for t in tensors}
             for g in needed:
                 if g not in soon and self.params.storage_address(g) not in returned:
-                    self.params.release(g)
+                    self.params.release_after_use(g)
             return output
         return hook
 

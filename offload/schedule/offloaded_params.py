@@ -39,9 +39,9 @@ state writes read the new master from it. From then on the buffer may not be giv
 are complete (``_returned``, set with ``mark_updated`` at the group's ``written``), and a use must first wait
 for the Adam pass (``_fresh``). A lent group the next forward keeps (a kept group) needs no refresh copy; any
 other goes home once its writes are complete, when the training thread next looks (``reap``), unless a use
-took it over first (then the scheduler releases it as any resident group, and the release waits for the
-writes). Room: as for kept groups, and at most ``lend_limit`` such groups at a time. Only unsharded groups on
-the CPU device.
+took it over first (after that use, ``release_after_use`` hands it back to ``reap`` if its writes are still
+running; only an explicit ``release`` waits for them). Room: as for kept groups, and at most ``lend_limit``
+such groups at a time. Only unsharded groups on the CPU device.
 
 With several ranks (Note [rank shards], flat_group.py) a home, its staging and its write-back hold this rank's
 shard of the group; a fetch fills that part of the device buffer, and the group's first use after it gathers
@@ -502,6 +502,15 @@ class OffloadedParams:
         self._storage[g].give_back()
         self._account(g, -1)
         self.residency.move(g, Residency.RELEASED)
+
+    def release_after_use(self, g: int) -> None:
+        """A use of group g is over and none follows soon: ``release``, except for a lent group whose state
+        writes still read its buffer (Note [lent to the update]): that one goes home once they are complete
+        (``reap``), so that the training thread does not wait for the disk here."""
+        if g in self._lent and not self._returned[g].is_set():
+            self._reapable.add(g)
+            return
+        self.release(g)
 
     def storage_address(self, g: int) -> int:
         """Address of group g's device storage (on CUDA 0 while released; on the CPU fixed for the run)."""
