@@ -243,7 +243,7 @@ class GroupStepper:
             counters.nvme_bytes_read += sum(h.nbytes for hs in handles.values() for h in hs)
             if not with_master and nvme[0][0].master is None:  # expected in memory, but it is not: read it
                 for k in handles:
-                    handles[k] = handles[k] + self._transfer("read", nvme[k], k, counters, parts=(0,))
+                    handles[k] = handles[k] + self._transfer("read", nvme[k], k, counters, master_only=True)
             return dict(handles)
         self.discard_preload()
         return {}
@@ -284,15 +284,15 @@ class GroupStepper:
             update.written()
 
     def _transfer(self, op: str, item: tuple[GroupUpdate, int, int], k: int, counters: StepCounters,
-                  read_master: bool = True, parts: tuple[int, ...] | None = None) -> list[IoHandle]:
+                  read_master: bool = True, master_only: bool = False) -> list[IoHandle]:
         """Issues the transfers of chunk ``item`` through slot k: a read of the parts the update needs (the
-        master too unless it is in memory or ``read_master`` is False; ``parts=(0,)``: the master only), or
-        the write of all three."""
+        master too unless it is in memory or ``read_master`` is False; with ``master_only`` the master and
+        nothing else), or the write of all three."""
         update, start, end = item
         state = update.state
         staging = self._slot(k)[:self.store.parts * (end - start)]
         master = update.master[start:end] if update.master is not None else None
-        if parts == (0,):
+        if master_only:
             handles = [self.store.swap.read(state.state_nvme, start * FP32_BYTES, staging[:end - start])]
         else:
             handles = self.store.transfer(op, state, start, end, staging, update.grad_nvme, master=master,
