@@ -599,3 +599,45 @@ def test_a_lent_group_is_used_only_after_its_adam_pass_and_released_only_after_i
         weights.mark_updated(g)
         release.join(5)
         assert not release.is_alive() and weights.resident_groups() == []
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_the_forwards_last_groups_stay_for_the_backward(dtype, tmp_path, monkeypatch):
+    """Note [kept into backward]: in a training forward that follows the trace, the groups of its last
+    ``prefetch + 1`` uses stay on the device for the backward that begins with them, so a step reads them once
+    instead of twice; a forward without gradients keeps nothing. Training is bit-equal to the same engine
+    without it."""
+    from offload.schedule.fetch_scheduler import FetchScheduler
+
+    data = batches("llama", 4, micro=1)
+
+    def run(keep: bool):
+        with monkeypatch.context() as patch:
+            if not keep:
+                patch.setattr(FetchScheduler, "_keep_for_backward", lambda self, g: False)
+            config = offload.Config(device="cpu", dtype=dtype, params="nvme", optimizer="nvme",
+                                    nvme_dir=tmp_path, prefetch_layers=1)
+            losses, backward_reads = [], []
+            with offload.Engine(tiny_llama(layers=4), config, lr=LR, weight_decay=WEIGHT_DECAY) as engine:
+                weights = engine.weights
+                for step in data:
+                    loss = loss_of("llama", engine, step[0])
+                    resident_after_forward = set(weights.resident_groups())
+                    before = weights.nvme_bytes_read
+                    engine.backward_step(loss)
+                    backward_reads.append(weights.nvme_bytes_read - before)
+                    losses.append(loss.item())
+                last = {g for use in engine._scheduler.trace[-2:] for g in use}
+                with torch.no_grad():
+                    loss_of("llama", engine, data[0][0])
+                after_no_grad = set(weights.resident_groups())
+                state = engine.state_dict()
+            return losses, state, backward_reads, resident_after_forward, last, after_no_grad
+
+    losses, state, reads, resident, last, after_no_grad = run(keep=True)
+    base_losses, base_state, base_reads, base_resident, _, _ = run(keep=False)
+    assert last <= resident and last - base_resident  # (a group whose use spans the forward is resident anyway)
+    assert not (last - base_resident) & after_no_grad
+    assert losses == base_losses and all(torch.equal(state[k], base_state[k]) for k in state)
+    # the first backward follows the tracing forward, which keeps nothing; every later one reads less
+    assert reads[0] == base_reads[0] and all(r < b for r, b in zip(reads[1:], base_reads[1:]))

@@ -147,10 +147,27 @@ class FetchScheduler:
             # its group on the device until the next forward or the end of backward.
             returned = {t.untyped_storage().data_ptr() for t in tensors}
             for g in needed:
-                if g not in soon and self.params.storage_address(g) not in returned:
+                if g not in soon and self.params.storage_address(g) not in returned and not self._keep_for_backward(g):
                     self.params.release_after_use(g)
             return output
         return hook
+
+    # Note [kept into backward]: backward begins with the forward's last uses, in reverse. Released at the end
+    # of the forward, their groups would be read back at once, and the first of them with nothing to hide
+    # behind (backward cannot start without it). So in a forward that records gradients and follows the trace,
+    # a group of the last ``prefetch + 1`` uses stays on the device after its use, while the device limit
+    # leaves room for one more use next to the groups resident (the rule for kept groups); backward then
+    # releases it as usual once its gradients are complete. A forward that no backward follows leaves them to
+    # the next forward, which releases whatever is resident when it begins.
+    def _keep_for_backward(self, g: int) -> bool:
+        if not (self._recording and torch.is_grad_enabled() and self._trace_valid and not self._diverged):
+            return False
+        last = {h for use in self.trace[-(self.prefetch + 1):] for h in use}
+        return g in last and self.params.has_room(self._use_reserve())
+
+    def _use_reserve(self) -> int:
+        """Device bytes the widest use may need next to the groups resident."""
+        return self.max_use_width * max((self.params.nbytes(g) for g in range(len(self._group_sizes))), default=0)
 
     def _follow_trace(self, needed: tuple[int, ...]) -> None:
         """Checks this use against the trace; records the trace on the first forward and after a change."""
@@ -236,8 +253,7 @@ class FetchScheduler:
         # The groups backward finishes last are the next forward's first: those within the prefetch window
         # may stay on the device through their update (Note [kept through the update], offloaded_params).
         first = self.forward_order()[:self.prefetch + 1] if self._trace_valid else []
-        largest = max((self.params.nbytes(g) for g in range(len(self._group_sizes))), default=0)
-        self.params.set_keep_candidates(first, self.max_use_width * largest)
+        self.params.set_keep_candidates(first, self._use_reserve())
         self.phase = Phase.BACKWARD
         self._backward_pointer = len(self._uses) - 1
         self._grads_done = [set() for _ in self._group_sizes]
