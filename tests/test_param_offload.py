@@ -641,3 +641,76 @@ def test_the_forwards_last_groups_stay_for_the_backward(dtype, tmp_path, monkeyp
     assert losses == base_losses and all(torch.equal(state[k], base_state[k]) for k in state)
     # the first backward follows the tracing forward, which keeps nothing; every later one reads less
     assert reads[0] == base_reads[0] and all(r < b for r, b in zip(reads[1:], base_reads[1:]))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_lending_mixed_with_plain_steps_changes_nothing(tied, tmp_path, monkeypatch):
+    """A group lent in one ``backward_step`` and used since is no longer lent: when a plain ``backward();
+    step()`` follows (as ``backward_step`` itself does once micro-batches accumulate), its update reads the
+    master from the file and refreshes the kept device buffer. Bit-equal to the same engine lending nothing."""
+    from offload.schedule.offloaded_params import OffloadedParams
+
+    data = batches("llama", 6, micro=1)
+
+    def run(lend: bool):
+        with monkeypatch.context() as patch:
+            if not lend:
+                patch.setattr(OffloadedParams, "lend_to_updates", lambda self, on: None)
+            config = offload.Config(device="cpu", dtype="fp32", params="nvme", optimizer="nvme",
+                                    nvme_dir=tmp_path, prefetch_layers=1)
+            losses = []
+            with offload.Engine(tiny_llama(layers=4, tied=tied), config, lr=LR) as engine:
+                for i, step in enumerate(data):
+                    loss = loss_of("llama", engine, step[0])
+                    losses.append(loss.item())
+                    if i % 2 == 0:
+                        engine.backward_step(loss)
+                    else:
+                        engine.backward(loss)
+                        engine.step()
+                state = engine.state_dict()
+            return losses, state
+
+    losses, state = run(lend=True)
+    base_losses, base_state = run(lend=False)
+    assert losses == base_losses and all(torch.equal(state[k], base_state[k]) for k in state)
+
+
+def test_a_failed_state_write_leaves_no_transfer_behind(tmp_path, monkeypatch):
+    """A state write that fails while a run waits for its last writes: every other write of the run (whose
+    part 0 may read a lent master, freed once the step has failed) is waited for before the error goes on."""
+    from offload.optim import state_store
+    from offload.optim.group_stepper import GroupStepper
+    from offload.storage.swap_store import SwapStore
+
+    monkeypatch.setattr(state_store, "CHUNK_ELEMENTS", 2048)  # several chunks per group
+    issued, waited = set(), set()
+    write, wait = SwapStore.write, SwapStore.wait
+
+    def tracked_write(self, swap, offset, buffer):
+        handle = write(self, swap, offset, buffer)
+        issued.add(handle.id)
+        return handle
+
+    def tracked_wait(self, handle):
+        waited.add(handle.id)
+        return wait(self, handle)
+
+    monkeypatch.setattr(SwapStore, "write", tracked_write)
+    monkeypatch.setattr(SwapStore, "wait", tracked_wait)
+    config = offload.Config(device="cpu", dtype="fp32", optimizer="nvme", nvme_dir=tmp_path)  # master in memory
+    with offload.Engine(tiny_llama(layers=2), config, lr=1e-3) as engine:
+        engine.backward_step(loss_of("llama", engine, batches("llama", 1, micro=1)[0][0]))
+        step_wait, failed = GroupStepper._wait, []
+
+        def failing_wait(self, handle, counters):
+            step_wait(self, handle, counters)
+            if not failed and handle.op == "write":  # the first write waited for, after the loop's passes
+                failed.append(handle.id)
+                raise OSError(5, "injected: a state write failed")
+
+        monkeypatch.setattr(GroupStepper, "_wait", failing_wait)
+        issued.clear()
+        with pytest.raises(OSError, match="injected"):
+            engine.backward_step(loss_of("llama", engine, batches("llama", 1, micro=1)[0][0]))
+        assert failed and issued <= waited  # nothing the failed step wrote is left in flight

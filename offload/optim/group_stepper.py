@@ -138,7 +138,11 @@ class GroupStepper:
         unwritten = {id(u): sum(1 for v, _, _ in nvme if v is u) for u in order}
 
         def wait_writes(j: int) -> None:
-            self._wait_all(writes.pop(j), counters)
+            handles = writes[j]
+            while handles:  # (each handle leaves the list only once waited for: see the failure paths below)
+                self._wait(handles[0], counters)
+                handles.pop(0)
+            del writes[j]
             update = nvme[j][0]
             unwritten[id(update)] -= 1
             if unwritten[id(update)] == 0 and update.written is not None:
@@ -174,13 +178,9 @@ class GroupStepper:
                     reads[k + ahead] = self._transfer("read", nvme[k + ahead], k + ahead, counters)
                 k += 1
         except BaseException:
-            # No transfer may outlive the step that owns its staging slot; the first error is the one to report.
-            for handles in list(reads.values()) + list(writes.values()):
-                for handle in handles:
-                    try:
-                        self.store.swap.wait(handle)
-                    except OSError:
-                        pass
+            # No transfer may outlive the step that owns its staging slot (or reads a lent master, which its
+            # owner frees once the step has failed); the first error is the one to report.
+            self._wait_quietly(list(reads.values()) + list(writes.values()))
             raise
         busy = {self._slot_index(j) for j in writes}
         self._base = self._slot_index(len(nvme))
@@ -191,9 +191,23 @@ class GroupStepper:
                     self.preload(expected, busy)
             except Exception:  # only a read-ahead: the writes below must still be waited for, and the next run
                 self.discard_preload()  # reads what it needs itself
-        for j in sorted(writes):
-            wait_writes(j)
+        try:
+            for j in sorted(writes):
+                wait_writes(j)
+        except BaseException:
+            self._wait_quietly(list(writes.values()))  # the later chunks' writes, and the rest of the failed one's
+            raise
         return counters
+
+    def _wait_quietly(self, handle_lists: list[list[IoHandle]]) -> None:
+        """Waits for every transfer in ``handle_lists`` after a failure, ignoring their own outcomes (the one
+        that failed, already consumed by its wait, is refused again as unknown)."""
+        for handles in handle_lists:
+            for handle in handles:
+                try:
+                    self.store.swap.wait(handle)
+                except (OSError, ValueError):
+                    pass
 
     def preload(self, state: GroupState, busy: set[int] = frozenset()) -> None:
         """Starts reading the first chunks of ``state``'s group (on NVMe, its gradients in RAM), whose update is

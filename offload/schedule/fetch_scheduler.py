@@ -159,8 +159,10 @@ class FetchScheduler:
     # leaves room for one more use next to the groups resident (the rule for kept groups); backward then
     # releases it as usual once its gradients are complete. A forward that no backward follows leaves them to
     # the next forward, which releases whatever is resident when it begins.
+    # CPU device only so far: on CUDA it has not been measured, and device memory is the scarcer resource.
     def _keep_for_backward(self, g: int) -> bool:
-        if not (self._recording and torch.is_grad_enabled() and self._trace_valid and not self._diverged):
+        if not (self.params.device.type == "cpu" and self._recording and torch.is_grad_enabled()
+                and self._trace_valid and not self._diverged):
             return False
         last = {h for use in self.trace[-(self.prefetch + 1):] for h in use}
         return g in last and self.params.has_room(self._use_reserve())

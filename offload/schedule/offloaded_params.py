@@ -290,6 +290,12 @@ class OffloadedParams:
         self._fresh[g].clear()
         return self.weight_device[g]
 
+    def _settle_lent(self, g: int) -> None:
+        """Group g is no longer lent once its update's writes are complete (nothing reads the buffer for them)."""
+        if g in self._lent and self._returned[g].is_set():
+            self._lent.discard(g)
+            self._reapable.discard(g)
+
     def reap(self) -> None:
         """Sends home the lent groups nobody has used whose update's writes are complete."""
         for g in [g for g in self._reapable if self._returned[g].is_set()]:
@@ -314,6 +320,7 @@ class OffloadedParams:
         the device limit leaves room for the next use next to it, or if its update is to take its buffer
         (Note [lent to the update]); else releases it."""
         self.reap()
+        self._settle_lent(g)  # (lent in an earlier step and used since: its writes are long complete)
         if self.residency[g] is not Residency.RESIDENT or not self._gathered[g] or \
                 not self.has_room(self._keep_reserve):
             self.release(g)
@@ -403,6 +410,7 @@ class OffloadedParams:
                 raise RuntimeError(f"offload: {self._step_failure}; the weights cannot be fetched")
             self._kept.discard(g)  # used: an ordinary resident group from now on
             self._reapable.discard(g)  # (lent: its release still waits for the writes that read it)
+            self._settle_lent(g)
         if self.residency[g] is Residency.RESIDENT and self._gathered[g]:
             return
         start = time.perf_counter()
@@ -582,7 +590,8 @@ class OffloadedParams:
         updates (and writes to the kernel output). A kept group's device buffer is refreshed too."""
         home = self._home_writer(g, covered)
         fresh = self._fresh[g]
-        if g in self._lent:  # the update runs on the device buffer itself: nothing to copy
+        if g in self._lent and not self._returned[g].is_set():  # this update runs on the device buffer itself
+            # (lend_master has just lent it: nothing to copy)
             return lambda master, start, last: fresh.set() if last else None
         if g not in self._kept:
             return home
