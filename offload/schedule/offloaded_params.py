@@ -244,6 +244,8 @@ class OffloadedParams:
         that nobody used is discarded (its result is never read)."""
         if drain:
             self._h2d.drain()
+        if self._step_failure is not None:  # a failed step runs no more updates: nothing may wait for one
+            return
         for g in groups:
             self._updated[g].clear()
             if g in self._kept:
@@ -280,7 +282,7 @@ class OffloadedParams:
     def lend_master(self, g: int) -> torch.Tensor | None:
         """Group g's device buffer, for its update about to be built to use as its master, or None (then the
         update reads the master from the state file). Training thread."""
-        if g not in self._lendable:
+        if g not in self._lendable or self._step_failure is not None:  # (after a failure no update runs)
             return None
         self._lendable.discard(g)
         self._lent.add(g)
