@@ -38,7 +38,6 @@ class DeviceWeights:
         self.weight_host: list[HostBuffer | None] = []
         self._aliased: list[bool] = []
         self._master_here: list[bool] = []  # whether the update runs on weight_device (see the module doc)
-        self._storage: list[GroupStorage] = []  # (keeps those buffers' mappings alive; the tensor does too)
         self._uploaded: list[torch.cuda.Event | None] = []
         self._upload_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._compute_stream: torch.cuda.Stream | None = None  # the caller's stream, taken by begin_step
@@ -58,9 +57,8 @@ class DeviceWeights:
         if alias is not None:
             weights = alias
         elif master_here:
-            storage = GroupStorage(self.device, self.dtype, group.numel)
+            storage = GroupStorage(self.device, self.dtype, group.numel)  # (its tensor keeps the mapping alive)
             storage.claim()  # for good: the kernel supplies zeroed pages, the copy below fills them
-            self._storage.append(storage)
             weights = storage.tensor
             if master is not None:
                 weights.copy_(master)

@@ -15,6 +15,9 @@ from offload.storage.io_engine import IoHandle
 from offload.storage.swap_store import SwapFile
 from offload.timeline import NO_TIMELINE, Timeline
 
+ALL_PARTS = tuple(range(STATE_PARTS))  # master, m, v (the order of a state run, state_store.py)
+MOMENTS = ALL_PARTS[1:]
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -228,7 +231,8 @@ class GroupStepper:
         for k, (start, end) in enumerate(pieces[:ahead]):
             if self._slot_index(k) in busy:
                 break
-            handles[k] = self._transfer("read", (item, start, end), k, StepCounters(), read_master=with_master)
+            handles[k] = self._transfer("read", (item, start, end), k, StepCounters(),
+                                        parts=None if with_master else MOMENTS)
 
     def discard_preload(self) -> None:
         """Waits for the reads of a preload nobody took (their slots are free again afterwards)."""
@@ -257,7 +261,7 @@ class GroupStepper:
             counters.nvme_bytes_read += sum(h.nbytes for hs in handles.values() for h in hs)
             if not with_master and nvme[0][0].master is None:  # expected in memory, but it is not: read it
                 for k in handles:
-                    handles[k] = handles[k] + self._transfer("read", nvme[k], k, counters, master_only=True)
+                    handles[k] = handles[k] + self._transfer("read", nvme[k], k, counters, parts=(0,))
             return dict(handles)
         self.discard_preload()
         return {}
@@ -298,19 +302,19 @@ class GroupStepper:
             update.written()
 
     def _transfer(self, op: str, item: tuple[GroupUpdate, int, int], k: int, counters: StepCounters,
-                  read_master: bool = True, master_only: bool = False) -> list[IoHandle]:
-        """Issues the transfers of chunk ``item`` through slot k: a read of the parts the update needs (the
-        master too unless it is in memory or ``read_master`` is False; with ``master_only`` the master and
-        nothing else), or the write of all three."""
+                  parts: tuple[int, ...] | None = None) -> list[IoHandle]:
+        """Issues the transfers of chunk ``item`` through slot k: a read of ``parts`` (None: those the update
+        needs, the moments only when its master is in memory; its gradients too unless ``parts`` is given), or
+        the write of all three."""
         update, start, end = item
         state = update.state
         staging = self._slot(k)[:self.store.parts * (end - start)]
         master = update.master[start:end] if update.master is not None else None
-        if master_only:
-            handles = [self.store.swap.read(state.state_nvme, start * FP32_BYTES, staging[:end - start])]
+        if parts is None:
+            parts, grad_nvme = (MOMENTS if master is not None else ALL_PARTS), update.grad_nvme
         else:
-            handles = self.store.transfer(op, state, start, end, staging, update.grad_nvme, master=master,
-                                          read_master=read_master and master is None)
+            grad_nvme = None
+        handles = self.store.transfer(op, state, start, end, staging, grad_nvme, master=master, parts=parts)
         nbytes = (len(handles)) * (end - start) * FP32_BYTES
         if op == "read":
             counters.nvme_bytes_read += nbytes

@@ -159,22 +159,19 @@ class OptimizerStateStore:
 
     def transfer(self, op: str, state: GroupState, start: int, end: int, staging: torch.Tensor,
                  grad_nvme: SwapFile | None = None, master: torch.Tensor | None = None,
-                 read_master: bool = True) -> list[IoHandle]:
+                 parts: tuple[int, ...] = tuple(range(STATE_PARTS))) -> list[IoHandle]:
         """Issues the read or write of elements [start, end) of an NVMe group's master, m and v, between the
         file (parts at 0, numel and 2 * numel elements) and ``staging`` (the same parts of ``end - start``
         elements back to back); a read also brings the gradients from ``grad_nvme`` into a fourth part.
-        The master may be in memory elsewhere (Note [master in memory], group_stepper.py): then a read passes
-        ``read_master=False`` and leaves part 0 of ``staging`` alone, and a write takes part 0 from
-        ``master`` (the chunk's ``end - start`` fp32 values, page-aligned) instead. Returns the handles."""
+        A read moves only ``parts`` (0: master, 1: m, 2: v), each into its place in ``staging``. The master may
+        be in memory elsewhere (Note [master in memory], group_stepper.py): then a read leaves part 0 out, and a
+        write takes part 0 from ``master`` (the chunk's ``end - start`` fp32 values, page-aligned) instead.
+        Returns the handles."""
         n, numel = end - start, state.group.shard_numel
         submit = self.swap.read if op == "read" else self.swap.write
         handles = []
-        for part in range(STATE_PARTS):
-            source = staging[part * n:(part + 1) * n]
-            if part == 0 and op == "read" and not read_master:
-                continue
-            if part == 0 and op == "write" and master is not None:
-                source = master
+        for part in parts if op == "read" else range(STATE_PARTS):
+            source = master if part == 0 and op == "write" and master is not None else staging[part * n:(part + 1) * n]
             handles.append(submit(state.state_nvme, (part * numel + start) * FP32_BYTES, source))
         if op == "read" and grad_nvme is not None:
             grad_part = staging[STATE_PARTS * n:(STATE_PARTS + 1) * n]

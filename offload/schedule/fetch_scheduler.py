@@ -90,6 +90,9 @@ class FetchScheduler:
         self._needs = uses_by_module(model, groups)
         self.max_use_width = max_use_width(self._needs)
         self._group_sizes = [len(g.slots) for g in groups]
+        # device bytes the widest use may need next to the groups resident (the room kept groups must leave)
+        self._use_reserve = self.max_use_width * max((params.nbytes(g) for g in range(len(groups))), default=0)
+        self._backward_first: frozenset[int] = frozenset()  # Note [kept into backward]; set with the trace
         self._grads_done: list[set[int]] = [set() for _ in groups]
         self._recording = False                        # the current forward runs with gradients
         self._handles = [model.register_forward_pre_hook(self._on_model_forward, prepend=True),
@@ -164,12 +167,7 @@ class FetchScheduler:
         if not (self.params.device.type == "cpu" and self._recording and torch.is_grad_enabled()
                 and self._trace_valid and not self._diverged):
             return False
-        last = {h for use in self.trace[-(self.prefetch + 1):] for h in use}
-        return g in last and self.params.has_room(self._use_reserve())
-
-    def _use_reserve(self) -> int:
-        """Device bytes the widest use may need next to the groups resident."""
-        return self.max_use_width * max((self.params.nbytes(g) for g in range(len(self._group_sizes))), default=0)
+        return g in self._backward_first and self.params.has_room(self._use_reserve)
 
     def _follow_trace(self, needed: tuple[int, ...]) -> None:
         """Checks this use against the trace; records the trace on the first forward and after a change."""
@@ -201,6 +199,7 @@ class FetchScheduler:
         """The forward that just ended is complete: its uses are the trace from now on."""
         self._trace_valid = True
         self._diverged = False
+        self._backward_first = frozenset(g for use in self.trace[-(self.prefetch + 1):] for g in use)
 
     # ---- backward --------------------------------------------------------------------------------------------
 
@@ -255,7 +254,7 @@ class FetchScheduler:
         # The groups backward finishes last are the next forward's first: those within the prefetch window
         # may stay on the device through their update (Note [kept through the update], offloaded_params).
         first = self.forward_order()[:self.prefetch + 1] if self._trace_valid else []
-        self.params.set_keep_candidates(first, self._use_reserve())
+        self.params.set_keep_candidates(first, self._use_reserve)
         self.phase = Phase.BACKWARD
         self._backward_pointer = len(self._uses) - 1
         self._grads_done = [set() for _ in self._group_sizes]
