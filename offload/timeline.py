@@ -5,6 +5,10 @@ file in https://ui.perfetto.dev or chrome://tracing. Each kind of work has its o
 visible at a glance. Transfers are shown from the moment they are issued to the moment the engine waited for
 them (an upper bound of their duration: the engine does not ask the disk when it finished).
 
+``timeline.sampling(nvme_dir)`` adds, for the steps run inside it, counter tracks of how busy the disk under
+``nvme_dir`` and the CPU were (resource_sampler.py): the spans say what the engine asked for, the counters
+what the hardware did.
+
 Without a timeline every recording call is a no-op on the shared :data:`NO_TIMELINE`.
 """
 
@@ -16,6 +20,8 @@ import threading
 import time
 from contextlib import contextmanager
 from typing import Iterator
+
+from offload.resource_sampler import ResourceSampler
 
 # Track names, in the order they are shown.
 TRACKS = ("compute", "fetch", "gradients", "adam", "nvme read", "nvme write", "step")
@@ -49,6 +55,24 @@ class Timeline:
         finally:
             self.add(track, name, start, time.perf_counter(), **args)
 
+    def add_counter(self, name: str, at: float, **values: float) -> None:
+        """Counter values (a ``now()`` time; each holds until the next sample of ``name``), drawn as a graph."""
+        event = {"name": name, "cat": "resources", "ph": "C", "pid": os.getpid(), "ts": (at - self._origin) * 1e6,
+                 "args": values}
+        with self._lock:
+            self._events.append(event)
+
+    @contextmanager
+    def sampling(self, path: str | os.PathLike | None = None, interval: float = 0.005) -> Iterator[ResourceSampler]:
+        """Within the block, samples the disk holding ``path`` (busy %, MB/s read and written) and this
+        process's CPU use every ``interval`` seconds into counter tracks (see resource_sampler.py)."""
+        sampler = ResourceSampler(self, path, interval)
+        sampler.start()
+        try:
+            yield sampler
+        finally:
+            sampler.stop()
+
     def events(self) -> list[dict]:
         with self._lock:
             return list(self._events)
@@ -75,6 +99,13 @@ class _NoTimeline(Timeline):
     @contextmanager
     def span(self, track: str, name: str, **args: object) -> Iterator[None]:
         yield
+
+    def add_counter(self, name: str, at: float, **values: float) -> None:
+        pass
+
+    @contextmanager
+    def sampling(self, path: str | os.PathLike | None = None, interval: float = 0.005) -> Iterator[None]:
+        yield None
 
     def events(self) -> list[dict]:
         return []

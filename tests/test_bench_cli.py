@@ -110,6 +110,8 @@ def test_step_timeline_tool_writes_a_chrome_trace(tmp_path):
     assert out.returncode == 0, out.stderr
     events = json.loads(trace.read_text())["traceEvents"]
     assert {"compute", "adam", "nvme read", "nvme write"} <= {e.get("cat") for e in events}
+    assert any(e["ph"] == "C" and e["name"] == "CPU cores" for e in events)
+    assert "1 timed steps" in out.stdout and "whole step" in out.stdout and "forward: compute" in out.stdout
 
 
 def test_scale_check_tool_trains_with_the_state_over_budget(tmp_path):

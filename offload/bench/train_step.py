@@ -39,6 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--prefetch", type=int, default=2)
     ap.add_argument("--backward-step", action="store_true",
                     help="no clipping, engine.backward_step(loss) (updates overlap backward) in both processes")
+    ap.add_argument("--host-memory-limit", default=None,
+                    help="Config.host_memory_limit of the offloaded run, e.g. 2GiB: the groups whose state fits stay "
+                         "in RAM, the embedding's first (default: none, all state on NVMe)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -90,7 +93,7 @@ def run_worker(a: argparse.Namespace) -> None:
     else:
         config = offload.Config(device="cpu", dtype="bf16", params=a.params, optimizer=a.optimizer,
                                 nvme_dir=tempfile.mkdtemp(dir=a.dir), prefetch_layers=a.prefetch,
-                                device_memory_limit=device_limit)
+                                device_memory_limit=device_limit, host_memory_limit=a.host_memory_limit)
     ids = torch.randint(0, 32000, (1, a.tokens), generator=torch.Generator().manual_seed(0))
     with offload.Engine(model, config, lr=1e-4, max_grad_norm=None if a.backward_step else 1.0) as engine:
         def step() -> None:
@@ -114,7 +117,8 @@ def run_worker(a: argparse.Namespace) -> None:
                  + after.nvme_bytes_written - before.nvme_bytes_written) / a.steps
         record = dict(kind=kind, params=nparams, step_s=elapsed / a.steps, device_limit=device_limit,
                       nvme_bytes=moved, device_peak=engine.stats().device_param_bytes_peak,
-                      backward_step=a.backward_step)
+                      host_peak=engine.stats().host_bytes_peak, host_memory_limit=a.host_memory_limit,
+                      state_groups_in_ram=engine.stats().optimizer_groups_on_host, backward_step=a.backward_step)
         if kind == "offload" and engine.swap is not None:
             record["mixed_gbs"] = _mixed_bandwidth(engine, max(1 << 30, int(record["nvme_bytes"])))
     print(json.dumps(record), flush=True)
@@ -127,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     common = ["--params", a.params, "--optimizer", a.optimizer, "--dir", a.dir, "--layers", str(a.layers),
               "--hidden", str(a.hidden), "--tokens", str(a.tokens), "--steps", str(a.steps),
-              "--prefetch", str(a.prefetch)] + (["--backward-step"] if a.backward_step else [])
+              "--prefetch", str(a.prefetch)] + (["--backward-step"] if a.backward_step else []) \
+        + (["--host-memory-limit", a.host_memory_limit] if a.host_memory_limit else [])
     rounds = []
     for r in range(a.rounds):
         record = {"round": r}
@@ -150,11 +155,12 @@ def main(argv: list[str] | None = None) -> int:
         with open(a.out, "a") as f:
             for record in rounds:
                 f.write(json.dumps(dict(record, placement=f"params={a.params} optimizer={a.optimizer}",
-                                        backward_step=a.backward_step)) + "\n")
+                                        host_memory_limit=a.host_memory_limit, backward_step=a.backward_step)) + "\n")
     med = {k: statistics.median(r[k] for r in rounds) for k in ("compute_s", "offload_s", "io_floor_s", "ratio")}
     params = rounds[0]["offload"]["params"]
     how = "backward_step, no clipping" if a.backward_step else "backward + step, clipping at 1.0"
-    print(f"\nparams={a.params} optimizer={a.optimizer} ({how}): {params / 1e6:.0f}M parameters, {a.tokens} "
+    budget = f", host_memory_limit={a.host_memory_limit}" if a.host_memory_limit else ""
+    print(f"\nparams={a.params} optimizer={a.optimizer}{budget} ({how}): {params / 1e6:.0f}M parameters, {a.tokens} "
           f"tokens/step, {a.rounds} rounds (medians)")
     print(f"{'compute-only s':>15} {'offload s':>10} {'I/O floor s':>12} {'offload / max(compute, I/O)':>28}")
     print(f"{med['compute_s']:15.3f} {med['offload_s']:10.3f} {med['io_floor_s']:12.3f} "
