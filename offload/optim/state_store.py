@@ -77,7 +77,13 @@ def split_state(state_flat: torch.Tensor, numel: int) -> tuple[torch.Tensor, tor
 def plan_placement(groups: list[FlatGroup], on_nvme: bool, budget_left: int | None) -> list[StatePlacement]:
     """HOST for every group when ``on_nvme`` is False. Otherwise NVME for every group when ``budget_left`` is
     None, and else HOST for the groups, in order, whose state fits in ``budget_left`` bytes once the staging
-    slots for the rest are paid for; NVME for the others."""
+    slots for the rest are paid for; NVME for the others.
+
+    Note [which state stays in RAM]: groups are in the model's order of execution, so RAM goes to the first
+    ones: the embedding and the first blocks. Their gradients come last in backward and the next forward needs
+    them first, so with their state on NVMe their updates are the step's critical path: the forward waits
+    while the disk reads and writes their state after backward (the "forward: wait" of
+    ``tools/step_timeline.py``). The deep groups' state traffic overlaps the rest of backward instead."""
     if not on_nvme:
         return [StatePlacement.HOST] * len(groups)
     if budget_left is None:

@@ -252,7 +252,7 @@ class FetchScheduler:
 
     def begin_backward(self) -> None:
         # The groups backward finishes last are the next forward's first: those within the prefetch window
-        # may stay on the device through their update (Note [kept through the update], offloaded_params).
+        # may stay on the device through their update (Note [kept through the update], update_handoff.py).
         first = self.forward_order()[:self.prefetch + 1] if self._trace_valid else []
         self.params.set_keep_candidates(first, self._use_reserve)
         self.phase = Phase.BACKWARD

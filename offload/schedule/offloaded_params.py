@@ -18,31 +18,6 @@ of its state file (NVMe) or of its state buffer (a group whose state the host bu
 write-back slots exist; the optimizer's own state writes put the new weights home, and a fetch of the group
 waits until they are complete (``GroupUpdate.written``), not merely until its Adam pass ended.
 
-Note [kept through the update]: on the CPU device, the groups the next forward uses first (the last ones
-backward finishes) would otherwise be released at the end of backward, updated, written home and read back
-at once, with the forward waiting for all of it: the step's tail. Instead, when backward gives such a group
-its last gradient (``release_or_keep``) and the device limit leaves room for one more use, the group stays
-RESIDENT ("kept"); its update then also copies each new master chunk into the device buffer (``after_update``,
-on the update thread; fp32 -> compute dtype rounds exactly as the kernel's own copy does), and its next use
-waits only for that copy (``_fresh``), not for the writes home. A group is kept until its first use (then it
-is an ordinary resident group) or its release; until then every update announced for it refreshes its device
-buffer, and a release first waits for a refresh in flight (the update thread may be writing the buffer). One
-still kept when the next backward begins was not used by that forward and goes home. Only unsharded groups
-on the CPU device.
-
-Note [lent to the update]: in fp32 with the weights in the state file, a group's device buffer holds exactly
-the master part of its state file when backward is done with it (it was read from there; nothing writes
-weights between). When its update follows at once (``backward_step``: ``lend_to_updates``), the group stays
-RESIDENT ("lendable") and its update takes the buffer as its master (``lend_master``; Note [master in
-memory], group_stepper.py): the update reads only the moments and runs Adam on the buffer in place, and the
-state writes read the new master from it. From then on the buffer may not be given back until those writes
-are complete (``_returned``, set with ``mark_updated`` at the group's ``written``), and a use must first wait
-for the Adam pass (``_fresh``). A lent group the next forward keeps (a kept group) needs no refresh copy; any
-other goes home once its writes are complete, when the training thread next looks (``reap``), unless a use
-took it over first (after that use, ``release_after_use`` hands it back to ``reap`` if its writes are still
-running; only an explicit ``release`` waits for them). Room: as for kept groups, and at most ``lend_limit``
-such groups at a time. Only unsharded groups on the CPU device.
-
 With several ranks (Note [rank shards], flat_group.py) a home, its staging and its write-back hold this rank's
 shard of the group; a fetch fills that part of the device buffer, and the group's first use after it gathers
 the other ranks' parts (``ensure_resident``, the only place that issues the collective).
@@ -57,17 +32,18 @@ kernels of the groups before it.
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Callable
 
 import torch
 
 from offload.errors import MemoryBudgetError
-from offload.layout.flat_group import FlatGroup, shard_spans
+from offload.layout.flat_group import FlatGroup
 from offload.schedule.device_copy import HostToDevice
 from offload.schedule.device_storage import GroupStorage
+from offload.schedule.home_writes import HomeWrites
 from offload.schedule.residency import Residency, ResidencyTable
+from offload.schedule.update_handoff import UpdateHandoff
 from offload.schedule.write_back import WRITEBACK_SLOTS, WriteBack
 from offload.storage.host_pool import HostBuffer, HostPool
 from offload.storage.io_engine import IoHandle
@@ -75,7 +51,7 @@ from offload.storage.swap_store import SwapFile, SwapStore
 from offload.timeline import NO_TIMELINE, Timeline
 
 
-class OffloadedParams:
+class OffloadedParams(UpdateHandoff, HomeWrites):
     def __init__(self, groups: list[FlatGroup], home: str, dtype: torch.dtype, pool: HostPool,
                  swap: SwapStore | None, device_limit: int | None, fetch_slots: int,
                  timeline: Timeline = NO_TIMELINE, device: torch.device = torch.device("cpu"),
@@ -134,33 +110,7 @@ class OffloadedParams:
         self._write_back = WriteBack(pool, swap, largest,
                                      WRITEBACK_SLOTS if home == "nvme" and not weights_in_state else 0)
         self._slot_of: dict[int, int] = {}                  # group -> write-back slot its kernel output uses
-        # Note [overlapped step]: the optimizer may update the groups on a background thread while the next
-        # forward runs. ``_updated[g]`` is cleared when such a step is launched and set once group g's new
-        # weights are home (its write-back issued); a fetch of g waits for it, a prefetch skips g until then.
-        self._updated = [threading.Event() for _ in groups]
-        for event in self._updated:
-            event.set()
-        # Note [kept through the update]: the groups that may be kept (set by the scheduler), those kept now,
-        # and per group whether its device buffer holds its latest weights (cleared while a kept group's
-        # update is pending; set by the update thread). ``_keep_reserve``: bytes a use may need next to them.
-        self._keep_candidates: frozenset[int] = frozenset()
-        self._keep_reserve = 0
-        self._kept: set[int] = set()
-        self._fresh = [threading.Event() for _ in groups]
-        for event in self._fresh:
-            event.set()
-        # Note [lent to the update]: whether backward's groups may be lent now, those waiting for their update
-        # to take them (lendable), those whose buffer an update has taken (lent: its writes may read it until
-        # ``_returned``), and the lent ones nobody has used since (``reap`` releases them once returned).
-        self._lending = False
-        self._lend_limit = lend_limit
-        self._lendable: set[int] = set()
-        self._lent: set[int] = set()
-        self._reapable: set[int] = set()
-        self._returned = [threading.Event() for _ in groups]
-        for event in self._returned:
-            event.set()
-        self._step_failure: str | None = None
+        self._init_handoff(len(groups), lend_limit)
 
     @property
     def io_failure(self) -> OSError | None:
@@ -234,109 +184,7 @@ class OffloadedParams:
             self._storage.append(storage)
             self.weight_device.append(storage.tensor)
 
-    # ---- residency -------------------------------------------------------------------------------------------
-
-    def expect_update(self, groups: list[int], drain: bool = True) -> None:
-        """An overlapped step is about to update ``groups``: fetches of them wait until ``mark_updated``.
-        With ``drain``, every copy still reading a host home finishes first (the kernel rewrites the homes).
-        An update during backward passes False: its group's last copy was consumed by the group's backward
-        kernels, which the update waits for through the gradient copies' events, and a prefetch of the group
-        that nobody used is discarded (its result is never read)."""
-        if drain:
-            self._h2d.drain()
-        if self._step_failure is not None:  # a failed step runs no more updates: nothing may wait for one
-            return
-        for g in groups:
-            self._updated[g].clear()
-            if g in self._kept:
-                self._fresh[g].clear()
-
-    def mark_updated(self, g: int) -> None:
-        """Group g's new weights are home (for a home in the state file: its writes are complete, so a lent
-        device buffer is no longer read by them either)."""
-        self._updated[g].set()
-        self._returned[g].set()
-
-    def settle_updates(self) -> None:
-        """No update is running or will run (the caller has joined the step): fetches stop waiting for updates
-        that were announced but never happened (a step interrupted before it started)."""
-        for event in self._updated + self._fresh + self._returned:
-            event.set()
-
-    def abort_updates(self, reason: str) -> None:
-        """The overlapped step failed: nobody may wait for its updates any longer. (Its transfers are waited
-        for before the failure is reported, so no write still reads a lent buffer.)"""
-        self._step_failure = reason
-        for event in self._updated + self._fresh + self._returned:
-            event.set()
-
-    def can_lend(self, g: int) -> bool:
-        """Whether group g's device buffer can be its update's master (Note [lent to the update])."""
-        return self._direct and self.home_is_state_file(g) and not self.groups[g].sharded
-
-    def lend_to_updates(self, on: bool) -> None:
-        """Whether each group's update follows as soon as backward is done with it (``backward_step``), so
-        that its device buffer may be lent to the update (Note [lent to the update])."""
-        self._lending = on
-
-    def lend_master(self, g: int) -> torch.Tensor | None:
-        """Group g's device buffer, for its update about to be built to use as its master, or None (then the
-        update reads the master from the state file). Training thread."""
-        if g not in self._lendable or self._step_failure is not None:  # (after a failure no update runs)
-            return None
-        self._lendable.discard(g)
-        self._lent.add(g)
-        if g not in self._kept:
-            self._reapable.add(g)
-        self._returned[g].clear()
-        self._fresh[g].clear()
-        return self.weight_device[g]
-
-    def _settle_lent(self, g: int) -> None:
-        """Group g is no longer lent once its update's writes are complete (nothing reads the buffer for them)."""
-        if g in self._lent and self._returned[g].is_set():
-            self._lent.discard(g)
-            self._reapable.discard(g)
-
-    def reap(self) -> None:
-        """Sends home the lent groups nobody has used whose update's writes are complete."""
-        for g in [g for g in self._reapable if self._returned[g].is_set()]:
-            self.release(g)
-
-    def set_keep_candidates(self, groups: list[int], reserve_bytes: int) -> None:
-        """The groups the next forward uses first, which backward may keep on the device (Note [kept through
-        the update]); ``reserve_bytes``: room that must stay free next to them for the next use. A group still
-        kept from the last backward was not used by the forward since (a use releases it): it goes home now,
-        rather than stay on the device for a forward that may never use it."""
-        for g in list(self._kept):
-            self.release(g)
-        self._keep_candidates = frozenset(g for g in groups if self._direct and not self.groups[g].sharded)
-        self._keep_reserve = reserve_bytes
-
-    def has_room(self, reserve_bytes: int) -> bool:
-        """Whether ``reserve_bytes`` more would still fit the device limit next to the groups resident now."""
-        return self.device_limit is None or self.resident_bytes + reserve_bytes <= self.device_limit
-
-    def release_or_keep(self, g: int) -> None:
-        """Backward gave every parameter of group g its gradient: keeps g resident if it is a candidate and
-        the device limit leaves room for the next use next to it, or if its update is to take its buffer
-        (Note [lent to the update]); else releases it."""
-        self.reap()
-        self._settle_lent(g)  # (lent in an earlier step and used since: its writes are long complete)
-        if self.residency[g] is not Residency.RESIDENT or not self._gathered[g] or \
-                not self.has_room(self._keep_reserve):
-            self.release(g)
-            return
-        if g in self._keep_candidates:
-            self._kept.add(g)
-        if self._lending and self.can_lend(g) and (g in self._kept or len(self._reapable) < self._lend_limit):
-            self._lendable.add(g)
-        elif g not in self._kept:
-            self.release(g)
-
-    def kept(self) -> set[int]:
-        """The groups kept on the device for the next forward now."""
-        return set(self._kept)
+    # ---- residency (around the optimizer's updates: update_handoff.py) ---------------------------------------
 
     def start_fetch(self, g: int, wait_for_update: bool = False, reserve: int = 0, force: bool = False) -> bool:
         """Starts bringing group g to the device if there is room now; False (and nothing started) otherwise,
@@ -488,7 +336,6 @@ class OffloadedParams:
             except (OSError, RuntimeError):
                 pass  # the group went back home (read failed, or no device memory); its use fetches it again
 
-
     def release(self, g: int) -> None:
         """Frees group g's device storage (waits for a read in flight first: its slot must not be reused
         early)."""
@@ -569,100 +416,7 @@ class OffloadedParams:
         self.resident_bytes += sign * self.nbytes(g)
         self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
 
-    # ---- optimizer side --------------------------------------------------------------------------------------
-
-    def kernel_output(self, g: int) -> torch.Tensor | None:
-        """Where the Adam kernel writes group g's new low-precision weights (None for fp32; see after_update).
-        Every group is released before a step (the scheduler's invariant), so no device copy goes stale, but
-        the kept ones, whose device buffers the update refreshes (Note [kept through the update])."""
-        if self.residency[g] is not Residency.RELEASED and g not in self._kept and g not in self._lent:
-            raise RuntimeError(f"offload: group {g} is on the device during the optimizer step")
-        if not self.on_nvme(g):
-            return None if self.dtype == torch.float32 else self.weight_home_host[g]
-        if self._aliased[g]:  # the state writes carry the new weights home
-            return None
-        slot = self._slot_of[g] = self._write_back.take_slot()
-        staging = self._write_back.staging(slot, self.home_nbytes(g), self.dtype)
-        return None if self.dtype == torch.float32 else staging
-
-    def after_update(self, g: int, master_is_staged: bool,
-                     covered: list[tuple[int, int]]) -> Callable[[torch.Tensor, int, bool], None] | None:
-        """What moves group g's new weights home, chunk by chunk (``master`` chunk, its start, last chunk?),
-        once its fp32 master is final (None when the kernel did). ``covered``: the element ranges the kernel
-        updates (and writes to the kernel output). A kept group's device buffer is refreshed too."""
-        home = self._home_writer(g, covered)
-        fresh = self._fresh[g]
-        if g in self._lent and not self._returned[g].is_set():  # this update runs on the device buffer itself
-            # (lend_master has just lent it: nothing to copy)
-            return lambda master, start, last: fresh.set() if last else None
-        if g not in self._kept:
-            return home
-        device, name = self.weight_device[g], self.groups[g].name or "<root>"
-
-        def refresh(master: torch.Tensor, start: int, last: bool) -> None:
-            if home is not None:
-                home(master, start, last)
-            with self.timeline.span("fetch", f"refresh {name}"):
-                device[start:start + master.numel()].copy_(master)  # (unsharded: shard = group)
-            if last:
-                fresh.set()
-
-        return refresh
-
-    def _home_writer(self, g: int,
-                     covered: list[tuple[int, int]]) -> Callable[[torch.Tensor, int, bool], None] | None:
-        if self._aliased[g]:  # the home is the master itself, in RAM or in the state file
-            return None
-        if not self.on_nvme(g):
-            if self.dtype != torch.float32:
-                return None
-            home = self.weight_home_host[g]
-            return lambda master, start, last: home[start:start + master.numel()].copy_(master)
-        pieces = shard_spans(self.groups[g], [(s.offset, s.end) for s in self.groups[g].slots])
-        stale = [(p, q) for p, q in pieces if not any(a <= p and q <= b for a, b in covered)]
-
-        def write_home(master: torch.Tensor, start: int, last: bool) -> None:
-            slot = self._slot_of[g]  # taken by kernel_output(g) just before this group's first chunk
-            staging = self._write_back.staging(slot, self.home_nbytes(g), self.dtype)
-            end = start + master.numel()
-            if self.dtype == torch.float32:
-                staging[start:end].copy_(master)
-            else:
-                # The kernel wrote the updated parameters only; the slot still holds another group's bytes
-                # where a parameter got no gradient this step. Those weights are unchanged: take them from
-                # the master (which rounds to exactly the weights they had).
-                for a, b in stale:
-                    a, b = max(a, start), min(b, end)
-                    if a < b:
-                        staging[a:b].copy_(master[a - start:b - start])
-            if not last:
-                return
-            del self._slot_of[g]
-            self._write_back.issue(g, slot, self.weight_home_nvme[g], staging)
-
-        return write_home
-
-    def load_weights(self, g: int, master: torch.Tensor, start: int, last: bool) -> None:
-        """Replaces group g's weights at home with elements [start, start + len) of its fp32 ``master`` (a
-        checkpoint being loaded), chunk by chunk in order; an NVMe home is written when the last chunk arrives
-        and the write is complete when this returns. The group must be released, and no copy to the device may
-        still read its home (``drain_copies``)."""
-        if self.residency[g] is not Residency.RELEASED:
-            raise RuntimeError(f"offload: group {g} is on the device while its weights are replaced")
-        end = start + master.numel()
-        if self._aliased[g]:  # the caller has written the master, which is the home
-            return
-        if not self.on_nvme(g):
-            self.weight_home_host[g][start:end].copy_(master)
-            return
-        if start == 0:
-            self._write_back.wait_group(g)  # an older write of this group must not land after the new one
-            self._slot_of[g] = self._write_back.take_slot()
-        staging = self._write_back.staging(self._slot_of[g], self.home_nbytes(g), self.dtype)
-        staging[start:end].copy_(master)
-        if last:
-            del self._slot_of[g]
-            self._write_back.write_now(self.weight_home_nvme[g], staging)
+    # ---- optimizer side (the new weights' way home: home_writes.py) -----------------------------------------
 
     def drain_copies(self) -> None:
         """Blocks until no copy to the device still reads a host buffer (before the homes are rewritten

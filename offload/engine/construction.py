@@ -1,0 +1,212 @@
+"""EngineConstruction: how an Engine allocates and fills its buffers before it touches the model.
+
+Part of :class:`offload.Engine` (a base class, so that the engine's file holds the training loop and this one
+the set-up): the weights (device-resident or offloaded), the gradient accumulators, the optimizer state store
+and its placement, each group filled from the model's current values (or replayed from ``init_empty``). Every
+allocation happens here, so a budget or a disk that is too small fails at construction, not mid-training, and
+the model is changed only once all of it has succeeded (``_build`` returns the step that changes it).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+from torch import nn
+
+from offload.engine.device_weights import DeviceWeights
+from offload.engine.grad_stream import GradientStream, staging_ring_bytes
+from offload.engine.grad_swap import GRAD_SWAP_BUFFERS, GradSwap
+from offload.engine.state_fill import fill_group, master_from_values
+from offload.errors import MemoryBudgetError
+from offload.layout.flat_group import gather_fp32
+from offload.layout.meta_init import LOG_ATTRIBUTE, meta_value, order_of_completion
+from offload.optim.group_stepper import GroupStepper
+from offload.optim.state_store import (FP32_BYTES, STATE_PARTS, OptimizerStateStore, StatePlacement, plan_placement,
+                                       split_state, staging_bytes)
+from offload.schedule.fetch_scheduler import FetchScheduler, max_use_width, uses_by_module
+from offload.schedule.offloaded_params import OffloadedParams
+from offload.storage.host_pool import HostPool
+from offload.storage.swap_store import SwapStore
+
+log = logging.getLogger("offload")
+
+
+class EngineConstruction:
+    """The construction half of :class:`offload.Engine` (its ``__init__`` sets what these methods read)."""
+
+    def _build(self) -> Callable[[], None]:
+        """Allocates and fills every buffer without touching the model; returns the step that points the model
+        at them. A failure here (budget, disk space, I/O) therefore leaves the model exactly as it was."""
+        config, res = self.config, self._res
+        offloaded = config.params != "device"
+        self._check_device_budget(offloaded)
+        grad_staging, fixed = self._make_weights(offloaded)
+        grads_on_nvme = self._gradients_go_to_nvme(fixed)
+        placement = self._make_gradients_and_state(grads_on_nvme, fixed)
+        order = {id(p): i for i, p in enumerate(self.model.parameters())}
+        grad_hosts = [None] * len(self.groups) if grads_on_nvme else [b.view(torch.float32) for b in res.grad_hosts]
+        res.grads = self._grads = GradientStream(self.groups, grad_hosts, self.device, self.pool, grad_staging,
+                                                 order, self.timeline, self.ranks)
+        self._grads.grad_swap = res.grad_swap
+        self._fill_groups(placement)
+        frozen = [(p, self._value(p, name).to(self.device, self.dtype if p.is_floating_point() else None))
+                  for name, p in self._frozen]
+        buffers = [(module, name, self._value(buffer, f"{path}.{name}" if path else name).to(self.device))
+                   for path, module in self.model.named_modules()
+                   for name, buffer in module._buffers.items() if buffer is not None]
+        self._meta = None  # the replay log and anything it still holds go now
+        self.swap = res.swap
+        self._stepper = res.stepper = GroupStepper(self.store, self.timeline)
+        # Note [master in memory], group_stepper.py: groups whose update may run on the weights in memory.
+        # (Bound to the weights, not to the engine: resources must not keep a dropped engine alive.)
+        can_lend = self.weights.can_lend
+        self._stepper.master_in_memory = lambda state: can_lend(state.group.index)
+        self._arrival_order: list[int] = []  # groups in the order the last backward_step submitted them
+        on_nvme = placement.count(StatePlacement.NVME)
+        log.info("offload: %d groups, %d trainable parameters; parameters on %s; optimizer state of %d groups "
+                 "in RAM, %d on NVMe; gradients on %s", len(self.groups),
+                 sum(s.numel for g in self.groups for s in g.slots), config.params, len(self.groups) - on_nvme,
+                 on_nvme, "NVMe" if grads_on_nvme else "the host")
+
+        def attach() -> None:
+            for param in self.model.parameters():
+                param.grad = None  # a gradient left from before would be added into the first step
+            if hasattr(self.model, LOG_ATTRIBUTE):
+                delattr(self.model, LOG_ATTRIBUTE)  # the model is real now; its init_empty log is spent
+            for param in self.model.parameters():
+                if param.is_meta:  # .data cannot change a tensor's device: swap in an empty CPU tensor first
+                    torch.utils.swap_tensors(param, nn.Parameter(torch.empty(0, dtype=param.dtype),
+                                                                 requires_grad=param.requires_grad))
+            self.weights.bind_parameters()
+            for param, data in frozen:
+                param.data = data
+            for module, name, buffer in buffers:
+                module._buffers[name] = buffer
+            self._grads.attach()
+            if offloaded:
+                res.scheduler = self._scheduler = FetchScheduler(self.model, self.groups, self.weights,
+                                                                 config.prefetch_layers, self.timeline)
+                self._grads.on_param_done = self._scheduler.param_done
+
+        return attach
+
+    def _make_weights(self, offloaded: bool) -> tuple[int, int]:
+        """The weights' buffers (device-resident, or offloaded with their staging). Returns the CUDA gradient
+        staging size and the host bytes still to be allocated for weights and that staging."""
+        config, res, lowp_bytes = self.config, self._res, self._lowp_bytes
+        largest_param = max(s.numel for g in self.groups for s in g.slots) * lowp_bytes
+        # (several ranks reduce the gradients on the device and copy shards: no staging ring)
+        grad_staging = staging_ring_bytes(largest_param) if self.device.type == "cuda" and not self.ranks.many else 0
+        # Host buffers of the parameters that are allocated after the plan: charge them first.
+        weights_host = 0
+        if config.params == "cpu":  # the homes: this rank's shards
+            weights_host = sum(HostPool.mapped_size(g.shard_numel * lowp_bytes) for g in self.groups)
+        elif self.device.type == "cuda" and self.dtype != torch.float32:  # kernel output of whole groups
+            weights_host = sum(HostPool.mapped_size(g.numel * lowp_bytes) for g in self.groups)
+        if offloaded and (config.params == "nvme" or config.optimizer == "nvme"):
+            res.swap = self._swap_store()
+        if offloaded:
+            # Frozen parameters stay on the device: the offloaded groups get what the limit leaves.
+            limit = config.device_memory_limit
+            width = max_use_width(uses_by_module(self.model, self.groups))
+            # fp32 weights with the optimizer on NVMe are read from the masters (Note [weights in the state file])
+            in_state = self.dtype == torch.float32 and config.params == "nvme" and config.optimizer == "nvme"
+            res.weights = OffloadedParams(self.groups, config.params, self.dtype, self.pool, res.swap,
+                                          None if limit is None else limit - self._frozen_bytes,
+                                          fetch_slots=(config.prefetch_layers + 1) * width, timeline=self.timeline,
+                                          device=self.device, weights_in_state=in_state,
+                                          gather=self.ranks.all_gather if self.ranks.many else None,
+                                          lend_limit=config.prefetch_layers + 1)
+        else:
+            res.weights = DeviceWeights(self.device, self.dtype, self.pool, self.ranks)
+        self.weights = res.weights
+        return grad_staging, weights_host + (HostPool.mapped_size(grad_staging) if grad_staging else 0)
+
+    def _make_gradients_and_state(self, grads_on_nvme: bool, fixed: int) -> list[StatePlacement]:
+        """Gradient accumulators (host or NVMe) and the optimizer state store; returns each group's placement."""
+        config, res = self.config, self._res
+        if grads_on_nvme:
+            largest = max(g.shard_numel for g in self.groups)
+            needed = (self.pool.stats().in_use + fixed + GRAD_SWAP_BUFFERS * HostPool.mapped_size(FP32_BYTES * largest)
+                      + staging_bytes(largest, parts=STATE_PARTS + 1))  # the gradients travel with the state
+            if needed > config.host_memory_limit:
+                raise MemoryBudgetError("the staging buffers alone, with gradients and optimizer state all on NVMe",
+                                        needed, config.host_memory_limit, "host_memory_limit")
+            if res.swap is None:
+                res.swap = self._swap_store()
+            res.grad_swap = GradSwap(self.groups, self.pool, res.swap, buffers=GRAD_SWAP_BUFFERS)
+        else:
+            for group in self.groups:
+                res.grad_hosts.append(self.pool.allocate(group.shard_numel * FP32_BYTES,
+                                                         f"gradient accumulator {group.name or '<root>'}"))
+        budget_left = None
+        if config.host_memory_limit is not None:
+            budget_left = config.host_memory_limit - self.pool.stats().in_use - fixed
+        placement = [StatePlacement.NVME] * len(self.groups) if grads_on_nvme else \
+            plan_placement(self.groups, config.optimizer == "nvme", budget_left)
+        nvme_numels = [g.shard_numel for g, p in zip(self.groups, placement) if p is StatePlacement.NVME]
+        if nvme_numels and res.swap is None:
+            res.swap = self._swap_store()
+        res.store = self.store = OptimizerStateStore(self.pool, res.swap, nvme_numels, grads_on_nvme=grads_on_nvme)
+        return placement
+
+    def _swap_store(self) -> SwapStore:
+        """The swap store under ``nvme_dir``; each rank's in a directory of its own."""
+        return SwapStore(self.config.nvme_dir, self.config.io,
+                         label=f"rank{self.ranks.rank}" if self.ranks.many else "")
+
+    def _gradients_go_to_nvme(self, fixed: int) -> bool:
+        """True when the optimizer state is on NVMe and the host budget cannot hold the gradient accumulators
+        (4 bytes per parameter) next to the fixed buffers and the optimizer's staging; then the accumulators
+        and all optimizer state live on NVMe (see GradSwap)."""
+        limit = self.config.host_memory_limit
+        if limit is None or self.config.optimizer != "nvme":
+            return False
+        grads = sum(HostPool.mapped_size(g.shard_numel * FP32_BYTES) for g in self.groups)
+        staging = staging_bytes(max(g.shard_numel for g in self.groups))
+        return self.pool.stats().in_use + fixed + grads + staging > limit
+
+    def _check_device_budget(self, offloaded: bool) -> None:
+        """Fails now if the parameters cannot fit ``device_memory_limit``: all of them (params="device"), or the
+        largest group next to the frozen parameters (which stay on the device)."""
+        limit = self.config.device_memory_limit
+        group_bytes = [g.numel * self._lowp_bytes for g in self.groups]
+        needed = self._frozen_bytes + (max(group_bytes) if offloaded else sum(group_bytes))
+        if limit is not None and needed > limit:
+            what = ("the largest parameter group next to the frozen parameters" if offloaded
+                    else "parameters resident on the device (params='device')")
+            raise MemoryBudgetError(what, needed, limit, "device_memory_limit")
+
+    def _fill_groups(self, placement: list[StatePlacement]) -> None:
+        """Each group's optimizer state and weights, from the model's current values (group by group)."""
+        in_state = getattr(self.weights, "weights_in_state", False)
+        # (several ranks: a master shard cannot be the device weights of a whole group)
+        device_alias = self.config.params == "device" and self.device.type == "cpu" and not self.ranks.many
+        alias_master = self.dtype == torch.float32 and (self.config.params == "cpu" or device_alias or in_state)
+        for group, where in zip(self.groups, placement):
+            master = gather_fp32(group) if self._meta is None else None  # (meta: zeros now, filled below)
+            state = self.store.add(group, where, None if master is None else master[group.lo:group.hi])
+            if in_state and where is StatePlacement.NVME:
+                self.weights.add(group, master, None, alias_file=state.state_nvme)
+                continue
+            alias = None
+            if alias_master and where is StatePlacement.HOST:
+                alias = split_state(state.state_host.view(torch.float32), group.shard_numel)[0]
+            if isinstance(self.weights, DeviceWeights):
+                self.weights.add(group, master, alias, state_on_nvme=where is StatePlacement.NVME)
+            else:
+                self.weights.add(group, master, alias)
+        if self._meta is not None:
+            # Groups are filled in the order the replay finishes them (Note [replay]), one at a time.
+            for g in order_of_completion(self._meta, self.groups):
+                group = self.groups[g]
+                values = {id(slot.param): self._value(slot.param, slot.name) for slot in group.slots}
+                fill_group(self, self.store.states[g],
+                           master_from_values(group, lambda slot: values[id(slot.param)]))
+                del values
+
+    def _value(self, t: torch.Tensor, name: str) -> torch.Tensor:
+        """``t`` itself, or for a meta tensor its materialised value."""
+        return meta_value(self._meta, t, name) if t.is_meta else t.data
