@@ -3,8 +3,10 @@
 Each round runs, in alternating order and each in its own process, the same Llama-style model (bf16, CPU
 device, one micro-batch) for a few steps:
 - ``compute``: ``params="device"``, ``optimizer="cpu"``: nothing offloaded; the compute-only step;
-- ``offload``: the placement under test, ``device_memory_limit`` a quarter of the parameter bytes (raised to
-  the largest group plus ``--prefetch`` average groups when a large embedding makes a quarter too small).
+- ``offload``: the placement under test (``--params``; ``--optimizer``, by default ``cpu`` as in Config, so
+  that the parameters' offload is what is measured; ``--host-memory-limit``), ``device_memory_limit`` a quarter
+  of the parameter bytes (raised to the largest group plus ``--prefetch`` average groups when a large
+  embedding makes a quarter too small).
 The offload worker also measures our I/O engine's bandwidth in the same directory, reading and writing
 alternately (the disk here shares one bandwidth between reads and writes), and the I/O floor is the step's
 NVMe bytes at that bandwidth. Reported: medians over rounds and ratio = offload step / max(compute step, floor).
@@ -29,7 +31,8 @@ import time
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="offload bench step --params", description=__doc__.splitlines()[0])
     ap.add_argument("--params", required=True, choices=["cpu", "nvme"])
-    ap.add_argument("--optimizer", default="nvme", choices=["cpu", "nvme"])
+    ap.add_argument("--optimizer", default="cpu", choices=["cpu", "nvme"],
+                    help="where the offloaded run's optimizer state lives (default: cpu, Config's default)")
     ap.add_argument("--dir", default=".", help="nvme_dir (default: .)")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=1024)
