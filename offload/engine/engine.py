@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from offload.config import Config
-from offload.engine import checkpointing
+from offload.engine import checkpoint_load, checkpointing
 from offload.engine.construction import EngineConstruction
 from offload.engine.inputs import cast_inputs
 from offload.engine.inspection import EngineInspection
@@ -352,7 +352,7 @@ class Engine(EngineConstruction, UpdateRunner, EngineInspection):
         checkpoint is executed."""
         self._check_open()
         self._sync()
-        return checkpointing.load(self, os.fspath(path), restore_rng)
+        return checkpoint_load.load(self, os.fspath(path), restore_rng)
 
     # ---- inspection (state_dict, stats: offload/engine/inspection.py) ---------------------------------------
 

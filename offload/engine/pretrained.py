@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from offload.checkpoint.tensor_file import TensorFileReader
-from offload.engine.checkpointing import load_model_tensors, other_tensors
+from offload.engine.checkpoint_load import load_model_tensors, other_tensors
 from offload.engine.state_fill import fill_group, quiesce
 from offload.errors import CheckpointError
 from offload.storage.io_engine import IoEngine

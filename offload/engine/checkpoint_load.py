@@ -1,0 +1,194 @@
+"""Loading a checkpoint that ``Engine.save`` wrote (``Engine.load``); the format is in ``checkpointing.py``.
+
+Every file is verified (sizes and CRC-32 against the manifest) and matched against the engine (names, shapes,
+dtypes) before anything changes, so a bad checkpoint leaves the engine as it was; then the state is read back
+group by group through the same bounded staging the save used, the other tensors of the model and the RNG
+states are restored. ``load_model_tensors`` and ``other_tensors`` also serve ``load_pretrained``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from offload.checkpoint.directory import CheckpointDir
+from offload.checkpoint.sharded_reader import state_reader
+from offload.checkpoint.tensor_file import FileRecord, TensorFileReader
+from offload.engine.checkpointing import META_FILE, MODEL_FILE, STATE_FILES
+from offload.engine.state_fill import fill_group, quiesce
+from offload.errors import CheckpointError
+from offload.storage.io_engine import IoEngine
+
+if TYPE_CHECKING:
+    from offload.engine.engine import Engine
+
+log = logging.getLogger("offload")
+
+
+def load(engine: Engine, path: str, restore_rng: bool) -> dict[str, Any]:
+    start = time.perf_counter()
+    version, records = _verify(engine, path)  # nothing is changed before every byte is known good
+    meta_path = version / META_FILE
+    try:
+        meta = json.loads(meta_path.read_bytes())
+        step, param_steps = int(meta["step"]), meta["param_steps"]
+        scaler, hyper_groups, extra = meta["loss_scaler"], meta["param_groups"], meta["extra"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{meta_path}: malformed ({type(e).__name__}: {e})") from None
+    try:
+        world = int(meta.get("world_size", 1))
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{meta_path}: malformed world_size {meta.get('world_size')!r}") from None
+    io = IoEngine(engine.config.io)
+    readers: list = []
+    model_reader = None
+    try:
+        for name in STATE_FILES:  # (saved by any number of ranks: each reads its own shard of every group)
+            readers.append(state_reader(version, name, world, io))
+        model_reader = TensorFileReader(version / (MODEL_FILE + ".safetensors"), io)
+        _check_matches(engine, readers, model_reader, param_steps, hyper_groups, meta_path)
+        engine._grads.reset()  # gradients accumulated before the load belong to the state it replaces
+        try:
+            quiesce(engine)
+            for state in engine.store.states:
+                group = state.group
+                fill_group(engine, state, lambda parts, start, end, group=group:
+                           _read_slots(readers, parts, group, start, end))
+            load_model_tensors(engine, lambda key: model_reader)
+        except BaseException as e:
+            engine._failed = f"loading {path} failed part-way ({type(e).__name__}: {e})"
+            raise
+    finally:
+        for reader in readers + [model_reader]:
+            if reader is not None:
+                reader.close()
+        io.close()
+    engine._step = step
+    for g, group in enumerate(engine.groups):
+        engine._param_steps[g] = [int(param_steps[slot.name]) for slot in group.slots]
+    engine._scaler.load_state_dict(scaler)
+    for group, saved in zip(engine.param_groups, hyper_groups):
+        group.update({"lr": float(saved["lr"]), "betas": tuple(float(b) for b in saved["betas"]),
+                      "eps": float(saved["eps"]), "weight_decay": float(saved["weight_decay"])})
+    if restore_rng:
+        _restore_rng(meta.get("rng", {}))
+    total = sum(r.size for r in records.values())
+    log.info("offload: loaded step %d from %s (%.2f GB in %.1f s)", step, path, total / 1e9,
+             time.perf_counter() - start)
+    return extra
+
+def _verify(engine: Engine, path: str) -> tuple[Path, dict[str, FileRecord]]:
+    """CheckpointDir.verify; with several ranks each checksums its share of the files and every rank raises
+    the first failure any rank found (collective)."""
+    ranks = engine.ranks
+    if not ranks.many:
+        return CheckpointDir(path).verify()
+    found, error = None, None
+    try:
+        found = CheckpointDir(path).verify(share=(ranks.rank, ranks.world))
+    except Exception as e:  # (every rank must reach the exchange below, whatever failed)
+        error = str(e) if isinstance(e, CheckpointError) else f"{path}: {type(e).__name__}: {e}"
+    errors = [e for e in ranks.all_objects(error) if e is not None]
+    if errors:
+        raise CheckpointError(errors[0])
+    return found
+
+def _check_matches(engine: Engine, readers: list[TensorFileReader], model_reader: TensorFileReader,
+                   param_steps: dict[str, int], hyper_groups: list[dict], meta_path: Path) -> None:
+    """Raises CheckpointError unless the checkpoint holds exactly the engine's parameters, with their shapes."""
+    ours = {slot.name: tuple(slot.shape) for g in engine.groups for slot in g.slots}
+    for reader in readers:
+        theirs = {name: e.shape for name, e in reader.entries.items()}
+        missing = sorted(set(ours) - set(theirs))
+        unexpected = sorted(set(theirs) - set(ours))
+        wrong = sorted(n for n in set(ours) & set(theirs) if ours[n] != theirs[n])
+        if missing or unexpected or wrong:
+            parts = [f"missing {_names(missing)}" if missing else "",
+                     f"unexpected {_names(unexpected)}" if unexpected else "",
+                     "shape mismatch " + ", ".join(f"{n} {list(theirs[n])} vs model {list(ours[n])}"
+                                                   for n in wrong[:3]) if wrong else ""]
+            raise CheckpointError(f"{reader.path}: does not match the model's trainable parameters: "
+                                  + "; ".join(p for p in parts if p))
+        bad = [n for n, e in reader.entries.items() if e.dtype != torch.float32]
+        if bad:
+            raise CheckpointError(f"{reader.path}: tensor {bad[0]!r} is {reader.entries[bad[0]].dtype}, not fp32")
+    if set(param_steps) != set(ours):
+        raise CheckpointError(f"{meta_path}: param_steps does not name the model's trainable parameters")
+    if [sorted(g["names"]) for g in hyper_groups] != [sorted(g["names"]) for g in engine.param_groups]:
+        raise CheckpointError(f"{meta_path}: the parameter groups differ from the engine's "
+                              f"({len(hyper_groups)} saved, {len(engine.param_groups)} now, or other members)")
+    state = other_tensors(engine)
+    for key, tensor in state.items():
+        entry = model_reader.entries.get(key)
+        if entry is None:
+            raise CheckpointError(f"{model_reader.path}: no tensor {key!r} (a buffer or frozen parameter of "
+                                  "the model)")
+        if entry.shape != tuple(tensor.shape):
+            raise CheckpointError(f"{model_reader.path}: tensor {key!r} has shape {list(entry.shape)}, the model "
+                                  f"{list(tensor.shape)}")
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+def other_tensors(engine: Engine) -> dict[str, torch.Tensor]:
+    """The model's state_dict entries that are not trainable parameters (first key of each tensor)."""
+    trainable = {id(slot.param) for g in engine.groups for slot in g.slots}
+    seen: set[int] = set()
+    out = {}
+    for key, value in engine.model.state_dict(keep_vars=True).items():
+        if id(value) in seen or id(value) in trainable:
+            continue
+        seen.add(id(value))
+        out[key] = value
+    return out
+
+def _read_slots(readers: list[TensorFileReader], parts: tuple[torch.Tensor, ...], group: Any,
+                start: int, end: int) -> None:
+    """Reads elements [start, end) of the group's parameters from the three state files into ``parts``
+    (which hold exactly those elements)."""
+    handles = []
+    for reader, part in zip(readers, parts):
+        for slot, a, b in group.pieces(start, end):
+            handles.append((reader, reader.read(slot.name, (a - slot.offset) * 4, part[a - start:b - start])))
+    for reader, handle in handles:
+        reader.wait(handle)
+
+def load_model_tensors(engine: Engine, reader_of: Callable[[str], TensorFileReader]) -> None:
+    """The model's other state_dict tensors (frozen parameters, buffers) from the file ``reader_of(key)``,
+    converted to their dtype."""
+    for key, tensor in other_tensors(engine).items():
+        reader = reader_of(key)
+        entry = reader.entry(key)
+        staged = torch.empty(entry.shape, dtype=entry.dtype)
+        reader.io.wait(reader.read(key, 0, staged))
+        with torch.no_grad():
+            tensor.copy_(staged)
+
+def _restore_rng(states: dict[str, Any]) -> None:
+    if "torch" in states:
+        torch.set_rng_state(_decode_bytes(states["torch"]))
+    if "cuda" in states and torch.cuda.is_available():
+        cuda = states["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([_decode_bytes(s) for s in cuda])
+        else:
+            log.warning("offload: the checkpoint has CUDA RNG states of %d devices, this machine %d; not restored",
+                        len(cuda), torch.cuda.device_count())
+    if "python" in states:
+        version, internal, gauss = states["python"]
+        random.setstate((version, tuple(internal), gauss))
+    numpy = sys.modules.get("numpy")
+    if "numpy" in states and numpy is not None:
+        kind, keys, pos, has_gauss, cached = states["numpy"]
+        numpy.random.set_state((kind, numpy.asarray(keys, dtype=numpy.uint32), pos, has_gauss, cached))
+
+def _decode_bytes(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
