@@ -1,13 +1,22 @@
-"""ResourceSampler: how busy the swap disk and the CPU are, sampled into a Timeline as counter tracks.
+"""ResourceSampler: how busy the swap disk and the CPU are, sampled next to a Timeline's spans.
 
 The engine's spans say when it issued work and when it waited; they cannot say whether the disk was moving
 bytes in between. The kernel can: ``/proc/diskstats`` counts, per block device, the milliseconds during which
-at least one request was in flight (``io_ticks``) and the sectors read and written, and ``/proc/self/stat``
-the CPU time of this process. Sampling them every few milliseconds gives "disk busy %", "disk MB/s" and "CPU
-cores" next to the spans: where the disk sits idle while compute runs, and the other way round.
+at least one request was in flight (``io_ticks``) and the sectors read and written, and the process's CPU
+time counts what all its threads computed. The sampler reads these cumulative counters every few
+milliseconds and keeps them:
 
-Linux only; elsewhere (or for a directory on a filesystem without a block device, e.g. tmpfs) the disk
-counters are left out with one note in the trace and the CPU counter remains.
+- ``usage(spans)`` gives exact means over any set of time spans (the counters' deltas between the spans'
+  ends, interpolated between samples): what ``tools/step_timeline.py`` prints per phase of a step;
+- the Timeline gets counter tracks (disk busy %, disk MB/s, CPU cores) to look at next to the spans.
+
+Granularity: ``io_ticks`` advances in whole jiffies (4 ms with HZ=250), so a single sample over a 5 ms interval
+reads a saturated disk as 80% or 160% busy; the tracks clamp that to 100% for display, the means over a span
+use the cumulative counts and are exact to one jiffy per span end. CPU time comes from ``time.process_time``
+(all threads, nanoseconds).
+
+Linux only for the disk; for a directory on a filesystem without a block device (tmpfs, overlay) or where
+/proc/diskstats lacks it, the disk counters are left out and ``disk_note`` says why.
 """
 
 from __future__ import annotations
@@ -22,9 +31,26 @@ SECTOR_BYTES = 512  # /proc/diskstats counts 512-byte sectors whatever the devic
 
 @dataclass(frozen=True)
 class DiskCounters:
+    """Cumulative counters of one block device (``/proc/diskstats`` fields 13, 6 and 10)."""
     busy_ms: int
     sectors_read: int
     sectors_written: int
+
+
+@dataclass(frozen=True)
+class Sample:
+    t: float                    # time.perf_counter()
+    cpu_s: float                # CPU time of the process, all threads
+    disk: DiskCounters | None   # None when there is no disk to sample or the read failed
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Means over some time: CPU cores in use, the fraction of it the disk had a request in flight, bytes/s."""
+    cpu_cores: float
+    disk_busy: float | None
+    read_bytes_per_s: float | None
+    write_bytes_per_s: float | None
 
 
 def block_device_of(path: str | os.PathLike) -> tuple[int, int] | None:
@@ -34,31 +60,36 @@ def block_device_of(path: str | os.PathLike) -> tuple[int, int] | None:
     return None if major == 0 else (major, minor)  # major 0: tmpfs, overlay, btrfs subvolumes, ...
 
 
-def read_disk_counters(device: tuple[int, int]) -> DiskCounters | None:
-    """The device's line of /proc/diskstats (fields: major minor name reads merged sectors ms writes merged
-    sectors ms in-flight io_ticks ...), or None where it has none."""
-    try:
-        with open("/proc/diskstats") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) >= 13 and (int(fields[0]), int(fields[1])) == device:
-                    return DiskCounters(busy_ms=int(fields[12]), sectors_read=int(fields[5]),
-                                        sectors_written=int(fields[9]))
-    except OSError:
-        return None
+def parse_diskstats(text: str, device: tuple[int, int]) -> DiskCounters | None:
+    """The device's counters from the text of /proc/diskstats (per line: major minor name reads merged
+    sectors-read ms writes merged sectors-written ms in-flight io_ticks ...), or None if it has no line."""
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 13 and (int(fields[0]), int(fields[1])) == device:
+            return DiskCounters(busy_ms=int(fields[12]), sectors_read=int(fields[5]), sectors_written=int(fields[9]))
     return None
 
 
-def process_cpu_seconds() -> float:
-    """User + system CPU time of this process, all threads (``os.times`` reads the same counters)."""
-    t = os.times()
-    return t.user + t.system
+def read_disk_counters(device: tuple[int, int]) -> DiskCounters | None:
+    try:
+        with open("/proc/diskstats") as f:
+            return parse_diskstats(f.read(), device)
+    except OSError:
+        return None
+
+
+def rates(before: DiskCounters, after: DiskCounters, seconds: float) -> tuple[float, float, float]:
+    """(busy fraction, bytes read per second, bytes written per second) between two readings ``seconds``
+    apart. The busy fraction is not clamped: over a short interval one jiffy more or less moves it a lot."""
+    return ((after.busy_ms - before.busy_ms) / 1e3 / seconds,
+            (after.sectors_read - before.sectors_read) * SECTOR_BYTES / seconds,
+            (after.sectors_written - before.sectors_written) * SECTOR_BYTES / seconds)
 
 
 class ResourceSampler:
-    """A daemon thread that, every ``interval`` seconds between ``start()`` and ``stop()``, adds to
-    ``timeline`` the disk holding ``path`` (busy %, read and write MB/s over the interval) and the process's
-    CPU use (cores). Cheap: three small /proc reads per sample."""
+    """A daemon thread that, every ``interval`` seconds between ``start()`` and ``stop()``, records the
+    cumulative counters of the disk holding ``path`` and of the process's CPU time (``samples``) and adds
+    their rates over the interval to ``timeline`` as counter tracks. Cheap: one /proc read per sample."""
 
     def __init__(self, timeline, path: str | os.PathLike | None = None, interval: float = 0.005) -> None:
         if interval <= 0:
@@ -68,42 +99,87 @@ class ResourceSampler:
         self._device = block_device_of(path) if path is not None else None
         if self._device is not None and read_disk_counters(self._device) is None:
             self._device = None
-        # Why the disk tracks are missing, for the caller to print; None when they are there or not asked for.
+        # Why the disk is not sampled, for the caller to print; None when it is, or when no path was given.
         self.disk_note: str | None = None
         if path is not None and self._device is None:
             self.disk_note = f"no disk counters for {path!s}: not on a block device listed in /proc/diskstats"
+        self.samples: list[Sample] = []  # appended by the sampling thread only; read after stop()
+        self._last_disk: Sample | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("ResourceSampler: already started")
+        self._record()
         self._thread = threading.Thread(target=self._run, name="offload-sampler", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        if self._thread is not None:
+        """Stops sampling, with one last sample so that the counters cover everything up to now."""
+        if self._thread is not None and self._thread.is_alive():
             self._stop.set()
             self._thread.join()
+            self._record()
+
+    def usage(self, spans: list[tuple[float, float]]) -> Usage | None:
+        """Means over ``spans`` (``perf_counter`` start and end; non-overlapping), from the cumulative
+        counters interpolated at each span's ends; None when no span lies within the sampled time."""
+        inside = [(max(a, self.samples[0].t), min(b, self.samples[-1].t)) for a, b in spans] if self.samples else []
+        inside = [(a, b) for a, b in inside if b > a]
+        if not inside:
+            return None
+        seconds = sum(b - a for a, b in inside)
+
+        def delta(samples: list[Sample], field: str) -> float:
+            return sum(_at(samples, b, field) - _at(samples, a, field) for a, b in inside)
+        cpu = delta(self.samples, "cpu_s") / seconds
+        with_disk = [s for s in self.samples if s.disk is not None]  # (a failed read leaves a gap)
+        if len(with_disk) < 2:
+            return Usage(cpu, None, None, None)
+        return Usage(cpu, delta(with_disk, "busy_ms") / 1e3 / seconds,
+                     delta(with_disk, "sectors_read") * SECTOR_BYTES / seconds,
+                     delta(with_disk, "sectors_written") * SECTOR_BYTES / seconds)
+
+    def _record(self) -> None:
+        disk = read_disk_counters(self._device) if self._device is not None else None
+        sample = Sample(time.perf_counter(), time.process_time(), disk)
+        if self.samples:
+            self._add_tracks(self.samples[-1], sample)
+        self.samples.append(sample)
+        if disk is not None:
+            self._last_disk = sample
+
+    def _add_tracks(self, last: Sample, now: Sample) -> None:
+        # A counter value holds from its timestamp to the next one: stamp each with its interval's start.
+        if now.t > last.t:
+            self._timeline.add_counter("CPU cores", last.t, process=round((now.cpu_s - last.cpu_s) / (now.t - last.t), 3))
+        before = self._last_disk  # the last sample whose disk read succeeded
+        if before is not None and now.disk is not None and now.t > before.t:
+            busy, read, written = rates(before.disk, now.disk, now.t - before.t)
+            self._timeline.add_counter("disk busy %", before.t, busy=round(min(100.0, busy * 100), 1))
+            self._timeline.add_counter("disk MB/s", before.t, read=round(read / 1e6, 1), write=round(written / 1e6, 1))
 
     def _run(self) -> None:
-        last_t, last_cpu = time.perf_counter(), process_cpu_seconds()
-        last_disk = read_disk_counters(self._device) if self._device is not None else None
         while not self._stop.wait(self._interval):
-            now, cpu = time.perf_counter(), process_cpu_seconds()
-            dt = now - last_t
-            if dt <= 0:
-                continue
-            # A counter value holds from its timestamp to the next one: stamp each with its interval's start.
-            self._timeline.add_counter("CPU cores", last_t, process=round((cpu - last_cpu) / dt, 3))
-            if last_disk is not None:
-                disk = read_disk_counters(self._device)
-                if disk is not None:
-                    busy = min(100.0, (disk.busy_ms - last_disk.busy_ms) / 1e3 / dt * 100)
-                    self._timeline.add_counter("disk busy %", last_t, busy=round(busy, 1))
-                    self._timeline.add_counter(
-                        "disk MB/s", last_t,
-                        read=round((disk.sectors_read - last_disk.sectors_read) * SECTOR_BYTES / dt / 1e6, 1),
-                        write=round((disk.sectors_written - last_disk.sectors_written) * SECTOR_BYTES / dt / 1e6, 1))
-                    last_disk = disk
-            last_t, last_cpu = now, cpu
+            self._record()
+
+
+def _at(samples: list[Sample], t: float, field: str) -> float:
+    """A cumulative counter at time t, interpolated linearly between the samples around it (clamped to the
+    first and last)."""
+    lo, hi = 0, len(samples) - 1
+    while hi - lo > 1:  # the last sample at or before t
+        mid = (lo + hi) // 2
+        if samples[mid].t <= t:
+            lo = mid
+        else:
+            hi = mid
+
+    def value(s: Sample) -> float:
+        return s.cpu_s if field == "cpu_s" else getattr(s.disk, field)
+    a, b = samples[lo], samples[hi]
+    if b.t <= a.t:
+        return value(a)
+    w = min(1.0, max(0.0, (t - a.t) / (b.t - a.t)))
+    return value(a) + w * (value(b) - value(a))

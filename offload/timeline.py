@@ -65,7 +65,8 @@ class Timeline:
     @contextmanager
     def sampling(self, path: str | os.PathLike | None = None, interval: float = 0.005) -> Iterator[ResourceSampler]:
         """Within the block, samples the disk holding ``path`` (busy %, MB/s read and written) and this
-        process's CPU use every ``interval`` seconds into counter tracks (see resource_sampler.py)."""
+        process's CPU use every ``interval`` seconds into counter tracks; the sampler it yields keeps the
+        cumulative counters for exact means over any spans (``usage``; see resource_sampler.py)."""
         sampler = ResourceSampler(self, path, interval)
         sampler.start()
         try:
@@ -104,8 +105,8 @@ class _NoTimeline(Timeline):
         pass
 
     @contextmanager
-    def sampling(self, path: str | os.PathLike | None = None, interval: float = 0.005) -> Iterator[None]:
-        yield None
+    def sampling(self, path: str | os.PathLike | None = None, interval: float = 0.005) -> Iterator[ResourceSampler]:
+        yield ResourceSampler(self, path, interval)  # never started: no samples, usage() is None
 
     def events(self) -> list[dict]:
         return []

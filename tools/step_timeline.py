@@ -8,7 +8,10 @@ Tracks: compute (each group's forward), fetch (copies to the device), nvme read 
 optimizer state, from issue to wait), gradients (each gradient added into the host accumulator), adam (each
 group's update) and step (each forward and backward call of the loop); counters: disk busy %, disk MB/s (the
 block device under the swap directory, from /proc/diskstats) and CPU cores (this process). At the end it
-prints, per phase of the steps after the first, how long it took and how busy the disk and the CPU were.
+prints, per phase of the steps after the first, how long it took and how busy the disk and the CPU were
+(exact means from the cumulative counters): "forward: compute" (the group forwards), "forward: waits" (the
+rest of the forward calls: waiting for updates and fetches), "backward" (the backward calls, with the
+updates that overlap them) and "rest" (step() calls, the final wait).
 
 Steps follow one another as in training (an overlapped update runs into the next forward); ``--sync`` waits
 for each step's update before the next one instead, which gives complete per-step NVMe byte counts.
@@ -81,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             with timeline.span("step", f"forward {i + 1} (call)"):
                 loss = engine(input_ids=ids, labels=ids).loss
             if a.backward_step:
-                info = engine.backward_step(loss)
+                with timeline.span("step", f"backward {i + 1} (call)"):  # (with the updates it overlaps)
+                    info = engine.backward_step(loss)
             else:
                 with timeline.span("step", f"backward {i + 1} (call)"):
                     engine.backward(loss)
@@ -98,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     timeline.save(a.out)
     print(f"wrote {len(timeline.events())} events to {a.out}; open it in https://ui.perfetto.dev", file=sys.stderr)
     if first_timed is not None:
-        print_phase_summary(timeline, first_timed, last, a.steps - 1)
+        print_phase_summary(timeline, sampler, first_timed, last, a.steps - 1)
     if profiler is not None:
         stem, dot, suffix = a.out.rpartition(".")
         cuda_out = f"{stem}-cuda.{suffix}" if dot else f"{a.out}-cuda"
@@ -107,74 +111,74 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _counter_mean(samples: list[tuple[float, float]], start: float, end: float) -> float | None:
-    """Time-weighted mean over [start, end] of a counter whose value holds from each sample to the next."""
-    total = weight = 0.0
-    for (t, value), nxt in zip(samples, samples[1:] + [(float("inf"), 0.0)]):
-        overlap = min(end, nxt[0]) - max(start, t)
-        if overlap > 0:
-            total += value * overlap
-            weight += overlap
-    return total / weight if weight > 0 else None
+def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[tuple[float, float]] = []
+    for s, t in sorted(spans):
+        if merged and s <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], t))
+        else:
+            merged.append((s, t))
+    return merged
 
 
-def print_phase_summary(timeline: offload.Timeline, start: float, end: float, steps: int) -> None:
-    """Per phase of the timed steps (the loop's forward calls, its backward calls or the rest), the time per step
-    and how busy the disk and the CPU were meanwhile (counter tracks)."""
-    origin = timeline._origin
-    events = timeline.events()
-    counters: dict[str, list[tuple[float, float]]] = {}
-    for e in events:
-        if e["ph"] == "C":
-            for key, value in e["args"].items():
-                counters.setdefault(f"{e['name']}:{key}", []).append((origin + e["ts"] / 1e6, float(value)))
+def _minus(whole: tuple[float, float], parts: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The pieces of ``whole`` that no span of ``parts`` (a union: sorted, disjoint) covers."""
+    out, cursor = [], whole[0]
+    for s, t in parts:
+        s, t = max(s, whole[0]), min(t, whole[1])
+        if t <= s:
+            continue
+        if s > cursor:
+            out.append((cursor, s))
+        cursor = max(cursor, t)
+    if whole[1] > cursor:
+        out.append((cursor, whole[1]))
+    return out
+
+
+def phases_of(events: list[dict], origin: float, start: float, end: float) -> dict[str, list[tuple[float, float]]]:
+    """The timed steps' time, [start, end], split into phases (perf_counter spans): the group forwards
+    (the 'compute' spans) inside the loop's forward calls, the rest of those calls (waiting for updates and
+    fetches, hooks), the loop's backward calls, and whatever is left (step() calls, the final wait)."""
     def span_of(e: dict) -> tuple[float, float]:
         return origin + e["ts"] / 1e6, origin + (e["ts"] + e["dur"]) / 1e6
-    compute_starts = sorted(span_of(e)[0] for e in events if e["ph"] == "X" and e["cat"] == "compute")
-    # A forward call first waits for the groups it needs (their updates, their fetches), then computes: the
-    # wait ends where the call's first group forward begins.
-    phases: dict[str, list[tuple[float, float]]] = {"forward: wait": [], "forward: compute": [], "backward": []}
-    for e in events:
-        if e["ph"] != "X" or e["cat"] != "step":
-            continue
+    spans = [e for e in events if e["ph"] == "X"]
+    compute = _union([span_of(e) for e in spans if e["cat"] == "compute"])
+    calls = {"forward": [], "backward": []}
+    for e in spans:
         s, t = span_of(e)
-        if s < start or t > end:
-            continue
-        if e["name"].startswith("forward"):
-            # (no group spans with parameters on the device: the whole call computes)
-            first = next((c for c in compute_starts if s <= c <= t), s)
-            phases["forward: wait"].append((s, first))
-            phases["forward: compute"].append((first, t))
-        elif e["name"].startswith("backward") or "during backward" in e["name"]:
-            phases["backward"].append((s, t))
-    covered = sorted(phases["forward: wait"] + phases["forward: compute"] + phases["backward"])
-    rest, cursor = [], start  # the gaps: step() calls, the final synchronize
-    for s, t in covered:
-        if s > cursor:
-            rest.append((cursor, s))
-        cursor = max(cursor, t)
-    if end > cursor:
-        rest.append((cursor, end))
-    phases["rest"] = rest
+        if e["cat"] == "step" and e["name"].endswith("(call)") and start <= s and t <= end:
+            calls["forward" if e["name"].startswith("forward") else "backward"].append((s, t))
+    phases: dict[str, list[tuple[float, float]]] = {"forward: compute": [], "forward: waits": []}
+    for call in calls["forward"]:
+        inside = [(max(s, call[0]), min(t, call[1])) for s, t in compute if s < call[1] and t > call[0]]
+        if not inside:  # parameters on the device: no group spans, the whole call computes
+            inside = [call]
+        phases["forward: compute"] += inside
+        phases["forward: waits"] += _minus(call, inside)
+    phases["backward"] = calls["backward"]
+    phases["rest"] = _minus((start, end), _union(calls["forward"] + calls["backward"]))
     phases["whole step"] = [(start, end)]
+    return phases
+
+
+def print_phase_summary(timeline: offload.Timeline, sampler, start: float, end: float, steps: int) -> None:
+    """Per phase of the timed steps (phases_of), the time per step and how busy the disk and the CPU were
+    meanwhile (exact means from the sampler's cumulative counters)."""
+    phases = phases_of(timeline.events(), timeline._origin, start, end)
     print(f"\n{steps} timed steps, {(end - start) / steps:.3f} s per step")
-    print(f"{'phase':<17} {'s/step':>7} {'disk busy %':>12} {'disk read GB/s':>15} {'disk write GB/s':>16} {'CPU cores':>10}")
+    print(f"{'phase':<17} {'s/step':>7} {'disk busy %':>12} {'disk read GB/s':>15} {'disk write GB/s':>16} "
+          f"{'CPU cores':>10}")
     for name, spans in phases.items():
         length = sum(t - s for s, t in spans)
         if length <= 0:
             continue
-
-        def mean(key: str) -> str:
-            samples = counters.get(key)
-            if not samples:
-                return "-"
-            values = [(m, t - s) for s, t in spans if (m := _counter_mean(samples, s, t)) is not None]
-            return f"{sum(m * w for m, w in values) / sum(w for _, w in values):.2f}" if values else "-"
-        read, write = mean("disk MB/s:read"), mean("disk MB/s:write")
-        read = f"{float(read) / 1e3:.2f}" if read != "-" else read
-        write = f"{float(write) / 1e3:.2f}" if write != "-" else write
-        busy = mean("disk busy %:busy")
-        print(f"{name:<17} {length / steps:7.3f} {busy:>12} {read:>15} {write:>16} {mean('CPU cores:process'):>10}")
+        use = sampler.usage(spans)
+        def fmt(value: float | None, scale: float) -> str:
+            return "-" if value is None else f"{value * scale:.2f}"
+        print(f"{name:<17} {length / steps:7.3f} {fmt(use and use.disk_busy, 100):>12} "
+              f"{fmt(use and use.read_bytes_per_s, 1e-9):>15} {fmt(use and use.write_bytes_per_s, 1e-9):>16} "
+              f"{fmt(use and use.cpu_cores, 1):>10}")
 
 
 if __name__ == "__main__":

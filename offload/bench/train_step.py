@@ -43,8 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--backward-step", action="store_true",
                     help="no clipping, engine.backward_step(loss) (updates overlap backward) in both processes")
     ap.add_argument("--host-memory-limit", default=None,
-                    help="Config.host_memory_limit of the offloaded run, e.g. 2GiB: the groups whose state fits stay "
-                         "in RAM, the embedding's first (default: none, all state on NVMe)")
+                    help="Config.host_memory_limit of the offloaded run, e.g. 2GiB: with --optimizer nvme the groups "
+                         "whose state fits stay in RAM, the embedding's first (default: none; with --optimizer "
+                         "nvme all state is then on NVMe)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
