@@ -42,6 +42,17 @@ def test_default_run_learns_and_leaves_nothing_behind(tmp_path):
     assert list((tmp_path / "tmp").iterdir()) == [] and list((tmp_path / "work").iterdir()) == []
 
 
+def test_timeline_holds_the_spans_and_the_resource_counters(tmp_path):
+    import json
+
+    trace = tmp_path / "trace.json"
+    done = _train(tmp_path, "--steps", "3", "--timeline", str(trace), *FAST)
+    assert f"timeline written to {trace}" in done.stdout
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert {"compute", "adam", "nvme read"} <= {e.get("cat") for e in events if e["ph"] == "X"}
+    assert any(e["ph"] == "C" and e["name"] == "CPU cores" for e in events)
+
+
 def test_a_killed_run_resumes_exactly(tmp_path):
     """Killed (SIGKILL) after its step-4 checkpoint, then resumed with --resume: the same weights as a run that
     was never interrupted."""

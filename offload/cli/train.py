@@ -175,7 +175,9 @@ def run(args: argparse.Namespace) -> int:
         elif args.init_from:
             offload.load_pretrained(engine, args.init_from)
             print(f"  weights from {args.init_from}")
-        losses = _train(engine, args, tokens, first, launch)
+        # With --timeline, the disk under nvme_dir and the CPU are sampled next to the spans (counter tracks).
+        with engine.timeline.sampling(config.nvme_dir if "nvme" in (config.params, config.optimizer) else None):
+            losses = _train(engine, args, tokens, first, launch)
         if args.checkpoint_dir and (not args.checkpoint_every or args.steps % args.checkpoint_every):
             engine.save(args.checkpoint_dir, extra={"step": args.steps})
         _summary(engine, args, losses)
