@@ -19,7 +19,7 @@ import torch
 from offload.engine.grad_stream import staging_ring_bytes
 from offload.engine.grad_swap import GRAD_SWAP_BUFFERS
 from offload.layout.flat_group import GROUP_ALIGN_ELEMENTS
-from offload.optim.state_store import FP32_BYTES, STATE_PARTS, staging_bytes
+from offload.optim.state_store import FP32_BYTES, STATE_PARTS, StatePlacement, plan_placement, staging_bytes
 from offload.schedule.write_back import WRITEBACK_SLOTS
 from offload.storage.host_pool import HostPool
 from offload.storage.io_engine import DIRECT_ALIGNMENT
@@ -67,6 +67,7 @@ class Estimate:
     nvme_read_per_step: int
     nvme_written_per_step: int
     parts: dict[str, int] = field(default_factory=dict)
+    state_groups_in_ram: int = 0  # groups whose optimizer state stays in RAM (optimizer="cpu": all of them)
 
     @property
     def placement(self) -> str:
@@ -145,8 +146,11 @@ def activation_bytes(shape: ModelShape, batch: int, seq_len: int, dtype_bytes: i
 def estimate(shape: ModelShape, params: str, optimizer: str, gradients: str = "host", *, dtype: str = "bf16",
              device: str = "cpu",
              batch: int = 1, seq_len: int = 512, prefetch: int = 2, device_memory_limit: int | None = None,
-             base_rss: int | None = None, model_in_ram: bool = True, ranks: int = 1) -> Estimate:
-    """One rank's figures when ``ranks`` share the state (one process: 1); see Note [what the estimate counts]."""
+             base_rss: int | None = None, model_in_ram: bool = True, ranks: int = 1,
+             host_memory_limit: int | None = None) -> Estimate:
+    """One rank's figures when ``ranks`` share the state (one process: 1); see Note [what the estimate counts].
+    With ``optimizer="nvme"`` and a ``host_memory_limit``, the groups whose state fits what the limit leaves stay
+    in RAM, as the engine places them (``plan_placement``, Note [which state stays in RAM])."""
     element = {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
     cuda = device.startswith("cuda")
     in_state = dtype == "fp32" and params == "nvme" and optimizer == "nvme"  # weights = the masters on NVMe
@@ -177,6 +181,17 @@ def estimate(shape: ModelShape, params: str, optimizer: str, gradients: str = "h
         parts["pinned weights for upload"] = sum(mapped(element * n) for n in whole)  # (whole groups)
     if cuda and ranks == 1:  # (several ranks reduce on the device and copy shards)
         parts["gradient staging ring"] = mapped(staging_ring_bytes(shape.largest_param * element))
+    on_nvme = [optimizer == "nvme"] * len(numels)  # each group's state
+    if optimizer == "nvme" and gradients != "nvme" and host_memory_limit is not None:
+        # What the engine has allocated or charged when it plans the state: everything above but the staging.
+        left = host_memory_limit - sum(v for k, v in parts.items() if k != "optimizer staging")
+        placement = plan_placement([_Group(n) for n in numels], True, left)
+        on_nvme = [p is StatePlacement.NVME for p in placement]
+        in_ram = [n for n, nvme in zip(numels, on_nvme) if not nvme]
+        if in_ram:
+            parts["optimizer state in RAM"] = sum(mapped(STATE_PARTS * FP32_BYTES * n) for n in in_ram)
+        if not any(on_nvme):
+            del parts["optimizer staging"]
     pool = sum(parts.values())
     reduction = 2 * FP32_BYTES * max(whole) if ranks > 1 else 0  # ShardReducer's buffers, on the device
 
@@ -194,19 +209,24 @@ def estimate(shape: ModelShape, params: str, optimizer: str, gradients: str = "h
     at_build = base + model_fp32 + pool + (weights_in_ram if params == "device" else 0)
     in_training = base + pool + weights_in_ram + (0 if cuda else activations)
     disk = 0
-    if optimizer == "nvme":
-        disk += sum(_file(STATE_PARTS * FP32_BYTES * n) for n in numels)
+    disk += sum(_file(STATE_PARTS * FP32_BYTES * n) for n, nvme in zip(numels, on_nvme) if nvme)
     if params == "nvme" and not in_state:
         disk += sum(_file(element * n) for n in numels)
     if gradients == "nvme":
         disk += sum(_file(FP32_BYTES * n) for n in numels)
     read = written = 0
     share = shape.numel if ranks == 1 else sum(numels)  # this rank's elements
+    state_share = share if all(on_nvme) else sum(n for n, nvme in zip(numels, on_nvme) if nvme)
     if optimizer == "nvme":
-        read += STATE_PARTS * FP32_BYTES * share
-        written += STATE_PARTS * FP32_BYTES * share
+        # fp32 weights on the CPU device are the masters: the update reads only m and v (Note [master in
+        # memory]; with params on NVMe that depends on room at run time, so all three are counted there)
+        master_in_memory = dtype == "fp32" and not cuda and params == "device" and ranks == 1
+        read += (STATE_PARTS - master_in_memory) * FP32_BYTES * state_share
+        written += STATE_PARTS * FP32_BYTES * state_share
     if params == "nvme":
-        read += 2 * element * share    # fetched in forward and again in backward
+        # fetched in forward and again in backward; fp32 weights in the state file: only the groups whose state
+        # is on NVMe come from the disk (Note [weights in the state file])
+        read += 2 * element * (state_share if in_state else share)
         if not in_state:
             written += element * share  # the new weights, written back once (else the state write is it)
     if gradients == "nvme":            # written after backward, read by the optimizer (one micro-batch)
@@ -218,18 +238,28 @@ def estimate(shape: ModelShape, params: str, optimizer: str, gradients: str = "h
     return Estimate(params, optimizer, gradients, device,
                     device_bytes=device_weights + (activations + reduction if cuda else 0),
                     host_pool_bytes=pool, host_peak_bytes=max(at_build, in_training), disk_bytes=disk,
-                    nvme_read_per_step=read, nvme_written_per_step=written, parts=parts)
+                    nvme_read_per_step=read, nvme_written_per_step=written, parts=parts,
+                    state_groups_in_ram=len(numels) - sum(on_nvme))
+
+
+@dataclass(frozen=True)
+class _Group:
+    """What plan_placement reads of a group."""
+    shard_numel: int
 
 
 def _file(nbytes: int) -> int:
     return -(-nbytes // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
 
 
-def recommend(estimates: list[Estimate], ram: int, gpu: int | None, disk: int | None) -> Estimate | None:
-    """The first placement (fastest first: PLACEMENTS order) whose host peak fits ``ram``, device bytes fit
-    ``gpu`` (when given: a GPU run) and swap files fit ``disk``; None if none does."""
-    for e in estimates:
-        if e.host_peak_bytes <= ram and (gpu is None or e.device_bytes <= gpu) and \
-                (disk is None or e.disk_bytes <= disk):
-            return e
-    return None
+def fits(e: Estimate, ram: int, gpu: int | None, disk: int | None, host_limit: int | None = None) -> bool:
+    """Whether ``e``'s host peak fits ``ram``, its device bytes ``gpu`` (when given: a GPU run), its swap files
+    ``disk`` and its host buffers ``host_limit`` (a host_memory_limit; the engine refuses to start above it)."""
+    return (e.host_peak_bytes <= ram and (gpu is None or e.device_bytes <= gpu) and
+            (disk is None or e.disk_bytes <= disk) and (host_limit is None or e.host_pool_bytes <= host_limit))
+
+
+def recommend(estimates: list[Estimate], ram: int, gpu: int | None, disk: int | None,
+              host_limit: int | None = None) -> Estimate | None:
+    """The first placement (fastest first: PLACEMENTS order) that fits; None if none does."""
+    return next((e for e in estimates if fits(e, ram, gpu, disk, host_limit)), None)

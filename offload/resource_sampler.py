@@ -6,14 +6,14 @@ at least one request was in flight (``io_ticks``) and the sectors read and writt
 time counts what all its threads computed. The sampler reads these cumulative counters every few
 milliseconds and keeps them:
 
-- ``usage(spans)`` gives exact means over any set of time spans (the counters' deltas between the spans'
-  ends, interpolated between samples): what ``tools/step_timeline.py`` prints per phase of a step;
+- ``usage(spans)`` gives means over any set of time spans (the counters' increase between the spans' ends,
+  interpolated between samples): what ``tools/step_timeline.py`` prints per phase of a step;
 - the Timeline gets counter tracks (disk busy %, disk MB/s, CPU cores) to look at next to the spans.
 
 Granularity: ``io_ticks`` advances in whole jiffies (4 ms with HZ=250), so a single sample over a 5 ms interval
-reads a saturated disk as 80% or 160% busy; the tracks clamp that to 100% for display, the means over a span
-use the cumulative counts and are exact to one jiffy per span end. CPU time comes from ``time.process_time``
-(all threads, nanoseconds).
+reads a saturated disk as 80% or 160% busy; the tracks clamp that to 100% for display. The means over spans
+use the cumulative counts, so the error is at most about one sample interval of busy time per span end, not
+per sample. CPU time comes from ``time.process_time`` (all threads, nanoseconds).
 
 Linux only for the disk; for a directory on a filesystem without a block device (tmpfs, overlay) or where
 /proc/diskstats lacks it, the disk counters are left out and ``disk_note`` says why.
@@ -96,14 +96,19 @@ class ResourceSampler:
             raise ValueError(f"ResourceSampler: interval must be > 0, got {interval}")
         self._timeline = timeline
         self._interval = interval
-        self._device = block_device_of(path) if path is not None else None
-        if self._device is not None and read_disk_counters(self._device) is None:
-            self._device = None
         # Why the disk is not sampled, for the caller to print; None when it is, or when no path was given.
         self.disk_note: str | None = None
-        if path is not None and self._device is None:
-            self.disk_note = f"no disk counters for {path!s}: not on a block device listed in /proc/diskstats"
-        self.samples: list[Sample] = []  # appended by the sampling thread only; read after stop()
+        self._device = None
+        if path is not None:
+            try:
+                self._device = block_device_of(path)
+            except OSError as e:  # (e.g. a swap directory that nothing has needed yet, so never made)
+                self.disk_note = f"no disk counters for {path!s}: {e.strerror}"
+            else:
+                if self._device is None or read_disk_counters(self._device) is None:
+                    self._device = None
+                    self.disk_note = f"no disk counters for {path!s}: not on a block device listed in /proc/diskstats"
+        self.samples: list[Sample] = []  # appended by start(), the sampling thread and stop(); read after stop()
         self._last_disk: Sample | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -116,30 +121,25 @@ class ResourceSampler:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stops sampling, with one last sample so that the counters cover everything up to now."""
-        if self._thread is not None and self._thread.is_alive():
+        """Stops sampling, with one last sample so that the counters cover everything up to now. Idempotent."""
+        if self._thread is not None and not self._stop.is_set():
             self._stop.set()
             self._thread.join()
             self._record()
 
     def usage(self, spans: list[tuple[float, float]]) -> Usage | None:
         """Means over ``spans`` (``perf_counter`` start and end; non-overlapping), from the cumulative
-        counters interpolated at each span's ends; None when no span lies within the sampled time."""
-        inside = [(max(a, self.samples[0].t), min(b, self.samples[-1].t)) for a, b in spans] if self.samples else []
-        inside = [(a, b) for a, b in inside if b > a]
-        if not inside:
+        counters interpolated at each span's ends (so within about one sample interval of busy time per span
+        end); the parts of the spans outside the sampled time do not count. None when no span lies within
+        it. Call it after ``stop()``."""
+        cpu = _means(self.samples, spans, ("cpu_s",))
+        if cpu is None:
             return None
-        seconds = sum(b - a for a, b in inside)
-
-        def delta(samples: list[Sample], field: str) -> float:
-            return sum(_at(samples, b, field) - _at(samples, a, field) for a, b in inside)
-        cpu = delta(self.samples, "cpu_s") / seconds
         with_disk = [s for s in self.samples if s.disk is not None]  # (a failed read leaves a gap)
-        if len(with_disk) < 2:
-            return Usage(cpu, None, None, None)
-        return Usage(cpu, delta(with_disk, "busy_ms") / 1e3 / seconds,
-                     delta(with_disk, "sectors_read") * SECTOR_BYTES / seconds,
-                     delta(with_disk, "sectors_written") * SECTOR_BYTES / seconds)
+        disk = _means(with_disk, spans, ("busy_ms", "sectors_read", "sectors_written"))
+        if disk is None:
+            return Usage(cpu[0], None, None, None)
+        return Usage(cpu[0], disk[0] / 1e3, disk[1] * SECTOR_BYTES, disk[2] * SECTOR_BYTES)
 
     def _record(self) -> None:
         disk = read_disk_counters(self._device) if self._device is not None else None
@@ -163,6 +163,18 @@ class ResourceSampler:
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
             self._record()
+
+
+def _means(samples: list[Sample], spans: list[tuple[float, float]], fields: tuple[str, ...]) -> list[float] | None:
+    """Per field, the counter's increase over the parts of ``spans`` within ``samples``' time, per second."""
+    if len(samples) < 2:
+        return None
+    inside = [(max(a, samples[0].t), min(b, samples[-1].t)) for a, b in spans]
+    inside = [(a, b) for a, b in inside if b > a]
+    if not inside:
+        return None
+    seconds = sum(b - a for a, b in inside)
+    return [sum(_at(samples, b, f) - _at(samples, a, f) for a, b in inside) / seconds for f in fields]
 
 
 def _at(samples: list[Sample], t: float, field: str) -> float:

@@ -106,7 +106,7 @@ class _NoTimeline(Timeline):
 
     @contextmanager
     def sampling(self, path: str | os.PathLike | None = None, interval: float = 0.005) -> Iterator[ResourceSampler]:
-        yield ResourceSampler(self, path, interval)  # never started: no samples, usage() is None
+        yield ResourceSampler(self, None, interval)  # never started: no samples, usage() is None
 
     def events(self) -> list[dict]:
         return []

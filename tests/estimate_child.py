@@ -45,4 +45,5 @@ with offload.Engine(model, config, lr=1e-4, max_grad_norm=1.0) as engine:
     engine.synchronize()
     stats = engine.stats()
 print(json.dumps({"base": base, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                  "pool_peak": stats.host_bytes_peak, "disk": disk, "gradients_on_nvme": stats.gradients_on_nvme}))
+                  "pool_peak": stats.host_bytes_peak, "disk": disk, "gradients_on_nvme": stats.gradients_on_nvme,
+                  "state_groups_in_ram": stats.optimizer_groups_on_host}))

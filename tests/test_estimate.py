@@ -56,6 +56,44 @@ def test_estimate_within_15_percent_of_a_real_run(params, optimizer, gradients, 
     assert predicted.disk_bytes == pytest.approx(measured["disk"], rel=0.01, abs=1)
 
 
+@pytest.mark.parametrize("params", ["cpu", "nvme"])
+def test_a_host_budget_keeps_the_state_the_engine_keeps_in_ram(params, tmp_path):
+    """optimizer="nvme" with a host_memory_limit that holds part of the state: the same groups stay in RAM as
+    in a real engine, and the host buffers and swap files follow."""
+    spec = _model_file(tmp_path)
+    shape = _shape(spec)
+    none = estimate(shape, params, "nvme", batch=BATCH, seq_len=SEQ, base_rss=0)
+    state = 12 * shape.numel
+    limit = none.host_pool_bytes + 2 * state // 5  # room for about 40% of the state, less the staging
+    expected = estimate(shape, params, "nvme", batch=BATCH, seq_len=SEQ, base_rss=0, host_memory_limit=limit)
+    assert 0 < expected.state_groups_in_ram < len(shape.group_numels)
+    assert expected.nvme_read_per_step < none.nvme_read_per_step and expected.disk_bytes < none.disk_bytes
+    assert none.host_pool_bytes < expected.host_pool_bytes <= limit
+    run = subprocess.run([sys.executable, str(CHILD), "--model", spec, "--params", params, "--optimizer", "nvme",
+                          "--batch", str(BATCH), "--seq-len", str(SEQ), "--dir", str(tmp_path),
+                          "--host-memory-limit", str(limit)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    measured = json.loads(run.stdout.strip().splitlines()[-1])
+    assert measured["state_groups_in_ram"] == expected.state_groups_in_ram
+    assert expected.host_pool_bytes == pytest.approx(measured["pool_peak"], rel=0.01)
+    assert expected.disk_bytes == pytest.approx(measured["disk"], rel=0.01, abs=1)
+    everything = estimate(shape, params, "nvme", batch=BATCH, seq_len=SEQ, base_rss=0, host_memory_limit=1 << 50)
+    assert everything.state_groups_in_ram == len(shape.group_numels) and "optimizer staging" not in everything.parts
+    # no state files left: what remains is the weights' (params on NVMe), as with the state in RAM from the start
+    assert everything.disk_bytes == estimate(shape, params, "cpu", batch=BATCH, seq_len=SEQ, base_rss=0).disk_bytes
+    assert everything.nvme_read_per_step == (0 if params == "cpu" else 2 * 2 * shape.numel)
+
+
+def test_fp32_state_on_nvme_reads_only_the_moments_on_the_cpu_device():
+    shape = shape_from_count(100_000_000)
+    fp32 = estimate(shape, "device", "nvme", dtype="fp32", base_rss=0)
+    assert (fp32.nvme_read_per_step, fp32.nvme_written_per_step) == (8 * shape.numel, 12 * shape.numel)
+    bf16 = estimate(shape, "device", "nvme", dtype="bf16", base_rss=0)
+    assert bf16.nvme_read_per_step == 12 * shape.numel  # (the bf16 weights are not the master)
+    gpu = estimate(shape, "device", "nvme", dtype="fp32", device="cuda", base_rss=0)
+    assert gpu.nvme_read_per_step == 12 * shape.numel  # (the master would have to come back from the GPU)
+
+
 def test_parameter_counts_and_assumed_shapes():
     assert parse_count("350M") == 350_000_000 and parse_count("7b") == 7_000_000_000
     assert parse_count("1.3e9") == 1_300_000_000 and parse_count("small") is None
@@ -88,6 +126,12 @@ def test_recommendation_is_the_fastest_placement_that_fits():
     assert tight.placement == "params=nvme optimizer=nvme gradients=nvme"
     assert recommend(estimates, ram=1 << 20, gpu=None, disk=1 << 50) is None
     assert recommend(estimates, ram=1 << 50, gpu=None, disk=0).optimizer == "cpu"
+    # a host_memory_limit below the state in RAM rules out optimizer="cpu" (the engine would refuse it)
+    limit = 6 << 30  # the gradient accumulators (4 GB), the staging, and some state
+    limited = [estimate(shape, p, o, g, base_rss=0, host_memory_limit=limit) for p, o, g in PLACEMENTS]
+    best = recommend(limited, ram=1 << 50, gpu=None, disk=1 << 50, host_limit=limit)
+    assert best.placement == "params=device optimizer=nvme" and 0 < best.state_groups_in_ram
+    assert best.host_pool_bytes <= limit
 
 
 def _cli(*args):
@@ -109,6 +153,19 @@ def test_the_command_prints_a_table_json_and_a_disk_time_floor_from_a_tune_file(
     nvme = next(p for p in record["placements"] if p["placement"] == "params=nvme optimizer=nvme")
     assert nvme["disk_floor_s"] == pytest.approx(nvme["nvme_read_per_step"] / 4e9 + nvme["nvme_written_per_step"] / 2e9)
     assert next(p for p in record["placements"] if p["optimizer"] == "cpu")["disk_floor_s"] is None
+
+
+def test_the_command_plans_for_a_host_budget():
+    out = _cli("--model", "medium", "--device", "cpu", "--host-memory-limit", "3GiB", "--disk", "100GiB", "--json")
+    assert out.returncode == 0, out.stderr
+    record = json.loads(out.stdout)
+    by = {p["placement"]: p for p in record["placements"]}
+    # the state alone (3.6 GB) is over the limit: the state on NVMe, as much of it in RAM as the limit leaves
+    assert record["recommended"] == "params=device optimizer=nvme"
+    best = by["params=device optimizer=nvme"]
+    assert 0 < best["state_groups_in_ram"] < 26 and best["host_pool_bytes"] <= 3 << 30
+    out = _cli("--model", "small", "--device", "cpu", "--host-memory-limit", "lots")
+    assert out.returncode == 1 and "--host-memory-limit" in out.stderr and out.stderr.count("\n") == 1
 
 
 def test_errors_are_one_line():

@@ -55,6 +55,19 @@ def test_usage_interpolates_the_cumulative_counters():
     assert sampler.usage([(5.0, 10.0)]) is None  # before the first sample
     sampler.samples[1] = Sample(11.0, 2.0, None)  # a failed read: the disk is taken from the others
     assert sampler.usage([(10.0, 12.0)]).write_bytes_per_s == pytest.approx(4000 * SECTOR_BYTES / 2)
+    # a failed first read: the disk's means cover only the time it was sampled (11 to 12: busy throughout)
+    sampler.samples = [Sample(10.0, 0.0, None), Sample(11.0, 1.0, DiskCounters(0, 0, 0)),
+                       Sample(12.0, 2.0, DiskCounters(1000, 0, 0)), Sample(13.0, 3.0, DiskCounters(2000, 0, 0))]
+    use = sampler.usage([(10.0, 12.0)])
+    assert use.cpu_cores == pytest.approx(1.0) and use.disk_busy == pytest.approx(1.0)
+    assert sampler.usage([(9.0, 10.5), (12.5, 14.0)]).cpu_cores == pytest.approx(1.0)  # (parts outside: dropped)
+
+
+def test_a_directory_that_does_not_exist_is_a_note_not_an_error(tmp_path):
+    sampler = ResourceSampler(offload.Timeline(), tmp_path / "not made yet")
+    assert "not made yet" in sampler.disk_note
+    with NO_TIMELINE.sampling(tmp_path / "not made yet") as quiet:
+        assert quiet.disk_note is None
 
 
 def test_cpu_use_of_a_busy_thread_is_one_core():
@@ -145,6 +158,11 @@ def test_step_phases_split_each_forward_into_compute_and_waits():
               span("compute", "forward layer0", 0.2, 0.4)]  # before the timed steps
     phases = _step_timeline().phases_of(events, 0.0, 1.0, 4.0)
     total = {name: round(sum(t - s for s, t in spans), 6) for name, spans in phases.items()}
-    assert total == pytest.approx({"forward: compute": 0.55 + 0.3, "forward: waits": 0.45, "backward": 1.0,
-                                   "rest": 0.2 + 0.5, "whole step": 3.0})
-    assert sum(total[k] for k in ("forward: compute", "forward: waits", "backward", "rest")) == pytest.approx(3.0)
+    assert total == pytest.approx({"forward (unsplit)": 0.3, "forward: compute": 0.55, "forward: waits": 0.45,
+                                   "backward": 1.0, "rest": 0.2 + 0.5, "whole step": 3.0})
+    parts = ("forward (unsplit)", "forward: compute", "forward: waits", "backward", "rest")
+    assert sum(total[k] for k in parts) == pytest.approx(3.0)
+    # a group span that crosses the call's end counts inside the call only
+    crossing = [span("step", "forward 2 (call)", 1.0, 2.0), span("compute", "forward layer0", 1.5, 2.5)]
+    phases = _step_timeline().phases_of(crossing, 0.0, 1.0, 3.0)
+    assert phases["forward: compute"] == [(1.5, 2.0)] and phases["forward: waits"] == [(1.0, 1.5)]

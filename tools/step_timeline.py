@@ -139,7 +139,8 @@ def _minus(whole: tuple[float, float], parts: list[tuple[float, float]]) -> list
 def phases_of(events: list[dict], origin: float, start: float, end: float) -> dict[str, list[tuple[float, float]]]:
     """The timed steps' time, [start, end], split into phases (perf_counter spans): the group forwards
     (the 'compute' spans) inside the loop's forward calls, the rest of those calls (waiting for updates and
-    fetches, hooks), the loop's backward calls, and whatever is left (step() calls, the final wait)."""
+    fetches, hooks), the loop's backward calls, and whatever is left (step() calls, the final wait). A forward
+    call without group spans (parameters on the device) is one "forward (unsplit)" span."""
     def span_of(e: dict) -> tuple[float, float]:
         return origin + e["ts"] / 1e6, origin + (e["ts"] + e["dur"]) / 1e6
     spans = [e for e in events if e["ph"] == "X"]
@@ -149,11 +150,13 @@ def phases_of(events: list[dict], origin: float, start: float, end: float) -> di
         s, t = span_of(e)
         if e["cat"] == "step" and e["name"].endswith("(call)") and start <= s and t <= end:
             calls["forward" if e["name"].startswith("forward") else "backward"].append((s, t))
-    phases: dict[str, list[tuple[float, float]]] = {"forward: compute": [], "forward: waits": []}
+    phases: dict[str, list[tuple[float, float]]] = {"forward (unsplit)": [], "forward: compute": [],
+                                                    "forward: waits": []}
     for call in calls["forward"]:
         inside = [(max(s, call[0]), min(t, call[1])) for s, t in compute if s < call[1] and t > call[0]]
-        if not inside:  # parameters on the device: no group spans, the whole call computes
-            inside = [call]
+        if not inside:  # parameters on the device: no group spans to tell compute from waits
+            phases["forward (unsplit)"].append(call)
+            continue
         phases["forward: compute"] += inside
         phases["forward: waits"] += _minus(call, inside)
     phases["backward"] = calls["backward"]

@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ranks", type=int, default=1,
                         help="processes sharing the state (torchrun --nproc-per-node); figures are per rank")
     parser.add_argument("--device-memory-limit", default=None, help="for offloaded parameters (e.g. 2GiB)")
+    parser.add_argument("--host-memory-limit", default=None,
+                        help="Config.host_memory_limit to plan for (e.g. 16GiB): with the optimizer on NVMe, the "
+                             "groups whose state fits stay in RAM, the first groups first")
     parser.add_argument("--ram", default=None, help="host RAM to plan for (default: what is available now)")
     parser.add_argument("--gpu", default=None, help="GPU memory to plan for (default: the GPU's, when on cuda)")
     parser.add_argument("--disk", default=None, help="free space in the swap directory (default: measured in "
@@ -84,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     import psutil
     import torch
 
-    from offload.estimate import PLACEMENTS, estimate, recommend
+    from offload.estimate import PLACEMENTS, estimate, fits, recommend
 
     for flag in ("batch", "seq_len", "ranks"):
         if getattr(args, flag) < 1:
@@ -95,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
     cuda = device.startswith("cuda")
     shape = model_shape(args.model, args.seq_len)
     limit = parse_bytes("--device-memory-limit", args.device_memory_limit) if args.device_memory_limit else None
+    host_limit = parse_bytes("--host-memory-limit", args.host_memory_limit) if args.host_memory_limit else None
     ram = parse_bytes("--ram", args.ram) if args.ram else psutil.virtual_memory().available
     gpu = None
     if cuda:
@@ -112,9 +116,9 @@ def run(args: argparse.Namespace) -> int:
     bandwidth = tuned_bandwidths(args.config)
     estimates = [estimate(shape, p, o, gr, dtype=args.dtype, device=device, batch=args.batch, seq_len=args.seq_len,
                           prefetch=args.prefetch_layers, device_memory_limit=limit, model_in_ram=args.model_in_ram,
-                          ranks=args.ranks)
+                          ranks=args.ranks, host_memory_limit=host_limit)
                  for p, o, gr in PLACEMENTS]
-    best = recommend(estimates, ram, gpu, disk)
+    best = recommend(estimates, ram, gpu, disk, host_limit)
 
     def floor(e) -> float | None:
         if bandwidth is None or not (e.nvme_read_per_step or e.nvme_written_per_step):
@@ -136,16 +140,17 @@ def run(args: argparse.Namespace) -> int:
     print(f"planning for: RAM {ram / gib:.1f} GiB" + (f", GPU {gpu / gib:.1f} GiB" if gpu else "") +
           f", disk {disk / gib:.1f} GiB free in {nvme_dir}")
     where = "GPU" if cuda else "device (RAM)"
-    print(f"\n| placement | {where} GiB | host peak GiB | host buffers GiB | disk GiB | NVMe GB/step read+write "
-          f"| disk time s/step | fits |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    print(f"\n| placement | state in RAM | {where} GiB | host peak GiB | host buffers GiB | disk GiB "
+          f"| NVMe GB/step read+write | disk time s/step | fits |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+    groups = len(shape.group_numels)
     for e in estimates:
-        fits = e.host_peak_bytes <= ram and (gpu is None or e.device_bytes <= gpu) and e.disk_bytes <= disk
         t = floor(e)
-        print(f"| {e.placement} | {e.device_bytes / gib:.2f} | {e.host_peak_bytes / gib:.2f} | "
+        in_ram = "all" if e.state_groups_in_ram == groups else f"{e.state_groups_in_ram} of {groups} groups"
+        print(f"| {e.placement} | {in_ram} | {e.device_bytes / gib:.2f} | {e.host_peak_bytes / gib:.2f} | "
               f"{e.host_pool_bytes / gib:.2f} | {e.disk_bytes / gib:.2f} | "
               f"{e.nvme_read_per_step / 1e9:.1f}+{e.nvme_written_per_step / 1e9:.1f} | "
-              f"{'-' if t is None else f'{t:.2f}'} | {'yes' if fits else 'no'} |")
+              f"{'-' if t is None else f'{t:.2f}'} | {'yes' if fits(e, ram, gpu, disk, host_limit) else 'no'} |")
     if not shape.exact_groups:
         print("\n(a parameter count only: the groups and activations are those of the assumed Llama shape)")
     print("\nhost peak = this process as it is now (torch and the model code imported) + the engine's buffers"

@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
         # build with this seed) straight in its home, so the whole model is never in RAM.
         model = offload.init_empty(lambda: build_model(args.model, args.seq_len, args.seed))
         numel = sum(p.numel() for p in model.parameters())
-        timeline = offload.Timeline() if args.timeline else None
+        timeline = offload.Timeline() if args.timeline and launch.main else None  # (only rank 0 writes it)
         engine = offload.Engine(model, config, lr=args.lr, weight_decay=0.1, max_grad_norm=1.0,
                                 param_groups=[{"params": [p for p in model.parameters() if p.ndim < 2],
                                                "weight_decay": 0.0}], timeline=timeline)
@@ -175,8 +175,10 @@ def run(args: argparse.Namespace) -> int:
         elif args.init_from:
             offload.load_pretrained(engine, args.init_from)
             print(f"  weights from {args.init_from}")
-        # With --timeline, the disk under nvme_dir and the CPU are sampled next to the spans (counter tracks).
-        with engine.timeline.sampling(config.nvme_dir if "nvme" in (config.params, config.optimizer) else None):
+        # With --timeline, the disk under nvme_dir and the CPU are sampled next to the spans (counter tracks),
+        # every 0.1 s: a whole run's trace stays small (the timeline keeps everything in memory until saved).
+        with engine.timeline.sampling(config.nvme_dir if "nvme" in (config.params, config.optimizer) else None,
+                                      interval=0.1):
             losses = _train(engine, args, tokens, first, launch)
         if args.checkpoint_dir and (not args.checkpoint_every or args.steps % args.checkpoint_every):
             engine.save(args.checkpoint_dir, extra={"step": args.steps})

@@ -288,8 +288,3 @@ def _hf_config_json(model: torch.nn.Module) -> str | None:
     if not data.get("architectures"):
         data["architectures"] = [type(model).__name__]
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
-
-
-# ---- loading -------------------------------------------------------------------------------------------------
-
-
