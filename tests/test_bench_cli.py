@@ -100,6 +100,7 @@ def test_bench_step_with_offloaded_parameters(tmp_path):
     assert record["offload"]["nvme_bytes"] > 0 and record["compute"]["nvme_bytes"] == 0
     assert record["offload"]["device_peak"] <= record["offload"]["device_limit"]
     assert record["ratio"] > 0 and "offload / max(compute, I/O)" in out.stdout
+    assert list(tmp_path.iterdir()) == []  # the runs' swap directories are gone, and nothing else was made
 
 
 def test_step_timeline_tool_writes_a_chrome_trace(tmp_path):

@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     from offload.bench.llama import bench_llama
 
     model = bench_llama(a.hidden, a.layers, a.seq, vocab=a.vocab)
-    nvme_dir = a.dir or tempfile.mkdtemp(prefix="offload-timeline-")
+    scratch = None if a.dir else tempfile.TemporaryDirectory(prefix="offload-timeline-")  # removed at exit
+    nvme_dir = a.dir or scratch.name
     config = offload.Config(device=a.device, dtype=a.dtype, params=a.params, optimizer=a.optimizer, nvme_dir=nvme_dir,
                             prefetch_layers=a.prefetch, device_memory_limit=a.device_memory_limit)
     timeline = offload.Timeline()
