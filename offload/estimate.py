@@ -216,7 +216,7 @@ def estimate(shape: ModelShape, params: str, optimizer: str, gradients: str = "h
         disk += sum(_file(FP32_BYTES * n) for n in numels)
     read = written = 0
     share = shape.numel if ranks == 1 else sum(numels)  # this rank's elements
-    state_share = share if all(on_nvme) else sum(n for n, nvme in zip(numels, on_nvme) if nvme)
+    state_share = sum(n for n, nvme in zip(numels, on_nvme) if nvme)  # this rank's elements with state on NVMe
     if optimizer == "nvme":
         # fp32 weights on the CPU device are the masters: the update reads only m and v (Note [master in
         # memory]; with params on NVMe that depends on room at run time, so all three are counted there)

@@ -153,7 +153,8 @@ class ResourceSampler:
     def _add_tracks(self, last: Sample, now: Sample) -> None:
         # A counter value holds from its timestamp to the next one: stamp each with its interval's start.
         if now.t > last.t:
-            self._timeline.add_counter("CPU cores", last.t, process=round((now.cpu_s - last.cpu_s) / (now.t - last.t), 3))
+            cores = (now.cpu_s - last.cpu_s) / (now.t - last.t)
+            self._timeline.add_counter("CPU cores", last.t, process=round(cores, 3))
         before = self._last_disk  # the last sample whose disk read succeeded
         if before is not None and now.disk is not None and now.t > before.t:
             busy, read, written = rates(before.disk, now.disk, now.t - before.t)

@@ -95,7 +95,7 @@ def run_worker(a: argparse.Namespace) -> None:
         config = offload.Config(device="cpu", dtype="bf16")
     else:
         config = offload.Config(device="cpu", dtype="bf16", params=a.params, optimizer=a.optimizer,
-                                nvme_dir=a.dir, prefetch_layers=a.prefetch,  # (swap files: a run directory of their own)
+                                nvme_dir=a.dir, prefetch_layers=a.prefetch,  # (the swap files: a run dir of their own)
                                 device_memory_limit=device_limit, host_memory_limit=a.host_memory_limit)
     ids = torch.randint(0, 32000, (1, a.tokens), generator=torch.Generator().manual_seed(0))
     with offload.Engine(model, config, lr=1e-4, max_grad_norm=None if a.backward_step else 1.0) as engine:

@@ -1,9 +1,9 @@
 """UpdateRunner: how an Engine builds, runs and joins its optimizer updates.
 
-Part of :class:`offload.Engine` (a base class): the per-group update (segments of parameters with their step
-counts and hyper-parameters, where the master comes from, what happens to the weights after it), running a
-list of them on the stepper, the overlapped step on a background thread (Note [overlapped step], schedule/update_handoff.py), the state
-read-ahead of ``backward_step`` (Note [state read-ahead]), joining whatever is in flight (``_sync``) and the
+Part of :class:`offload.Engine` (a base class): the per-group update (segments of parameters with their step counts
+and hyper-parameters, where the master comes from, what happens to the weights after it), running a list of them on
+the stepper, the overlapped step on a background thread (Note [overlapped step], schedule/update_handoff.py), the
+state read-ahead of ``backward_step`` (Note [state read-ahead]), joining whatever is in flight (``_sync``) and the
 engine's failure state when a step fails part-way.
 """
 

@@ -9,14 +9,11 @@ from typing import Callable
 import torch
 
 from offload import _C
-from offload.optim.state_store import (FP32_BYTES, STATE_PARTS, GroupState, OptimizerStateStore, StatePlacement,
-                                       chunks, split_state)
+from offload.optim.state_store import (ALL_PARTS, FP32_BYTES, MOMENTS, STATE_PARTS, GroupState, OptimizerStateStore,
+                                       StatePlacement, chunks, split_state)
 from offload.storage.io_engine import IoHandle
 from offload.storage.swap_store import SwapFile
 from offload.timeline import NO_TIMELINE, Timeline
-
-ALL_PARTS = tuple(range(STATE_PARTS))  # master, m, v (the order of a state run, state_store.py)
-MOMENTS = ALL_PARTS[1:]
 
 
 @dataclass(frozen=True)
@@ -232,7 +229,7 @@ class GroupStepper:
             if self._slot_index(k) in busy:
                 break
             handles[k] = self._transfer("read", (item, start, end), k, StepCounters(),
-                                        parts=None if with_master else MOMENTS)
+                                        parts=ALL_PARTS if with_master else MOMENTS)
 
     def discard_preload(self) -> None:
         """Waits for the reads of a preload nobody took (their slots are free again afterwards)."""

@@ -21,6 +21,8 @@ from offload.storage.io_engine import IoHandle
 from offload.storage.swap_store import SwapFile, SwapStore
 
 STATE_PARTS = 3       # master, exp_avg, exp_avg_sq
+ALL_PARTS = tuple(range(STATE_PARTS))  # the parts of a state run, in their order
+MOMENTS = ALL_PARTS[1:]                # exp_avg, exp_avg_sq: what a read needs when the master is in memory
 STAGING_SLOTS = 6     # reads of chunks j+1..j+4 || Adam(j) || write(j-1): Note [state pipeline], group_stepper.py
 SMALL_STAGING_SLOTS = 3  # for chunks under SMALL_CHUNK_BYTES, whose transfers are too short to need more in flight
 SMALL_CHUNK_BYTES = 16 << 20
@@ -165,7 +167,7 @@ class OptimizerStateStore:
 
     def transfer(self, op: str, state: GroupState, start: int, end: int, staging: torch.Tensor,
                  grad_nvme: SwapFile | None = None, master: torch.Tensor | None = None,
-                 parts: tuple[int, ...] = tuple(range(STATE_PARTS))) -> list[IoHandle]:
+                 parts: tuple[int, ...] = ALL_PARTS) -> list[IoHandle]:
         """Issues the read or write of elements [start, end) of an NVMe group's master, m and v, between the
         file (parts at 0, numel and 2 * numel elements) and ``staging`` (the same parts of ``end - start``
         elements back to back); a read also brings the gradients from ``grad_nvme`` into a fourth part.
@@ -176,7 +178,7 @@ class OptimizerStateStore:
         n, numel = end - start, state.group.shard_numel
         submit = self.swap.read if op == "read" else self.swap.write
         handles = []
-        for part in parts if op == "read" else range(STATE_PARTS):
+        for part in parts if op == "read" else ALL_PARTS:
             source = master if part == 0 and op == "write" and master is not None else staging[part * n:(part + 1) * n]
             handles.append(submit(state.state_nvme, (part * numel + start) * FP32_BYTES, source))
         if op == "read" and grad_nvme is not None:

@@ -204,8 +204,7 @@ class OffloadedParams(UpdateHandoff, HomeWrites):
         if self.io_failure is not None:
             raise RuntimeError(f"offload: writing weights back to NVMe failed ({self.io_failure}); the weights "
                                "cannot be fetched")
-        if not force and self.device_limit is not None and \
-                self.resident_bytes + self.nbytes(g) > self.device_limit:
+        if not force and not self.has_room(self.nbytes(g)):
             return False
         if self.on_nvme(g):
             if len(self._free_fetch_slots) <= reserve:
@@ -411,6 +410,10 @@ class OffloadedParams(UpdateHandoff, HomeWrites):
         """Group g's device memory, about to receive this rank's shard (the other ranks' still to gather)."""
         self._storage[g].claim()
         self._gathered[g] = not self.groups[g].sharded
+
+    def has_room(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more would still fit the device limit next to the groups resident now."""
+        return self.device_limit is None or self.resident_bytes + nbytes <= self.device_limit
 
     def _account(self, g: int, sign: int) -> None:
         self.resident_bytes += sign * self.nbytes(g)

@@ -153,10 +153,6 @@ class UpdateHandoff:
         self._keep_candidates = frozenset(g for g in groups if self._direct and not self.groups[g].sharded)
         self._keep_reserve = reserve_bytes
 
-    def has_room(self, reserve_bytes: int) -> bool:
-        """Whether ``reserve_bytes`` more would still fit the device limit next to the groups resident now."""
-        return self.device_limit is None or self.resident_bytes + reserve_bytes <= self.device_limit
-
     def release_or_keep(self, g: int) -> None:
         """Backward gave every parameter of group g its gradient: keeps g resident if it is a candidate and
         the device limit leaves room for the next use next to it, or if its update is to take its buffer
