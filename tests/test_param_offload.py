@@ -630,6 +630,9 @@ def test_the_forwards_last_groups_stay_for_the_backward(dtype, tmp_path, monkeyp
                 last = {g for use in engine._scheduler.trace[-2:] for g in use}
                 with torch.no_grad():
                     loss_of("llama", engine, data[0][0])
+                # a group lent to the last update whose state writes were still running when the forward ended
+                # goes home once they complete (Note [lent to the update]), not at its use: wait for them
+                engine.synchronize()
                 after_no_grad = set(weights.resident_groups())
                 state = engine.state_dict()
             return losses, state, backward_reads, resident_after_forward, last, after_no_grad
