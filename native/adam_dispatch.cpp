@@ -6,6 +6,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <memory>
 #include <mutex>
@@ -19,9 +20,14 @@
 namespace offload::native {
 namespace {
 
-// Work is split into per-thread ranges whose boundaries are multiples of this many elements (256 B of fp32,
-// 128 B of bf16), so two threads never write the same cache line of a buffer that starts line-aligned.
+// Work is split into chunks whose boundaries are multiples of this many elements (256 B of fp32, 128 B of
+// bf16), so two threads never write the same cache line of a buffer that starts line-aligned.
 constexpr std::size_t kSplitGranule = 64;
+// Chunk sizes in elements (Note [chunks taken as they come]): at most 256 KiB of each fp32 array per chunk, at
+// least 16 KiB, and about 8 chunks per thread in between.
+constexpr std::size_t kMaxChunk = 1 << 16;
+constexpr std::size_t kMinChunk = 1 << 12;
+constexpr std::size_t kChunksPerPart = 8;
 // Below this many elements a step runs on the calling thread: waking workers would cost more than it saves.
 constexpr std::size_t kMinElementsPerThread = 1 << 15;
 
@@ -74,20 +80,23 @@ struct StepJob {
   GradDtype grad_dtype;
   LowpDtype lowp_dtype;
   unsigned floating_point_mode;  // the caller's MXCSR (flush-to-zero / denormals-are-zero), see run_part
+  std::size_t chunk;               // elements per chunk, a multiple of kSplitGranule
+  // The next chunk nobody has taken. Relaxed increments suffice: the counter only hands out disjoint ranges;
+  // the caller sees the workers' writes to the buffers through the pool's mutex (Note [pool hand-off]).
+  std::atomic<std::size_t> next_chunk{0};
 };
 
-// Part `part` updates the global element range [lo, hi), which may cross span boundaries.
-void run_part(void* ctx, int part) noexcept {
-  const auto& job = *static_cast<const StepJob*>(ctx);
-#if defined(OFFLOAD_HAVE_MXCSR)
-  // Workers compute in the caller's floating-point mode (torch.set_flush_denormal sets FTZ/DAZ on the calling
-  // thread only), so that results do not depend on which thread updated an element.
-  if (part != 0) _mm_setcsr(job.floating_point_mode);
-#endif
-  const std::size_t granules = (job.total + kSplitGranule - 1) / kSplitGranule;
-  const std::size_t lo = std::min(job.total, granules * part / job.nparts * kSplitGranule);
-  const std::size_t hi = std::min(job.total, granules * (part + 1) / job.nparts * kSplitGranule);
-  if (lo >= hi) return;
+// Note [chunks taken as they come]
+// The step is cut into chunks that the parts take from a shared counter until none is left, instead of one
+// fixed range per thread. On a machine whose cores are shared (the engine runs the update beside the
+// forward's compute threads; a VM's vCPUs are preempted by the host), a fixed split makes the whole step wait
+// for its slowest thread, while with chunks a thread that runs keeps taking the work of one that does not.
+// A chunk is large enough (16-256 KiB of each array) that the counter and the restart of the hardware
+// prefetcher cost nothing measurable, and small enough that the last chunks even the threads out. Which
+// thread updates an element does not change its result (same code, same floating-point mode).
+
+// Updates the global element range [lo, hi), which may cross span boundaries.
+void update_range(const StepJob& job, std::size_t lo, std::size_t hi) noexcept {
   std::size_t k = static_cast<std::size_t>(
       std::upper_bound(job.span_starts, job.span_starts + job.nspans + 1, lo) - job.span_starts - 1);
   for (std::size_t pos = lo; pos < hi && k < job.nspans; ++k) {
@@ -98,6 +107,28 @@ void run_part(void* ctx, int part) noexcept {
     job.kernel(job.spans[k], begin, end, job.constants, job.adamw, job.grad_dtype, job.lowp_dtype);
     pos = job.span_starts[k] + end;
   }
+}
+
+// One part of the pool's loop: takes chunks until none is left (Note [chunks taken as they come]).
+void run_part(void* ctx, int part) noexcept {
+  auto& job = *static_cast<StepJob*>(ctx);
+#if defined(OFFLOAD_HAVE_MXCSR)
+  // Workers compute in the caller's floating-point mode (torch.set_flush_denormal sets FTZ/DAZ on the calling
+  // thread only), so that results do not depend on which thread updated an element.
+  if (part != 0) _mm_setcsr(job.floating_point_mode);
+#endif
+  for (;;) {
+    const std::size_t lo = job.next_chunk.fetch_add(1, std::memory_order_relaxed) * job.chunk;
+    if (lo >= job.total) return;
+    update_range(job, lo, std::min(job.total, lo + job.chunk));
+  }
+}
+
+// Elements per chunk for `total` elements over `nparts` parts.
+std::size_t chunk_size(std::size_t total, int nparts) {
+  const std::size_t wanted = total / (static_cast<std::size_t>(nparts) * kChunksPerPart);
+  const std::size_t rounded = (wanted + kSplitGranule - 1) / kSplitGranule * kSplitGranule;
+  return std::clamp(rounded, kMinChunk, kMaxChunk);
 }
 
 }  // namespace
@@ -133,11 +164,12 @@ void adam_step(const AdamSpan* spans, std::size_t nspans, const AdamHyper& hyper
 #endif
   StepJob job{spans,       nspans,     span_starts.data(), total,
               1,           kernel_for(active_simd_variant()), make_adam_constants(hyper),
-              hyper.adamw, grad_dtype, lowp_dtype,         floating_point_mode};
+              hyper.adamw, grad_dtype, lowp_dtype,         floating_point_mode, 0};
   std::lock_guard<std::mutex> lock(g_pool_mutex);
   ThreadPool& pool = pool_locked();
   const std::size_t useful = std::max<std::size_t>(1, total / kMinElementsPerThread);
   job.nparts = static_cast<int>(std::min<std::size_t>(static_cast<std::size_t>(pool.size()), useful));
+  job.chunk = job.nparts == 1 ? total : chunk_size(total, job.nparts);
   pool.run(job.nparts, &run_part, &job);
 }
 
