@@ -80,7 +80,7 @@ struct StepJob {
   GradDtype grad_dtype;
   LowpDtype lowp_dtype;
   unsigned floating_point_mode;  // the caller's MXCSR (flush-to-zero / denormals-are-zero), see run_part
-  std::size_t chunk;               // elements per chunk, a multiple of kSplitGranule
+  std::size_t chunk;             // elements per chunk, a multiple of kSplitGranule
   // The next chunk nobody has taken. Relaxed increments suffice: the counter only hands out disjoint ranges;
   // the caller sees the workers' writes to the buffers through the pool's mutex (Note [pool hand-off]).
   std::atomic<std::size_t> next_chunk{0};
