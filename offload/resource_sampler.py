@@ -21,6 +21,7 @@ Linux only for the disk; for a directory on a filesystem without a block device 
 
 from __future__ import annotations
 
+import bisect
 import os
 import threading
 import time
@@ -181,13 +182,9 @@ def _means(samples: list[Sample], spans: list[tuple[float, float]], fields: tupl
 def _at(samples: list[Sample], t: float, field: str) -> float:
     """A cumulative counter at time t, interpolated linearly between the samples around it (clamped to the
     first and last)."""
-    lo, hi = 0, len(samples) - 1
-    while hi - lo > 1:  # the last sample at or before t
-        mid = (lo + hi) // 2
-        if samples[mid].t <= t:
-            lo = mid
-        else:
-            hi = mid
+    # the last sample at or before t, and the one after it (the first two before the first sample)
+    lo = min(max(bisect.bisect_right(samples, t, key=lambda s: s.t) - 1, 0), len(samples) - 2)
+    hi = lo + 1
 
     def value(s: Sample) -> float:
         return s.cpu_s if field == "cpu_s" else getattr(s.disk, field)

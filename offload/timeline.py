@@ -40,6 +40,11 @@ class Timeline:
     def now(self) -> float:
         return time.perf_counter()
 
+    @property
+    def origin(self) -> float:
+        """The ``now()`` value that the trace's time 0 stands for (events' ``ts`` are microseconds after it)."""
+        return self._origin
+
     def add(self, track: str, name: str, start: float, end: float, **args: object) -> None:
         """A span on ``track`` from ``start`` to ``end`` (``now()`` values)."""
         event = {"name": name, "cat": track, "ph": "X", "pid": os.getpid(), "tid": TRACKS.index(track),

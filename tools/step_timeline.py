@@ -169,7 +169,10 @@ def phases_of(events: list[dict], origin: float, start: float, end: float) -> di
 def print_phase_summary(timeline: offload.Timeline, sampler, start: float, end: float, steps: int) -> None:
     """Per phase of the timed steps (phases_of), the time per step and how busy the disk and the CPU were
     meanwhile (exact means from the sampler's cumulative counters)."""
-    phases = phases_of(timeline.events(), timeline._origin, start, end)
+    def fmt(value: float | None, scale: float) -> str:
+        return "-" if value is None else f"{value * scale:.2f}"
+
+    phases = phases_of(timeline.events(), timeline.origin, start, end)
     print(f"\n{steps} timed steps, {(end - start) / steps:.3f} s per step")
     print(f"{'phase':<17} {'s/step':>7} {'disk busy %':>12} {'disk read GB/s':>15} {'disk write GB/s':>16} "
           f"{'CPU cores':>10}")
@@ -178,8 +181,6 @@ def print_phase_summary(timeline: offload.Timeline, sampler, start: float, end: 
         if length <= 0:
             continue
         use = sampler.usage(spans)
-        def fmt(value: float | None, scale: float) -> str:
-            return "-" if value is None else f"{value * scale:.2f}"
         print(f"{name:<17} {length / steps:7.3f} {fmt(use and use.disk_busy, 100):>12} "
               f"{fmt(use and use.read_bytes_per_s, 1e-9):>15} {fmt(use and use.write_bytes_per_s, 1e-9):>16} "
               f"{fmt(use and use.cpu_cores, 1):>10}")

@@ -119,9 +119,9 @@ def run_worker(a: argparse.Namespace) -> None:
         moved = (after.nvme_bytes_read - before.nvme_bytes_read
                  + after.nvme_bytes_written - before.nvme_bytes_written) / a.steps
         record = dict(kind=kind, params=nparams, step_s=elapsed / a.steps, device_limit=device_limit,
-                      nvme_bytes=moved, device_peak=engine.stats().device_param_bytes_peak,
-                      host_peak=engine.stats().host_bytes_peak, host_memory_limit=a.host_memory_limit,
-                      state_groups_in_ram=engine.stats().optimizer_groups_on_host, backward_step=a.backward_step)
+                      nvme_bytes=moved, device_peak=after.device_param_bytes_peak,
+                      host_peak=after.host_bytes_peak, host_memory_limit=a.host_memory_limit,
+                      state_groups_in_ram=after.optimizer_groups_on_host, backward_step=a.backward_step)
         if kind == "offload" and engine.swap is not None:
             record["mixed_gbs"] = _mixed_bandwidth(engine, max(1 << 30, int(record["nvme_bytes"])))
     print(json.dumps(record), flush=True)

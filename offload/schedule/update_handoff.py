@@ -51,18 +51,14 @@ class UpdateHandoff:
     def _init_handoff(self, ngroups: int, lend_limit: int) -> None:
         """The events and sets of the notes above, all quiet: no update announced, nothing kept or lent."""
         # Note [overlapped step]: set once group g's new weights are home.
-        self._updated = [threading.Event() for _ in range(ngroups)]
-        for event in self._updated:
-            event.set()
+        self._updated = _set_events(ngroups)
         # Note [kept through the update]: the groups that may be kept (set by the scheduler), those kept now,
         # and per group whether its device buffer holds its latest weights (cleared while a kept group's
         # update is pending; set by the update thread). ``_keep_reserve``: bytes a use may need next to them.
         self._keep_candidates: frozenset[int] = frozenset()
         self._keep_reserve = 0
         self._kept: set[int] = set()
-        self._fresh = [threading.Event() for _ in range(ngroups)]
-        for event in self._fresh:
-            event.set()
+        self._fresh = _set_events(ngroups)
         # Note [lent to the update]: whether backward's groups may be lent now, those waiting for their update
         # to take them (lendable), those whose buffer an update has taken (lent: its writes may read it until
         # ``_returned``), and the lent ones nobody has used since (``reap`` releases them once returned).
@@ -71,9 +67,7 @@ class UpdateHandoff:
         self._lendable: set[int] = set()
         self._lent: set[int] = set()
         self._reapable: set[int] = set()
-        self._returned = [threading.Event() for _ in range(ngroups)]
-        for event in self._returned:
-            event.set()
+        self._returned = _set_events(ngroups)
         self._step_failure: str | None = None
 
     def expect_update(self, groups: list[int], drain: bool = True) -> None:
@@ -173,3 +167,11 @@ class UpdateHandoff:
     def kept(self) -> set[int]:
         """The groups kept on the device for the next forward now."""
         return set(self._kept)
+
+
+def _set_events(n: int) -> list[threading.Event]:
+    """``n`` events, all set (nothing to wait for yet)."""
+    events = [threading.Event() for _ in range(n)]
+    for event in events:
+        event.set()
+    return events
