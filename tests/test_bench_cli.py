@@ -103,6 +103,22 @@ def test_bench_step_with_offloaded_parameters(tmp_path):
     assert list(tmp_path.iterdir()) == []  # the runs' swap directories are gone, and nothing else was made
 
 
+def test_ab_adam_builds_tool_alternates_two_builds_beside_a_busy_process(tmp_path):
+    raw = tmp_path / "ab.jsonl"
+    out = subprocess.run([sys.executable, "tools/ab_adam_builds.py", "--baseline-python", sys.executable,
+                          "--rounds", "2", "--threads", "1", "--numel", "100000", "--steps", "2", "--busy", "1",
+                          "--out", str(raw)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    records = [json.loads(line) for line in raw.read_text().splitlines()]
+    assert {(r["build"], r["write"], r["round"]) for r in records} == \
+        {(b, w, n) for b in ("this", "baseline") for w in ("none", "bf16") for n in (0, 1)}
+    assert all(r["busy"] == 1 and r["mparam_s"] > 0 for r in records)
+    assert "bf16 copy=none this/baseline" in out.stdout and "bf16 copy=bf16 this/baseline" in out.stdout
+    bad = subprocess.run([sys.executable, "tools/ab_adam_builds.py", "--baseline-python", sys.executable,
+                          "--rounds", "0"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--rounds" in bad.stderr
+
+
 def test_step_timeline_tool_writes_a_chrome_trace(tmp_path):
     trace = tmp_path / "trace.json"
     out = subprocess.run([sys.executable, "tools/step_timeline.py", "--layers", "2", "--hidden", "64", "--seq", "16",
