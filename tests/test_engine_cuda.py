@@ -252,10 +252,10 @@ def test_fetches_overlap_kernels(params, tmp_path):
     # fraction is reported.
 
 
-@pytest.mark.parametrize("params", ["device", "cpu", "nvme"])
-def test_backward_step_on_cuda_is_bit_exact_with_backward_then_step(params, tmp_path):
+@pytest.mark.parametrize("params,micro", [("device", 1), ("cpu", 1), ("nvme", 1), ("device", 3), ("cpu", 3)])
+def test_backward_step_on_cuda_is_bit_exact_with_backward_then_step(params, micro, tmp_path):
     pytest.importorskip("transformers")
-    data = batches("llama", 6, micro=1)
+    data = batches("llama", 6, micro=micro)
     config = offload.Config(device="cuda", dtype="bf16", params=params, optimizer="cpu", nvme_dir=tmp_path,
                             prefetch_layers=1)
     results = []
@@ -263,7 +263,9 @@ def test_backward_step_on_cuda_is_bit_exact_with_backward_then_step(params, tmp_
         with offload.Engine(_llama8(), config, lr=LR) as engine:
             losses = []
             for step in data:
-                loss = loss_of("llama", engine, step[0])
+                for batch in step[:-1]:  # earlier micro-batches of an accumulation
+                    engine.backward(loss_of("llama", engine, batch))
+                loss = loss_of("llama", engine, step[-1])
                 engine.backward_step(loss) if fused else (engine.backward(loss), engine.step())
                 losses.append(loss.item())
             assert engine._eager_steps == (len(data) if fused else 0)

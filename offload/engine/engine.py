@@ -228,21 +228,26 @@ class Engine(EngineConstruction, UpdateRunner, EngineInspection):
     # - state on NVMe goes through the same staging pipeline, one group at a time (the UpdateQueue runs one
     #   update at a time; nothing else uses the optimizer's staging during backward); gradients on NVMe are
     #   excluded, since their accumulators are written out only when backward ends;
-    # - the gradients of this backward only: an accumulation started by backward() takes the plain path.
+    # - after earlier backward() calls (gradient accumulation) a group is complete when all of its parameters
+    #   have had this backward's gradient and every one of them has been added into the fp32 accumulator
+    #   (GradientStream drains the group's pending host additions before it reports the group ready, Note
+    #   [a group is ready once its additions are done]); a group that got gradients only in earlier
+    #   micro-batches is updated after backward.
     # Groups left incomplete (a parameter without gradient) are updated after backward. The result is the
     # same as ``backward(); step()``: the same kernel on the same inputs, group by group.
     def backward_step(self, loss: torch.Tensor) -> StepInfo:
         """``backward(loss)`` then ``step()`` in one call, with the same result. When no group's update depends
         on the others (``max_grad_norm`` None, no fp16 loss scaling, ``skip_nonfinite`` off, gradient
-        accumulators in host RAM, no gradient left by an earlier ``backward``), each group's Adam update
-        starts as soon as its gradients are complete and overlaps the rest of backward (Note [updates during
-        backward]); otherwise it is exactly ``backward(loss); step()``. ``StepInfo.time_s`` then covers the
+        accumulators in host RAM), each group's Adam update starts as soon as its gradients are complete and
+        overlaps the rest of backward (Note [updates during backward]), also when earlier ``backward`` calls
+        accumulated gradients (the last micro-batch of an accumulation); otherwise it is exactly
+        ``backward(loss); step()``. ``StepInfo.time_s`` then covers the
         backward too. A parameter that gets two gradients in one backward (shared by two reentrant
         checkpointed segments) cannot be handled this way: that raises, and the engine is then failed."""
         self._check_open()
         self._sync(keep_read_ahead=True)
         if (self.max_grad_norm is not None or self.dtype == torch.float16 or self.skip_nonfinite
-                or self._res.grad_swap is not None or self._grads.any_received()):
+                or self._res.grad_swap is not None):
             self.backward(loss)
             return self.step()
         start = time.perf_counter()

@@ -111,6 +111,7 @@ class GradientStream:
                                    "its update: use engine.backward(loss); engine.step()")
             arrived.add(slot_index)
             if len(arrived) == len(self.groups[group_index].slots):
+                self._drain_group(group_index)
                 self.on_group_ready(group_index, list(self._copies_of_group[group_index]))
 
     def _take(self, group_index: int, slot_index: int, grad: torch.Tensor) -> None:
@@ -224,6 +225,18 @@ class GradientStream:
         if self.grad_hosts[g] is None:
             for i in reduced.slots:
                 self.grad_swap.arrived(g, i)
+
+    # Note [a group is ready once its additions are done]: a gradient that is not the first of its accumulation
+    # (a later micro-batch's) reaches the accumulator only when ``_drain_one`` adds its staged copy on the host,
+    # which may be after the hook that completes the group has run. An update started then would read a
+    # partial sum, so before a group is reported ready the staged copies queued so far are added, oldest
+    # first, up to the group's last one. The thread running autograd waits for that copy only (the group's
+    # last gradient, just issued); first gradients are copied straight into the accumulator, and the update
+    # waits for their events instead (``_copies_of_group``).
+    def _drain_group(self, group_index: int) -> None:
+        last = max((i for i, copy in enumerate(self._pending) if copy.group_index == group_index), default=-1)
+        for _ in range(last + 1):
+            self._drain_one()
 
     def _drain_one(self) -> None:
         copy = self._pending.popleft()

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The 7B measurement on a freshly lent GPU machine (no network, minutes of device time), in one go:
+#   ours24  offload at a 24 GiB budget: 16x2048 tokens x 2 micro-batches per step, 10 timed steps
+#           (on a device out-of-memory error: again with 8 sequences x 4 micro-batches);
+#   ds      DeepSpeed ZeRO-3 (params + optimizer in pinned RAM) on the same job, as many steps as the time left
+#           allows (at least one timed);
+#   ours12  offload at a 12 GiB budget: 8x2048 tokens x 4 micro-batches, 2 timed steps;
+# then the report (bench/gpu_scale.py report) over whatever records exist. Parts run in the order given, each
+# in a process of its own (the host cannot hold two 7B optimizer states at once). DEADLINE_S (default 580)
+# bounds the whole command: DeepSpeed gets what is left of it. Before the parts: the wheels carried in .whl/
+# (DeepSpeed and its pure-Python needs, tomli_w; see tools/gpu_session.sh for how they are made) go to
+# /tmp/site, and offload's native module is built without network.
+#   OUT=/some/dir bash bench/gpu_scale.sh [ours24] [ds] [ours12]
+# A dry run on a machine without a GPU: EXTRA_ARGS is added to every run, e.g.
+#   EXTRA_ARGS="--device cpu --hidden 256 --layers 2 --intermediate 688 --heads 4 --seq 128" \
+#   DS_PYTHON=/path/to/venv-with-deepspeed/bin/python OUT=/tmp/dry bash bench/gpu_scale.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-gpu-scale-out}"
+parts="${*:-ours24 ds ours12}"
+deadline=$((SECONDS + ${DEADLINE_S:-580}))
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; free -g; df -h /tmp .; } \
+    > "$out/machine.txt" 2>&1
+cat "$out/machine.txt"
+python3 -c "import offload._C" 2>/dev/null || python3 -m pip install -q -e . --no-build-isolation --no-deps 2>&1 \
+    | tail -3
+left() { echo $((deadline - SECONDS)); }
+ours() {  # budget micro accum steps device-limit [timeout]
+    timeout -s INT "$6" python3 bench/gpu_scale.py run --budget "$1" --micro-batch "$2" --accum "$3" \
+        --steps "$4" --device-limit "$5" --nvme-dir /tmp/offload-swap --out "$out" ${EXTRA_ARGS:-} 2>&1 \
+        | grep -v -E "Warning|warnings.warn" | tee -a "$out/log.txt"
+    return "${PIPESTATUS[0]}"
+}
+for part in $parts; do
+    echo "== $part ($(left) s left)" | tee -a "$out/log.txt"
+    case $part in
+    ours24)
+        ours 24GiB 16 2 10 3GiB 330
+        [ $? -eq 3 ] && ours 24GiB 8 4 10 3GiB "$(( $(left) > 60 ? $(left) - 30 : 30 ))" ;;
+    ours12)
+        [ "$(left)" -gt 120 ] && ours 12GiB 8 4 2 2GiB "$(( $(left) - 10 ))" ;;
+    ds)
+        t=$(left)
+        [ "$t" -gt 150 ] && timeout -s KILL "$((t - 5))" "${DS_PYTHON:-python3}" bench/gpu_scale_ds.py --budget 24GiB --micro-batch 16 \
+            --accum 2 --steps 10 --device-limit 3GiB --time-limit "$((t - 150))" --out "$out" ${EXTRA_ARGS:-} 2>&1 \
+            | grep -v -E "Warning|warnings.warn|return func" | tee -a "$out/log.txt" ;;
+    *) echo "gpu_scale.sh: unknown part $part (ours24, ds, ours12)"; exit 2 ;;
+    esac
+done
+python3 bench/gpu_scale.py report "$out"/run-*.json $(ls "$out"/ds-*.json 2>/dev/null) --out "$out" \
+    --command "OUT=$out bash bench/gpu_scale.sh $parts"
