@@ -179,8 +179,13 @@ class OffloadedParams(UpdateHandoff, HomeWrites):
         (one group's worth of memory at a time)."""
         for group in self.groups:
             storage = GroupStorage(self.device, self.dtype, group.numel)  # given back (empty) from the start
+            # torch makes a view only of a storage that holds it (bounds-checked against the storage's size),
+            # so on CUDA the storage takes its full size while the parameters' views are made; the views stay
+            # valid across later resizes of the same storage, which is how fetch and release work.
+            storage.claim()
             for slot in group.slots:
                 slot.param.data = group.view(storage.tensor, slot)
+            storage.give_back()
             self._storage.append(storage)
             self.weight_device.append(storage.tensor)
 
