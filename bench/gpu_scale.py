@@ -64,6 +64,8 @@ def add_job_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps (default 10)")
     ap.add_argument("--warmup-steps", type=int, default=1)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr-warmup", type=int, default=0,
+                    help="optimizer steps of linear learning-rate warm-up, lr * (step + 1) / N (default 0)")
     ap.add_argument("--budget", default="24GiB", help="GPU memory the run may use, enforced (default 24GiB)")
     ap.add_argument("--device-limit", default="3GiB",
                     help="parameter bytes resident on the GPU at once (default 3GiB; DeepSpeed: its "
@@ -108,6 +110,11 @@ def check_job_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     if a.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here (use --device cpu for a dry run)")
     a.label = a.label or f"{a.budget.replace(' ', '')}"
+
+
+def lr_at(a: argparse.Namespace, step: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based, warm-up steps included)."""
+    return a.lr * min(1.0, (step + 1) / a.lr_warmup) if a.lr_warmup > 0 else a.lr
 
 
 def rss_peak_bytes() -> int:
@@ -191,6 +198,11 @@ def train(a: argparse.Namespace, record: dict) -> None:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, a.budget_bytes / total))
     nvme_dir = a.nvme_dir or tempfile.mkdtemp(prefix="offload-gpu-scale-")
+    if a.nvme_dir is None:  # the engine removes its own run directory inside it at close
+        import atexit
+        import shutil
+
+        atexit.register(shutil.rmtree, nvme_dir, True)
     limit = host_limit(a)
     record["host_memory_limit"] = limit
 
@@ -231,6 +243,7 @@ def train(a: argparse.Namespace, record: dict) -> None:
                 t_timed = time.perf_counter()
                 grad_bytes = 0
             t_step = time.perf_counter()
+            engine.lr = lr_at(a, step)
             micro_losses = []
             for k in range(a.accum):
                 ids = batches.get(step * a.accum + k)
@@ -293,7 +306,7 @@ def run(a: argparse.Namespace) -> int:
     record = {"bench": "gpu_scale", "runner": "offload", "label": a.label, "gpu": device_name(a.device),
               "device": a.device, "torch": torch.__version__, "budget_bytes": a.budget_bytes,
               "device_limit_bytes": a.device_limit_bytes, "micro_batch": a.micro_batch, "seq": a.seq,
-              "accum": a.accum, "steps": a.steps, "split_step": a.split_step,
+              "accum": a.accum, "steps": a.steps, "split_step": a.split_step, "lr": a.lr, "lr_warmup": a.lr_warmup,
               "shape": {k: getattr(a, k) for k in ("hidden", "layers", "intermediate", "heads", "vocab")},
               "date": datetime.date.today().isoformat(), "commit": _commit(), "status": "failed"}
     status = 1

@@ -5,6 +5,7 @@
 #   ds      DeepSpeed ZeRO-3 (params + optimizer in pinned RAM) on the same job, as many steps as the time left
 #           allows (at least one timed);
 #   ours12  offload at a 12 GiB budget: 8x2048 tokens x 4 micro-batches, 2 timed steps;
+#   tests   the GPU tests of backward_step (bit-exact with backward(); step(), accumulation included);
 # then the report (bench/gpu_scale.py report) over whatever records exist. Parts run in the order given, each
 # in a process of its own (the host cannot hold two 7B optimizer states at once). DEADLINE_S (default 580)
 # bounds the whole command: DeepSpeed gets what is left of it. Before the parts: the wheels carried in .whl/
@@ -17,7 +18,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu-scale-out}"
-parts="${*:-ours24 ds ours12}"
+parts="${*:-tests ours24 ds ours12}"
 deadline=$((SECONDS + ${DEADLINE_S:-580}))
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -31,10 +32,13 @@ fi
 cat "$out/machine.txt"
 python3 -c "import offload._C" 2>/dev/null || python3 -m pip install -q -e . --no-build-isolation --no-deps 2>&1 \
     | tail -3
+# A linear warm-up of the learning rate: without one, a randomly initialised 7B spikes after its first Adam steps
+# (the first run, bench/results/gpu-scale-h200-2026-12-04, lr 1e-4 without warm-up).
+lr_args="${LR_ARGS:---lr 1e-4 --lr-warmup 5}"
 left() { echo $((deadline - SECONDS)); }
 ours() {  # budget micro accum steps device-limit [timeout]
     timeout -s INT "$6" python3 bench/gpu_scale.py run --budget "$1" --micro-batch "$2" --accum "$3" \
-        --steps "$4" --device-limit "$5" --nvme-dir /tmp/offload-swap --out "$out" ${EXTRA_ARGS:-} 2>&1 \
+        --steps "$4" --device-limit "$5" --nvme-dir /tmp/offload-swap --out "$out" $lr_args ${EXTRA_ARGS:-} 2>&1 \
         | grep -v -E "Warning|warnings.warn" | tee -a "$out/log.txt"
     return "${PIPESTATUS[0]}"
 }
@@ -49,9 +53,14 @@ for part in $parts; do
     ds)
         t=$(left)
         [ "$t" -gt 150 ] && timeout -s KILL "$((t - 5))" "${DS_PYTHON:-python3}" bench/gpu_scale_ds.py --budget 24GiB --micro-batch 16 \
-            --accum 2 --steps 10 --device-limit 3GiB --time-limit "$((t - 150))" --out "$out" ${EXTRA_ARGS:-} 2>&1 \
-            | grep -v -E "Warning|warnings.warn|return func" | tee -a "$out/log.txt" ;;
-    *) echo "gpu_scale.sh: unknown part $part (ours24, ds, ours12)"; exit 2 ;;
+            --accum 2 --steps 10 --device-limit 3GiB --time-limit "$((t - 150))" --out "$out" $lr_args ${EXTRA_ARGS:-} 2>&1 \
+            | grep -v -E "Warning|warnings.warn|return func" | tee -a "$out/log.txt"
+        # a run killed by the kernel's out-of-memory killer says so only here
+        dmesg 2>/dev/null | grep -i -E "out of memory|killed process" | tail -3 | tee -a "$out/log.txt" ;;
+    tests)
+        timeout 120 python3 -m pytest -q -m gpu tests/test_engine_cuda.py -k backward_step -p no:cacheprovider \
+            2>&1 | tail -5 | tee -a "$out/log.txt" ;;
+    *) echo "gpu_scale.sh: unknown part $part (ours24, ds, ours12, tests)"; exit 2 ;;
     esac
 done
 python3 bench/gpu_scale.py report "$out"/run-*.json $(ls "$out"/ds-*.json 2>/dev/null) --out "$out" \

@@ -30,7 +30,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from gpu_scale import _commit, add_job_args, check_job_args, device_name, rss_peak_bytes  # noqa: E402
+from gpu_scale import _commit, add_job_args, check_job_args, device_name, lr_at, rss_peak_bytes  # noqa: E402
 from scale_model import TokenBatches, causal_lm_loss, count_params, llama_config, matmul_tflops  # noqa: E402
 
 
@@ -118,6 +118,8 @@ def train(a: argparse.Namespace, record: dict, path: pathlib.Path) -> None:
                 torch.cuda.synchronize()
             t_timed = time.perf_counter()
         t_step = time.perf_counter()
+        for group in engine.optimizer.param_groups:  # the same schedule as offload's run
+            group["lr"] = lr_at(a, step)
         micro = []
         for k in range(a.accum):
             ids = batches.get(step * a.accum + k).to(a.device)
@@ -168,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     record = {"bench": "gpu_scale", "runner": f"deepspeed-zero{a.stage}", "label": a.label,
               "gpu": device_name(a.device), "device": a.device, "torch": torch.__version__,
               "budget_bytes": a.budget_bytes, "device_limit_bytes": a.device_limit_bytes,
-              "micro_batch": a.micro_batch, "seq": a.seq, "accum": a.accum, "steps": a.steps,
+              "micro_batch": a.micro_batch, "seq": a.seq, "accum": a.accum, "steps": a.steps, "lr": a.lr,
+              "lr_warmup": a.lr_warmup,
               "date": datetime.date.today().isoformat(), "commit": _commit(),
               "status": "did not finish (killed, e.g. by the host's out-of-memory killer)"}
     path.write_text(json.dumps(record, indent=1) + "\n")

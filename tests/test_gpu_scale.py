@@ -1,0 +1,67 @@
+"""bench/gpu_scale.py, the 7B-on-one-GPU benchmark, in its CPU dry-run form: the shared loss equals transformers'
+own, the batches are a function of the seed and index, the parameter count is the model's, and a run of a small
+model writes a record whose losses fall and a report that carries the fields the GPU run is judged by."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="the scale benchmark builds a Llama")
+BENCH = pathlib.Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+
+import gpu_scale  # noqa: E402
+from scale_model import TokenBatches, causal_lm_loss, count_params, llama_config  # noqa: E402
+
+SMALL = ["--device", "cpu", "--hidden", "64", "--layers", "2", "--intermediate", "172", "--heads", "4",
+         "--vocab", "300", "--seq", "64", "--micro-batch", "2", "--accum", "2", "--device-limit", "1MiB"]
+
+
+def test_the_chunked_loss_is_transformers_loss():
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(64, 2, 172, 4, 300, 64))
+    ids = TokenBatches(3, 64).get(0)
+    out = model(input_ids=ids, labels=ids)
+    ours = causal_lm_loss(out.logits, ids, chunk_tokens=50)  # chunks that do not divide the tokens
+    torch.testing.assert_close(ours, out.loss, rtol=1e-5, atol=1e-6)
+    ours.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_batches_depend_on_seed_and_index_only_and_the_count_is_the_models():
+    from transformers import LlamaForCausalLM
+
+    a, b = TokenBatches(2, 32), TokenBatches(2, 32)
+    assert torch.equal(a.get(5), b.get(5)) and not torch.equal(a.get(5), a.get(6))
+    assert a.get(0).shape == (2, 32) and int(a.get(0).max()) < 256
+    config = llama_config(64, 3, 172, 4, 300, 64)
+    assert count_params(config) == sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+
+
+def test_a_dry_run_trains_and_reports(tmp_path):
+    rc = gpu_scale.main(["run", *SMALL, "--steps", "4", "--lr", "3e-3", "--lr-warmup", "2",
+                         "--host-memory-limit", "none", "--out", str(tmp_path)])
+    assert rc == 0
+    record = json.loads((tmp_path / "run-24GiB.json").read_text())
+    assert record["status"] == "ok" and len(record["losses"]) == 5
+    assert record["loss_last"] < record["loss_first"]
+    assert record["tokens_per_step"] == 2 * 64 * 2 and record["tokens_per_s"] > 0
+    assert record["mfu"] == pytest.approx(6 * record["params"] * record["tokens_per_s"] / 1e12
+                                          / record["matmul_tflops"])
+    assert gpu_scale.main(["report", str(tmp_path / "run-24GiB.json"), "--out", str(tmp_path / "r")]) == 0
+    [summary] = (tmp_path / "r").glob("gpu-scale-*.json")
+    report = json.loads(summary.read_text())
+    assert {"gpu", "params", "tokens_per_s", "mfu", "vs_deepspeed"} <= report.keys()
+    assert report["vs_deepspeed"] is None  # no DeepSpeed record given
+
+
+def test_a_bad_flag_is_refused():
+    with pytest.raises(SystemExit):
+        gpu_scale.main(["run", *SMALL, "--accum", "0", "--out", "/nonexistent"])
