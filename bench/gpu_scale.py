@@ -207,6 +207,7 @@ def train(a: argparse.Namespace, record: dict) -> None:
     record["host_memory_limit"] = limit
 
     start = time.perf_counter()
+    torch.manual_seed(0)  # the weights of a normal build with this seed (the torch reference's, too)
     model = offload.init_empty(lambda: LlamaForCausalLM(config))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -354,7 +355,8 @@ def _gib(n: float | None) -> str:
 def report(a: argparse.Namespace) -> int:
     records = [json.loads(pathlib.Path(p).read_text()) for p in a.records]
     ours = [r for r in records if r["runner"] == "offload"]
-    peers = [r for r in records if r["runner"] != "offload"]
+    peers = [r for r in records if r["runner"].startswith("deepspeed")]
+    reference = next((r for r in records if r["runner"] == "torch" and r["status"] == "ok"), None)
     if not ours:
         raise SystemExit("gpu_scale report: no offload record among the records given")
     gpu = ours[0]["gpu"]
@@ -367,6 +369,7 @@ def report(a: argparse.Namespace) -> int:
         "tokens_per_s": first.get("tokens_per_s"), "mfu": first.get("mfu"),
         "vs_deepspeed": (first["tokens_per_s"] / best_peer["tokens_per_s"]
                          if best_peer and first.get("tokens_per_s") else None),
+        "loss_vs_torch": _loss_vs_reference(ours, reference),
         "command": a.command, "runs": records,
     }
     slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
@@ -378,6 +381,16 @@ def report(a: argparse.Namespace) -> int:
     print(markdown(summary))
     print(f"gpu_scale report: {stem}.json and .md", file=sys.stderr)
     return 0
+
+
+def _loss_vs_reference(ours: list[dict], reference: dict | None) -> dict | None:
+    """Per offload run of the reference's schedule: the largest relative difference of the step losses over the
+    steps both ran (the reference is plain torch on the whole card, bench/gpu_scale_torch.py)."""
+    if reference is None:
+        return None
+    same = ("tokens_per_step", "lr", "lr_warmup", "micro_batch", "seq")
+    return {r["label"]: max(abs(x - y) / abs(y) for x, y in zip(r["losses"], reference["losses"]))
+            for r in ours if r["status"] == "ok" and all(r.get(k) == reference.get(k) for k in same)}
 
 
 def markdown(s: dict) -> str:
@@ -399,6 +412,10 @@ def markdown(s: dict) -> str:
             f"{_gib(r.get('peak_rss_bytes'))} | {nvme} | {r['status']}{': ' + r['error'] if r.get('error') else ''} |")
     lines += ["", f"vs DeepSpeed (tokens/s at the largest budget): "
               + (f"{s['vs_deepspeed']:.2f}x" if s["vs_deepspeed"] else "no DeepSpeed run completed"), ""]
+    if s.get("loss_vs_torch") is not None:
+        lines += ["Step losses against plain torch on the whole card (same weights, batches and schedule), largest "
+                  "relative difference: " + (", ".join(f"{k} {v:.2e}" for k, v in s["loss_vs_torch"].items())
+                                             or "no run with the reference's schedule"), ""]
     for r in s["runs"]:
         if r["status"] != "ok":
             continue

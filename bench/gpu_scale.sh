@@ -1,24 +1,29 @@
 #!/usr/bin/env bash
-# The 7B measurement on a freshly lent GPU machine (no network, minutes of device time), in one go:
-#   ours24  offload at a 24 GiB budget: 16x2048 tokens x 2 micro-batches per step, 10 timed steps
+# The 7B measurement on a freshly lent GPU machine (no network, minutes of device time). Parts, in the order given
+# (default: all, in this order), each in a process of its own (the host cannot hold two 7B optimizer states):
+#   tests   the GPU tests of backward_step (bit-exact with backward(); step(), accumulation included);
+#   torch   plain torch with the whole state on the card (fp32 weights, bf16 autocast, fused AdamW) on the same
+#           job for 5 steps: the reference trajectory the report compares offload's losses with;
+#   ours24  offload at a 24 GiB budget: 16x2048 tokens x 2 micro-batches per step, 1 + 10 timed steps
 #           (on a device out-of-memory error: again with 8 sequences x 4 micro-batches);
 #   ds      DeepSpeed ZeRO-3 (params + optimizer in pinned RAM) on the same job, as many steps as the time left
-#           allows (at least one timed);
-#   ours12  offload at a 12 GiB budget: 8x2048 tokens x 4 micro-batches, 2 timed steps;
-#   tests   the GPU tests of backward_step (bit-exact with backward(); step(), accumulation included);
-# then the report (bench/gpu_scale.py report) over whatever records exist. Parts run in the order given, each
-# in a process of its own (the host cannot hold two 7B optimizer states at once). DEADLINE_S (default 580)
-# bounds the whole command: DeepSpeed gets what is left of it. Before the parts: the wheels carried in .whl/
-# (DeepSpeed and its pure-Python needs, tomli_w; see tools/gpu_session.sh for how they are made) go to
-# /tmp/site, and offload's native module is built without network.
-#   OUT=/some/dir bash bench/gpu_scale.sh [ours24] [ds] [ours12]
+#           allows;
+#   ours12  offload at a 12 GiB budget: 8x2048 tokens x 4 micro-batches, 1 + 2 timed steps;
+# then the report (bench/gpu_scale.py report) over whatever records exist in OUT. DEADLINE_S (default 580)
+# bounds the command; DeepSpeed gets what is left of it. Measured on an H200 (2026-12-04): initialising the
+# 7B state takes ~2 min per offload run, DeepSpeed is ready ~1.5 min after it starts, a 24 GiB step takes
+# ~13 s. So within a 15-minute device lease: `tests torch ours24` in one call, then `ds ours12` in a second
+# one issued at once (the machine stays warm 30 s), both with the same OUT. Before the parts: the wheels
+# carried in .whl/ (DeepSpeed and its pure-Python needs, tomli_w; tools/gpu_session.sh says how they are made)
+# go to /tmp/site, and offload's native module is built without network.
+#   OUT=/some/dir bash bench/gpu_scale.sh [tests] [torch] [ours24] [ds] [ours12]
 # A dry run on a machine without a GPU: EXTRA_ARGS is added to every run, e.g.
 #   EXTRA_ARGS="--device cpu --hidden 256 --layers 2 --intermediate 688 --heads 4 --seq 128" \
 #   DS_PYTHON=/path/to/venv-with-deepspeed/bin/python OUT=/tmp/dry bash bench/gpu_scale.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu-scale-out}"
-parts="${*:-tests ours24 ds ours12}"
+parts="${*:-tests torch ours24 ds ours12}"
 deadline=$((SECONDS + ${DEADLINE_S:-580}))
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -57,11 +62,15 @@ for part in $parts; do
             | grep -v -E "Warning|warnings.warn|return func" | tee -a "$out/log.txt"
         # a run killed by the kernel's out-of-memory killer says so only here
         dmesg 2>/dev/null | grep -i -E "out of memory|killed process" | tail -3 | tee -a "$out/log.txt" ;;
+    torch)
+        [ "$(left)" -gt 120 ] && timeout -s INT "$(( $(left) - 10 ))" python3 bench/gpu_scale_torch.py \
+            --micro-batch 16 --accum 2 --steps 4 --out "$out" $lr_args ${EXTRA_ARGS:-} 2>&1 \
+            | grep -v -E "Warning|warnings.warn" | tee -a "$out/log.txt" ;;
     tests)
         timeout 120 python3 -m pytest -q -m gpu tests/test_engine_cuda.py -k backward_step -p no:cacheprovider \
             2>&1 | tail -5 | tee -a "$out/log.txt" ;;
-    *) echo "gpu_scale.sh: unknown part $part (ours24, ds, ours12, tests)"; exit 2 ;;
+    *) echo "gpu_scale.sh: unknown part $part (tests, torch, ours24, ds, ours12)"; exit 2 ;;
     esac
 done
-python3 bench/gpu_scale.py report "$out"/run-*.json $(ls "$out"/ds-*.json 2>/dev/null) --out "$out" \
+python3 bench/gpu_scale.py report $(ls "$out"/run-*.json "$out"/ds-*.json "$out"/torch-*.json 2>/dev/null) --out "$out" \
     --command "OUT=$out bash bench/gpu_scale.sh $parts"

@@ -16,6 +16,7 @@ BENCH = pathlib.Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
 import gpu_scale  # noqa: E402
+import gpu_scale_torch  # noqa: E402
 from scale_model import TokenBatches, causal_lm_loss, count_params, llama_config  # noqa: E402
 
 SMALL = ["--device", "cpu", "--hidden", "64", "--layers", "2", "--intermediate", "172", "--heads", "4",
@@ -55,11 +56,16 @@ def test_a_dry_run_trains_and_reports(tmp_path):
     assert record["tokens_per_step"] == 2 * 64 * 2 and record["tokens_per_s"] > 0
     assert record["mfu"] == pytest.approx(6 * record["params"] * record["tokens_per_s"] / 1e12
                                           / record["matmul_tflops"])
-    assert gpu_scale.main(["report", str(tmp_path / "run-24GiB.json"), "--out", str(tmp_path / "r")]) == 0
+    # plain torch on the same job: the trajectory the report holds offload's against
+    assert gpu_scale_torch.main([*SMALL, "--steps", "4", "--lr", "3e-3", "--lr-warmup", "2",
+                                 "--out", str(tmp_path)]) == 0
+    records = [str(tmp_path / "run-24GiB.json"), str(tmp_path / "torch-reference.json")]
+    assert gpu_scale.main(["report", *records, "--out", str(tmp_path / "r")]) == 0
     [summary] = (tmp_path / "r").glob("gpu-scale-*.json")
     report = json.loads(summary.read_text())
     assert {"gpu", "params", "tokens_per_s", "mfu", "vs_deepspeed"} <= report.keys()
     assert report["vs_deepspeed"] is None  # no DeepSpeed record given
+    assert report["loss_vs_torch"]["24GiB"] < 1e-3  # fp32 master + bf16 compute against fp32 + autocast
 
 
 def test_a_bad_flag_is_refused():
