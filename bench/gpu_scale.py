@@ -30,7 +30,6 @@ import argparse
 import datetime
 import json
 import mmap
-import os
 import pathlib
 import re
 import resource
@@ -410,7 +409,7 @@ def markdown(s: dict) -> str:
                f"{r['loss_first']:.3f} -> {r['loss_last']:.3f} | " if ok else "- | - | - | - | ")
             + f"{_gib(r.get('gpu_peak_allocated_bytes'))} / {_gib(r.get('gpu_peak_reserved_bytes'))} | "
             f"{_gib(r.get('peak_rss_bytes'))} | {nvme} | {r['status']}{': ' + r['error'] if r.get('error') else ''} |")
-    lines += ["", f"vs DeepSpeed (tokens/s at the largest budget): "
+    lines += ["", "vs DeepSpeed (tokens/s at the largest budget): "
               + (f"{s['vs_deepspeed']:.2f}x" if s["vs_deepspeed"] else "no DeepSpeed run completed"), ""]
     if s.get("loss_vs_torch") is not None:
         lines += ["Step losses against plain torch on the whole card (same weights, batches and schedule), largest "

@@ -321,3 +321,59 @@ def test_after_an_io_error_in_training_the_last_checkpoint_resumes_exactly(tmp_p
         _train(engine, "mlp", data[engine.load(path)["next"]:])
         state = engine.state_dict()
     assert all(torch.equal(state[k], expected[k]) for k in expected)
+
+
+def test_a_second_process_saving_to_the_same_path_fails_at_once(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    path = tmp_path / "ckpt"
+    with _engine("mlp", _make("mlp"), _config(tmp_path)) as engine:
+        _train(engine, "mlp", batches("mlp", 1, 1))
+        engine.save(path, extra={"n": 1})
+        # another process in the middle of its save to the same path holds the path's claim
+        holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+            import sys
+            from offload.checkpoint.directory import CheckpointDir
+            directory = CheckpointDir({str(path)!r})
+            directory.begin(99)
+            print("saving", flush=True)
+            sys.stdin.read()
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "saving"
+            _train(engine, "mlp", batches("mlp", 1, 1, seed=2))
+            with pytest.raises(OSError, match="checkpoint directory .* is in use by another process"):
+                engine.save(path, extra={"n": 2})
+        finally:
+            holder.communicate("")
+        assert engine.load(path) == {"n": 1}  # untouched by the refused save
+        engine.save(path, extra={"n": 3})  # the other process is gone: saving works again
+        assert engine.load(path) == {"n": 3}
+
+
+def test_a_failed_switch_leaves_no_pending_pointer(tmp_path, monkeypatch):
+    import errno
+
+    from offload.checkpoint import directory as checkpoint_directory
+
+    path = tmp_path / "ckpt"
+    with _engine("mlp", _make("mlp"), _config(tmp_path)) as engine:
+        _train(engine, "mlp", batches("mlp", 1, 1))
+        engine.save(path, extra={"n": 1})
+        real = checkpoint_directory.write_file_durably
+
+        def full_at_the_pointer(target, data):
+            if target.name == CURRENT + ".tmp":
+                target.write_bytes(data[:3])  # part of it reached the disk, then the disk was full
+                raise OSError(errno.ENOSPC, f"writing {target}: No space left on device", str(target))
+            return real(target, data)
+
+        monkeypatch.setattr(checkpoint_directory, "write_file_durably", full_at_the_pointer)
+        with pytest.raises(OSError, match="No space left"):
+            engine.save(path, extra={"n": 2})
+        monkeypatch.undo()
+        assert not (path / (CURRENT + ".tmp")).exists()
+        assert engine.load(path) == {"n": 1}
+        assert len([p for p in path.iterdir() if p.is_dir()]) == 1

@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ import torch
 from offload.config import IOConfig
 from offload.errors import ConfigError
 from offload.storage.host_pool import HostPool
+from offload.storage.ownership import LOCK_FILE, DirectoryBusy, DirectoryOwner, is_abandoned
 from offload.storage.swap_store import OWNER_FILE, SwapStore, clean_stale_runs
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -24,7 +26,8 @@ def test_round_trip_in_a_private_directory_removed_on_close(tmp_path):
     pool = HostPool()
     with SwapStore(tmp_path, IOConfig(block_size="64KiB")) as store:
         assert stat.S_IMODE(store.run_dir.stat().st_mode) == 0o700
-        assert (store.run_dir / OWNER_FILE).read_text().strip() == str(os.getpid())
+        assert (store.run_dir / OWNER_FILE).read_text().split()[0] == str(os.getpid())
+        assert is_abandoned(store.run_dir) is None  # this process holds it
         swap = store.create("group0.master", 300 * KiB + 1)
         assert swap.capacity == 304 * KiB and os.path.getsize(swap.path) == swap.capacity
         assert stat.S_IMODE(os.stat(swap.path).st_mode) == 0o600
@@ -68,7 +71,8 @@ def test_not_enough_space_is_reported_up_front_and_leaves_nothing(tiny_tmpfs):
         with pytest.raises(OSError) as info:
             store.create("big", 4 * MiB)
         assert info.value.errno == errno.ENOSPC and "needs 4194304 bytes" in str(info.value)
-        assert sorted(p.name for p in store.run_dir.iterdir()) == sorted([OWNER_FILE, os.path.basename(small.path)])
+        assert sorted(p.name for p in store.run_dir.iterdir()) == sorted([LOCK_FILE, OWNER_FILE,
+                                                                          os.path.basename(small.path)])
 
 
 def test_reads_and_writes_outside_the_file_are_rejected(tmp_path):
@@ -130,3 +134,57 @@ def test_normal_exit_without_close_removes_the_directory(tmp_path):
     script = f"from offload.storage.swap_store import SwapStore; s = SwapStore({str(tmp_path)!r}); s.create('x', 4096)"
     subprocess.run([sys.executable, "-c", script], check=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def _abandoned_run_dir(root, pid: str):
+    """A run directory as a killed run leaves it: an unlocked owner.lock and the dead run's owner.pid."""
+    run_dir = root / "offload-swap-left"
+    run_dir.mkdir()
+    owner = DirectoryOwner.claim(run_dir)
+    (run_dir / "00000.swap").write_bytes(b"x" * 4096)
+    owner.release()  # what the kernel does when the owner dies
+    (run_dir / OWNER_FILE).write_text(f"{pid} somehost\n")
+    return run_dir
+
+
+def test_an_abandoned_directory_is_removed_although_its_pid_runs(tmp_path):
+    # In a container every run is PID 1, and PIDs are reused on a host: a live PID proves nothing.
+    left = _abandoned_run_dir(tmp_path, "1")
+    assert clean_stale_runs(tmp_path) == [left] and not left.exists()
+    left = _abandoned_run_dir(tmp_path, str(os.getpid()))  # even this process's own PID
+    assert clean_stale_runs(tmp_path) == [left]
+
+
+def test_a_directory_held_by_a_live_process_is_never_removed(tmp_path):
+    with SwapStore(tmp_path) as mine:
+        holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+            import sys
+            from offload.storage.swap_store import SwapStore
+            store = SwapStore({str(tmp_path)!r})
+            print(store.run_dir, flush=True)
+            sys.stdin.read()
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            theirs = holder.stdout.readline().strip()
+            (Path(theirs) / OWNER_FILE).write_text("999999999 elsewhere\n")  # a PID that runs nowhere
+            assert clean_stale_runs(tmp_path) == []
+            assert os.path.isdir(theirs) and mine.run_dir.is_dir()
+            with pytest.raises(DirectoryBusy, match="in use by another process"):
+                DirectoryOwner.claim(theirs)
+        finally:
+            holder.communicate("")
+        assert not os.path.exists(theirs)  # its own close removed it
+
+
+def test_a_directory_of_an_older_release_is_judged_by_its_pid(tmp_path):
+    old = tmp_path / "offload-swap-old"
+    old.mkdir()
+    (old / OWNER_FILE).write_text(f"{os.getpid()}\n")  # alive: kept
+    assert clean_stale_runs(tmp_path) == []
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (old / OWNER_FILE).write_text(f"{dead}\n")
+    assert clean_stale_runs(tmp_path) == [old]
+    stranger = tmp_path / "offload-swap-stranger"  # no owner files at all: not ours, left alone
+    stranger.mkdir()
+    assert clean_stale_runs(tmp_path) == [] and stranger.is_dir()

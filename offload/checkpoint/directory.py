@@ -10,7 +10,9 @@ and the directory, writes ``manifest.json`` (each file's size and CRC-32) last, 
 ``CURRENT`` at it: ``CURRENT.tmp`` is written and fsynced, renamed over ``CURRENT`` (atomic on POSIX) and the
 directory fsynced. A crash at any point leaves ``CURRENT`` naming a complete version. Only after the switch are
 older versions and leftovers of killed saves removed. Directories are recognised by their name pattern;
-anything else in ``PATH`` is never touched. One process saves to a path at a time.
+anything else in ``PATH`` is never touched. One process saves to a path at a time: a save holds the path's
+``owner.lock`` (Note [ownership by lock], storage/ownership.py) from ``begin`` to ``commit`` or ``abandon``, and a
+second process saving to it meanwhile fails at once.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 
 from offload.checkpoint.tensor_file import FileRecord, file_crc32
 from offload.errors import CheckpointError
+from offload.storage.ownership import LOCK_FILE, PID_FILE, DirectoryOwner
 
 CURRENT = "CURRENT"
 MANIFEST = "manifest.json"
@@ -60,6 +63,7 @@ def write_file_durably(path: Path, data: bytes) -> FileRecord:
 class CheckpointDir:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        self._owner: DirectoryOwner | None = None  # held by a save in progress
 
     # ---- saving ----------------------------------------------------------------------------------------------
 
@@ -74,16 +78,24 @@ class CheckpointDir:
         if not self.path.is_dir():
             raise CheckpointError(f"{self.path}: exists and is not a directory")
         foreign = [p.name for p in self.path.iterdir()
-                   if p.name not in (CURRENT, CURRENT + ".tmp") and not _VERSION_DIR.match(p.name)]
+                   if p.name not in (CURRENT, CURRENT + ".tmp", LOCK_FILE, PID_FILE) and not _VERSION_DIR.match(p.name)
+                   and not p.name.startswith("." + LOCK_FILE)]
         if foreign:
             raise CheckpointError(f"{self.path}: not an offload checkpoint directory (it holds {foreign[0]!r}); "
                                   "choose an empty or new path")
+        self._owner = DirectoryOwner.claim(self.path, "checkpoint directory")  # DirectoryBusy: another saver
         version = self.path / f"v-{step:08d}-{secrets.token_hex(4)}"
         try:
             version.mkdir()
         except OSError as e:
+            self._release()
             raise OSError(e.errno, f"cannot create {version}: {e.strerror}", str(version)) from None
         return version
+
+    def _release(self) -> None:
+        if self._owner is not None:
+            self._owner.release()
+            self._owner = None
 
     def commit(self, version: Path, records: dict[str, FileRecord]) -> None:
         """Makes ``version`` (whose files are written and fsynced; ``records`` lists them) the current one,
@@ -94,17 +106,30 @@ class CheckpointDir:
         manifest_record = write_file_durably(version / MANIFEST, manifest)
         fsync_dir(version)
         pointer = json.dumps({"version": version.name, "manifest_crc32": manifest_record.crc32}).encode()
-        write_file_durably(self.path / (CURRENT + ".tmp"), pointer)
+        pending = self.path / (CURRENT + ".tmp")
         try:
-            os.replace(self.path / (CURRENT + ".tmp"), self.path / CURRENT)
+            write_file_durably(pending, pointer)
+            os.replace(pending, self.path / CURRENT)
+        except OSError as e:
+            pending.unlink(missing_ok=True)  # e.g. a full disk: CURRENT still names the previous version
+            raise OSError(e.errno, f"switching {self.path / CURRENT}: {e.strerror}", str(self.path)) from None
+        try:
             fsync_dir(self.path)
         except OSError as e:
             raise OSError(e.errno, f"switching {self.path / CURRENT}: {e.strerror}", str(self.path)) from None
         self.remove_stale(keep=version.name)
+        self._release()
 
     def abandon(self, version: Path) -> None:
-        """Removes a save that failed; the current version is untouched."""
-        shutil.rmtree(version, ignore_errors=True)
+        """Removes a save that failed; the current version is untouched (also when the failure came after
+        ``CURRENT`` had switched to ``version``: then it is the current one and stays)."""
+        try:
+            current = self._pointer().get("version")
+        except CheckpointError:
+            current = None
+        if version.name != current:
+            shutil.rmtree(version, ignore_errors=True)
+        self._release()
 
     def remove_stale(self, keep: str | None = None) -> None:
         """Removes version directories other than ``keep`` (default: the current one), e.g. left by killed saves."""

@@ -20,7 +20,8 @@ import torch
 from offload.cli.launch import Launch, start
 from offload.cli.train_setup import PRESETS, batch_at, build_model, load_text, make_config
 from offload.errors import ConfigError
-from offload.storage.swap_store import OWNER_FILE, clean_stale_runs
+from offload.storage.ownership import DirectoryOwner
+from offload.storage.swap_store import clean_stale_runs
 
 log = logging.getLogger("offload")
 
@@ -129,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
 
     _check(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    scratch = None
+    scratch = scratch_owner = None
     engine = None
     launch = Launch()
     try:
@@ -137,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         # (without --nvme-dir) and torch's compile cache, which importing transformers creates (empty).
         clean_stale_runs(tempfile.gettempdir(), prefix=SCRATCH_PREFIX)  # from runs killed with SIGKILL
         scratch = tempfile.mkdtemp(prefix=SCRATCH_PREFIX)
-        Path(scratch, OWNER_FILE).write_text(f"{os.getpid()}\n")
+        scratch_owner = DirectoryOwner.claim(scratch, "scratch directory")
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(scratch, "torch-cache"))
         config = make_config(args, scratch)
         launch = start(config.device, args.batch)  # under torchrun: join the other ranks
@@ -201,6 +202,8 @@ def run(args: argparse.Namespace) -> int:
         finally:
             if scratch is not None:
                 shutil.rmtree(scratch, ignore_errors=True)
+            if scratch_owner is not None:
+                scratch_owner.release()
             launch.stop()
             if not launch.main:
                 sys.stdout.close()

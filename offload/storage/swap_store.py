@@ -16,11 +16,12 @@ import torch
 from offload.config import IOConfig
 from offload.errors import ConfigError
 from offload.storage.io_engine import DIRECT_ALIGNMENT, IoEngine, IoHandle
+from offload.storage.ownership import PID_FILE, DirectoryOwner, is_abandoned
 
 log = logging.getLogger("offload")
 
 RUN_PREFIX = "offload-swap-"
-OWNER_FILE = "owner.pid"
+OWNER_FILE = PID_FILE  # the owner's PID, for people; ownership itself is a lock (Note [ownership by lock])
 
 
 @dataclass(frozen=True)
@@ -34,33 +35,26 @@ class SwapFile:
     direct: bool
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
-
-
 def clean_stale_runs(root: str | os.PathLike, prefix: str = RUN_PREFIX) -> list[Path]:
-    """Removes the run directories (``prefix*`` with an owner file) under ``root`` whose owning process is gone
-    (killed runs leave them behind). Returns what was removed; logs one line per directory."""
+    """Removes the run directories (``prefix*``) under ``root`` that no live process holds (runs killed with
+    SIGKILL or by the OOM killer leave them behind; Note [ownership by lock]). Returns what was removed; logs one
+    line per directory."""
     removed = []
     root = Path(root)
     if not root.is_dir():
         return removed
     for run_dir in sorted(root.glob(prefix + "*")):
-        owner = run_dir / OWNER_FILE
+        claim = is_abandoned(run_dir)
+        if claim is None:
+            continue  # held by a live run, not ours, or still being created: leave it alone
         try:
-            pid = int(owner.read_text().strip())
-        except (OSError, ValueError):
-            continue  # not ours, or still being created: leave it alone
-        if pid != os.getpid() and not _pid_alive(pid):
-            shutil.rmtree(run_dir, ignore_errors=True)
-            log.warning("removed %s, left behind by process %d, which no longer runs", run_dir, pid)
-            removed.append(run_dir)
+            who = (run_dir / OWNER_FILE).read_text().strip() or "?"
+        except OSError:
+            who = "?"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        claim.release()
+        log.warning("removed %s, left behind by process %s, which no longer holds it", run_dir, who)
+        removed.append(run_dir)
     return removed
 
 
@@ -81,9 +75,9 @@ def _probe_direct(run_dir: Path) -> bool:
 class SwapStore:
     """Swap files for offloaded state under ``root``, in a private directory of this run.
 
-    The directory (mode 0700, files 0600) carries the owner's PID; it is removed by :meth:`close`, on normal
-    interpreter exit, and, if the process was killed, by the next SwapStore on the same root (or
-    ``offload clean ROOT``). Files are preallocated with ``posix_fallocate`` after a free-space check, so running
+    The directory (mode 0700, files 0600) is held by this process through a lock on its ``owner.lock`` (Note
+    [ownership by lock]); it is removed by :meth:`close`, on normal interpreter exit, and, if the process was
+    killed, by the next SwapStore on the same root (or ``offload clean ROOT``). Files are preallocated with ``posix_fallocate`` after a free-space check, so running
     out of disk shows up when the store is set up, with how much was needed and how much is free, not halfway
     through training. With ``io.direct="auto"`` a filesystem that refuses O_DIRECT (ramfs, tmpfs before 6.6, some overlay
     filesystems) gets buffered I/O and one warning; ``io.direct=True`` makes that an error.
@@ -99,7 +93,7 @@ class SwapStore:
             clean_stale_runs(self.root)
             prefix = f"{RUN_PREFIX}{os.getpid()}-" + (f"{label}-" if label else "")
             self.run_dir = Path(tempfile.mkdtemp(prefix=prefix, dir=self.root))
-            (self.run_dir / OWNER_FILE).write_text(f"{os.getpid()}\n")
+            self._owner = DirectoryOwner.claim(self.run_dir, "swap directory")
         except OSError as e:
             raise OSError(e.errno, f"cannot create a swap directory under {self.root}: {e.strerror}",
                           str(self.root)) from None
@@ -108,10 +102,12 @@ class SwapStore:
             self._engine = IoEngine(self.io)
         except BaseException:
             shutil.rmtree(self.run_dir, ignore_errors=True)  # a store that failed to start leaves nothing
+            self._owner.release()
             raise
         self._files: dict[str, SwapFile] = {}
         # Runs once: from close(), when the store is collected, or at interpreter exit (finalize's own hook).
-        self._finalizer = weakref.finalize(self, SwapStore._remove, self._engine, self.run_dir, self._files)
+        self._finalizer = weakref.finalize(self, SwapStore._remove, self._engine, self.run_dir, self._files,
+                                           self._owner)
 
     def _choose_direct(self) -> bool:
         if self.io.direct is False:
@@ -187,7 +183,7 @@ class SwapStore:
         self.close()
 
     @staticmethod
-    def _remove(engine: IoEngine, run_dir: Path, files: dict[str, SwapFile]) -> None:
+    def _remove(engine: IoEngine, run_dir: Path, files: dict[str, SwapFile], owner: DirectoryOwner) -> None:
         try:
             engine.wait_all()  # no transfer may still use a descriptor closed below
         except OSError as e:
@@ -199,6 +195,7 @@ class SwapStore:
                 pass
         files.clear()
         shutil.rmtree(run_dir, ignore_errors=True)
+        owner.release()  # (after the removal: a released directory may be taken for abandoned)
         try:
             engine.close()
         except OSError:
