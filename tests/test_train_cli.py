@@ -78,21 +78,23 @@ def test_a_killed_run_resumes_exactly(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_ctrl_c_stops_cleanly_and_removes_swap_files(tmp_path):
+@pytest.mark.parametrize("signum,code,says", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "SIGTERM"),
+                                              (signal.SIGHUP, 129, "SIGHUP")])
+def test_a_stop_signal_ends_the_run_cleanly_and_removes_swap_files(tmp_path, signum, code, says):
     env = dict(os.environ, TMPDIR=str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
-    # (SIGINT back to its default in the child: a shell that starts this suite in the background without job
+    # (the signal back to its default in the child: a shell that starts this suite in the background without job
     # control ignores SIGINT, the child would inherit that, and Python would then never raise KeyboardInterrupt)
     child = subprocess.Popen([sys.executable, "-m", "offload", "train", "--steps", "100000", "--log-every", "1",
                               *FAST], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                             preexec_fn=lambda: signal.signal(signum, signal.SIG_DFL))
     for line in child.stdout:
         if line.startswith("step=3 "):
             break
-    child.send_signal(signal.SIGINT)
+    child.send_signal(signum)
     _, err = child.communicate(timeout=120)
-    assert child.returncode == 130, err[-2000:]
-    assert "interrupted; swap files removed" in err
+    assert child.returncode == code, err[-2000:]
+    assert f"{says}; swap files removed" in err
     assert list((tmp_path / "tmp").iterdir()) == []
 
 

@@ -20,6 +20,7 @@ import torch
 from offload.cli.launch import Launch, start
 from offload.cli.train_setup import PRESETS, batch_at, build_model, load_text, make_config
 from offload.errors import ConfigError
+from offload.exit_signals import Terminated, terminate_on_signals
 from offload.storage.ownership import DirectoryOwner
 from offload.storage.swap_store import clean_stale_runs
 
@@ -129,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
     import offload
 
     _check(args)
+    terminate_on_signals()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     scratch = scratch_owner = None
     engine = None
@@ -195,6 +197,11 @@ def run(args: argparse.Namespace) -> int:
               (f", the last checkpoint in {args.checkpoint_dir} is intact" if args.checkpoint_dir else ""),
               file=sys.stderr)
         return 130
+    except Terminated as stop:  # SIGTERM / SIGHUP (Note [termination signals]): the same cleanup as SIGINT
+        print(f"\noffload train: {stop}; swap files removed" +
+              (f", the last checkpoint in {args.checkpoint_dir} is intact" if args.checkpoint_dir else ""),
+              file=sys.stderr)
+        return stop.code
     finally:
         try:
             if engine is not None:

@@ -22,6 +22,7 @@ from offload.engine.resources import EngineResources
 from offload.engine.types import StepInfo
 from offload.engine.update_runner import UpdateRunner
 from offload.errors import ConfigError
+from offload.exit_signals import terminate_on_signals
 from offload.layout.flat_group import build_flat_group
 from offload.layout.meta_init import materializers_for
 from offload.layout.partition import partition_model
@@ -108,6 +109,7 @@ class Engine(EngineConstruction, UpdateRunner, EngineInspection):
         previous = _ENGINE_OF.get(model)
         if previous is not None and previous() is not None and not previous()._closed:
             raise ConfigError("model: it is already wrapped by an open offload.Engine; close that engine first")
+        terminate_on_signals()  # SIGTERM / SIGHUP unwind through close() (Note [termination signals])
         self._res = EngineResources(HostPool(config.host_memory_limit, pin=self.device.type == "cuda"))
         self.pool = self._res.pool
         try:
