@@ -6,6 +6,7 @@ Imports nothing of offload but the exceptions, so every layer can use it.
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import difflib
 import os
 import re
@@ -17,7 +18,7 @@ from typing import Any
 import tomli_w
 import torch
 
-from offload.errors import ConfigError
+from offload.errors import ConfigError, UnknownConfigKey
 
 _UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
           "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
@@ -25,7 +26,10 @@ _UNIT_NAMES = ["B", "KiB", "MiB", "GiB", "TiB", "KB", "MB", "GB", "TB"]
 
 
 def parse_bytes(field: str, value: int | str) -> int:
-    """``8388608``, ``"8MiB"``, ``"24 GiB"`` or ``"1.5GB"`` -> bytes. Raises ConfigError naming ``field``."""
+    """A size in bytes: an int, or a string of a number and an optional unit, ``"8388608"``, ``"8MiB"``,
+    ``"24 GiB"``, ``"1.5GB"`` (binary units KiB MiB GiB TiB, decimal KB MB GB TB, B for bytes; case-insensitive;
+    spaces around the unit allowed). The result must be a whole number of bytes: ``"1.9B"`` or ``"0.5"`` is an
+    error, never truncated. Raises ConfigError naming ``field``."""
     if isinstance(value, bool):
         raise ConfigError(f"{field}: expected a byte count like 8388608 or '8MiB'; got {value!r}")
     if isinstance(value, int):
@@ -35,7 +39,11 @@ def parse_bytes(field: str, value: int | str) -> int:
     if isinstance(value, str):
         m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", value)
         if m and m.group(2).lower() in _UNITS:
-            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+            exact = decimal.Decimal(m.group(1)) * _UNITS[m.group(2).lower()]  # (no binary rounding of "0.1GB")
+            if exact != exact.to_integral_value():
+                raise ConfigError(f"{field}: {value!r} is {exact} bytes, not a whole number of bytes; write whole "
+                                  f"bytes, or a size with a unit ({', '.join(_UNIT_NAMES[1:])})")
+            return int(exact)
         hint = difflib.get_close_matches(m.group(2), _UNIT_NAMES, n=1) if m else []
         suggestion = f" (did you mean '{m.group(1)}{hint[0]}'?)" if hint else ""
         raise ConfigError(f"{field}: cannot read {value!r} as a size; use bytes or one of the units "
@@ -65,6 +73,10 @@ class IOConfig:
     block_size: int | str = "8MiB"
     queue_depth: int = 32
     threads: int = 2
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> IOConfig:
+        _check_keys("io.", kwargs, [f.name for f in dataclasses.fields(cls)])  # a misspelled keyword: did you mean
+        return super().__new__(cls)
     direct: bool | str = "auto"
     backend: str = "auto"
 
@@ -140,6 +152,10 @@ class Config:
     device_memory_limit: int | str | None = None
     prefetch_layers: int = 2
     io: IOConfig = field(default_factory=IOConfig)
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Config:
+        _check_keys("", kwargs, [f.name for f in dataclasses.fields(cls)])  # a misspelled keyword: did you mean
+        return super().__new__(cls)
 
     def __post_init__(self) -> None:
         _choice("params", self.params, _PLACEMENTS_PARAMS)
@@ -281,7 +297,7 @@ def _check_keys(prefix: str, data: dict, accepted: list[str]) -> None:
         if key not in accepted:
             close = difflib.get_close_matches(str(key), accepted, n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise ConfigError(f"{prefix}{key}: unknown key{hint}; accepted keys: "
+            raise UnknownConfigKey(f"{prefix}{key}: unknown key{hint}; accepted keys: "
                               f"{', '.join(prefix + a for a in accepted)}")
 
 

@@ -7,6 +7,11 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the accepted values."""
 
 
+class UnknownConfigKey(ConfigError, TypeError):
+    """A keyword or TOML key that names no field; the message suggests the closest one. Also a TypeError, which
+    is what Python raises for an unexpected keyword argument."""
+
+
 class MemoryBudgetError(MemoryError):
     """A host or device allocation would exceed the budget the configuration set.
 

@@ -91,7 +91,9 @@ def shape_from_count(count: int, vocab: int = 32000) -> ModelShape:
 
     h, layers, inter, heads = min(_LLAMA_SHAPES, key=lambda s: abs(math.log(max(count, 1) / (
         s[1] * layer_numel(s[0], s[2]) + 2 * vocab * s[0]))))
-    layers = max(1, round((count - 2 * vocab * h) / layer_numel(h, inter)))
+    standard = layers * layer_numel(h, inter) + 2 * vocab * h
+    if abs(count - standard) > 0.1 * standard:  # a nominal size ("7B" is Llama-2-7B's 6.74B) keeps its depth
+        layers = max(1, round((count - 2 * vocab * h) / layer_numel(h, inter)))
     groups = (vocab * h,) + (layer_numel(h, inter),) * layers + (vocab * h + h,)
     return ModelShape(f"{count / 1e6:.0f}M-parameter Llama (assumed: hidden {h}, {layers} layers)", groups, 0,
                       h, inter, layers, vocab, heads=heads, largest_param=max(vocab * h, h * inter),

@@ -59,6 +59,7 @@ def test_cuda_without_cuda_is_refused(no_cuda, device):
 
 @pytest.mark.parametrize("value, nbytes", [
     (123, 123), ("24GiB", 24 << 30), ("8 MiB", 8 << 20), ("1.5GB", 1_500_000_000), ("4096", 4096),
+    ("1 GB", 10**9), ("1.5GiB", 3 << 29), ("0.1GB", 10**8), ("2b", 2),
 ])
 def test_sizes_are_stored_as_int_bytes(value, nbytes):
     cfg = Config(host_memory_limit=value, device_memory_limit=value)
@@ -98,8 +99,8 @@ def test_frozen_replace_and_unknown_keyword():
     assert cfg.prefetch_layers == 2
     with pytest.raises(ConfigError, match="^params:"):
         cfg.replace(params="nvm")
-    with pytest.raises(TypeError):
-        Config(param="cpu")
+    with pytest.raises(TypeError, match=r"param: unknown key \(did you mean 'params'\?\)"):
+        Config(param="cpu")  # also a ConfigError
 
 
 def _nvme(**kw):
@@ -242,3 +243,17 @@ def test_to_file_replaces_an_existing_file(tmp_path):
     Config(params="device", prefetch_layers=5).to_file(pathlib.PurePath(path))
     assert Config.from_file(path) == Config(params="device", prefetch_layers=5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["offload.toml"]
+
+
+@pytest.mark.parametrize("value", ["1.9B", "0.5", "1.0000001KB"])
+def test_a_size_that_is_not_whole_bytes_is_refused_not_truncated(value):
+    with pytest.raises(ConfigError, match="host_memory_limit: .* not a whole number of bytes"):
+        Config(host_memory_limit=value)
+
+
+def test_a_misspelled_keyword_gets_the_closest_field():
+    with pytest.raises(ConfigError, match=r"nvme_dri: unknown key \(did you mean 'nvme_dir'\?\)"):
+        Config(nvme_dri="/tmp")
+    with pytest.raises(ConfigError, match=r"io.queue_dept: unknown key \(did you mean 'io.queue_depth'\?\)"):
+        IOConfig(queue_dept=4)
+    assert Config(dtype="fp32").replace(prefetch_layers=1).prefetch_layers == 1

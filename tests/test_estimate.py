@@ -101,6 +101,8 @@ def test_parameter_counts_and_assumed_shapes():
         shape = shape_from_count(int(count))
         assert shape.numel == pytest.approx(count, rel=0.1)
         assert not shape.exact_groups
+    # a nominal size is the standard model of that name: Llama-2-7B has 32 layers, 13B 40
+    assert shape_from_count(parse_count("7B")).layers == 32 and shape_from_count(parse_count("13B")).layers == 40
 
 
 def test_with_ranks_each_rank_needs_its_share():

@@ -188,3 +188,10 @@ def test_a_directory_of_an_older_release_is_judged_by_its_pid(tmp_path):
     stranger = tmp_path / "offload-swap-stranger"  # no owner files at all: not ours, left alone
     stranger.mkdir()
     assert clean_stale_runs(tmp_path) == [] and stranger.is_dir()
+
+
+def test_an_nvme_dir_that_is_a_file_is_named_as_such(tmp_path):
+    (tmp_path / "swap").write_text("mine")
+    with pytest.raises(OSError, match="swap directory .*swap \\(nvme_dir\\) exists and is not a directory") as info:
+        SwapStore(tmp_path / "swap")
+    assert info.value.errno == errno.ENOTDIR and (tmp_path / "swap").read_text() == "mine"

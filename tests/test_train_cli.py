@@ -167,3 +167,34 @@ def test_under_torchrun_two_ranks_train_the_run_of_one_process(tmp_path):
     # (torchrun's own agent leaves its torchelastic_* directory in TMPDIR; nothing of ours may remain)
     ours = [p for p in (tmp_path / "tmp").iterdir() if not p.name.startswith("torchelastic_")]
     assert ours == [] and list((tmp_path / "work").iterdir()) == []
+
+
+def test_bad_outputs_and_resume_fail_before_any_training(tmp_path):
+    def fails(*flags) -> str:
+        out = _train(tmp_path, "--steps", "3", *FAST, *flags, check=False)
+        assert out.returncode == 1 and "step=" not in out.stdout, out.stdout[-2000:]
+        return out.stderr.strip().splitlines()[-1]
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    assert "--checkpoint-dir: cannot write to" in fails("--checkpoint-dir", str(blocker / "ckpt"))
+    assert "--timeline: cannot write" in fails("--timeline", str(tmp_path / "missing" / "trace.json"))
+    empty = tmp_path / "empty"
+    assert "--resume: no checkpoint in" in fails("--resume", "--checkpoint-dir", str(empty))
+    assert not empty.exists()  # the checks leave nothing behind
+    # --resume-if-exists starts at step 0 when there is nothing to resume, and resumes when there is
+    first = _train(tmp_path, "--steps", "2", "--log-every", "1", *FAST, "--resume-if-exists", "--checkpoint-dir",
+                   str(empty))
+    assert "resumed" not in first.stdout and "step=2 " in first.stdout
+    again = _train(tmp_path, "--steps", "3", "--log-every", "1", *FAST, "--resume-if-exists", "--checkpoint-dir",
+                   str(empty))
+    assert "resumed from" in again.stdout and "step=3 " in again.stdout and "step=1 " not in again.stdout
+
+
+def test_an_unknown_flag_is_named_with_the_subcommands_usage_and_clean_checks_its_directory(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "offload", "train", "--bogus"], capture_output=True, text=True)
+    assert out.returncode == 2 and "usage: offload train" in out.stderr
+    assert "offload train: error: unrecognized arguments: --bogus" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "offload", "clean", str(tmp_path / "nowhere")], capture_output=True,
+                         text=True)
+    assert out.returncode == 2 and "no such directory" in out.stderr

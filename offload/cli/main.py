@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -70,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     for command in (clean, export, train, tune, estimate):
         command.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the subcommand's parser, with its own usage (the top level's would not help)
+        commands = {"clean": clean, "export": export, "train": train, "tune": tune, "estimate": estimate}
+        commands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return _run(parser, args)
     except (OSError, ValueError, MemoryError) as e:  # ConfigError, CheckpointError, MemoryBudgetError, I/O
@@ -128,6 +132,10 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         from offload.storage.swap_store import clean_stale_runs
 
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        if not os.path.isdir(args.dir):
+            print(f"offload clean: error: {args.dir}: " + ("not a directory" if os.path.exists(args.dir)
+                                                          else "no such directory"), file=sys.stderr)
+            return 2
         removed = clean_stale_runs(args.dir)
         print(f"removed {len(removed)} stale swap director{'y' if len(removed) == 1 else 'ies'} from {args.dir}")
         return 0

@@ -18,6 +18,7 @@ import psutil
 import torch
 
 from offload.cli.launch import Launch, start
+from offload.cli.outputs import check_writable_dir, check_writable_file
 from offload.cli.train_setup import PRESETS, batch_at, build_model, load_text, make_config
 from offload.errors import ConfigError
 from offload.exit_signals import Terminated, terminate_on_signals
@@ -73,8 +74,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     runs.add_argument("--checkpoint-dir", metavar="DIR", help="save checkpoints here (atomic; the last one is kept)")
     runs.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                       help="save every N steps (default: only at the end)")
-    runs.add_argument("--resume", action="store_true", help="continue exactly from the checkpoint in "
-                                                            "--checkpoint-dir")
+    resume = runs.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true", help="continue exactly from the checkpoint in "
+                                                              "--checkpoint-dir (an error if there is none)")
+    resume.add_argument("--resume-if-exists", action="store_true",
+                        help="continue from the checkpoint in --checkpoint-dir if there is one, else start at step 0")
     runs.add_argument("--timeline", metavar="FILE", help="write a Chrome trace (chrome://tracing, Perfetto)")
     runs.add_argument("--log-every", type=int, default=10, metavar="N",
                       help="a plain log line every N steps when output is not a terminal (default 10)")
@@ -89,8 +93,17 @@ def _check(args: argparse.Namespace) -> None:
         raise ConfigError(f"--checkpoint-every: expected >= 0; got {args.checkpoint_every}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise ConfigError(f"--lr: expected a positive number; got {args.lr}")
-    if args.resume and not args.checkpoint_dir:
-        raise ConfigError("--resume: needs --checkpoint-dir (where to resume from)")
+    for flag in ("resume", "resume_if_exists"):
+        if getattr(args, flag) and not args.checkpoint_dir:
+            raise ConfigError(f"--{flag.replace('_', '-')}: needs --checkpoint-dir (where to resume from)")
+    if args.resume and not _has_checkpoint(args.checkpoint_dir):
+        raise ConfigError(f"--resume: no checkpoint in {args.checkpoint_dir} (no CURRENT file); drop --resume to "
+                          "start at step 0, or use --resume-if-exists")
+    # Outputs are checked now, not when the run has trained for hours (nothing is left behind by the check).
+    if args.checkpoint_dir:
+        check_writable_dir("--checkpoint-dir", args.checkpoint_dir)
+    if args.timeline:
+        check_writable_file("--timeline", args.timeline)
 
 
 def learning_rate(step: int, steps: int, peak: float) -> float:
@@ -172,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"  io: {config.io.block_size / 2**20:g} MiB blocks, {config.io.threads} x {config.io.queue_depth} in "
                   f"flight, direct={config.io.direct}")
         first = 0
-        if args.resume and (args.checkpoint_dir and _has_checkpoint(args.checkpoint_dir)):
+        if (args.resume or args.resume_if_exists) and _has_checkpoint(args.checkpoint_dir):
             first = int(engine.load(args.checkpoint_dir)["step"])
             print(f"  resumed from {args.checkpoint_dir} at step {first}")
         elif args.init_from:

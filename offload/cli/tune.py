@@ -24,6 +24,7 @@ from pathlib import Path
 
 import tomli_w
 
+from offload.cli.outputs import check_writable_file
 from offload.config import Config, IOConfig, parse_bytes, write_atomic
 from offload.errors import ConfigError
 
@@ -71,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--size: must be a multiple of 16 MiB, at least 64 MiB; got {nbytes} bytes")
     if args.rounds <= 0:
         raise ConfigError(f"--rounds: expected a positive integer; got {args.rounds}")
+    check_writable_file("--out", args.out)  # now, not after the sweep
     root = Path(args.dir)
     if not root.is_dir():
         raise OSError(2, f"--dir: {root} is not a directory", str(root))

@@ -88,6 +88,9 @@ class SwapStore:
         ``root`` can be told apart."""
         self.io = io or IOConfig()
         self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise OSError(errno.ENOTDIR, f"the swap directory {self.root} (nvme_dir) exists and is not a directory",
+                          str(self.root))
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             clean_stale_runs(self.root)
