@@ -171,12 +171,17 @@ class CheckpointDir:
             raise CheckpointError(f"{manifest_path}: cannot read ({e.strerror})") from None
         if zlib.crc32(raw) != int(pointer["manifest_crc32"]):
             raise CheckpointError(f"{manifest_path}: checksum mismatch (the file is corrupt)")
-        manifest = json.loads(raw)
+        try:
+            manifest = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{manifest_path}: not valid JSON ({e})") from None
+        if not isinstance(manifest, dict):
+            raise CheckpointError(f"{manifest_path}: expected an object, got {type(manifest).__name__}")
         if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"{manifest_path}: format {manifest.get('format')!r} version "
                                   f"{manifest.get('format_version')!r}; this offload reads {FORMAT!r} version "
                                   f"{FORMAT_VERSION}")
-        return version, {name: FileRecord(int(r["size"]), int(r["crc32"])) for name, r in manifest["files"].items()}
+        return version, _file_records(manifest_path, manifest.get("files"))
 
     def verify(self, share: tuple[int, int] = (0, 1)) -> tuple[Path, dict[str, FileRecord]]:
         """``current()``, after checking every file's size, then every file's CRC-32, against the manifest.
@@ -198,3 +203,22 @@ class CheckpointDir:
             if file_crc32(version / name).crc32 != record.crc32:
                 raise CheckpointError(f"{version / name}: checksum mismatch (the file is corrupt)")
         return version, records
+
+
+def _file_records(manifest_path: Path, files: object) -> dict[str, FileRecord]:
+    """The manifest's ``files``: plain file names of the version directory, each with its size and CRC-32."""
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(f"{manifest_path}: files: expected an object naming the checkpoint's files, got "
+                              f"{type(files).__name__}")
+    records = {}
+    for name, record in files.items():
+        if not name or name in (".", "..") or "/" in name or "\0" in name:
+            raise CheckpointError(f"{manifest_path}: files: {name!r} is not a file name of the checkpoint")
+        size = record.get("size") if isinstance(record, dict) else None
+        crc = record.get("crc32") if isinstance(record, dict) else None
+        if (isinstance(size, bool) or not isinstance(size, int) or size < 0 or isinstance(crc, bool)
+                or not isinstance(crc, int) or not 0 <= crc < 1 << 32):
+            raise CheckpointError(f"{manifest_path}: files.{name}: expected a size and a crc32 (integers), got "
+                                  f"{record!r}")
+        records[name] = FileRecord(size, crc)
+    return records

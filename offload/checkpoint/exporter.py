@@ -38,11 +38,18 @@ def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     and ``OSError`` (with the path) for a failed write."""
     start = time.perf_counter()
     version, _ = CheckpointDir(checkpoint).verify()
+    meta_path = version / "meta.json"
     try:
-        meta = json.loads((version / "meta.json").read_bytes())
+        meta = json.loads(meta_path.read_bytes())
         layout = [(str(key), str(source), str(name)) for key, source, name in meta["state_dict_keys"]]
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{version / 'meta.json'}: malformed ({type(e).__name__}: {e})") from None
+        world = meta.get("world_size", 1)
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{meta_path}: malformed ({type(e).__name__}: {e})") from None
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise CheckpointError(f"{meta_path}: world_size: expected an integer >= 1, got {world!r}")
+    unknown = sorted({source for _, source, _ in layout} - {"model", "master", "alias"})
+    if unknown:
+        raise CheckpointError(f"{meta_path}: state_dict_keys: unknown source {unknown[0]!r} (model, master or alias)")
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -52,7 +59,7 @@ def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     readers = {}
     try:
         readers["model"] = TensorFileReader(version / "model.safetensors", io)
-        readers["master"] = state_reader(version, "master", int(meta.get("world_size", 1)), io)
+        readers["master"] = state_reader(version, "master", world, io)
         sources = [(key, readers[source], name) for key, source, name in layout if source != "alias"]
         tied = {key: name for key, source, name in layout if source == "alias"}
         entries = plan_entries([(key, _exported_dtype(reader.entry(name).dtype), reader.entry(name).shape)

@@ -8,8 +8,7 @@ states are restored. ``load_model_tensors`` and ``other_tensors`` also serve ``l
 
 from __future__ import annotations
 
-import base64
-import json
+import copy
 import logging
 import random
 import sys
@@ -22,6 +21,7 @@ import torch
 from offload.checkpoint.directory import CheckpointDir
 from offload.checkpoint.sharded_reader import state_reader
 from offload.checkpoint.tensor_file import FileRecord, TensorFileReader
+from offload.engine import checkpoint_meta
 from offload.engine.checkpointing import META_FILE, MODEL_FILE, STATE_FILES
 from offload.engine.state_fill import fill_group, quiesce
 from offload.errors import CheckpointError
@@ -36,25 +36,19 @@ log = logging.getLogger("offload")
 def load(engine: Engine, path: str, restore_rng: bool) -> dict[str, Any]:
     start = time.perf_counter()
     version, records = _verify(engine, path)  # nothing is changed before every byte is known good
-    meta_path = version / META_FILE
-    try:
-        meta = json.loads(meta_path.read_bytes())
-        step, param_steps = int(meta["step"]), meta["param_steps"]
-        scaler, hyper_groups, extra = meta["loss_scaler"], meta["param_groups"], meta["extra"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{meta_path}: malformed ({type(e).__name__}: {e})") from None
-    try:
-        world = int(meta.get("world_size", 1))
-    except (TypeError, ValueError):
-        raise CheckpointError(f"{meta_path}: malformed world_size {meta.get('world_size')!r}") from None
+    trainable = [slot.name for g in engine.groups for slot in g.slots]
+    plan = checkpoint_meta.parse(version / META_FILE, trainable, [list(g["names"]) for g in engine.param_groups])
+    scaler = copy.deepcopy(engine._scaler)
+    scaler.load_state_dict(plan.scaler)  # (validated: applying it below cannot fail)
     io = IoEngine(engine.config.io)
     readers: list = []
     model_reader = None
     try:
         for name in STATE_FILES:  # (saved by any number of ranks: each reads its own shard of every group)
-            readers.append(state_reader(version, name, world, io))
+            readers.append(state_reader(version, name, plan.world_size, io))
         model_reader = TensorFileReader(version / (MODEL_FILE + ".safetensors"), io)
-        _check_matches(engine, readers, model_reader, param_steps, hyper_groups, meta_path)
+        _check_matches(engine, readers, model_reader)
+        # Note [check, then apply]: from here on only the reading of the state can fail.
         engine._grads.reset()  # gradients accumulated before the load belong to the state it replaces
         try:
             quiesce(engine)
@@ -71,19 +65,24 @@ def load(engine: Engine, path: str, restore_rng: bool) -> dict[str, Any]:
             if reader is not None:
                 reader.close()
         io.close()
-    engine._step = step
-    for g, group in enumerate(engine.groups):
-        engine._param_steps[g] = [int(param_steps[slot.name]) for slot in group.slots]
-    engine._scaler.load_state_dict(scaler)
-    for group, saved in zip(engine.param_groups, hyper_groups):
-        group.update({"lr": float(saved["lr"]), "betas": tuple(float(b) for b in saved["betas"]),
-                      "eps": float(saved["eps"]), "weight_decay": float(saved["weight_decay"])})
-    if restore_rng:
-        _restore_rng(meta.get("rng", {}))
+    _apply(engine, plan, scaler, restore_rng)
     total = sum(r.size for r in records.values())
-    log.info("offload: loaded step %d from %s (%.2f GB in %.1f s)", step, path, total / 1e9,
+    log.info("offload: loaded step %d from %s (%.2f GB in %.1f s)", plan.step, path, total / 1e9,
              time.perf_counter() - start)
-    return extra
+    return plan.extra
+
+
+def _apply(engine: Engine, plan: checkpoint_meta.LoadPlan, scaler: Any, restore_rng: bool) -> None:
+    """The plan's plain values onto the engine (nothing here can fail on a value: the plan was checked)."""
+    engine._step = plan.step
+    for g, group in enumerate(engine.groups):
+        engine._param_steps[g] = [plan.param_steps[slot.name] for slot in group.slots]
+    engine._scaler = scaler
+    for group, saved in zip(engine.param_groups, plan.hyper):
+        group.update({"lr": saved.lr, "betas": saved.betas, "eps": saved.eps, "weight_decay": saved.weight_decay})
+    if restore_rng:
+        _restore_rng(plan)
+
 
 def _verify(engine: Engine, path: str) -> tuple[Path, dict[str, FileRecord]]:
     """CheckpointDir.verify; with several ranks each checksums its share of the files and every rank raises
@@ -101,8 +100,7 @@ def _verify(engine: Engine, path: str) -> tuple[Path, dict[str, FileRecord]]:
         raise CheckpointError(errors[0])
     return found
 
-def _check_matches(engine: Engine, readers: list[TensorFileReader], model_reader: TensorFileReader,
-                   param_steps: dict[str, int], hyper_groups: list[dict], meta_path: Path) -> None:
+def _check_matches(engine: Engine, readers: list[TensorFileReader], model_reader: TensorFileReader) -> None:
     """Raises CheckpointError unless the checkpoint holds exactly the engine's parameters, with their shapes."""
     ours = {slot.name: tuple(slot.shape) for g in engine.groups for slot in g.slots}
     for reader in readers:
@@ -120,11 +118,6 @@ def _check_matches(engine: Engine, readers: list[TensorFileReader], model_reader
         bad = [n for n, e in reader.entries.items() if e.dtype != torch.float32]
         if bad:
             raise CheckpointError(f"{reader.path}: tensor {bad[0]!r} is {reader.entries[bad[0]].dtype}, not fp32")
-    if set(param_steps) != set(ours):
-        raise CheckpointError(f"{meta_path}: param_steps does not name the model's trainable parameters")
-    if [sorted(g["names"]) for g in hyper_groups] != [sorted(g["names"]) for g in engine.param_groups]:
-        raise CheckpointError(f"{meta_path}: the parameter groups differ from the engine's "
-                              f"({len(hyper_groups)} saved, {len(engine.param_groups)} now, or other members)")
     state = other_tensors(engine)
     for key, tensor in state.items():
         entry = model_reader.entries.get(key)
@@ -172,23 +165,17 @@ def load_model_tensors(engine: Engine, reader_of: Callable[[str], TensorFileRead
         with torch.no_grad():
             tensor.copy_(staged)
 
-def _restore_rng(states: dict[str, Any]) -> None:
-    if "torch" in states:
-        torch.set_rng_state(_decode_bytes(states["torch"]))
-    if "cuda" in states and torch.cuda.is_available():
-        cuda = states["cuda"]
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all([_decode_bytes(s) for s in cuda])
+def _restore_rng(plan: checkpoint_meta.LoadPlan) -> None:
+    if plan.rng_torch is not None:
+        torch.set_rng_state(plan.rng_torch)
+    if plan.rng_cuda is not None and torch.cuda.is_available():
+        if len(plan.rng_cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(plan.rng_cuda)
         else:
             log.warning("offload: the checkpoint has CUDA RNG states of %d devices, this machine %d; not restored",
-                        len(cuda), torch.cuda.device_count())
-    if "python" in states:
-        version, internal, gauss = states["python"]
-        random.setstate((version, tuple(internal), gauss))
+                        len(plan.rng_cuda), torch.cuda.device_count())
+    if plan.rng_python is not None:
+        random.setstate(plan.rng_python)
     numpy = sys.modules.get("numpy")
-    if "numpy" in states and numpy is not None:
-        kind, keys, pos, has_gauss, cached = states["numpy"]
-        numpy.random.set_state((kind, numpy.asarray(keys, dtype=numpy.uint32), pos, has_gauss, cached))
-
-def _decode_bytes(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+    if plan.rng_numpy is not None and numpy is not None:
+        numpy.random.set_state(plan.rng_numpy)
