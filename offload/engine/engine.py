@@ -103,6 +103,7 @@ class Engine(EngineConstruction, UpdateRunner, EngineInspection):
         self._inflight: BackgroundStep | UpdateQueue | None = None
         self._eager_steps = 0  # steps whose updates overlapped backward (backward_step), for tests and stats
         self._closed = False
+        self._gathered = 0  # open engine.gathered() contexts (Note [gathered weights])
         self._failed: str | None = None
         self.swap: SwapStore | None = None
         self._scheduler: FetchScheduler | None = None
@@ -134,12 +135,14 @@ class Engine(EngineConstruction, UpdateRunner, EngineInspection):
         """The model's forward, with floating-point tensor inputs cast to the compute dtype and every tensor
         input moved to the device."""
         self._check_open()
+        self._check_not_gathered("a forward")
         return self.model(*cast_inputs(args, self.device, self.dtype),
                           **cast_inputs(kwargs, self.device, self.dtype))
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagates ``loss`` (scaled by the fp16 loss scale); gradients add up until ``step()``."""
         self._check_open()
+        self._check_not_gathered("a backward")
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise ValueError("engine.backward: loss must be a tensor with one element")
         if self.dtype == torch.float16:
@@ -169,6 +172,7 @@ class Engine(EngineConstruction, UpdateRunner, EngineInspection):
         [overlapped step]); ``StepInfo.overlapped`` is then True and the Adam / I/O times of the step are
         added to ``engine.stats()`` when it completes. The result is the same either way."""
         self._check_open()
+        self._check_not_gathered("a step")
         self._sync(keep_read_ahead=True)
         start = time.perf_counter()
         self._grads.finish()
@@ -247,6 +251,7 @@ class Engine(EngineConstruction, UpdateRunner, EngineInspection):
         backward too. A parameter that gets two gradients in one backward (shared by two reentrant
         checkpointed segments) cannot be handled this way: that raises, and the engine is then failed."""
         self._check_open()
+        self._check_not_gathered("a backward")
         self._sync(keep_read_ahead=True)
         if (self.max_grad_norm is not None or self.dtype == torch.float16 or self.skip_nonfinite
                 or self._res.grad_swap is not None):
@@ -393,6 +398,21 @@ class Engine(EngineConstruction, UpdateRunner, EngineInspection):
         self._closed = True
         self._inflight = None  # _Resources.release joins it
         self._finalizer()
+
+    def gathered(self, module: nn.Module | None = None, writable: bool = False):
+        """A context manager in which the trainable parameters of ``module`` (default: the whole model) hold
+        their fp32 master values in tensors of their own on the device, readable outside forward; with
+        ``writable``, the values at exit become the new masters (Adam's moments kept). Outside it, offloaded
+        weights are only valid inside a use. No forward or step inside. See Note [gathered weights]."""
+        from offload.engine.gathered import gathered
+
+        self._check_open()
+        return gathered(self, module, writable)
+
+    def _check_not_gathered(self, what: str) -> None:
+        if self._gathered:
+            raise RuntimeError(f"offload.Engine: {what} inside engine.gathered(): the parameters hold fp32 copies "
+                               "there; leave the context first")
 
     def _check_open(self) -> None:
         if self._closed:
