@@ -215,6 +215,20 @@ def test_nvme_dir_too_small_fails_at_construction(tiny_tmpfs):
     assert os.listdir(tiny_tmpfs) == []
 
 
+def test_a_disk_too_small_for_the_run_names_the_runs_whole_need(tiny_tmpfs):
+    # every file would fit on its own (six groups of 64x64 weights: 48 KiB of state each), all of them do not
+    model = nn.Sequential(*[nn.Linear(64, 64, bias=False) for _ in range(6)])
+    free = os.statvfs(tiny_tmpfs).f_bavail * os.statvfs(tiny_tmpfs).f_frsize
+    (tiny_tmpfs / "filler").write_bytes(b"\0" * (free - 200 * 1024))
+    config = offload.Config(device="cpu", dtype="bf16", params="nvme", optimizer="nvme", nvme_dir=tiny_tmpfs)
+    with pytest.raises(OSError) as info:
+        offload.Engine(model, config)
+    assert info.value.errno == errno.ENOSPC
+    assert "the run needs 336.00 KiB of swap files" in str(info.value)  # 6 x (48 KiB state + 8 KiB weights)
+    assert "(optimizer state 288.00 KiB, weights 48.00 KiB)" in str(info.value)
+    assert sorted(os.listdir(tiny_tmpfs)) == ["filler"]  # nothing was created
+
+
 @pytest.mark.parametrize("groups, match", [
     ([{"params": [], "weight_decya": 0.0}], "did you mean 'weight_decay'"),
     ([{"weight_decay": 0.0}], "'params' list"),

@@ -128,6 +128,7 @@ class EngineConstruction:
         """Gradient accumulators (host or NVMe) and the optimizer state store; returns each group's placement."""
         config, res = self.config, self._res
         if grads_on_nvme:
+            self._check_swap_space([StatePlacement.NVME] * len(self.groups), grads_on_nvme)
             largest = max(g.shard_numel for g in self.groups)
             needed = (self.pool.stats().in_use + fixed + GRAD_SWAP_BUFFERS * HostPool.mapped_size(FP32_BYTES * largest)
                       + staging_bytes(largest, parts=STATE_PARTS + 1))  # the gradients travel with the state
@@ -149,8 +150,24 @@ class EngineConstruction:
         nvme_numels = [g.shard_numel for g, p in zip(self.groups, placement) if p is StatePlacement.NVME]
         if nvme_numels and res.swap is None:
             res.swap = self._swap_store()
+        if not grads_on_nvme:
+            self._check_swap_space(placement, grads_on_nvme)
         res.store = self.store = OptimizerStateStore(self.pool, res.swap, nvme_numels, grads_on_nvme=grads_on_nvme)
         return placement
+
+    def _check_swap_space(self, placement: list[StatePlacement], grads_on_nvme: bool) -> None:
+        """Every swap file the engine will create, summed, against the free space (before the first is made)."""
+        swap = self._res.swap
+        if swap is None:
+            return
+        weights = self._res.weights
+        homes_on_nvme = isinstance(weights, OffloadedParams) and self.config.params == "nvme" \
+            and not weights.weights_in_state
+        swap.check_space({
+            "optimizer state": sum(STATE_PARTS * FP32_BYTES * g.shard_numel
+                                   for g, p in zip(self.groups, placement) if p is StatePlacement.NVME),
+            "weights": sum(weights.home_nbytes(g.index) for g in self.groups) if homes_on_nvme else 0,
+            "gradients": sum(FP32_BYTES * g.shard_numel for g in self.groups) if grads_on_nvme else 0})
 
     def _swap_store(self) -> SwapStore:
         """The swap store under ``nvme_dir``; each rank's in a directory of its own."""

@@ -58,6 +58,13 @@ def clean_stale_runs(root: str | os.PathLike, prefix: str = RUN_PREFIX) -> list[
     return removed
 
 
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes} B"
+
+
 def _probe_direct(run_dir: Path) -> bool:
     """True if the filesystem of ``run_dir`` accepts O_DIRECT."""
     probe = run_dir / ".direct-probe"
@@ -123,6 +130,19 @@ class SwapStore:
         log.warning("%s refuses O_DIRECT (ramfs, an older tmpfs or an overlay filesystem?): swap files use "
                     "buffered I/O, which goes through the page cache", self.root)
         return False
+
+    def check_space(self, needs: dict[str, int]) -> None:
+        """Raises ENOSPC naming the whole run's need when the files it will create (``needs``: bytes by what they
+        hold, e.g. {"optimizer state": ..., "weights": ...}) do not fit in the free space, before any is made:
+        a disk that is too small shows up with the total, not with the first file that no longer fits."""
+        pages = {what: -(-nbytes // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT for what, nbytes in needs.items() if nbytes}
+        total = sum(pages.values())
+        usage = shutil.disk_usage(self.run_dir)
+        if usage.total > 0 and total > usage.free:  # (ramfs reports no size at all: nothing to check against)
+            parts = ", ".join(f"{what} {_size(nbytes)}" for what, nbytes in pages.items())
+            raise OSError(errno.ENOSPC, f"the run needs {_size(total)} of swap files in {self.root} ({parts}) and "
+                          f"{_size(usage.free)} are free; free space, choose another nvme_dir or keep more state "
+                          "in RAM (host_memory_limit)", str(self.root))
 
     def create(self, name: str, nbytes: int) -> SwapFile:
         """A new file that holds ``nbytes`` (rounded up to whole 4 KiB pages), preallocated on disk."""
