@@ -8,11 +8,11 @@ from offload.checkpoint import export
 from offload.config import Config, IOConfig
 from offload.engine import Engine, EngineStats, StepInfo
 from offload.engine.pretrained import load_pretrained
-from offload.errors import CheckpointError, ConfigError, MemoryBudgetError
+from offload.errors import CheckpointError, ConfigError, MemoryBudgetError, OffloadedWeightError
 from offload.layout.meta_init import init_empty
 from offload.optim.cpu_adam import CPUAdam
 from offload.timeline import Timeline
 
 __all__ = ["CPUAdam", "CheckpointError", "Config", "ConfigError", "Engine", "EngineStats", "IOConfig", "MemoryBudgetError",
-           "StepInfo", "Timeline", "__version__", "export", "init_empty", "load_pretrained"]
+           "OffloadedWeightError", "StepInfo", "Timeline", "__version__", "export", "init_empty", "load_pretrained"]
 __version__ = "0.1.0"

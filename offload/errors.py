@@ -38,3 +38,8 @@ def _fmt(nbytes: int) -> str:
 class CheckpointError(ValueError):
     """A checkpoint cannot be used: missing, truncated, corrupt, or made for a different model. The message
     names the file (and the tensor or field) at fault."""
+
+
+class OffloadedWeightError(RuntimeError):
+    """An offloaded weight was read outside a use of its group and outside ``engine.gathered()`` (Note [guarded
+    reads]); the message names the parameter and how to read it."""

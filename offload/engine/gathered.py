@@ -24,6 +24,7 @@ from torch import nn
 
 from offload.engine.state_fill import fill_group, quiesce
 from offload.optim.state_store import STATE_PARTS, StatePlacement
+from offload.schedule.guarded_parameter import raw_data
 
 if TYPE_CHECKING:
     from offload.engine.engine import Engine
@@ -54,7 +55,7 @@ def gathered(engine: Engine, module: nn.Module | None, writable: bool) -> Iterat
             group = engine.groups[g]
             for slot in group.slots:
                 value = group.view(masters[g], slot).to(engine.device, copy=engine.device.type != "cpu")
-                originals[id(slot.param)] = (slot.param, slot.param.data)
+                originals[id(slot.param)] = (slot.param, raw_data(slot.param))  # (a view of released storage)
                 slot.param.data = value
         yield
         if writable:

@@ -49,6 +49,7 @@ class EngineResources:
                             "offloaded parameters are now meta tensors", e)
         # (never views of released storage: reading those would read freed memory)
         self.weights.release_all()
+        self.weights.unguard_parameters()
         for group in self.weights.groups:
             for slot in group.slots:
                 torch.utils.swap_tensors(slot.param, nn.Parameter(torch.empty(slot.shape, dtype=slot.param.dtype,

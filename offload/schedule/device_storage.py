@@ -54,6 +54,11 @@ class GroupStorage:
             self._claimed = False
 
     @property
+    def claimed(self) -> bool:
+        """Whether the buffer holds memory that may be read (between ``claim`` and ``give_back``)."""
+        return self._claimed
+
+    @property
     def direct(self) -> bool:
         """Whether an NVMe read may target the buffer itself (page-aligned host memory at a fixed address)."""
         return self._mapping is not None

@@ -41,6 +41,7 @@ from offload.errors import MemoryBudgetError
 from offload.layout.flat_group import FlatGroup
 from offload.schedule.device_copy import HostToDevice
 from offload.schedule.device_storage import GroupStorage
+from offload.schedule.guarded_parameter import guard, unguard
 from offload.schedule.home_writes import HomeWrites
 from offload.schedule.residency import Residency, ResidencyTable
 from offload.schedule.update_handoff import UpdateHandoff
@@ -185,6 +186,7 @@ class OffloadedParams(UpdateHandoff, HomeWrites):
             storage.claim()
             for slot in group.slots:
                 slot.param.data = group.view(storage.tensor, slot)
+                guard(slot.param, storage, slot.name)  # reads outside a use raise (Note [guarded reads])
             storage.give_back()
             self._storage.append(storage)
             self.weight_device.append(storage.tensor)
@@ -388,6 +390,13 @@ class OffloadedParams(UpdateHandoff, HomeWrites):
             if self.residency[g] is Residency.RELEASED:
                 self.start_fetch(g, wait_for_update=True, force=True)
             self.ensure_resident(g)
+        self.unguard_parameters()
+
+    def unguard_parameters(self) -> None:
+        """The parameters become plain ``nn.Parameter`` again (the engine lets go of them)."""
+        for group in self.groups:
+            for slot in group.slots:
+                unguard(slot.param)
 
     def release_all(self, keep_kept: bool = False) -> None:
         """Releases every group (with ``keep_kept``, all but the kept ones, and the lent ones whose writes are
