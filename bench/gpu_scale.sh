@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The 7B measurement on a freshly lent GPU machine (no network, minutes of device time). Parts, in the order given
 # (default: all, in this order), each in a process of its own (the host cannot hold two 7B optimizer states):
-#   tests   the GPU tests of backward_step (bit-exact with backward(); step(), accumulation included);
+#   tests   the GPU tests of backward_step (bit-exact with backward(); step(), accumulation included) and of
+#           reads outside a use and engine.gathered() on CUDA;
 #   torch   plain torch with the whole state on the card (fp32 weights, bf16 autocast, fused AdamW) on the same
 #           job for 5 steps: the reference trajectory the report compares offload's losses with;
 #   ours24  offload at a 24 GiB budget: 16x2048 tokens x 2 micro-batches per step, 1 + 10 timed steps
@@ -67,7 +68,7 @@ for part in $parts; do
             --micro-batch 16 --accum 2 --steps 4 --out "$out" $lr_args ${EXTRA_ARGS:-} 2>&1 \
             | grep -v -E "Warning|warnings.warn" | tee -a "$out/log.txt" ;;
     tests)
-        timeout 120 python3 -m pytest -q -m gpu tests/test_engine_cuda.py -k backward_step -p no:cacheprovider \
+        timeout 150 python3 -m pytest -q -m gpu tests/test_engine_cuda.py -k "backward_step or reads_outside" -p no:cacheprovider \
             2>&1 | tail -5 | tee -a "$out/log.txt" ;;
     *) echo "gpu_scale.sh: unknown part $part (tests, torch, ours24, ds, ours12)"; exit 2 ;;
     esac

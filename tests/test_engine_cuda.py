@@ -273,3 +273,32 @@ def test_backward_step_on_cuda_is_bit_exact_with_backward_then_step(params, micr
     (ref_losses, ref_state), (losses, state) = results
     assert losses == ref_losses
     assert all(torch.equal(state[k], ref_state[k]) for k in ref_state)
+
+
+@pytest.mark.parametrize("params", ["cpu", "nvme"])
+def test_reads_outside_a_use_raise_and_gathered_gives_the_masters_on_cuda(params, tmp_path):
+    pytest.importorskip("transformers")
+    config = offload.Config(device="cuda", dtype="bf16", params=params, optimizer="cpu", nvme_dir=tmp_path,
+                            prefetch_layers=1)
+    data = batches("llama", 2, 1)
+    with offload.Engine(tiny_llama(layers=3, tied=False), config, lr=LR) as engine:
+        for step in data:
+            engine.backward(loss_of("llama", engine, step[0]))
+            engine.step()
+        engine.synchronize()
+        w = engine.model.model.layers[-1].mlp.up_proj.weight  # (given back: not among the next forward's first)
+        assert w.shape == (64, 32) and w.device.type == "cuda"
+        for read in (lambda: w.sum(), lambda: w.data.clone(), lambda: w.float().norm(), lambda: repr(w)):
+            with pytest.raises(offload.OffloadedWeightError, match="up_proj.weight.*engine.gathered"):
+                read()
+        masters = engine.state_dict()
+        with engine.gathered():
+            for name, p in engine.model.named_parameters():
+                assert p.device.type == "cuda" and torch.equal(p.detach().cpu(), masters[name]), name
+        with engine.gathered(engine.model.model.layers[-1], writable=True):
+            with torch.no_grad():
+                w.mul_(0.5)
+        assert torch.equal(engine.state_dict()["model.layers.2.mlp.up_proj.weight"],
+                           masters["model.layers.2.mlp.up_proj.weight"] * 0.5)
+        engine.backward(loss_of("llama", engine, data[0][0]))  # training goes on with the edited weights
+        engine.step()
