@@ -28,14 +28,22 @@ def _steps(engine, data):
         engine.step()
 
 
-@pytest.mark.parametrize("params,optimizer,dtype", PLACEMENTS)
-def test_inside_the_values_are_the_state_dicts_and_training_is_unchanged(tmp_path, params, optimizer, dtype):
+def _interrupted_and_straight(tmp_path, placement, between):
+    """The state after 4 steps straight, and after 2 steps, ``between(engine)``, 2 more steps."""
     data = batches("llama", 4, 1)
-    with _engine(tmp_path / "a", params, optimizer, dtype) as reference:
+    with _engine(tmp_path / "a", *placement) as reference:
         _steps(reference, data)
         expected = reference.state_dict()
-    with _engine(tmp_path / "b", params, optimizer, dtype) as engine:
+    with _engine(tmp_path / "b", *placement) as engine:
         _steps(engine, data[:2])
+        between(engine)
+        _steps(engine, data[2:])
+        return engine.state_dict(), expected
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_inside_the_values_are_the_state_dicts_and_training_is_unchanged(tmp_path, placement):
+    def look(engine):
         masters = engine.state_dict()
         with engine.gathered():
             for name, p in engine.model.named_parameters():
@@ -43,23 +51,19 @@ def test_inside_the_values_are_the_state_dicts_and_training_is_unchanged(tmp_pat
             assert torch.isfinite(sum(p.float().norm() for p in engine.model.parameters()))  # reads: no fault
             embed = engine.model.get_input_embeddings().weight
             assert embed.shape == masters["model.embed_tokens.weight"].shape
-        _steps(engine, data[2:])
-        state = engine.state_dict()
+
+    state, expected = _interrupted_and_straight(tmp_path, placement, look)
     assert all(torch.equal(state[k], expected[k]) for k in expected)
 
 
-@pytest.mark.parametrize("params,optimizer,dtype", PLACEMENTS)
-def test_a_writable_context_that_changes_nothing_changes_nothing(tmp_path, params, optimizer, dtype):
-    data = batches("llama", 4, 1)
-    with _engine(tmp_path / "a", params, optimizer, dtype) as reference:
-        _steps(reference, data)
-        expected = reference.state_dict()
-    with _engine(tmp_path / "b", params, optimizer, dtype) as engine:
-        _steps(engine, data[:2])
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_a_writable_context_that_changes_nothing_changes_nothing(tmp_path, placement):
+    def touch(engine):
         with engine.gathered(writable=True):
             pass
-        _steps(engine, data[2:])  # the moments survived and the weights were made again from the same masters
-        state = engine.state_dict()
+
+    # the moments survived and the weights were made again from the same masters
+    state, expected = _interrupted_and_straight(tmp_path, placement, touch)
     assert all(torch.equal(state[k], expected[k]) for k in expected)
 
 
