@@ -192,7 +192,9 @@ def train(a: argparse.Namespace, record: dict) -> None:
           f"{a.micro_batch}x{a.seq} tokens x {a.accum} micro-batches = {tokens_per_step} tokens per step",
           file=sys.stderr, flush=True)
     record["matmul_tflops"] = matmul_tflops(device, 8192 if device == "cuda" else 1024)
-    record["pinning"] = pinning_rate(device)
+    # (2 GiB on a GPU machine; a CPU dry run takes 64 MiB: a test process that grew by 2 GiB would hand that
+    # peak RSS on to every child it forks, whose own peak is then wrong)
+    record["pinning"] = pinning_rate(device, (2 << 30) if device == "cuda" else (64 << 20))
     if device == "cuda":
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, a.budget_bytes / total))
