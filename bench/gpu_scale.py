@@ -116,6 +116,26 @@ def lr_at(a: argparse.Namespace, step: int) -> float:
     return a.lr * min(1.0, (step + 1) / a.lr_warmup) if a.lr_warmup > 0 else a.lr
 
 
+def summarise(record: dict, losses: list[float], step_s: list[float], warmup_steps: int, elapsed: float,
+              device: str) -> None:
+    """The step figures of a run over its timed steps (those after the warm-up), the same for every runner:
+    losses, step times, tokens/s over ``elapsed``, model TFLOP/s and MFU against the rate ``record`` measured,
+    peak RSS and GPU memory. ``record`` holds ``tokens_per_step``, ``params`` and ``matmul_tflops``."""
+    timed = step_s[warmup_steps:]
+    record.update(status="ok", losses=losses, loss_first=losses[0], loss_last=losses[-1], step_s=timed,
+                  step_s_median=statistics.median(timed), steps_timed=len(timed), timed_s=elapsed,
+                  tokens_per_s=len(timed) * record["tokens_per_step"] / elapsed, peak_rss_bytes=rss_peak_bytes())
+    record["model_tflops"] = 6 * record["params"] * record["tokens_per_s"] / 1e12
+    record["mfu"] = record["model_tflops"] / record["matmul_tflops"]
+    record_gpu_peaks(record, device)
+
+
+def record_gpu_peaks(record: dict, device: str) -> None:
+    if device == "cuda":
+        record.update(gpu_peak_allocated_bytes=torch.cuda.max_memory_allocated(),
+                      gpu_peak_reserved_bytes=torch.cuda.max_memory_reserved())
+
+
 def rss_peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -275,12 +295,8 @@ def train(a: argparse.Namespace, record: dict) -> None:
         if sampler:
             sampler.stop()
     after = engine.stats()
-    timed_tokens = a.steps * tokens_per_step
-    tokens_per_s = timed_tokens / elapsed
+    summarise(record, losses, step_s, a.warmup_steps, elapsed, device)
     record.update(
-        status="ok", losses=losses, loss_first=losses[0], loss_last=losses[-1], step_s=step_s[a.warmup_steps:],
-        step_s_median=statistics.median(step_s[a.warmup_steps:]), timed_s=elapsed, tokens_per_s=tokens_per_s,
-        model_tflops=6 * nparams * tokens_per_s / 1e12,
         per_step={
             "host_forward_s": clock.forward / a.steps,
             "host_backward_and_step_s": clock.backward / a.steps,
@@ -291,14 +307,9 @@ def train(a: argparse.Namespace, record: dict) -> None:
             "nvme_bytes_read": (after.nvme_bytes_read - before.nvme_bytes_read) / a.steps,
             "nvme_bytes_written": (after.nvme_bytes_written - before.nvme_bytes_written) / a.steps,
         },
-        device_param_bytes_peak=after.device_param_bytes_peak, host_bytes_peak=after.host_bytes_peak,
-        peak_rss_bytes=rss_peak_bytes(),
-    )
-    record["mfu"] = record["model_tflops"] / record["matmul_tflops"]
+        device_param_bytes_peak=after.device_param_bytes_peak, host_bytes_peak=after.host_bytes_peak)
     if device == "cuda":
-        record.update(gpu_peak_allocated_bytes=torch.cuda.max_memory_allocated(),
-                      gpu_peak_reserved_bytes=torch.cuda.max_memory_reserved(),
-                      nvml=sampler.summary(t_timed, t_timed + elapsed))
+        record.update(nvml=sampler.summary(t_timed, t_timed + elapsed))
     engine.close()
 
 
@@ -327,9 +338,8 @@ def run(a: argparse.Namespace) -> int:
 
         traceback.print_exc()
     finally:
-        if a.device == "cuda" and "gpu_peak_reserved_bytes" not in record:
-            record.update(gpu_peak_allocated_bytes=torch.cuda.max_memory_allocated(),
-                          gpu_peak_reserved_bytes=torch.cuda.max_memory_reserved())
+        if "gpu_peak_reserved_bytes" not in record:
+            record_gpu_peaks(record, a.device)
         record.setdefault("peak_rss_bytes", rss_peak_bytes())
         path = out / f"run-{a.label}.json"
         path.write_text(json.dumps(record, indent=1) + "\n")

@@ -22,7 +22,6 @@ import json
 import os
 import pathlib
 import socket
-import statistics
 import sys
 import time
 
@@ -30,7 +29,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from gpu_scale import _commit, add_job_args, check_job_args, device_name, lr_at, rss_peak_bytes  # noqa: E402
+from gpu_scale import (_commit, add_job_args, check_job_args, device_name, lr_at, record_gpu_peaks,  # noqa: E402
+                       rss_peak_bytes, summarise)
 from scale_model import TokenBatches, causal_lm_loss, count_params, llama_config, matmul_tflops  # noqa: E402
 
 
@@ -132,7 +132,7 @@ def train(a: argparse.Namespace, record: dict, path: pathlib.Path) -> None:
         print(f"  step {step + 1}/{a.warmup_steps + a.steps}{' (warm-up)' if step < a.warmup_steps else ''}: "
               f"loss {losses[-1]:.4f}, {step_s[-1]:.2f} s", file=sys.stderr, flush=True)
         if t_timed is not None:  # a record after every timed step: a kill later keeps what was measured
-            _summarise(record, losses, step_s, a, nparams, time.perf_counter() - t_timed)
+            summarise(record, losses, step_s, a.warmup_steps, time.perf_counter() - t_timed, a.device)
             path.write_text(json.dumps(record, indent=1) + "\n")
             if time.perf_counter() - t_timed > a.time_limit:
                 break
@@ -140,21 +140,7 @@ def train(a: argparse.Namespace, record: dict, path: pathlib.Path) -> None:
         raise RuntimeError("no timed step (the warm-up took the whole --time-limit?)")
     if cuda:
         torch.cuda.synchronize()
-    _summarise(record, losses, step_s, a, nparams, time.perf_counter() - t_timed)
-
-
-def _summarise(record: dict, losses: list[float], step_s: list[float], a: argparse.Namespace, nparams: int,
-               elapsed: float) -> None:
-    timed = len(step_s) - a.warmup_steps
-    record.update(status="ok", losses=losses, loss_first=losses[0], loss_last=losses[-1],
-                  step_s=step_s[a.warmup_steps:], step_s_median=statistics.median(step_s[a.warmup_steps:]),
-                  steps_timed=timed, timed_s=elapsed, tokens_per_s=timed * record["tokens_per_step"] / elapsed,
-                  peak_rss_bytes=rss_peak_bytes())
-    record["model_tflops"] = 6 * nparams * record["tokens_per_s"] / 1e12
-    record["mfu"] = record["model_tflops"] / record["matmul_tflops"]
-    if a.device == "cuda":
-        record.update(gpu_peak_allocated_bytes=torch.cuda.max_memory_allocated(),
-                      gpu_peak_reserved_bytes=torch.cuda.max_memory_reserved())
+    summarise(record, losses, step_s, a.warmup_steps, time.perf_counter() - t_timed, a.device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,9 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         record.update(status="failed", error=f"{type(e).__name__}: {e}"[:500])
         status = 1
-    if a.device == "cuda" and "gpu_peak_reserved_bytes" not in record:
-        record.update(gpu_peak_allocated_bytes=torch.cuda.max_memory_allocated(),
-                      gpu_peak_reserved_bytes=torch.cuda.max_memory_reserved())
+    if "gpu_peak_reserved_bytes" not in record:
+        record_gpu_peaks(record, a.device)
     record.setdefault("peak_rss_bytes", rss_peak_bytes())
     path.write_text(json.dumps(record, indent=1) + "\n")
     print(f"gpu_scale_ds: {record['status']}; record in {path}", file=sys.stderr, flush=True)

@@ -14,7 +14,6 @@ import argparse
 import datetime
 import json
 import pathlib
-import statistics
 import sys
 import time
 
@@ -22,7 +21,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from gpu_scale import _commit, add_job_args, check_job_args, device_name, lr_at, rss_peak_bytes  # noqa: E402
+from gpu_scale import (_commit, add_job_args, check_job_args, device_name, lr_at, record_gpu_peaks,  # noqa: E402
+                       summarise)
 from scale_model import TokenBatches, causal_lm_loss, count_params, llama_config, matmul_tflops  # noqa: E402
 
 
@@ -71,12 +71,7 @@ def train(a: argparse.Namespace, record: dict) -> None:
               file=sys.stderr, flush=True)
     if a.device == "cuda":
         torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t_timed
-    record.update(status="ok", losses=losses, loss_first=losses[0], loss_last=losses[-1],
-                  step_s=step_s[a.warmup_steps:], step_s_median=statistics.median(step_s[a.warmup_steps:]),
-                  timed_s=elapsed, tokens_per_s=a.steps * tokens_per_step / elapsed, peak_rss_bytes=rss_peak_bytes())
-    record["model_tflops"] = 6 * nparams * record["tokens_per_s"] / 1e12
-    record["mfu"] = record["model_tflops"] / record["matmul_tflops"]
+    summarise(record, losses, step_s, a.warmup_steps, time.perf_counter() - t_timed, a.device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,9 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         record.update(status="failed", error=f"{type(e).__name__}: {e}"[:500])
         status = 3 if isinstance(e, torch.OutOfMemoryError) else 1
-    if a.device == "cuda":
-        record.update(gpu_peak_allocated_bytes=torch.cuda.max_memory_allocated(),
-                      gpu_peak_reserved_bytes=torch.cuda.max_memory_reserved())
+    if "gpu_peak_reserved_bytes" not in record:
+        record_gpu_peaks(record, a.device)
     (out / "torch-reference.json").write_text(json.dumps(record, indent=1) + "\n")
     print(f"gpu_scale_torch: {record['status']}; record in {out / 'torch-reference.json'}", file=sys.stderr)
     return status

@@ -73,12 +73,12 @@ class IOConfig:
     block_size: int | str = "8MiB"
     queue_depth: int = 32
     threads: int = 2
+    direct: bool | str = "auto"
+    backend: str = "auto"
 
     def __new__(cls, *args: Any, **kwargs: Any) -> IOConfig:
         _check_keys("io.", kwargs, [f.name for f in dataclasses.fields(cls)])  # a misspelled keyword: did you mean
         return super().__new__(cls)
-    direct: bool | str = "auto"
-    backend: str = "auto"
 
     def __post_init__(self) -> None:
         block = parse_bytes("io.block_size", self.block_size)
@@ -298,7 +298,7 @@ def _check_keys(prefix: str, data: dict, accepted: list[str]) -> None:
             close = difflib.get_close_matches(str(key), accepted, n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
             raise UnknownConfigKey(f"{prefix}{key}: unknown key{hint}; accepted keys: "
-                              f"{', '.join(prefix + a for a in accepted)}")
+                                   f"{', '.join(prefix + a for a in accepted)}")
 
 
 def _one_line(error: BaseException) -> str:

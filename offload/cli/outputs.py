@@ -23,9 +23,7 @@ def check_writable_dir(flag: str, path: str | os.PathLike) -> None:
                 made.append(parent)
         if not path.is_dir():
             raise OSError(errno.ENOTDIR, "exists and is not a directory")
-        fd, probe = tempfile.mkstemp(prefix=".offload-write-check-", dir=path)
-        os.close(fd)
-        os.unlink(probe)
+        _create_and_remove_a_file(path)
     except OSError as e:
         raise ConfigError(f"{flag}: cannot write to {path}: {e.strerror or e}") from None
     finally:
@@ -46,8 +44,12 @@ def check_writable_file(flag: str, path: str | os.PathLike) -> None:
     if not parent.is_dir():
         raise ConfigError(f"{flag}: cannot write {path}: the directory {parent} does not exist")
     try:
-        fd, probe = tempfile.mkstemp(prefix=".offload-write-check-", dir=parent)
-        os.close(fd)
-        os.unlink(probe)
+        _create_and_remove_a_file(parent)
     except OSError as e:
         raise ConfigError(f"{flag}: cannot write {path}: {e.strerror or e}") from None
+
+
+def _create_and_remove_a_file(directory: Path) -> None:
+    fd, probe = tempfile.mkstemp(prefix=".offload-write-check-", dir=directory)
+    os.close(fd)
+    os.unlink(probe)

@@ -203,18 +203,14 @@ def run(args: argparse.Namespace) -> int:
             timeline.save(args.timeline)
             print(f"timeline written to {args.timeline}")
         return 0
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as stop:  # Ctrl-C, SIGTERM, SIGHUP (Note [termination signals])
         # A save in progress has removed its partial version already (Note [atomic checkpoints]); closing the
         # engine below removes the swap files.
-        print("\noffload train: interrupted; swap files removed" +
+        interrupted = isinstance(stop, KeyboardInterrupt)
+        print(f"\noffload train: {'interrupted' if interrupted else stop}; swap files removed" +
               (f", the last checkpoint in {args.checkpoint_dir} is intact" if args.checkpoint_dir else ""),
               file=sys.stderr)
-        return 130
-    except Terminated as stop:  # SIGTERM / SIGHUP (Note [termination signals]): the same cleanup as SIGINT
-        print(f"\noffload train: {stop}; swap files removed" +
-              (f", the last checkpoint in {args.checkpoint_dir} is intact" if args.checkpoint_dir else ""),
-              file=sys.stderr)
-        return stop.code
+        return 130 if interrupted else stop.code
     finally:
         try:
             if engine is not None:

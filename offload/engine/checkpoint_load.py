@@ -22,6 +22,7 @@ from offload.checkpoint.directory import CheckpointDir
 from offload.checkpoint.sharded_reader import state_reader
 from offload.checkpoint.tensor_file import FileRecord, TensorFileReader
 from offload.engine import checkpoint_meta
+from offload.engine.checkpoint_meta import short_list
 from offload.engine.checkpointing import META_FILE, MODEL_FILE, STATE_FILES
 from offload.engine.state_fill import fill_group, quiesce
 from offload.errors import CheckpointError
@@ -109,8 +110,8 @@ def _check_matches(engine: Engine, readers: list[TensorFileReader], model_reader
         unexpected = sorted(set(theirs) - set(ours))
         wrong = sorted(n for n in set(ours) & set(theirs) if ours[n] != theirs[n])
         if missing or unexpected or wrong:
-            parts = [f"missing {_names(missing)}" if missing else "",
-                     f"unexpected {_names(unexpected)}" if unexpected else "",
+            parts = [f"missing {short_list(missing)}" if missing else "",
+                     f"unexpected {short_list(unexpected)}" if unexpected else "",
                      "shape mismatch " + ", ".join(f"{n} {list(theirs[n])} vs model {list(ours[n])}"
                                                    for n in wrong[:3]) if wrong else ""]
             raise CheckpointError(f"{reader.path}: does not match the model's trainable parameters: "
@@ -127,9 +128,6 @@ def _check_matches(engine: Engine, readers: list[TensorFileReader], model_reader
         if entry.shape != tuple(tensor.shape):
             raise CheckpointError(f"{model_reader.path}: tensor {key!r} has shape {list(entry.shape)}, the model "
                                   f"{list(tensor.shape)}")
-
-def _names(names: list[str]) -> str:
-    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 def other_tensors(engine: Engine) -> dict[str, torch.Tensor]:
     """The model's state_dict entries that are not trainable parameters (first key of each tensor)."""

@@ -106,7 +106,7 @@ def parse(meta_path: Path, trainable: list[str], group_names: list[list[str]]) -
     if set(steps.data) != set(trainable):
         missing, unexpected = sorted(set(trainable) - set(steps.data)), sorted(set(steps.data) - set(trainable))
         steps.fail("does not match the model's trainable parameters: "
-                   + "; ".join(f"{what} {_names(names)}" for what, names in (("missing", missing),
+                   + "; ".join(f"{what} {short_list(names)}" for what, names in (("missing", missing),
                                                                           ("unexpected", unexpected)) if names))
     param_steps = {name: steps.integer(name) for name in trainable}
     scaler = meta.obj("loss_scaler")
@@ -122,7 +122,8 @@ def parse(meta_path: Path, trainable: list[str], group_names: list[list[str]]) -
                     extra=extra, **_rng(meta_path, raw.get("rng", {})))
 
 
-def _names(names: list[str]) -> str:
+def short_list(names: list[str]) -> str:
+    """The first three names, and how many more (for error messages)."""
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 

@@ -17,7 +17,6 @@ with dispatch off too. When the engine closes, the parameters become plain ``nn.
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
@@ -60,9 +59,11 @@ def _tensors(args: tuple, kwargs: dict):
 
 
 def _check(param: torch.Tensor, storage: GroupStorage, name: str) -> None:
+    if storage.claimed:  # inside a use (every operation of a forward): nothing more to look at
+        return
     with torch._C.DisableTorchFunctionSubclass():
         own = param.untyped_storage()._cdata == storage.tensor.untyped_storage()._cdata
-    if own and not storage.claimed:
+    if own:
         raise OffloadedWeightError(
             f"offload: parameter {name!r} is offloaded: its weights are on the device only while a forward uses "
             "them. Read it inside `with engine.gathered(module):` (fp32 master values; writable=True to edit "
