@@ -371,15 +371,15 @@ def report(a: argparse.Namespace) -> int:
     if not ours:
         raise SystemExit("gpu_scale report: no offload record among the records given")
     gpu = ours[0]["gpu"]
-    first = max((r for r in ours if r["status"] == "ok"), key=lambda r: r["budget_bytes"], default=ours[0])
-    peer_ok = [r for r in peers if r["status"] == "ok" and r.get("budget_bytes") == first["budget_bytes"]]
-    best_peer = max(peer_ok, key=lambda r: r["tokens_per_s"], default=None)
+    # the headline: the largest model at the largest budget
+    first = max((r for r in ours if r["status"] == "ok"), key=lambda r: (r.get("params", 0), r["budget_bytes"]),
+                default=ours[0])
+    pair = _deepspeed_pair(ours, peers)
     summary = {
         "bench": "gpu_scale", "gpu": gpu, "date": first["date"], "commit": first["commit"],
         "params": first.get("params"), "budget_bytes": first["budget_bytes"],
         "tokens_per_s": first.get("tokens_per_s"), "mfu": first.get("mfu"),
-        "vs_deepspeed": (first["tokens_per_s"] / best_peer["tokens_per_s"]
-                         if best_peer and first.get("tokens_per_s") else None),
+        "vs_deepspeed": pair and pair["ratio"], "vs_deepspeed_at": pair,
         "loss_vs_torch": _loss_vs_reference(ours, reference),
         "command": a.command, "runs": records,
     }
@@ -392,6 +392,18 @@ def report(a: argparse.Namespace) -> int:
     print(markdown(summary))
     print(f"gpu_scale report: {stem}.json and .md", file=sys.stderr)
     return 0
+
+
+def _deepspeed_pair(ours: list[dict], peers: list[dict]) -> dict | None:
+    """offload's tokens/s over DeepSpeed's, for the largest model both ran with the same budget and tokens per
+    step (DeepSpeed may not hold the largest model's state in the host's RAM at all: its record says so)."""
+    pairs = [(o, p) for o in ours for p in peers if o["status"] == "ok" and p["status"] == "ok"
+             and all(o.get(k) == p.get(k) for k in ("params", "budget_bytes", "tokens_per_step"))]
+    if not pairs:
+        return None
+    o, p = max(pairs, key=lambda pair: (pair[0]["params"], pair[1]["tokens_per_s"]))
+    return {"ratio": o["tokens_per_s"] / p["tokens_per_s"], "params": o["params"], "budget_bytes": o["budget_bytes"],
+            "offload": o["label"], "deepspeed": f"{p['runner']} {p['label']}"}
 
 
 def _loss_vs_reference(ours: list[dict], reference: dict | None) -> dict | None:
@@ -407,22 +419,24 @@ def _loss_vs_reference(ours: list[dict], reference: dict | None) -> dict | None:
 def markdown(s: dict) -> str:
     lines = [f"# {s['params'] / 1e9:.2f}B Llama on one {s['gpu']} under a GPU memory budget",
              "", f"{s['date']}, commit {s['commit']}. Command: `{s['command']}`", "",
-             "| runner | budget GiB | tokens/step | s/step (median) | tokens/s | MFU | loss first -> last | "
+             "| runner, label | params | budget GiB | tokens/step | s/step (median) | tokens/s | MFU | loss first -> last | "
              "GPU peak GiB (alloc / reserved) | peak RSS GiB | NVMe GB/step (r+w) | status |",
-             "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|"]
+             "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|"]
     for r in s["runs"]:
         ok = r["status"] == "ok"
         per = r.get("per_step", {})
         nvme = (f"{per.get('nvme_bytes_read', 0) / 1e9:.1f}+{per.get('nvme_bytes_written', 0) / 1e9:.1f}"
                 if ok and "nvme_bytes_read" in per else "-")
         lines.append(
-            f"| {r['runner']} | {_gib(r['budget_bytes'])} | {r.get('tokens_per_step', '-')} | "
+            f"| {r['runner']} {r['label']} | {r.get('params', 0) / 1e9:.2f}B | {_gib(r['budget_bytes'])} | {r.get('tokens_per_step', '-')} | "
             + (f"{r['step_s_median']:.2f} | {r['tokens_per_s']:.0f} | {r['mfu'] * 100:.1f}% | "
                f"{r['loss_first']:.3f} -> {r['loss_last']:.3f} | " if ok else "- | - | - | - | ")
             + f"{_gib(r.get('gpu_peak_allocated_bytes'))} / {_gib(r.get('gpu_peak_reserved_bytes'))} | "
             f"{_gib(r.get('peak_rss_bytes'))} | {nvme} | {r['status']}{': ' + r['error'] if r.get('error') else ''} |")
-    lines += ["", "vs DeepSpeed (tokens/s at the largest budget): "
-              + (f"{s['vs_deepspeed']:.2f}x" if s["vs_deepspeed"] else "no DeepSpeed run completed"), ""]
+    at = s.get("vs_deepspeed_at")
+    lines += ["", "vs DeepSpeed (offload's tokens/s over DeepSpeed's, same model, budget and tokens per step): "
+              + (f"{at['ratio']:.2f}x at {at['params'] / 1e9:.2f}B, {_gib(at['budget_bytes'])} GiB ({at['offload']} "
+                 f"against {at['deepspeed']})" if at else "no pair of completed runs"), ""]
     if s.get("loss_vs_torch") is not None:
         lines += ["Step losses against plain torch on the whole card (same weights, batches and schedule), largest "
                   "relative difference: " + (", ".join(f"{k} {v:.2e}" for k, v in s["loss_vs_torch"].items())
@@ -430,7 +444,7 @@ def markdown(s: dict) -> str:
     for r in s["runs"]:
         if r["status"] != "ok":
             continue
-        lines.append(f"**{r['runner']} {_gib(r['budget_bytes'])} GiB**: matmul {r['matmul_tflops']:.1f} TFLOP/s "
+        lines.append(f"**{r['runner']} {r['params'] / 1e9:.2f}B, {_gib(r['budget_bytes'])} GiB**: matmul {r['matmul_tflops']:.1f} TFLOP/s "
                      f"measured; model {r['model_tflops']:.1f} TFLOP/s; micro-batch {r['micro_batch']}x{r['seq']}, "
                      f"accumulation {r['accum']}")
         per = ", ".join(f"{k} {v / 1e9:.2f} GB" if k.endswith("bytes") or "bytes_" in k else f"{k} {v:.2f} s"

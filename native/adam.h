@@ -77,6 +77,33 @@ void adam_range(const AdamSpan& span, std::size_t begin, std::size_t end, const 
 }
 #endif
 
+// Gradient accumulation (Note [sum of squares in a fixed order] in adam_kernel.inc): blocks
+// [first_block, end_block) of kAccumulateBlock elements of an `numel`-element range get accum = [accum +] grad
+// (`grad` holds GradDtype elements), and block b's sum of squares of the result goes to sums[b].
+constexpr std::size_t kAccumulateBlock = 1024;
+using AccumulateRangeFn = void (*)(float* accum, const void* grad, std::size_t numel, std::size_t first_block,
+                                   std::size_t end_block, double* sums, GradDtype grad_dtype, bool overwrite);
+
+namespace scalar {
+void accumulate_range(float* accum, const void* grad, std::size_t numel, std::size_t first_block,
+                      std::size_t end_block, double* sums, GradDtype grad_dtype, bool overwrite);
+}
+#if defined(OFFLOAD_HAVE_X86_VARIANTS)
+namespace avx2 {
+void accumulate_range(float* accum, const void* grad, std::size_t numel, std::size_t first_block,
+                      std::size_t end_block, double* sums, GradDtype grad_dtype, bool overwrite);
+}
+namespace avx512 {
+void accumulate_range(float* accum, const void* grad, std::size_t numel, std::size_t first_block,
+                      std::size_t end_block, double* sums, GradDtype grad_dtype, bool overwrite);
+}
+#endif
+
+// accum (fp32, `numel` elements) = grad if `overwrite`, else accum + grad, split across the thread pool;
+// returns the sum of squares of the new accum, the same bits for every variant and thread count. Blocking; the
+// caller releases the GIL. The buffers must not overlap.
+double accumulate_grad(float* accum, const void* grad, std::size_t numel, GradDtype grad_dtype, bool overwrite);
+
 // Runs one Adam step over `nspans` spans, split across the thread pool. Blocking; the caller releases the
 // GIL. All spans share `grad_dtype`, `lowp_dtype` and the hyper-parameters.
 void adam_step(const AdamSpan* spans, std::size_t nspans, const AdamHyper& hyper, GradDtype grad_dtype,

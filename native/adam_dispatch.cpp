@@ -131,7 +131,71 @@ std::size_t chunk_size(std::size_t total, int nparts) {
   return std::clamp(rounded, kMinChunk, kMaxChunk);
 }
 
+AccumulateRangeFn accumulate_kernel_for(SimdVariant variant) {
+  switch (variant) {
+#if defined(OFFLOAD_HAVE_X86_VARIANTS)
+    case SimdVariant::kAvx512: return &avx512::accumulate_range;
+    case SimdVariant::kAvx2: return &avx2::accumulate_range;
+#endif
+    default: return &scalar::accumulate_range;
+  }
+}
+
+// Blocks per chunk of an accumulation (64 Ki elements: 256 KiB of fp32), taken as they come as in Adam.
+constexpr std::size_t kAccumulateChunkBlocks = 64;
+
+struct AccumulateJob {
+  float* accum;
+  const void* grad;
+  std::size_t numel;
+  std::size_t nblocks;
+  double* block_sums;  // one per block, added in block order by the caller (Note [sum of squares in a fixed order])
+  AccumulateRangeFn kernel;
+  GradDtype grad_dtype;
+  bool overwrite;
+  unsigned floating_point_mode;
+  std::atomic<std::size_t> next_chunk{0};  // relaxed: it only hands out disjoint chunks (as StepJob's)
+};
+
+void run_accumulate_part(void* ctx, int part) noexcept {
+  auto& job = *static_cast<AccumulateJob*>(ctx);
+#if defined(OFFLOAD_HAVE_MXCSR)
+  if (part != 0) _mm_setcsr(job.floating_point_mode);  // as run_part: the caller's FTZ/DAZ everywhere
+#endif
+  for (;;) {
+    const std::size_t first = job.next_chunk.fetch_add(1, std::memory_order_relaxed) * kAccumulateChunkBlocks;
+    if (first >= job.nblocks) return;
+    job.kernel(job.accum, job.grad, job.numel, first, std::min(job.nblocks, first + kAccumulateChunkBlocks),
+               job.block_sums, job.grad_dtype, job.overwrite);
+  }
+}
+
 }  // namespace
+
+double accumulate_grad(float* accum, const void* grad, std::size_t numel, GradDtype grad_dtype, bool overwrite) {
+  if (numel == 0) return 0.0;
+  const std::size_t nblocks = (numel + kAccumulateBlock - 1) / kAccumulateBlock;
+  std::vector<double> block_sums(nblocks, 0.0);  // once per call, never inside the element loop
+  AccumulateJob job{accum, grad, numel, nblocks, block_sums.data(), accumulate_kernel_for(active_simd_variant()),
+                    grad_dtype, overwrite, 0};
+#if defined(OFFLOAD_HAVE_MXCSR)
+  job.floating_point_mode = _mm_getcsr();
+#endif
+  {
+    std::lock_guard<std::mutex> lock(g_pool_mutex);
+    ThreadPool& pool = pool_locked();
+    const std::size_t useful = std::max<std::size_t>(1, numel / kMinElementsPerThread);
+    const int nparts = static_cast<int>(std::min<std::size_t>(static_cast<std::size_t>(pool.size()), useful));
+    if (nparts == 1) {
+      run_accumulate_part(&job, 0);
+    } else {
+      pool.run(nparts, &run_accumulate_part, &job);
+    }
+  }
+  double sum = 0.0;
+  for (double b : block_sums) sum += b;
+  return sum;
+}
 
 AdamConstants make_adam_constants(const AdamHyper& h) {
   const double step = static_cast<double>(h.step);

@@ -198,6 +198,21 @@ void adam_step_ptrs(const std::vector<std::uintptr_t>& params, const std::vector
   adam_step(spans.data(), spans.size(), hyper, grad_dtype, lowp_dtype);
 }
 
+double accumulate_grad_checked(const Array& accum, const ReadOnlyArray& grad, bool overwrite) {
+  const char* where = "accumulate_grad";
+  require_f32(where, accum, "accum");
+  const GradDtype grad_dtype = grad_dtype_of(where, grad, "grad");
+  std::vector<Buffer> buffers{check_buffer(where, accum, "accum"), check_buffer(where, grad, "grad")};
+  if (buffers[1].numel != buffers[0].numel) {
+    fail(where, "grad", "has " + std::to_string(buffers[1].numel) + " elements but 'accum' has " +
+                            std::to_string(buffers[0].numel));
+  }
+  check_disjoint(where, buffers);
+  nb::gil_scoped_release no_gil;
+  return accumulate_grad(static_cast<float*>(buffers[0].data), buffers[1].data, buffers[0].numel, grad_dtype,
+                         overwrite);
+}
+
 std::vector<std::string> supported_variants() {
   std::vector<std::string> names;
   for (SimdVariant v : {SimdVariant::kScalar, SimdVariant::kAvx2, SimdVariant::kAvx512}) {
@@ -225,6 +240,10 @@ NB_MODULE(_C, m) {
         "numels"_a, "grad_dtype"_a, "lowp_dtype"_a, nb::kw_only(), "step"_a, "lr"_a, "beta1"_a, "beta2"_a, "eps"_a,
         "weight_decay"_a, "adamw"_a = true, "bias_correction"_a = true, "grad_scale"_a = 1.0,
         "Adam/AdamW over many tensors given by address (trusted caller: dtypes and contiguity already checked).");
+
+  m.def("accumulate_grad", &accumulate_grad_checked, "accum"_a, "grad"_a, nb::kw_only(), "overwrite"_a = false,
+        "accum (fp32) = grad if overwrite else accum + grad (grad fp32, bf16 or fp16), in place; returns the sum of "
+        "squares of the new accum (double, the same for every SIMD variant and thread count). Without the GIL.");
 
   m.def("simd_variant", [] { return std::string(simd_variant_name(active_simd_variant())); },
         "The SIMD variant the kernels use now: 'scalar', 'avx2' or 'avx512'.");

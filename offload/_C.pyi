@@ -47,6 +47,12 @@ def adam_step_ptrs(
     it must have checked that every tensor is a contiguous CPU tensor of that dtype with ``numels[i]``
     elements. This call checks counts, null pointers, alignment and overlap between any two buffers."""
 
+def accumulate_grad(accum: Buffer, grad: Buffer, *, overwrite: bool = False) -> float:
+    """``accum`` (fp32) = ``grad`` if ``overwrite`` else ``accum + grad`` (``grad`` fp32, bf16 or fp16, the same
+    number of elements), in place, in one pass over both; returns the sum of squares of the new ``accum`` in
+    double, summed in an order fixed by the element positions (the same bits for every SIMD variant and thread
+    count)."""
+
 def simd_variant() -> str: ...
 def supported_simd_variants() -> list[str]: ...
 def force_simd_variant(name: str) -> None: ...

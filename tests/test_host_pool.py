@@ -1,9 +1,12 @@
 """HostPool: alignment, exact sizes, the budget, reuse, and memory that is really there."""
 
+import errno
+
 import pytest
 import torch
 
 from offload.errors import MemoryBudgetError
+from offload.storage import host_pool
 from offload.storage.host_pool import PAGE, HostPool
 
 MiB = 1 << 20
@@ -90,3 +93,39 @@ def test_buffers_are_page_locked_when_cuda_is_available():
     buf = pool.allocate(3 * MiB + 17, name="pinned")
     assert buf.pinned and buf.tensor.is_pinned()
     pool.close()
+
+
+def test_large_buffers_are_faulted_in_by_slices_in_threads(monkeypatch):
+    monkeypatch.setattr(host_pool, "_POPULATE_SLICE", 1 * MiB)
+    monkeypatch.setattr(host_pool, "_POPULATE_THREADS", 3)
+    calls = []
+    real = host_pool._madvise_populate
+    monkeypatch.setattr(host_pool, "_madvise_populate", lambda address, n: calls.append((address, n)) or real(address, n))
+    pool = HostPool(pin=False)
+    before = rss_bytes()
+    buf = pool.allocate(10 * MiB + 100, name="sliced")
+    assert rss_bytes() - before >= 9 * MiB
+    base = buf.tensor.data_ptr()
+    assert sorted(calls) == [(base + k * MiB, MiB) for k in range(10)] + [(base + 10 * MiB, 4096)]
+    assert int(buf.tensor.sum()) == 0
+    pool.close()
+
+
+@pytest.mark.parametrize("code, error", [(errno.ENOMEM, MemoryBudgetError), (errno.EPERM, OSError)])
+def test_a_failed_fault_in_raises_a_clear_error(monkeypatch, code, error):
+    monkeypatch.setattr(host_pool, "_madvise_populate", lambda address, n: code)
+    pool = HostPool(pin=False)
+    with pytest.raises(error, match="faulting in 8192 bytes of host memory"):
+        pool.allocate(8192, name="refused")
+    assert pool.stats().in_use == 0
+    pool.close()
+
+
+def test_a_kernel_without_populate_write_touches_every_page(monkeypatch):
+    monkeypatch.setattr(host_pool, "_madvise_populate", lambda address, n: errno.EINVAL)
+    pool = HostPool(pin=False)
+    before = rss_bytes()
+    buf = pool.allocate(16 * MiB, name="touched")
+    assert rss_bytes() - before >= 15 * MiB
+    pool.close()
+    del buf

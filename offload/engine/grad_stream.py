@@ -16,12 +16,14 @@ the mean over ranks. The norm is then the norm of each group's shard, summed in 
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from functools import partial
 from typing import Callable, NamedTuple
 
 import torch
 
+from offload import _C
 from offload.engine.grad_reduce import ShardReduced, ShardReducer
 from offload.engine.grad_swap import GradSwap
 from offload.engine.ranks import Ranks
@@ -131,24 +133,39 @@ class GradientStream:
         if self.on_param_done is not None:
             self.on_param_done(group_index, slot_index)
 
-    def _accumulate(self, group_index: int, slot_index: int, grad_host_in: torch.Tensor) -> None:
+    def _accumulate(self, group_index: int, slot_index: int, grad_host_in: torch.Tensor,
+                    staged: bool = False) -> None:
         group = self.groups[group_index]
         slot: Slot = group.slots[slot_index]
         with self.timeline.span("gradients", slot.name):
-            self._add_into(group, slot, group_index, slot_index, grad_host_in)
+            self._add_into(group, slot, group_index, slot_index, grad_host_in, staged)
 
+    # Note [staged additions in one native pass]: a staged gradient (CUDA, a later micro-batch's) is added by
+    # the native kernel, which widens bf16/fp16, adds, stores and sums the squares of the result in one pass over
+    # the two buffers, on the kernel thread pool, without the GIL. torch would take three passes here (it widens
+    # a mixed-dtype operand into a temporary it allocates and faults in, then adds, then a norm pass), on the
+    # thread running autograd: at 7B that was ~6 s per micro-batch during which backward's kernels stopped
+    # being issued (bench/results/gpu-scale-h200-2026-12-04). The norm is that of the same fp32 sum, summed in
+    # double in a fixed order (Note [sum of squares in a fixed order] in native/adam_kernel.inc): it agrees with
+    # torch's fp32 ``vector_norm`` to fp32 rounding, as the device-reduced first norms do (Note [first gradient
+    # on CUDA]). The CPU device keeps torch's operations, whose norms match ``clip_grad_norm_`` bit for bit.
     def _add_into(self, group: FlatGroup, slot: Slot, group_index: int, slot_index: int,
-                  grad_host_in: torch.Tensor) -> None:
+                  grad_host_in: torch.Tensor, staged: bool) -> None:
         flat = self.grad_hosts[group_index]
         if flat is None:
             flat = self.grad_swap.accumulator(group_index, holds_data=any(self.received[group_index]))
         accum = group.view(flat, slot)
-        if self.received[group_index][slot_index]:
-            accum.add_(grad_host_in)
+        received = self.received[group_index][slot_index]
+        if staged:
+            sum_of_squares = _C.accumulate_grad(accum, grad_host_in, overwrite=not received)
+            self.norms[group_index][slot_index] = torch.tensor(math.sqrt(sum_of_squares), dtype=torch.float32)
         else:
-            accum.copy_(grad_host_in)
-            self.received[group_index][slot_index] = True
-        self.norms[group_index][slot_index] = torch.linalg.vector_norm(accum)  # the sum's, read while cached
+            if received:
+                accum.add_(grad_host_in)
+            else:
+                accum.copy_(grad_host_in)
+            self.norms[group_index][slot_index] = torch.linalg.vector_norm(accum)  # the sum's, read while cached
+        self.received[group_index][slot_index] = True
         if self.grad_hosts[group_index] is None:
             self.grad_swap.arrived(group_index, slot_index)
 
@@ -241,7 +258,7 @@ class GradientStream:
     def _drain_one(self) -> None:
         copy = self._pending.popleft()
         copy.done.synchronize()
-        self._accumulate(copy.group_index, copy.slot_index, copy.staging)
+        self._accumulate(copy.group_index, copy.slot_index, copy.staging, staged=True)
         self._ring.release_oldest()
 
     def finish(self) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import mmap
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -70,14 +73,48 @@ class _Mapping:
             self.pinned = False
 
 
+# Note [faulting in with several threads]: faulting in a buffer is the kernel zeroing its pages, which one thread
+# does at ~3 GB/s (an H200 host, bench/results/gpu-scale-h200-2026-12-04): a 7B model's ~100 GB of state took
+# ~35 s of its start-up. Slices of one mapping are independent, so large buffers are populated by several
+# threads, each with one MADV_POPULATE_WRITE over its slice. The call goes through ctypes (which releases the
+# GIL during a foreign call), not mmap.madvise (which holds it). Slices start on huge-page boundaries, so a
+# slice never splits a 2 MiB page between two threads.
+_POPULATE_SLICE = 256 << 20
+_POPULATE_THREADS = max(1, min(8, len(os.sched_getaffinity(0))))
+_populate_executor: ThreadPoolExecutor | None = None
+_populate_executor_lock = threading.Lock()
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_libc.madvise.restype = ctypes.c_int
+
+
+def _madvise_populate(address: int, nbytes: int) -> int:
+    """0, or the errno of MADV_POPULATE_WRITE over [address, address + nbytes)."""
+    return 0 if _libc.madvise(address, nbytes, _MADV_POPULATE_WRITE) == 0 else ctypes.get_errno()
+
+
+def _populate_slices(address: int, nbytes: int) -> list[int]:
+    slices = [(start, min(_POPULATE_SLICE, nbytes - start)) for start in range(0, nbytes, _POPULATE_SLICE)]
+    if len(slices) == 1 or _POPULATE_THREADS == 1:
+        return [_madvise_populate(address, nbytes)]
+    global _populate_executor
+    with _populate_executor_lock:
+        if _populate_executor is None:
+            _populate_executor = ThreadPoolExecutor(_POPULATE_THREADS, thread_name_prefix="offload-populate")
+        executor = _populate_executor
+    return list(executor.map(lambda piece: _madvise_populate(address + piece[0], piece[1]), slices))
+
+
 def _populate(mapping: mmap.mmap, tensor: torch.Tensor) -> None:
-    try:
-        mapping.madvise(_MADV_POPULATE_WRITE)
-    except OSError as e:
-        if e.errno == errno.ENOMEM:
-            raise MemoryBudgetError(f"faulting in {len(mapping)} bytes of host memory (the machine is out of "
-                                    "memory)", len(mapping), 0, "host_memory_limit") from None
-        tensor[::PAGE].zero_()  # a kernel without MADV_POPULATE_WRITE: touch one byte per page
+    errors = _populate_slices(tensor.data_ptr(), len(mapping))
+    if errno.ENOMEM in errors:
+        raise MemoryBudgetError(f"faulting in {len(mapping)} bytes of host memory (the machine is out of "
+                                "memory)", len(mapping), 0, "host_memory_limit")
+    if errno.EINVAL in errors:  # a kernel without MADV_POPULATE_WRITE (before 5.14): touch one byte per page
+        tensor[::PAGE].zero_()
+    elif any(errors):
+        code = next(e for e in errors if e)
+        raise OSError(code, f"offload: faulting in {len(mapping)} bytes of host memory: {os.strerror(code)}")
 
 
 def _cuda_host_register(tensor: torch.Tensor) -> None:
