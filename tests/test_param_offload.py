@@ -277,6 +277,37 @@ def test_the_model_works_after_close_and_frozen_bytes_count_against_the_limit(tm
     assert torch.equal(after, during)
 
 
+@pytest.mark.parametrize("params", ["cpu", "nvme"])
+def test_weights_that_do_not_fit_the_device_at_close_come_back_in_host_memory(params, tmp_path, monkeypatch):
+    """close(): when bringing the whole model to the device runs out of device memory (a 7B under a 12 GiB
+    budget did), the weights come back in host memory, one group at a time, instead of becoming meta tensors."""
+    from offload.schedule.offloaded_params import OffloadedParams
+
+    materialize = OffloadedParams.materialize
+
+    def device_full(self):  # fetches half the groups, then the device is full
+        for g in range(len(self.groups) // 2):
+            self.start_fetch(g, wait_for_update=True, force=True)
+            self.ensure_resident(g)
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    model = llama()
+    prompt = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(2))
+    config = offload.Config(device="cpu", dtype="fp32", params=params, nvme_dir=tmp_path,
+                            device_memory_limit=param_bytes(model, 4) // 3)
+    with offload.Engine(model, config, lr=LR) as engine:
+        engine.backward(engine(input_ids=prompt, labels=prompt).loss)
+        engine.step()
+        with torch.no_grad():
+            during = engine(input_ids=prompt).logits
+        monkeypatch.setattr(OffloadedParams, "materialize", device_full)
+    monkeypatch.setattr(OffloadedParams, "materialize", materialize)
+    assert all(p.device.type == "cpu" and type(p) is torch.nn.Parameter for p in model.parameters())
+    with torch.no_grad():
+        after = model(input_ids=prompt).logits
+    assert torch.equal(after, during)
+
+
 @pytest.mark.parametrize("params", ["device", "nvme"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_state_moves_in_chunks_with_the_same_result(params, dtype, tmp_path, monkeypatch):

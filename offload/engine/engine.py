@@ -383,15 +383,24 @@ class Engine(EngineConstruction, UpdateRunner, EngineInspection):
         afterwards. Idempotent. With offloaded parameters, ``keep_weights`` decides whether their current
         weights go back into the model (which then works on its own) or the parameters become meta tensors
         (no memory; save or export first). The default keeps them unless that would exceed
-        ``host_memory_limit`` (a model larger than the host budget is never brought into RAM whole). With
+        ``host_memory_limit`` (a model larger than the host budget is never brought into RAM whole). Kept
+        weights go to the device when the model fits ``device_memory_limit`` and the device's free memory,
+        else into host memory. With
         several ranks and offloaded parameters, keeping the weights gathers them: every rank must call it (an
         engine of several ranks dropped without ``close()`` leaves meta tensors)."""
         if self._closed:
             return
         if isinstance(self.weights, OffloadedParams):
             limit = self.config.host_memory_limit
-            fits = limit is None or sum(g.numel for g in self.groups) * self._lowp_bytes <= limit
+            model_bytes = sum(g.numel for g in self.groups) * self._lowp_bytes
+            fits = limit is None or model_bytes <= limit
             self._res.keep_weights = fits if keep_weights is None else keep_weights
+            device_limit = self.weights.device_limit
+            if self._res.keep_weights and self.device.type != "cpu" and device_limit is not None \
+                    and model_bytes > device_limit:
+                # the parameters were offloaded because the model exceeds the device's share for them: back in
+                # host memory (Note [weights back on the host], resources.py)
+                self._res.keep_weights = "host"
             if not self._res.keep_weights and keep_weights is None:
                 log.warning("offload: closing without bringing the weights back into the model: they exceed "
                             "host_memory_limit; its offloaded parameters are now meta tensors")

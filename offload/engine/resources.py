@@ -35,26 +35,39 @@ class EngineResources:
         self.inflight: BackgroundStep | None = None  # an overlapped optimizer step still running
         self.stepper = None  # GroupStepper: its state reads begun for the next step end before staging is freed
         self.grad_swap: GradSwap | None = None
-        self.keep_weights = True  # close(): offloaded weights go back into the model (else: meta tensors)
+        # close(): offloaded weights go back into the model: True (on the device, else in host memory if the
+        # device is full), "host" (in host memory), False (the parameters become meta tensors)
+        self.keep_weights: bool | str = True
 
     def _restore_model(self) -> None:
         """Offloaded parameters get their weights back in real storage: the model works without the engine.
         Unless ``keep_weights`` is False: they then become meta tensors (shapes only, no memory)."""
+        host_copies = None
         if self.keep_weights:
             try:
-                self.weights.materialize()
-                return
+                if self.keep_weights != "host":
+                    try:
+                        self.weights.materialize()
+                        return
+                    except torch.OutOfMemoryError:
+                        # Note [weights back on the host]: the whole model does not fit the device next to what
+                        # the program holds there; the device copies made so far go, and the weights come
+                        # back in host memory instead, one group at a time through the device
+                        self.weights.release_all()
+                        log.warning("offload: the model's weights do not fit the device; they go back into "
+                                    "the model in host memory (model.to(device) moves them)")
+                host_copies = self.weights.copy_to_host()
             except Exception as e:  # a failed engine may not manage; the model is then unusable, say so
                 log.warning("offload: could not bring the offloaded weights back into the model (%s); its "
                             "offloaded parameters are now meta tensors", e)
         # (never views of released storage: reading those would read freed memory)
         self.weights.release_all()
         self.weights.unguard_parameters()
-        for group in self.weights.groups:
-            for slot in group.slots:
-                torch.utils.swap_tensors(slot.param, nn.Parameter(torch.empty(slot.shape, dtype=slot.param.dtype,
-                                                                              device="meta"),
-                                                                  requires_grad=slot.param.requires_grad))
+        for g, group in enumerate(self.weights.groups):
+            for i, slot in enumerate(group.slots):
+                data = (host_copies[g][i] if host_copies is not None
+                        else torch.empty(slot.shape, dtype=slot.param.dtype, device="meta"))
+                torch.utils.swap_tensors(slot.param, nn.Parameter(data, requires_grad=slot.param.requires_grad))
 
     def release(self) -> None:
         if self.inflight is not None:

@@ -392,6 +392,22 @@ class OffloadedParams(UpdateHandoff, HomeWrites):
             self.ensure_resident(g)
         self.unguard_parameters()
 
+    def copy_to_host(self) -> list[list[torch.Tensor]]:
+        """The current weights of every parameter (per group, per slot) in CPU tensors of their own, brought
+        through the device one group at a time within ``device_memory_limit`` (used when the engine closes and
+        the whole model does not fit the device)."""
+        copies = []
+        for g, group in enumerate(self.groups):
+            resident_before = self.residency[g] is not Residency.RELEASED
+            self.ensure_resident(g)
+            # one copy per group, always a new one (on the CPU device the storage is freed below); the slots are
+            # views of it
+            flat = self.weight_device[g].to("cpu", copy=True)
+            copies.append([group.view(flat, slot) for slot in group.slots])
+            if not resident_before:
+                self.release(g)
+        return copies
+
     def unguard_parameters(self) -> None:
         """The parameters become plain ``nn.Parameter`` again (the engine lets go of them)."""
         for group in self.groups:
