@@ -411,7 +411,7 @@ def _loss_vs_reference(ours: list[dict], reference: dict | None) -> dict | None:
     steps both ran (the reference is plain torch on the whole card, bench/gpu_scale_torch.py)."""
     if reference is None:
         return None
-    same = ("tokens_per_step", "lr", "lr_warmup", "micro_batch", "seq")
+    same = ("params", "tokens_per_step", "lr", "lr_warmup", "micro_batch", "seq")
     return {r["label"]: max(abs(x - y) / abs(y) for x, y in zip(r["losses"], reference["losses"]))
             for r in ours if r["status"] == "ok" and all(r.get(k) == reference.get(k) for k in same)}
 
