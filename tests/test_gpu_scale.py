@@ -71,3 +71,19 @@ def test_a_dry_run_trains_and_reports(tmp_path):
 def test_a_bad_flag_is_refused():
     with pytest.raises(SystemExit):
         gpu_scale.main(["run", *SMALL, "--accum", "0", "--out", "/nonexistent"])
+
+
+def test_the_deepspeed_ratio_pairs_runs_of_the_same_model_budget_and_tokens():
+    def rec(runner, label, params, tokens_per_s, status="ok", budget=24 << 30):
+        return {"runner": runner, "label": label, "params": params, "budget_bytes": budget,
+                "tokens_per_step": 65536, "tokens_per_s": tokens_per_s, "status": status}
+
+    ours = [rec("offload", "7B", 6.7e9, 8800), rec("offload", "3B", 3.5e9, 17000), rec("offload", "3B-12", 3.5e9, 9e3,
+                                                                                      budget=12 << 30)]
+    peers = [rec("deepspeed-zero3", "7B", 6.7e9, 0, status="did not finish (killed)"),
+             rec("deepspeed-zero3", "3B", 3.5e9, 11000), rec("deepspeed-zero3", "3B-12", 3.5e9, 1000, budget=12 << 30)]
+    pair = gpu_scale._deepspeed_pair(ours, peers)
+    # the killed 7B run pairs with nothing; of the 3.5B pairs (each within one budget), DeepSpeed's best run's
+    assert pair["params"] == 3.5e9 and pair["offload"] == "3B" and pair["budget_bytes"] == 24 << 30
+    assert pair["ratio"] == pytest.approx(17000 / 11000)
+    assert gpu_scale._deepspeed_pair(ours[:1], peers) is None
