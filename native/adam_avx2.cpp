@@ -61,7 +61,6 @@ void adam_range(const AdamSpan& span, std::size_t begin, std::size_t end, const 
 
 void accumulate_range(float* accum, const void* grad, std::size_t numel, std::size_t first_block,
                       std::size_t end_block, double* sums, GradDtype grad_dtype, bool overwrite) {
-  static_assert(kSquareBlock == kAccumulateBlock, "adam.h and adam_kernel.inc disagree on the block");
   accumulate_range_impl<Vec>(accum, grad, numel, first_block, end_block, sums, grad_dtype, overwrite);
 }
 

@@ -58,14 +58,47 @@ ThreadPool& pool_locked() {
   return *g_pool;
 }
 
-AdamRangeFn kernel_for(SimdVariant variant) {
+// The entry points of one SIMD variant.
+struct VariantKernels {
+  AdamRangeFn adam;
+  AccumulateRangeFn accumulate;
+};
+
+VariantKernels kernels_for(SimdVariant variant) {
   switch (variant) {
 #if defined(OFFLOAD_HAVE_X86_VARIANTS)
-    case SimdVariant::kAvx512: return &avx512::adam_range;
-    case SimdVariant::kAvx2: return &avx2::adam_range;
+    case SimdVariant::kAvx512: return {&avx512::adam_range, &avx512::accumulate_range};
+    case SimdVariant::kAvx2: return {&avx2::adam_range, &avx2::accumulate_range};
 #endif
-    default: return &scalar::adam_range;
+    default: return {&scalar::adam_range, &scalar::accumulate_range};
   }
+}
+
+// Parts of a parallel loop over `total` elements: the pool's threads, but none with fewer than
+// kMinElementsPerThread elements (waking workers would cost more than it saves).
+int parts_for(std::size_t total, const ThreadPool& pool) {
+  const std::size_t useful = std::max<std::size_t>(1, total / kMinElementsPerThread);
+  return static_cast<int>(std::min<std::size_t>(static_cast<std::size_t>(pool.size()), useful));
+}
+
+// Workers compute in the caller's floating-point mode (torch.set_flush_denormal sets FTZ/DAZ on the calling
+// thread only), so that results do not depend on which thread computed an element: the caller reads it with
+// caller_floating_point_mode(), every part but its own (part 0) adopts it.
+unsigned caller_floating_point_mode() {
+#if defined(OFFLOAD_HAVE_MXCSR)
+  return _mm_getcsr();
+#else
+  return 0;
+#endif
+}
+
+void adopt_floating_point_mode(unsigned mode, int part) {
+#if defined(OFFLOAD_HAVE_MXCSR)
+  if (part != 0) _mm_setcsr(mode);
+#else
+  (void)mode;
+  (void)part;
+#endif
 }
 
 struct StepJob {
@@ -112,11 +145,7 @@ void update_range(const StepJob& job, std::size_t lo, std::size_t hi) noexcept {
 // One part of the pool's loop: takes chunks until none is left (Note [chunks taken as they come]).
 void run_part(void* ctx, int part) noexcept {
   auto& job = *static_cast<StepJob*>(ctx);
-#if defined(OFFLOAD_HAVE_MXCSR)
-  // Workers compute in the caller's floating-point mode (torch.set_flush_denormal sets FTZ/DAZ on the calling
-  // thread only), so that results do not depend on which thread updated an element.
-  if (part != 0) _mm_setcsr(job.floating_point_mode);
-#endif
+  adopt_floating_point_mode(job.floating_point_mode, part);
   for (;;) {
     const std::size_t lo = job.next_chunk.fetch_add(1, std::memory_order_relaxed) * job.chunk;
     if (lo >= job.total) return;
@@ -129,16 +158,6 @@ std::size_t chunk_size(std::size_t total, int nparts) {
   const std::size_t wanted = total / (static_cast<std::size_t>(nparts) * kChunksPerPart);
   const std::size_t rounded = (wanted + kSplitGranule - 1) / kSplitGranule * kSplitGranule;
   return std::clamp(rounded, kMinChunk, kMaxChunk);
-}
-
-AccumulateRangeFn accumulate_kernel_for(SimdVariant variant) {
-  switch (variant) {
-#if defined(OFFLOAD_HAVE_X86_VARIANTS)
-    case SimdVariant::kAvx512: return &avx512::accumulate_range;
-    case SimdVariant::kAvx2: return &avx2::accumulate_range;
-#endif
-    default: return &scalar::accumulate_range;
-  }
 }
 
 // Blocks per chunk of an accumulation (64 Ki elements: 256 KiB of fp32), taken as they come as in Adam.
@@ -159,9 +178,7 @@ struct AccumulateJob {
 
 void run_accumulate_part(void* ctx, int part) noexcept {
   auto& job = *static_cast<AccumulateJob*>(ctx);
-#if defined(OFFLOAD_HAVE_MXCSR)
-  if (part != 0) _mm_setcsr(job.floating_point_mode);  // as run_part: the caller's FTZ/DAZ everywhere
-#endif
+  adopt_floating_point_mode(job.floating_point_mode, part);
   for (;;) {
     const std::size_t first = job.next_chunk.fetch_add(1, std::memory_order_relaxed) * kAccumulateChunkBlocks;
     if (first >= job.nblocks) return;
@@ -176,21 +193,13 @@ double accumulate_grad(float* accum, const void* grad, std::size_t numel, GradDt
   if (numel == 0) return 0.0;
   const std::size_t nblocks = (numel + kAccumulateBlock - 1) / kAccumulateBlock;
   std::vector<double> block_sums(nblocks, 0.0);  // once per call, never inside the element loop
-  AccumulateJob job{accum, grad, numel, nblocks, block_sums.data(), accumulate_kernel_for(active_simd_variant()),
-                    grad_dtype, overwrite, 0};
-#if defined(OFFLOAD_HAVE_MXCSR)
-  job.floating_point_mode = _mm_getcsr();
-#endif
+  AccumulateJob job{accum,      grad,      numel,
+                    nblocks,    block_sums.data(), kernels_for(active_simd_variant()).accumulate,
+                    grad_dtype, overwrite, caller_floating_point_mode()};
   {
     std::lock_guard<std::mutex> lock(g_pool_mutex);
     ThreadPool& pool = pool_locked();
-    const std::size_t useful = std::max<std::size_t>(1, numel / kMinElementsPerThread);
-    const int nparts = static_cast<int>(std::min<std::size_t>(static_cast<std::size_t>(pool.size()), useful));
-    if (nparts == 1) {
-      run_accumulate_part(&job, 0);
-    } else {
-      pool.run(nparts, &run_accumulate_part, &job);
-    }
+    pool.run(parts_for(numel, pool), &run_accumulate_part, &job);
   }
   double sum = 0.0;
   for (double b : block_sums) sum += b;
@@ -222,17 +231,12 @@ void adam_step(const AdamSpan* spans, std::size_t nspans, const AdamHyper& hyper
   const std::size_t total = span_starts[nspans];
   if (total == 0) return;
 
-  unsigned floating_point_mode = 0;
-#if defined(OFFLOAD_HAVE_MXCSR)
-  floating_point_mode = _mm_getcsr();
-#endif
   StepJob job{spans,       nspans,     span_starts.data(), total,
-              1,           kernel_for(active_simd_variant()), make_adam_constants(hyper),
-              hyper.adamw, grad_dtype, lowp_dtype,         floating_point_mode, 0};
+              1,           kernels_for(active_simd_variant()).adam, make_adam_constants(hyper),
+              hyper.adamw, grad_dtype, lowp_dtype,         caller_floating_point_mode(), 0};
   std::lock_guard<std::mutex> lock(g_pool_mutex);
   ThreadPool& pool = pool_locked();
-  const std::size_t useful = std::max<std::size_t>(1, total / kMinElementsPerThread);
-  job.nparts = static_cast<int>(std::min<std::size_t>(static_cast<std::size_t>(pool.size()), useful));
+  job.nparts = parts_for(total, pool);
   job.chunk = job.nparts == 1 ? total : chunk_size(total, job.nparts);
   pool.run(job.nparts, &run_part, &job);
 }
