@@ -10,8 +10,8 @@
 #   half    DeepSpeed ZeRO-3 (params + optimizer in pinned RAM), then offload, on the same job with half the
 #           layers (16: 3.4B parameters): the pair the report's vs_deepspeed comes from. DeepSpeed cannot hold
 #           the 7B's state in a 128 GiB host (fp32 weights, Adam moments and fp32 gradients, 108 GB, plus the
-#           pinned bf16 weights): its 7B run was killed by the out-of-memory killer in its first step
-#           (bench/results/gpu-scale-h200-2026-12-04);
+#           pinned bf16 weights): its 7B run was killed by SIGKILL in its first step, most likely by the
+#           out-of-memory killer (bench/results/gpu-scale-h200-2026-12-04-first);
 #   ours12  offload at a 12 GiB budget: 8x2048 tokens x 4 micro-batches, 1 + 2 timed steps;
 #   ds      DeepSpeed ZeRO-3 on the 7B (only when named);
 # then the report (bench/gpu_scale.py report) over whatever records exist in OUT. DEADLINE_S (default 580)

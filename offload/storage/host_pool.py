@@ -77,8 +77,9 @@ class _Mapping:
 # does at ~3 GB/s (an H200 host, bench/results/gpu-scale-h200-2026-12-04): a 7B model's ~100 GB of state took
 # ~35 s of its start-up. Slices of one mapping are independent, so large buffers are populated by several
 # threads, each with one MADV_POPULATE_WRITE over its slice. The call goes through ctypes (which releases the
-# GIL during a foreign call), not mmap.madvise (which holds it). Slices start on huge-page boundaries, so a
-# slice never splits a 2 MiB page between two threads.
+# GIL during a foreign call), not mmap.madvise (which holds it). Slices are whole multiples of 2 MiB from the
+# mapping's start; where that start is not 2 MiB aligned, two threads may meet in one huge page, which the kernel
+# faults in once.
 _POPULATE_SLICE = 256 << 20
 _POPULATE_THREADS = max(1, min(8, len(os.sched_getaffinity(0))))
 _populate_executor: ThreadPoolExecutor | None = None
