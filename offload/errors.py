@@ -23,12 +23,13 @@ class MemoryBudgetError(MemoryError):
         self.available = available
         self.setting = setting
         super().__init__(
-            f"{what}: needs {_fmt(needed)} but only {_fmt(available)} of the budget is left; "
+            f"{what}: needs {format_bytes(needed)} but only {format_bytes(available)} of the budget is left; "
             f"raise {setting} or place more state on NVMe"
         )
 
 
-def _fmt(nbytes: int) -> str:
+def format_bytes(nbytes: int) -> str:
+    """``nbytes`` in the largest binary unit it reaches, two decimals: "1.50 GiB", "512 B"."""
     for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if nbytes >= size:
             return f"{nbytes / size:.2f} {unit}"

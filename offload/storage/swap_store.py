@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from offload.config import IOConfig
-from offload.errors import ConfigError
+from offload.errors import ConfigError, format_bytes
 from offload.storage.io_engine import DIRECT_ALIGNMENT, IoEngine, IoHandle
 from offload.storage.ownership import PID_FILE, DirectoryOwner, is_abandoned
 
@@ -58,13 +58,6 @@ def clean_stale_runs(root: str | os.PathLike, prefix: str = RUN_PREFIX) -> list[
     return removed
 
 
-def _size(nbytes: int) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.2f} {unit}"
-    return f"{nbytes} B"
-
-
 def _probe_direct(run_dir: Path) -> bool:
     """True if the filesystem of ``run_dir`` accepts O_DIRECT."""
     probe = run_dir / ".direct-probe"
@@ -84,10 +77,11 @@ class SwapStore:
 
     The directory (mode 0700, files 0600) is held by this process through a lock on its ``owner.lock`` (Note
     [ownership by lock]); it is removed by :meth:`close`, on normal interpreter exit, and, if the process was
-    killed, by the next SwapStore on the same root (or ``offload clean ROOT``). Files are preallocated with ``posix_fallocate`` after a free-space check, so running
-    out of disk shows up when the store is set up, with how much was needed and how much is free, not halfway
-    through training. With ``io.direct="auto"`` a filesystem that refuses O_DIRECT (ramfs, tmpfs before 6.6, some overlay
-    filesystems) gets buffered I/O and one warning; ``io.direct=True`` makes that an error.
+    killed, by the next SwapStore on the same root (or ``offload clean ROOT``). Files are preallocated with
+    ``posix_fallocate`` after a free-space check, so running out of disk shows up when the store is set up, with
+    how much was needed and how much is free, not halfway through training. With ``io.direct="auto"`` a
+    filesystem that refuses O_DIRECT (ramfs, tmpfs before 6.6, some overlay filesystems) gets buffered I/O and one
+    warning; ``io.direct=True`` makes that an error.
     """
 
     def __init__(self, root: str | os.PathLike, io: IOConfig | None = None, label: str = "") -> None:
@@ -139,10 +133,10 @@ class SwapStore:
         total = sum(pages.values())
         usage = shutil.disk_usage(self.run_dir)
         if usage.total > 0 and total > usage.free:  # (ramfs reports no size at all: nothing to check against)
-            parts = ", ".join(f"{what} {_size(nbytes)}" for what, nbytes in pages.items())
-            raise OSError(errno.ENOSPC, f"the run needs {_size(total)} of swap files in {self.root} ({parts}) and "
-                          f"{_size(usage.free)} are free; free space, choose another nvme_dir or keep more state "
-                          "in RAM (host_memory_limit)", str(self.root))
+            parts = ", ".join(f"{what} {format_bytes(nbytes)}" for what, nbytes in pages.items())
+            raise OSError(errno.ENOSPC, f"the run needs {format_bytes(total)} of swap files in {self.root} "
+                          f"({parts}) and {format_bytes(usage.free)} are free; free space, choose another nvme_dir "
+                          "or keep more state in RAM (host_memory_limit)", str(self.root))
 
     def create(self, name: str, nbytes: int) -> SwapFile:
         """A new file that holds ``nbytes`` (rounded up to whole 4 KiB pages), preallocated on disk."""
