@@ -109,6 +109,13 @@ def check_job_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     if a.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here (use --device cpu for a dry run)")
     a.label = a.label or f"{a.budget.replace(' ', '')}"
+    from offload.cli.outputs import check_writable_dir
+    from offload.errors import ConfigError
+
+    try:  # now, not after minutes of initialising and training a 7B
+        check_writable_dir("--out", a.out)
+    except ConfigError as e:
+        ap.error(str(e))
 
 
 def lr_at(a: argparse.Namespace, step: int) -> float:

@@ -68,6 +68,15 @@ def test_a_dry_run_trains_and_reports(tmp_path):
     assert report["loss_vs_torch"]["24GiB"] < 1e-3  # fp32 master + bf16 compute against fp32 + autocast
 
 
+def test_an_unwritable_output_directory_is_refused_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_scale.main(["run", *SMALL, "--out", str(blocker / "out")])
+    assert exit_info.value.code == 2
+    assert f"--out: cannot write to {blocker / 'out'}" in capsys.readouterr().err
+
+
 def test_a_bad_flag_is_refused():
     with pytest.raises(SystemExit):
         gpu_scale.main(["run", *SMALL, "--accum", "0", "--out", "/nonexistent"])
