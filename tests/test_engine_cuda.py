@@ -302,3 +302,27 @@ def test_reads_outside_a_use_raise_and_gathered_gives_the_masters_on_cuda(params
                            masters["model.layers.2.mlp.up_proj.weight"] * 0.5)
         engine.backward(loss_of("llama", engine, data[0][0]))  # training goes on with the edited weights
         engine.step()
+
+
+@pytest.mark.parametrize("params", ["cpu", "nvme"])
+def test_close_brings_a_model_larger_than_the_device_limit_back_in_host_memory(params, tmp_path):
+    """The parameters were offloaded because the model exceeds device_memory_limit: close() gives them back in
+    host memory (a 7B under a 12 GiB budget ran out of device memory bringing them to the card)."""
+    pytest.importorskip("transformers")
+    model = tiny_llama(layers=4, tied=False)
+    limit = sum(p.numel() for p in model.parameters()) * 2 // 3  # bf16 bytes of a third of the model
+    config = offload.Config(device="cuda", dtype="bf16", params=params, nvme_dir=tmp_path,
+                            device_memory_limit=limit)
+    prompt = batches("llama", 1, 1)[0][0]
+    with offload.Engine(model, config, lr=LR) as engine:
+        engine.backward(loss_of("llama", engine, prompt))
+        engine.step()
+        with torch.no_grad():
+            during = engine(input_ids=prompt["input_ids"]).logits.cpu()
+        masters = engine.state_dict()
+    assert all(p.device.type == "cpu" and type(p) is nn.Parameter for p in model.parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), masters[name].to(p.dtype)), name
+    with torch.no_grad():
+        after = model.cuda()(input_ids=prompt["input_ids"].cuda()).logits.cpu()
+    torch.testing.assert_close(after, during)  # the same weights; cuBLAS may pick other kernels outside the engine
