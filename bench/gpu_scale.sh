@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The 7B measurement on a freshly lent GPU machine (no network, minutes of device time). Parts, in the order given
 # (default: all, in this order), each in a process of its own (the host cannot hold two 7B optimizer states):
-#   tests   the GPU tests of backward_step (bit-exact with backward(); step(), accumulation included) and of
+#   tests   the GPU tests of backward_step (bit-exact with backward(); step(), accumulation included), of close()
+#           on a model larger than the device limit, and of
 #           reads outside a use and engine.gathered() on CUDA;
 #   ours24  offload at a 24 GiB budget: 16x2048 tokens x 2 micro-batches per step, 1 + 10 timed steps
 #           (on a device out-of-memory error: again with 8 sequences x 4 micro-batches);
@@ -80,7 +81,7 @@ for part in $parts; do
             --micro-batch 16 --accum 2 --steps 4 --out "$out" $lr_args ${EXTRA_ARGS:-} 2>&1 \
             | grep -v -E "Warning|warnings.warn" | tee -a "$out/log.txt" ;;
     tests)
-        timeout 150 python3 -m pytest -q -m gpu tests/test_engine_cuda.py -k "backward_step or reads_outside" -p no:cacheprovider \
+        timeout 150 python3 -m pytest -q -m gpu tests/test_engine_cuda.py -k "backward_step or reads_outside or close_brings" -p no:cacheprovider \
             2>&1 | tail -5 | tee -a "$out/log.txt" ;;
     *) echo "gpu_scale.sh: unknown part $part (tests, ours24, torch, half, ours12, ds)"; exit 2 ;;
     esac
