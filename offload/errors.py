@@ -7,6 +7,19 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the accepted values."""
 
 
+class OutputExistsError(ConfigError):
+    """An output directory exists and is not empty, and replacing it was not asked for; the message names it
+    and how to replace it."""
+
+    def __init__(self, path: object) -> None:
+        self.path = path
+        super().__init__(f"{path} exists and is not empty; pass overwrite=True (offload train: --overwrite) to "
+                         "replace it")
+
+    def __reduce__(self) -> tuple:  # (pickled to other ranks: rebuilt from the path, not from the message)
+        return type(self), (self.path,)
+
+
 class UnknownConfigKey(ConfigError, TypeError):
     """A keyword or TOML key that names no field; the message suggests the closest one. Also a TypeError, which
     is what Python raises for an unexpected keyword argument."""

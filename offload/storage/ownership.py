@@ -88,7 +88,7 @@ def is_abandoned(directory: str | os.PathLike) -> DirectoryOwner | None:
         number = int(pid.split()[0])
     except ValueError:
         return None
-    if number == os.getpid() or _pid_alive(number):
+    if number == os.getpid() or pid_alive(number):
         return None
     try:
         return DirectoryOwner.claim(directory)
@@ -137,7 +137,8 @@ def _read_pid(directory: Path) -> str | None:
         return None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (on this machine; a process of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
