@@ -107,6 +107,7 @@ _PLACEMENTS_OPTIMIZER = ("cpu", "nvme")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 _PREFETCH_MAX = 64
+TRAIN_TABLE = "train"  # the table of a config file that holds `offload train`'s settings, not Config fields
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -187,7 +188,8 @@ class Config:
     def from_file(cls, path: str | os.PathLike) -> Config:
         """Reads a TOML file: top-level keys are Config fields, an optional ``[io]`` table holds IOConfig fields.
 
-        Fields not in the file take their defaults. A missing or unreadable file raises ``OSError`` with the
+        Fields not in the file take their defaults; a ``[train]`` table (``offload train``'s settings) is left
+        to the command that reads it. A missing or unreadable file raises ``OSError`` with the
         path; invalid TOML, unknown keys and bad values raise ``ConfigError`` prefixed with the path.
         """
         path = os.fspath(path)
@@ -196,6 +198,7 @@ class Config:
                 data = tomllib.load(f)
             except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
                 raise ConfigError(f"{path}: not valid TOML: {_one_line(e)}") from None
+        data.pop(TRAIN_TABLE, None)  # the settings of `offload train`'s job, which reads that table itself
         try:
             _check_keys("", data, [f.name for f in dataclasses.fields(cls)])
             return cls(**data)

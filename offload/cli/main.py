@@ -15,6 +15,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
                "  offload train                          # the main job: a small model, everything offloaded\n"
+               "  offload train --model DIR --data train.jsonl --output tuned/   # fine-tune a HF model\n"
                "  offload estimate --model 7B            # what a model needs, and which placement fits\n"
                "  offload tune --dir /nvme/offload       # measure the swap directory, write offload.toml\n"
                "  offload bench step --help              # the benchmarks: adam, io, step, gpu, e2e\n"
@@ -49,10 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         epilog="example:\n  offload export runs/ckpt --out runs/exported")
     export.add_argument("checkpoint", metavar="CKPT", help="the checkpoint directory (what engine.save wrote)")
     export.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
-    train = sub.add_parser("train", help="the main job: train a causal LM with its state offloaded (try it first)",
-                           description="Trains a Llama-style causal LM (random init, byte-level tokens) with parameters "
-                                       "and optimizer state offloaded, showing loss, tokens/s, where the time goes, "
-                                       "host RAM and bytes moved.")
+    train = sub.add_parser("train", help="the main job: fine-tune a model with its state offloaded (try it first)",
+                           description="Fine-tunes a Hugging Face model directory on your data (text, prompt/"
+                                       "completion or chat JSONL, parquet, datasets directories) with parameters and "
+                                       "optimizer state offloaded, and writes a Hugging Face model directory; with no "
+                                       "arguments, trains a tiny Llama from scratch on text shipped with offload. "
+                                       "Shows loss, tokens/s, where the time goes, host RAM and bytes moved.")
     from offload.cli.train import add_arguments
 
     add_arguments(train)

@@ -1,11 +1,10 @@
-"""What `offload train` trains on: model presets, the byte-level data, and the config the flags describe."""
+"""What `offload train` builds: the model presets (byte-level tokens) and the engine config the flags describe."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import tomllib
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -53,31 +52,6 @@ def build_model(spec: str, seq_len: int, seed: int) -> torch.nn.Module:
 
         return LlamaForCausalLM(config)
     return AutoModelForCausalLM.from_config(config)
-
-
-def load_text(path: str | None) -> tuple[torch.Tensor, str]:
-    """The training bytes as int64 token ids, and where they came from (the text shipped with offload when
-    ``path`` is None)."""
-    if path is None:
-        data = resources.files("offload.data").joinpath("corpus.txt").read_bytes()
-        where = "the text shipped with offload (7 KB)"
-    else:
-        try:
-            data = Path(path).read_bytes()
-        except OSError as e:
-            raise OSError(e.errno, f"--data: cannot read {path}: {e.strerror}", path) from None
-        where = f"{path} ({len(data) / 1e6:.1f} MB)"
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).long(), where
-
-
-def batch_at(tokens: torch.Tensor, step: int, batch: int, seq_len: int, seed: int) -> torch.Tensor:
-    """The batch of step ``step``: ``batch`` random windows of ``seq_len`` tokens, a function of (seed, step)
-    only, so a resumed run sees exactly the batches the uninterrupted run would."""
-    if tokens.numel() < seq_len + 1:
-        raise ConfigError(f"--seq-len: the data has {tokens.numel()} tokens, fewer than seq_len + 1 = {seq_len + 1}")
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    starts = torch.randint(0, tokens.numel() - seq_len, (batch,), generator=generator)
-    return torch.stack([tokens[s:s + seq_len] for s in starts.tolist()])
 
 
 def make_config(args: argparse.Namespace, scratch_dir: str | None) -> Config:

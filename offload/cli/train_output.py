@@ -1,0 +1,71 @@
+"""Saver: what an `offload train` job writes as it goes: checkpoints (``--checkpoint-dir``, to resume exactly)
+and the Hugging Face model directory (``--output``, to use the model), each every N steps and at the end.
+
+The model directory also holds ``offload_run.json``: which model and data it came from, at which step, with
+which settings. It is how a resumed run recognises its own output (which it may replace without --overwrite).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+from offload.cli.launch import Launch
+from offload.cli.model_source import ModelSource
+from offload.cli.train_data import TrainData
+from offload.cli.train_settings import TrainSettings
+from offload.config import parse_bytes
+
+RUN_FILE = "offload_run.json"
+
+
+class Saver:
+    def __init__(self, engine, settings: TrainSettings, source: ModelSource, job: TrainData, launch: Launch,
+                 first: int) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.source = source
+        self.job = job
+        self.launch = launch
+        self.checkpointed = self.written = first  # the step of the last checkpoint / output
+
+    def after_step(self, step: int) -> None:
+        s = self.settings
+        if s.checkpoint_dir and s.checkpoint_every and step % s.checkpoint_every == 0:
+            self.checkpoint(step)
+        if s.output and s.save_every and step % s.save_every == 0:
+            self.output(step)
+
+    def finish(self) -> None:
+        """The end of the run: a checkpoint and the model directory of the last step, unless already written."""
+        step = self.settings.steps
+        if self.settings.checkpoint_dir and self.checkpointed != step:
+            self.checkpoint(step)
+        if self.settings.output and self.written != step:
+            self.output(step)
+
+    def checkpoint(self, step: int) -> None:
+        self.engine.save(self.settings.checkpoint_dir, extra={"step": step, "data": self.job.position()})
+        self.checkpointed = step
+
+    def output(self, step: int) -> None:
+        """Writes --output (atomically replacing the previous one; collective with several ranks)."""
+        import offload
+
+        start = time.perf_counter()
+        s = self.settings
+        dtype = self.source.output_dtype(s.output_dtype)
+        offload.save_pretrained(self.engine, s.output, dtype=dtype, max_shard_size=parse_bytes("--max-shard-size",
+                                                                                               s.max_shard_size),
+                                tokenizer=self.source.tokenizer, generation_config=self.source.generation_config,
+                                overwrite=True, extra_files={RUN_FILE: self._run_record(step)})
+        self.written = step
+        if self.launch.main:
+            print(f"  model written to {s.output} at step {step} ({str(dtype).removeprefix('torch.')}, "
+                  f"{time.perf_counter() - start:.1f} s)", flush=True)
+
+    def _run_record(self, step: int) -> bytes:
+        record = {"step": step, "model": self.source.spec, "data": self.settings.data,
+                  "settings": dataclasses.asdict(self.settings), "data_position": self.job.position()}
+        return (json.dumps(record, indent=2) + "\n").encode()
