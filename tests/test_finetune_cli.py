@@ -311,3 +311,16 @@ def test_tensorboard_gets_the_loss_the_lr_and_the_eval_loss(tmp_path, model_dir,
     assert {"train/loss", "train/lr", "train/grad_norm", "eval/loss", "eval/perplexity"} <= set(scalars)
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
     assert [e.step for e in events.Scalars("eval/loss")] == [0, 3]
+
+
+def test_a_datasets_directory_and_a_parquet_file_train_like_the_jsonl_they_hold(tmp_path, model_dir, data):
+    datasets = pytest.importorskip("datasets", reason="--data DIR / .parquet need the datasets extra")
+    rows = [json.loads(line) for line in data["pc"].read_text().splitlines()]
+    table = datasets.Dataset.from_list(rows)
+    table.save_to_disk(str(tmp_path / "saved"))
+    table.to_parquet(str(tmp_path / "rows.parquet"))
+    flags = ["--model", str(model_dir), "--steps", "3", "--dtype", "fp32", *FAST]
+    runs = {name: _losses(_train(tmp_path, *flags, "--data", str(path)).stdout)
+            for name, path in (("jsonl", data["pc"]), ("saved", tmp_path / "saved"),
+                               ("parquet", tmp_path / "rows.parquet"))}
+    assert runs["saved"] == runs["jsonl"] == runs["parquet"]
