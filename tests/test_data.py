@@ -188,7 +188,7 @@ def test_byte_encoder(tmp_path):
     path = write_jsonl(tmp_path / "b.jsonl", [{"text": "hé"}, {"prompt": "ab", "completion": "c"}])
     text, pair = Encoder(None).encode(list(read_records(path)))
     assert text.ids.tolist() == list("hé".encode()) + [10, 10] and text.trained.all()
-    assert pair.ids.tolist() == [97, 98, 99] and pair.trained.tolist() == [False, False, True]
+    assert pair.ids.tolist() == [97, 98, 99, 10, 10] and pair.trained.tolist() == [False, False, True, True, True]
     assert Encoder(None).fingerprint == "bytes" and Encoder(None).vocab_size == 256
 
 
@@ -293,7 +293,8 @@ def test_progress_logs_a_final_line_with_throughput(tmp_path, caplog):
 
 @pytest.fixture
 def packed_data(tmp_path) -> TokenizedData:
-    """Byte-level prompt/completion pairs: 1250 tokens, 14 of each 25 untrained."""
+    """Byte-level prompt/completion pairs: 1350 tokens, 14 of each 27 untrained (each ends with a trained blank
+    line)."""
     rows = [{"prompt": f"question {i:03d}? ", "completion": f"answer {i:03d}."} for i in range(50)]
     return tokenized(write_jsonl(tmp_path / "pairs.jsonl", rows), Encoder(None), tmp_path, cache=False)
 
@@ -313,8 +314,8 @@ def test_blocks_labels_are_ignored_exactly_where_untrained():
 
 
 def test_blocks_of_prompt_completion_pairs(packed_data):
-    input_ids, labels = PackedBlocks(packed_data, seq_len=25).batch(0, 50, seed=0)
-    expected = packed_data.ids.reshape(50, 25)
+    input_ids, labels = PackedBlocks(packed_data, seq_len=27).batch(0, 50, seed=0)
+    expected = packed_data.ids.reshape(50, 27)
     assert sorted(map(tuple, input_ids.tolist())) == sorted(map(tuple, expected.tolist()))
     assert (labels[:, :14] == -100).all() and torch.equal(labels[:, 14:], input_ids[:, 14:])
 
@@ -323,7 +324,7 @@ def counting_data(num_tokens: int) -> TokenizedData:
     """Token ids 0, 1, 2, ...: a block is known by its first id."""
     return TokenizedData(ids=np.arange(num_tokens, dtype=np.uint32), mask=np.ones(num_tokens, dtype=np.uint8),
                          num_tokens=num_tokens, num_trained=num_tokens, records={"text": 1}, source="counting",
-                         fingerprint="counting", cache_dir=None)
+                         fingerprint="counting", content="counting", cache_dir=None)
 
 
 def test_blocks_are_deterministic_and_cover_each_block_once_per_epoch():
@@ -345,18 +346,19 @@ def test_blocks_are_deterministic_and_cover_each_block_once_per_epoch():
     assert order(1, seed=5, batches=2 * n) == seen[:2 * n], "the order does not depend on the batch size"
     assert order(2 * n + 5, seed=5, batches=1) == seen[:2 * n + 5]  # a batch larger than an epoch
     assert torch.equal(blocks.batch(9, size, 5)[0], PackedBlocks(data, 10).batch(9, size, 5)[0])
-    assert blocks.epoch_of(0, size) == 0.0 and blocks.epoch_of(n, size) == size
 
 
 def test_eval_batches_and_short_data(packed_data, tmp_path):
     blocks = PackedBlocks(packed_data, seq_len=100)
     batches = list(blocks.eval_batches(5))
-    assert [b[0].shape[0] for b in batches] == [5, 5, 2]
+    assert [b[0].shape[0] for b in batches] == [5, 5, 3]
     assert torch.equal(torch.cat([b[0] for b in batches]).flatten(),
-                       torch.from_numpy(np.array(packed_data.ids[:1200], dtype=np.int64)))
-    with pytest.raises(ConfigError, match=rf"^--data: {packed_data.source} has 1,250 tokens, fewer than one "
+                       torch.from_numpy(np.array(packed_data.ids[:1300], dtype=np.int64)))
+    with pytest.raises(ConfigError, match=rf"^--data: {packed_data.source} has 1,350 tokens, fewer than one "
                                           r"sequence of --seq-len 2048$"):
         PackedBlocks(packed_data, 2048)
+    with pytest.raises(ConfigError, match=r"^--eval-data: .* fewer than one sequence"):
+        PackedBlocks(packed_data, 2048, flag="--eval-data")
 
 
 # --- datasets sources ----------------------------------------------------------------------------------------

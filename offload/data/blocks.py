@@ -26,13 +26,14 @@ class PackedBlocks:
     sees exactly the batches of the uninterrupted run, and the same holds whatever the batch size.
     """
 
-    def __init__(self, data: TokenizedData, seq_len: int) -> None:
+    def __init__(self, data: TokenizedData, seq_len: int, flag: str = "--data") -> None:
+        """``flag`` is what an error names as the data's source (``--data``, ``--eval-data``)."""
         if seq_len < 1:
             raise ConfigError(f"--seq-len: must be at least 1, got {seq_len}")
         self.seq_len = seq_len
         self.num_blocks = data.num_tokens // seq_len
         if self.num_blocks < 1:
-            raise ConfigError(f"--data: {data.source} has {data.num_tokens:,} tokens, fewer than one sequence of "
+            raise ConfigError(f"{flag}: {data.source} has {data.num_tokens:,} tokens, fewer than one sequence of "
                               f"--seq-len {seq_len}")
         used = self.num_blocks * seq_len
         # Views of the (memory-mapped) files: nothing is read until a batch gathers its rows.
@@ -53,10 +54,6 @@ class PackedBlocks:
             chosen = epochs == epoch
             blocks[chosen] = self._permutation(seed, epoch)[offsets[chosen]]
         return self._gather(blocks)
-
-    def epoch_of(self, index: int, size: int) -> float:
-        """How many epochs the batches before batch ``index`` of ``size`` cover (0.0 at the start)."""
-        return index * size / self.num_blocks
 
     def eval_batches(self, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Every block once, in order, as (input_ids, labels) batches of ``size`` (the last may be smaller)."""

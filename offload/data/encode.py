@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from offload.data.records import Record, kind_of
+from offload.data.records import KINDS, Record, kind_of
 from offload.errors import ConfigError
 
 log = logging.getLogger("offload")
@@ -80,7 +80,7 @@ class Encoder:
         Raises ConfigError naming the record's "path:line" for a record of no known kind, or a conversation
         this encoder cannot locate the assistant turns of.
         """
-        by_kind: dict[str, list[int]] = {kind: [] for kind in ("text", "prompt_completion", "messages")}
+        by_kind: dict[str, list[int]] = {kind: [] for kind in KINDS}
         for i, record in enumerate(records):
             by_kind[kind_of(record)].append(i)
         out: list[Encoded | None] = [None] * len(records)
@@ -108,7 +108,8 @@ class Encoder:
         prompts = [r.fields["prompt"] for r in records]
         completions = [r.fields["completion"] for r in records]
         if self.tokenizer is None:
-            return [_bytes_example("prompt_completion", p.encode() + c.encode(), len(p.encode()))
+            # the blank line after the completion is trained: it is where a byte-level model learns to stop
+            return [_bytes_example("prompt_completion", p.encode() + c.encode() + BYTE_DOCUMENT_END, len(p.encode()))
                     for p, c in zip(prompts, completions)]
         eos = self._eos()
         end = [] if eos is None else [eos]

@@ -26,6 +26,8 @@ SNIFF_BYTES = 1 << 20
 ROWS_PER_READ = 1000
 
 KINDS = ("text", "prompt_completion", "messages")
+ROLE_FLAGS = {"train": "--data", "eval": "--eval-data"}  # the flag an error about the source names
+ROLE_SPLITS = {"train": ("train",), "eval": ("validation", "test", "eval")}  # of a datasets DatasetDict
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,14 +91,14 @@ def _type_name(value: object) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def txt_mode(path: str | Path) -> str:
+def txt_mode(path: str | Path, flag: str = "--data") -> str:
     """How a ``.txt`` file is cut into documents: "paragraph" when its first MiB holds a blank line between two
     non-blank lines (documents are separated by blank lines), else "line" (each non-empty line is a document).
 
     Note [txt mode]: blank lines only at the start or the end (a trailing "\\n\\n") do not make a file of
     one-line documents into one paragraph; only a blank line *between* text does.
     """
-    with _open_binary(Path(path)) as f:
+    with _open_binary(Path(path), flag) as f:
         head = f.read(SNIFF_BYTES)
     seen_text = seen_gap = False
     for line in head.split(b"\n"):
@@ -120,12 +122,14 @@ class RecordStream(Iterator[Record]):
     ``total``; it advances as records are yielded, for progress reports.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, role: str = "train") -> None:
         self.path = Path(path)
+        self.role = role
+        self.flag = ROLE_FLAGS[role]
         if not self.path.exists():
-            raise OSError(errno.ENOENT, f"--data: no such file or directory: {self.path}", str(self.path))
-        self.format = _format_of(self.path)
-        self.txt_mode = txt_mode(self.path) if self.format == "txt" else None
+            raise OSError(errno.ENOENT, f"{self.flag}: no such file or directory: {self.path}", str(self.path))
+        self.format = _format_of(self.path, self.flag)
+        self.txt_mode = txt_mode(self.path, self.flag) if self.format == "txt" else None
         self.done = 0
         if self.format in ("txt", "jsonl"):
             self.unit, self.total = "B", self.path.stat().st_size
@@ -191,7 +195,7 @@ class RecordStream(Iterator[Record]):
 
     def _decoded_lines(self) -> Iterator[tuple[int, str]]:
         """(1-based line number, line with its newline) for each line; ``done`` counts the bytes consumed."""
-        with _open_binary(self.path) as f:
+        with _open_binary(self.path, self.flag) as f:
             for number, raw in enumerate(f, start=1):
                 self.done += len(raw)
                 try:
@@ -217,7 +221,7 @@ class RecordStream(Iterator[Record]):
         try:
             import datasets
         except ImportError:
-            raise ConfigError(f"--data: reading {self.path} needs the datasets library: "
+            raise ConfigError(f"{self.flag}: reading {self.path} needs the datasets library: "
                               "pip install 'offload[datasets]'") from None
         if self.format == "parquet":
             # Note [parquet without a copy]: Dataset.from_parquet would first convert the whole file into an
@@ -229,31 +233,35 @@ class RecordStream(Iterator[Record]):
             return datasets.load_dataset("parquet", data_files=str(self.path), split="train", streaming=True)
         loaded = datasets.load_from_disk(str(self.path))
         if isinstance(loaded, datasets.DatasetDict):
+            # training reads the "train" split, evaluation the first of "validation", "test", "eval"
             splits = list(loaded)
-            if "train" in loaded:
-                loaded = loaded["train"]
+            wanted = next((name for name in ROLE_SPLITS[self.role] if name in loaded), None)
+            if wanted is not None:
+                loaded = loaded[wanted]
             elif len(splits) == 1:
                 loaded = loaded[splits[0]]
             else:
-                raise ConfigError(f"--data: {self.path} holds the splits {', '.join(splits)} and none is 'train'; "
-                                  f"name one split's directory instead (e.g. {self.path / splits[0]})")
+                raise ConfigError(f"{self.flag}: {self.path} holds the splits {', '.join(splits)} and none is "
+                                  f"{' or '.join(repr(n) for n in ROLE_SPLITS[self.role])}; name one split's "
+                                  f"directory instead (e.g. {self.path / splits[0]})")
         self.total = len(loaded)
         return loaded
 
 
-def read_records(path: str | Path) -> RecordStream:
+def read_records(path: str | Path, role: str = "train") -> RecordStream:
     """The records of the data source at ``path`` (see :class:`RecordStream`), an iterator that streams them.
+    ``role`` ("train" or "eval") names the flag errors mention and the split a dataset dictionary gives.
 
     Raises OSError(ENOENT) when ``path`` does not exist and ConfigError for a format it cannot read.
     """
-    return RecordStream(path)
+    return RecordStream(path, role)
 
 
-def _format_of(path: Path) -> str:
+def _format_of(path: Path, flag: str) -> str:
     if path.is_dir():
         if any((path / marker).is_file() for marker in DATASET_MARKERS):
             return "dataset"
-        raise ConfigError(f"--data: {path} is a directory but not one written by datasets' save_to_disk (it has "
+        raise ConfigError(f"{flag}: {path} is a directory but not one written by datasets' save_to_disk (it has "
                           f"none of {', '.join(DATASET_MARKERS)})")
     suffix = path.suffix.lower()
     if suffix in TEXT_SUFFIXES:
@@ -263,15 +271,15 @@ def _format_of(path: Path) -> str:
     if suffix in PARQUET_SUFFIXES:
         return "parquet"
     accepted = ", ".join(TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES)
-    raise ConfigError(f"--data: {path} has the suffix {suffix or '(none)'!r}; accepted: {accepted}, or a "
+    raise ConfigError(f"{flag}: {path} has the suffix {suffix or '(none)'!r}; accepted: {accepted}, or a "
                       f"directory written by datasets' save_to_disk")
 
 
-def _open_binary(path: Path):
+def _open_binary(path: Path, flag: str):
     try:
         return open(path, "rb")
     except OSError as e:
-        raise OSError(e.errno, f"--data: cannot read {path}: {e.strerror}", str(path)) from None
+        raise OSError(e.errno, f"{flag}: cannot read {path}: {e.strerror}", str(path)) from None
 
 
 def _json_type(value: object) -> str:

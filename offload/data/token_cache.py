@@ -30,7 +30,7 @@ from offload.storage.ownership import pid_alive
 log = logging.getLogger("offload")
 
 # Bump when the files' layout or the encoding rules change: older caches then no longer match.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the meta holds the content hash
 MAGIC = "offload token cache"
 WORK_PREFIX = ".tokenizing-"  # + pid + "-" + random: a run's work directory in the cache directory
 LOG_EVERY_S = 10.0
@@ -59,6 +59,7 @@ class TokenizedData:
     records: dict[str, int]
     source: str
     fingerprint: str
+    content: str  # sha256 of the ids and the mask: what a resumed run compares (Note [content hash])
     cache_dir: Path | None
     from_cache: bool = field(default=False)
 
@@ -71,7 +72,7 @@ class TokenizedData:
 
 
 def tokenize(path: str | Path, encoder: Encoder, cache_dir: Path | None, *, scratch_dir: Path,
-             batch_records: int = 1000, progress: bool = True) -> TokenizedData:
+             batch_records: int = 1000, progress: bool = True, role: str = "train") -> TokenizedData:
     """The tokens of the data source at ``path``, encoded by ``encoder``.
 
     With a writable ``cache_dir`` (created if missing), the files are kept there and reused by a later call with
@@ -84,7 +85,7 @@ def tokenize(path: str | Path, encoder: Encoder, cache_dir: Path | None, *, scra
     Raises what :func:`~offload.data.records.read_records` and :meth:`Encoder.encode` raise, and OSError naming
     the file when writing fails.
     """
-    stream = read_records(path)
+    stream = read_records(path, role)
     size, mtime_ns = _stat_source(stream.path)
     key = cache_key(stream.path, size, mtime_ns, encoder)
     if cache_dir is not None:
@@ -184,6 +185,11 @@ def _write(stream: RecordStream, encoder: Encoder, ids_path: Path, mask_path: Pa
     """Encodes ``stream`` batch by batch into the two files (synced before returning); returns the counts."""
     kinds: Counter[str] = Counter()
     num_tokens = num_trained = 0
+    # Note [content hash]: the cache key names the source by path, size and mtime (cheap to check before
+    # reading anything); what the tokens *are* is this hash of the ids and the mask, taken as they are written.
+    # A resumed run compares it with the one its checkpoint saved: the same tokens in the same order are the
+    # same data, whatever the file is called or when it was touched.
+    ids_hash, mask_hash = hashlib.sha256(), hashlib.sha256()
     report = _Progress(stream, progress, size)
     records = iter(stream)
     try:
@@ -195,6 +201,8 @@ def _write(stream: RecordStream, encoder: Encoder, ids_path: Path, mask_path: Pa
                 mask = np.concatenate([e.trained for e in encoded]).astype(MASK_DTYPE, copy=False)
                 ids_file.write(ids.tobytes())
                 mask_file.write(mask.tobytes())
+                ids_hash.update(ids.tobytes())
+                mask_hash.update(mask.tobytes())
                 kinds.update(e.kind for e in encoded)
                 num_tokens += len(ids)
                 num_trained += int(mask.sum())
@@ -210,7 +218,8 @@ def _write(stream: RecordStream, encoder: Encoder, ids_path: Path, mask_path: Pa
     finally:
         report.close()
     report.finish(num_tokens)
-    return {"num_tokens": num_tokens, "num_trained": num_trained, "records": dict(kinds)}
+    content = hashlib.sha256(ids_hash.digest() + mask_hash.digest()).hexdigest()
+    return {"num_tokens": num_tokens, "num_trained": num_trained, "records": dict(kinds), "content": content}
 
 
 def _batches(records: Iterator[Record], max_records: int) -> Iterator[list[Record]]:
@@ -259,7 +268,7 @@ def _map(ids_path: Path, mask_path: Path, meta: dict, cache_dir: Path | None, fr
         mask_path.unlink()
     return TokenizedData(ids=ids, mask=mask, num_tokens=n, num_trained=meta["num_trained"],
                          records=meta["records"], source=meta["source"], fingerprint=meta["key"],
-                         cache_dir=cache_dir, from_cache=from_cache)
+                         content=meta["content"], cache_dir=cache_dir, from_cache=from_cache)
 
 
 def _remove_stale(cache_dir: Path, meta: dict) -> None:
