@@ -324,3 +324,104 @@ def test_a_datasets_directory_and_a_parquet_file_train_like_the_jsonl_they_hold(
             for name, path in (("jsonl", data["pc"]), ("saved", tmp_path / "saved"),
                                ("parquet", tmp_path / "rows.parquet"))}
     assert runs["saved"] == runs["jsonl"] == runs["parquet"]
+
+
+def test_the_loss_of_a_step_weights_micro_batches_by_their_trained_tokens(tmp_path, model_dir, data):
+    """Prompt/completion micro-batches train different numbers of tokens; one step of 8 sequences and one of
+    2 x 4 accumulated see the same blocks (the batches are a function of the seed and the position), so with
+    the loss a mean over the step's trained tokens their losses and weights agree."""
+    flags = ["--model", str(model_dir), "--data", str(data["pc"]), "--steps", "4", "--dtype", "fp32", "--lr",
+             "1e-3", "--seq-len", "32", "--no-sample", "--log-every", "1", "--params", "cpu", "--optimizer", "cpu"]
+    one = _train(tmp_path, *flags, "--batch", "8", "--output", str(tmp_path / "one"))
+    two = _train(tmp_path, *flags, "--batch", "4", "--grad-accum", "2", "--output", str(tmp_path / "two"))
+    assert _losses(one.stdout) == pytest.approx(_losses(two.stdout), rel=1e-5)
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)
+
+
+def test_metrics_hold_the_schedule_and_a_resumed_run_rewrites_them_as_one_run(tmp_path, model_dir, data):
+    from offload.cli.train_settings import TrainSettings
+
+    flags = ["--model", str(model_dir), "--data", str(data["text"]), "--steps", "6", "--lr", "2e-5",
+             "--warmup-steps", "3", "--checkpoint-every", "3", *FAST]
+    straight = tmp_path / "straight.jsonl"
+    _train(tmp_path, *flags, "--metrics", str(straight), "--checkpoint-dir", str(tmp_path / "a"))
+    records = [json.loads(line) for line in straight.read_text().splitlines()]
+    settings = TrainSettings(steps=6, warmup_steps=3)
+    assert [r["lr"] for r in records] == pytest.approx([settings.learning_rate(s, 2e-5) for s in range(6)],
+                                                       rel=1e-6)  # 2e-5 / 3 at step 1: not rounded away
+    # the same run killed after step 5's record (its checkpoint is step 3's), the last line cut short
+    metrics = tmp_path / "m.jsonl"
+    child = subprocess.Popen([sys.executable, "-m", "offload", "train", *flags, "--metrics", str(metrics),
+                              "--checkpoint-dir", str(tmp_path / "b")], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True, env=dict(os.environ, TMPDIR=str(tmp_path / "tmp")))
+    for line in child.stdout:
+        if line.startswith("step=5 "):
+            child.kill()
+            break
+    child.wait()
+    with open(metrics, "a") as f:
+        f.write('{"step": 6, "lo')
+    _train(tmp_path, *flags, "--metrics", str(metrics), "--checkpoint-dir", str(tmp_path / "b"), "--resume")
+    resumed = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in records]
+
+
+def test_bf16_tied_model_in_bf16_out_sharded_and_evaluated_in_eval_mode(tmp_path, data):
+    """A bf16 model directory with tied embeddings and attention dropout: --output-dtype auto writes bf16,
+    --max-shard-size splits it with an index, the tied weight is stored once, and the eval loss at step 0 is
+    transformers' (dropout off) on the same blocks."""
+    from transformers import AutoModelForCausalLM
+
+    source = tmp_path / "bf16-model"
+    hf_model_dir.make_model_dir(source, dtype="bfloat16", tie=True)
+    config = json.loads((source / "config.json").read_text())
+    config["attention_dropout"] = 0.5
+    (source / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    metrics = tmp_path / "m.jsonl"
+    _train(tmp_path, "--model", str(source), "--data", str(data["text"]), "--eval-data", str(data["eval"]),
+           "--steps", "2", "--dtype", "fp32", "--output", str(out), "--max-shard-size", "100KB", "--metrics",
+           str(metrics), *FAST)
+    files = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(files) > 1 and (out / "model.safetensors.index.json").is_file()
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    weights = _weights(out)
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16} and "lm_head.weight" not in weights
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    evals = [json.loads(line) for line in metrics.read_text().splitlines() if "eval_loss" in line]
+    assert evals[0]["eval_loss"] == pytest.approx(_held_out_loss(source, data["eval"]), rel=1e-4)
+    # --overwrite replaces it
+    _train(tmp_path, "--model", str(source), "--data", str(data["text"]), "--steps", "1", "--output", str(out),
+           "--overwrite", "--output-dtype", "fp32", *FAST)
+    assert {t.dtype for t in _weights(out).values()} == {torch.float32}
+
+
+def test_more_bad_input_is_refused_before_training(tmp_path, model_dir, data):
+    base = ["--model", str(model_dir), "--data", str(data["text"]), "--steps", "2", *FAST]
+
+    def error(*flags: str) -> str:
+        return _one_error(_train(tmp_path, *base, *flags, check=False))
+
+    one_line = tmp_path / "one.jsonl"
+    one_line.write_text(json.dumps({"text": "Short."}) + "\n")
+    assert error("--eval-data", str(one_line)).endswith("fewer than one sequence of --seq-len 32")
+    assert "--eval-data:" in error("--eval-data", str(one_line))
+    assert "--metrics: cannot write" in error("--metrics", str(tmp_path / "missing" / "m.jsonl"))
+    assert "--eval-every: needs --eval-data" in error("--eval-every", "5")
+    assert "overlaps --checkpoint-dir" in error("--output", str(tmp_path / "out"), "--checkpoint-dir",
+                                                str(tmp_path / "out" / "ckpt"))
+    assert "overlaps --model" in error("--output", str(model_dir), "--overwrite")
+    chat_without_answers = tmp_path / "no-answers.jsonl"
+    chat_without_answers.write_text(json.dumps({"messages": [{"role": "user", "content": "Hello there."}]}) + "\n")
+    assert "has no trained tokens" in error("--data", str(chat_without_answers), "--seq-len", "4")
+    assert "--seq-len: 4096 is longer than the model's 512 positions" in error("--seq-len", "4096")
+    # resuming: a checkpoint of other data, or past --steps, is refused before anything is loaded
+    ckpt = tmp_path / "ckpt"
+    _train(tmp_path, *base, "--checkpoint-dir", str(ckpt))
+    assert "trained on other data" in error("--checkpoint-dir", str(ckpt), "--resume", "--data", str(data["pc"]))
+    assert "past --steps 1" in error("--checkpoint-dir", str(ckpt), "--resume", "--steps", "1")
+    assert "batch=4" in error("--checkpoint-dir", str(ckpt), "--resume", "--batch", "2")

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from offload.errors import ConfigError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,19 @@ class Launch:
         total = torch.tensor([value], dtype=torch.float64, device=device)
         dist.all_reduce(total)
         return total.item() / self.world
+
+    # Note [one rank tokenizes]: every rank needs the same token files, and tokenizing is CPU-heavy: rank 0
+    # does it (into the cache when there is one), the others wait at a barrier and then run the same call, which
+    # finds the cache and maps it. Without a cache (scratch space) each rank tokenizes into its own scratch
+    # directory after the barrier: slower, never wrong. A failure on rank 0 is raised there before the barrier;
+    # the other ranks are then stopped by torchrun when rank 0 exits.
+    def first_on_main(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on the main rank first, then on the others (Note [one rank tokenizes])."""
+        if self.world == 1:
+            return fn()
+        result = fn() if self.main else None
+        dist.barrier()
+        return result if self.main else fn()
 
     def stop(self) -> None:
         if self.owns_group and dist.is_initialized():

@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 import torch
 
-from offload.cli.train_setup import PRESETS, VOCAB_BYTES, build_model
+from offload.cli.train_setup import PRESETS, preset_config
+from offload.data.encode import BYTE_VOCAB
 from offload.engine.pretrained import INDEX_FILE, SINGLE_FILE
 from offload.errors import ConfigError
 
@@ -45,19 +46,28 @@ class ModelSource:
     def byte_level(self) -> bool:
         """Whether its tokens are UTF-8 bytes: the presets, a config.json, and a model directory without a
         tokenizer whose vocabulary is exactly the 256 bytes (what ``offload train`` from scratch writes)."""
-        return self.tokenizer is None and (not self.pretrained or getattr(self.config, "vocab_size", 0) == VOCAB_BYTES)
+        return self.tokenizer is None and (not self.pretrained or getattr(self.config, "vocab_size", 0) == BYTE_VOCAB)
 
-    def builder(self, seq_len: int, seed: int) -> Callable[[], torch.nn.Module]:
-        """A function building the model (under ``offload.init_empty``, on the meta device)."""
-        if self.kind == "preset":
-            return lambda: build_model(self.spec, seq_len, seed)
-
+    def builder(self, seed: int) -> Callable[[], torch.nn.Module]:
+        """A function building the model (under ``offload.init_empty``, on the meta device); its random init
+        (what a preset or a config.json trains from) is that of ``seed``."""
         def build() -> torch.nn.Module:
             from transformers import AutoModelForCausalLM
 
             torch.manual_seed(seed)
-            return AutoModelForCausalLM.from_config(self.config)
+            try:
+                return AutoModelForCausalLM.from_config(self.config)
+            except ValueError as e:  # e.g. an encoder-decoder config: not a causal LM
+                raise ConfigError(f"--model: {self.spec}: not a causal language model "
+                                  f"({' '.join(str(e).split())[:200]})") from None
         return build
+
+    def check_seq_len(self, seq_len: int) -> None:
+        """Refuses sequences longer than the model's positions (learned position embeddings would fail)."""
+        limit = getattr(self.config, "max_position_embeddings", None) or getattr(self.config, "n_positions", None)
+        if isinstance(limit, int) and seq_len > limit:
+            raise ConfigError(f"--seq-len: {seq_len} is longer than the model's {limit} positions "
+                              f"(max_position_embeddings in {self.spec}'s config)")
 
     def describe(self) -> str:
         if self.kind == "preset":
@@ -78,22 +88,22 @@ class ModelSource:
         return self.weights_dtype or torch.float32
 
 
-def resolve_model(spec: str | None) -> ModelSource:
-    """The model ``--model`` names (default: the tiny preset). Raises ConfigError with one line naming the
-    flag and what is missing."""
+def resolve_model(spec: str | None, seq_len: int) -> ModelSource:
+    """The model ``--model`` names (default: the tiny preset), for sequences of ``seq_len`` tokens. Raises
+    ConfigError with one line naming the flag and what is missing."""
     try:
         from transformers import AutoConfig
     except ImportError:
         raise ConfigError("--model: offload train needs transformers; pip install 'offload[train]'") from None
     spec = spec or "tiny"
     if spec in PRESETS:
-        return ModelSource("preset", spec, config=None)
+        return ModelSource("preset", spec, config=preset_config(spec, seq_len))
     path = Path(spec)
     if path.is_file():
         config = _read_config(AutoConfig, path)
-        if getattr(config, "vocab_size", 0) < VOCAB_BYTES:
+        if getattr(config, "vocab_size", 0) < BYTE_VOCAB:
             raise ConfigError(f"--model: {path} has vocab_size {getattr(config, 'vocab_size', None)}; the byte-level "
-                              f"data needs at least {VOCAB_BYTES}")
+                              f"data needs at least {BYTE_VOCAB}")
         return ModelSource("config", spec, config=config)
     if path.is_dir():
         return _pretrained(spec, path, AutoConfig)
@@ -168,8 +178,10 @@ def _stored_dtype(file: Path) -> torch.dtype | None:
             header = json.loads(f.read(length))
     except (OSError, ValueError) as e:
         raise ConfigError(f"--model: {file}: not a safetensors file ({_one_line(e)})") from None
+    if not isinstance(header, dict):
+        raise ConfigError(f"--model: {file}: not a safetensors file (its header is not a JSON object)")
     for name, entry in header.items():
-        if name != "__metadata__" and entry.get("dtype") in _SAFETENSORS_DTYPES:
+        if name != "__metadata__" and isinstance(entry, dict) and entry.get("dtype") in _SAFETENSORS_DTYPES:
             return _SAFETENSORS_DTYPES[entry["dtype"]]
     return None
 

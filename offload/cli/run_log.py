@@ -78,8 +78,10 @@ class RunLog:
 
 
 def _plain(value: Any) -> Any:
+    """A number as JSON holds it: floats to 7 significant digits (a warm-up lr of 2e-7 stays 2e-7), and a
+    non-finite float as null (JSON has no NaN; the field keeps its type in every record)."""
     if isinstance(value, float):
-        return round(value, 6) if math.isfinite(value) else str(value)
+        return float(f"{value:.7g}") if math.isfinite(value) else None
     return value
 
 

@@ -7,6 +7,7 @@ names), TrainData (tokenized, packed data), TrainLoop (the steps), Saver (checkp
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -21,13 +22,14 @@ from offload.cli.model_source import ModelSource, resolve_model
 from offload.cli.outputs import check_writable_dir, check_writable_file
 from offload.cli.run_log import RunLog
 from offload.cli.train_data import TrainData
-from offload.cli.train_loop import TrainLoop
-from offload.cli.train_output import RUN_FILE, Saver
+from offload.cli.train_loop import TrainLoop, evaluating
+from offload.cli.train_output import Saver, check_output
 from offload.cli.train_settings import LR_PRETRAINED, LR_RANDOM_INIT, TrainSettings, add_flags
 from offload.cli.train_settings import resolve as resolve_settings
 from offload.cli.train_setup import make_config
-from offload.config import Config, parse_bytes
-from offload.errors import ConfigError
+from offload.checkpoint.directory import CheckpointDir
+from offload.config import Config
+from offload.errors import CheckpointError, ConfigError
 from offload.exit_signals import Terminated, terminate_on_signals
 from offload.storage.ownership import DirectoryOwner
 from offload.storage.swap_store import clean_stale_runs
@@ -74,7 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     resume.add_argument("--resume-if-exists", action="store_true",
                         help="continue from the checkpoint in --checkpoint-dir if there is one, else start at step 0")
     runs.add_argument("--timeline", metavar="FILE", help="write a Chrome trace (chrome://tracing, Perfetto)")
-    runs.add_argument("--no-sample", action="store_true", help="skip the text sample at the end")
+    runs.add_argument("--sample", action=argparse.BooleanOptionalAction, default=None,
+                      help="print a greedy continuation of 'The ' at the end (default: from scratch only; with an "
+                           "offloaded pretrained model each generated token reads every weight)")
 
 
 def _settings(args: argparse.Namespace) -> TrainSettings:
@@ -89,33 +93,22 @@ def _settings(args: argparse.Namespace) -> TrainSettings:
     if args.resume and not _has_checkpoint(settings.checkpoint_dir):
         raise ConfigError(f"--resume: no checkpoint in {settings.checkpoint_dir} (no CURRENT file); drop --resume to "
                           "start at step 0, or use --resume-if-exists")
-    parse_bytes("--max-shard-size", settings.max_shard_size)
     # Outputs are checked now, not when the run has trained for hours (nothing is left behind by the check).
     if settings.checkpoint_dir:
         check_writable_dir("--checkpoint-dir", settings.checkpoint_dir)
     if args.timeline:
         check_writable_file("--timeline", args.timeline)
     if settings.output:
-        _check_output(settings, resuming=args.resume or (args.resume_if_exists and
-                                                         _has_checkpoint(settings.checkpoint_dir)))
+        check_output(settings, args, resuming=_resuming(args, settings))
     RunLog.check(settings.metrics, settings.tensorboard)
     return settings
 
 
-def _check_output(settings: TrainSettings, resuming: bool) -> None:
-    """``--output`` must be new, empty, replaceable (--overwrite) or, when resuming, this job's own output."""
-    out = Path(settings.output)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--output: {out} exists and is not a directory")
-    own = resuming and (out / RUN_FILE).is_file()
-    if out.is_dir() and any(out.iterdir()) and not settings.overwrite and not own:
-        raise ConfigError(f"--output: {out} exists and is not empty; pass --overwrite to replace it")
-    check_writable_dir("--output", out.parent if str(out.parent) else ".")
+def _resuming(args: argparse.Namespace, settings: TrainSettings) -> bool:
+    return bool(args.resume or (args.resume_if_exists and _has_checkpoint(settings.checkpoint_dir)))
 
 
 def run(args: argparse.Namespace) -> int:
-    import offload
-
     settings = _settings(args)
     terminate_on_signals()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -136,30 +129,16 @@ def run(args: argparse.Namespace) -> int:
         if not launch.main:  # one rank speaks for all (the others' errors still reach stderr)
             sys.stdout = open(os.devnull, "w")
             logging.getLogger().setLevel(logging.WARNING)
-        source = resolve_model(settings.model)
-        job = TrainData.load(settings, source, config, scratch, user_nvme_dir=_user_nvme_dir(args))
-        # Built on the meta device: the engine gives every group its initial weights (those of a normal
-        # build with this seed) straight in its home, so the whole model is never in RAM.
-        model = offload.init_empty(source.builder(settings.seq_len, settings.seed))
-        numel = sum(p.numel() for p in model.parameters())
-        timeline = offload.Timeline() if args.timeline and launch.main else None  # (only rank 0 writes it)
-        peak_lr = settings.lr or (LR_PRETRAINED if source.pretrained else LR_RANDOM_INIT)
-        engine = offload.Engine(model, config, lr=peak_lr, weight_decay=settings.weight_decay,
-                                max_grad_norm=settings.max_grad_norm or None,
-                                param_groups=[{"params": [p for p in model.parameters() if p.ndim < 2],
-                                               "weight_decay": 0.0}], timeline=timeline)
-        _header(engine, settings, source, job, config, numel, launch)
-        first = 0
-        if (args.resume or args.resume_if_exists) and _has_checkpoint(settings.checkpoint_dir):
-            extra = engine.load(settings.checkpoint_dir)
-            first = int(extra["step"])
-            job.check_resume(extra.get("data"), settings.checkpoint_dir)
-            print(f"  resumed from {settings.checkpoint_dir} at step {first}")
-        elif source.pretrained:
-            offload.load_pretrained(engine, source.directory)
-            print(f"  weights from {source.directory}")
-        log = RunLog(settings.metrics, settings.tensorboard, resumed_at=first if first else None, write=launch.main)
-        saver = Saver(engine, settings, source, job, launch, first)
+        source = resolve_model(settings.model, settings.seq_len)
+        source.check_seq_len(settings.seq_len)
+        # (rank 0 tokenizes, the others then read its cache: Note [one rank tokenizes])
+        job = launch.first_on_main(lambda: TrainData.load(settings, source, config, scratch, _user_nvme_dir(args)))
+        resumed = _checkpoint_extra(settings, job) if _resuming(args, settings) else None
+        engine, timeline, peak_lr = _build_engine(args, settings, source, config, launch)
+        _header(engine, settings, source, job, config, launch)
+        first = _load_weights(engine, settings, source, resumed)
+        log = RunLog(settings.metrics, settings.tensorboard, resumed_at=first if resumed else None, write=launch.main)
+        saver = Saver(engine, settings, source, job, launch, first, schedule=_schedule(settings, peak_lr))
         loop = TrainLoop(engine, settings, job.train, job.evaluation, launch, log, peak_lr, saver.after_step)
         # With --timeline, the disk under nvme_dir and the CPU are sampled next to the spans (counter tracks),
         # every 0.1 s: a whole run's trace stays small (the timeline keeps everything in memory until saved).
@@ -167,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
                                       interval=0.1):
             loop.run(first)
         saver.finish()
-        _summary(engine, settings, source, loop, args.no_sample)
+        _summary(engine, settings, source, loop, sample_at_end=args.sample if args.sample is not None
+                 else not source.pretrained)
         if timeline is not None and launch.main:
             timeline.save(args.timeline)
             print(f"timeline written to {args.timeline}")
@@ -198,6 +178,66 @@ def run(args: argparse.Namespace) -> int:
                 sys.stdout = sys.__stdout__
 
 
+def _build_engine(args: argparse.Namespace, settings: TrainSettings, source: ModelSource, config: Config,
+                  launch: Launch):
+    """The model, built on the meta device (the engine gives every group its initial weights, those of a
+    normal build with this seed, straight in its home, so the whole model is never in RAM), and its engine."""
+    import offload
+
+    model = offload.init_empty(source.builder(settings.seed))
+    timeline = offload.Timeline() if args.timeline and launch.main else None  # (only rank 0 writes it)
+    peak_lr = settings.lr or (LR_PRETRAINED if source.pretrained else LR_RANDOM_INIT)
+    engine = offload.Engine(model, config, lr=peak_lr, weight_decay=settings.weight_decay,
+                            max_grad_norm=settings.max_grad_norm or None,
+                            param_groups=[{"params": [p for p in model.parameters() if p.ndim < 2],
+                                           "weight_decay": 0.0}], timeline=timeline)
+    return engine, timeline, peak_lr
+
+
+def _checkpoint_extra(settings: TrainSettings, job: TrainData) -> dict:
+    """What the checkpoint to resume from says about its run, checked against this run before anything large
+    is built or loaded: its step, data position and learning-rate schedule."""
+    meta = Path(CheckpointDir(settings.checkpoint_dir).current()[0]) / "meta.json"
+    try:
+        extra = json.loads(meta.read_text()).get("extra") or {}
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"--resume: {meta}: not readable ({e})") from None
+    step = extra.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ConfigError(f"--resume: the checkpoint in {settings.checkpoint_dir} has no step of an offload train "
+                          f"run (written by engine.save without extra={{'step': N}}?)")
+    if step > settings.steps:
+        raise ConfigError(f"--resume: the checkpoint in {settings.checkpoint_dir} is at step {step}, past --steps "
+                          f"{settings.steps}; raise --steps to train further")
+    job.check_resume(extra.get("data"), settings.checkpoint_dir)
+    return extra
+
+
+def _schedule(settings: TrainSettings, peak_lr: float) -> dict:
+    return {"steps": settings.steps, "lr": peak_lr, "lr_schedule": settings.lr_schedule,
+            "warmup_steps": settings.warmup()}
+
+
+def _load_weights(engine, settings: TrainSettings, source: ModelSource, resumed: dict | None) -> int:
+    """The run's starting point: the checkpoint's state (returns its step) or the pretrained weights (0)."""
+    import offload
+
+    if resumed is not None:
+        first = int(engine.load(settings.checkpoint_dir)["step"])
+        print(f"  resumed from {settings.checkpoint_dir} at step {first}")
+        now = _schedule(settings, engine.lr)
+        was = resumed.get("schedule")
+        if was is not None and was != now:
+            changed = ", ".join(f"{k} {was.get(k)} -> {now[k]}" for k in now if was.get(k) != now[k])
+            log.warning("  the learning-rate schedule differs from the checkpoint's run (%s): from here on the "
+                        "run is not the one that was interrupted", changed)
+        return first
+    if source.pretrained:
+        offload.load_pretrained(engine, source.directory)
+        print(f"  weights from {source.directory}")
+    return 0
+
+
 def _user_nvme_dir(args: argparse.Namespace) -> str | None:
     """The swap directory the user named (flag or config file), where tokenized data may be cached; None when
     the swap files go to this run's temporary directory."""
@@ -208,9 +248,10 @@ def _user_nvme_dir(args: argparse.Namespace) -> str | None:
     return None
 
 
-def _header(engine, settings: TrainSettings, source: ModelSource, job: TrainData, config: Config, numel: int,
+def _header(engine, settings: TrainSettings, source: ModelSource, job: TrainData, config: Config,
             launch: Launch) -> None:
     stats = engine.stats()
+    numel = sum(p.numel() for p in engine.model.parameters())
     print(f"offload train: {source.describe()}, {numel / 1e6:.1f}M parameters, {config.dtype} on {config.device}")
     print(f"  data: {job.train_data.describe()}; {job.train.num_blocks} blocks of {settings.seq_len} tokens, "
           f"{settings.tokens_per_step} tokens per step ({settings.batch} x {settings.grad_accum} sequences)")
@@ -232,7 +273,7 @@ def _has_checkpoint(path: str) -> bool:
     return (Path(path) / "CURRENT").exists()
 
 
-def _summary(engine, settings: TrainSettings, source: ModelSource, loop: TrainLoop, no_sample: bool) -> None:
+def _summary(engine, settings: TrainSettings, source: ModelSource, loop: TrainLoop, sample_at_end: bool) -> None:
     stats = engine.stats()
     losses = loop.losses
     if losses:
@@ -251,7 +292,7 @@ def _summary(engine, settings: TrainSettings, source: ModelSource, loop: TrainLo
     if settings.output:
         print(f"model: {settings.output} (load it with AutoModelForCausalLM.from_pretrained"
               f"{' and AutoTokenizer.from_pretrained' if source.tokenizer is not None else ''})")
-    if not no_sample:
+    if sample_at_end:
         print(f"sample: {sample(engine, source.tokenizer)!r}")
 
 
@@ -261,7 +302,7 @@ def sample(engine, tokenizer, prompt: str = "The ", tokens: int = 40) -> str:
         ids = torch.tensor([list(prompt.encode())])
     else:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
+    with torch.no_grad(), evaluating(engine.model):
         out = engine.model.generate(ids.to(engine.device), attention_mask=torch.ones_like(ids).to(engine.device),
                                     max_new_tokens=tokens, do_sample=False,
                                     pad_token_id=getattr(tokenizer, "pad_token_id", None) or 0)

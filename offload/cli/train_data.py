@@ -43,28 +43,40 @@ class TrainData:
         path = Path(settings.data) if not shipped else Path(str(resources.files("offload.data") / SHIPPED_TEXT))
         train_data = tokenize(path, encoder, None if shipped else _cache_dir(settings, path, user_nvme_dir),
                               scratch_dir=Path(scratch))
+        _check_trained(train_data, "--data")
         train = PackedBlocks(train_data, settings.seq_len)
         eval_data = evaluation = None
         if settings.eval_data:
             eval_path = Path(settings.eval_data)
             eval_data = tokenize(eval_path, encoder, _cache_dir(settings, eval_path, user_nvme_dir),
-                                 scratch_dir=Path(scratch))
-            evaluation = PackedBlocks(eval_data, settings.seq_len)
+                                 scratch_dir=Path(scratch), role="eval")
+            _check_trained(eval_data, "--eval-data")
+            evaluation = PackedBlocks(eval_data, settings.seq_len, flag="--eval-data")
         return cls(train_data, train, eval_data, evaluation, settings)
 
+    def content(self) -> str:
+        return self.train_data.content
+
     def position(self) -> dict[str, int | str]:
-        """What fixes the order of the batches: a resumed run continues the same sequence only if all are equal."""
+        """What fixes the batches of every step: a resumed run continues the same sequence only if all are
+        equal. ``content`` is the hash of the tokens themselves (Note [content hash])."""
         s = self.settings
-        return {"data": self.train_data.fingerprint, "tokens": int(self.train_data.num_tokens),
+        return {"content": self.train_data.content, "tokens": int(self.train_data.num_tokens),
                 "seq_len": s.seq_len, "batch": s.batch, "grad_accum": s.grad_accum, "seed": s.seed}
 
     def check_resume(self, saved: dict | None, checkpoint_dir: str) -> None:
         """Refuses to resume a checkpoint whose run read other data, or read it in another order (the data
         position after step N is then not what the checkpoint's run saw)."""
-        if saved is None:
-            return  # a checkpoint written before the data position was saved: its data order was (seed, step)
+        if not isinstance(saved, dict):
+            raise ConfigError(f"--resume: the checkpoint in {checkpoint_dir} does not record its data position "
+                              f"(written by an older offload train, or by engine.save); it cannot be continued "
+                              f"exactly")
         now = self.position()
-        changed = [key for key in now if key != "data" and saved.get(key) != now[key]]
+        changed = [key for key in now if saved.get(key) != now[key]]
+        if "content" in changed:
+            raise ConfigError(f"--resume: the checkpoint in {checkpoint_dir} was trained on other data (its tokens "
+                              f"differ from those of {self.train_data.source}); the data would not continue where "
+                              f"it stopped")
         if changed:
             was = ", ".join(f"{key}={saved.get(key)}" for key in changed)
             raise ConfigError(f"--resume: the checkpoint in {checkpoint_dir} was trained with {was}; this run has "
@@ -78,3 +90,10 @@ def _cache_dir(settings: TrainSettings, data: Path, user_nvme_dir: str | None) -
     if user_nvme_dir:
         return Path(user_nvme_dir) / "token-cache"
     return data.resolve().parent / ".offload-cache"
+
+
+def _check_trained(data, flag: str) -> None:
+    """Data of which no token is trained (e.g. chat data without an assistant turn) would train on nothing."""
+    if data.num_trained == 0:
+        raise ConfigError(f"{flag}: {data.source} has no trained tokens ({data.num_tokens:,} tokens, all of "
+                          f"prompts or non-assistant turns)")

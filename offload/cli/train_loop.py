@@ -12,11 +12,12 @@ batch, so each knows the step's total; the engine averages gradients over ranks,
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import psutil
 import torch
@@ -76,6 +77,17 @@ class EvalResult:
                 "eval_tokens": self.tokens}
 
 
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """``model`` in eval mode (dropout off) inside the block, back in the mode it was in after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def trained_tokens(labels: torch.Tensor) -> int:
     """How many tokens of ``labels`` are predicted (and trained): a causal LM's label at position 0 has no
     prediction, and -100 marks the untrained ones."""
@@ -84,8 +96,8 @@ def trained_tokens(labels: torch.Tensor) -> int:
 
 class TrainLoop:
     """Runs steps ``first + 1 .. settings.steps`` of ``engine`` on ``train`` (a PackedBlocks), evaluating on
-    ``evaluation`` (or None) and calling ``save(step, final)`` where the settings ask for checkpoints or
-    output."""
+    ``evaluation`` (or None) and calling ``save(step)`` after every step (which writes the checkpoints and
+    outputs the settings ask for)."""
 
     def __init__(self, engine, settings: TrainSettings, train, evaluation, launch: Launch, log: RunLog,
                  peak_lr: float, save: Callable[[int], None]) -> None:
@@ -136,11 +148,14 @@ class TrainLoop:
         for k, (ids, labels) in enumerate(micro):
             ids, labels = launch.share(ids), launch.share(labels)
             count = trained_tokens(labels)
-            out = engine(input_ids=ids, labels=labels if count else None)
             if count:
-                weighted = out.loss * (count * launch.world / max(total, 1))
-            else:  # nothing to learn in this share: a zero loss that still reaches every parameter
-                weighted = out.logits.float().sum() * 0.0
+                weighted = engine(input_ids=ids, labels=labels).loss * (count * launch.world / max(total, 1))
+            else:
+                # Nothing to learn in this share, but the backward must still reach every parameter (the
+                # engine's groups expect their gradients): one token's loss, weighted by zero.
+                one = torch.full_like(labels, -100)
+                one[0, -1] = ids[0, -1]
+                weighted = engine(input_ids=ids, labels=one).loss * 0.0
             loss_sum += weighted.item()
             if k + 1 < len(micro):
                 engine.backward(weighted)
@@ -167,7 +182,7 @@ class TrainLoop:
         forward of offloaded weights is collective, and evaluation is short)."""
         start = time.perf_counter()
         loss_sum, tokens = 0.0, 0
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(self.engine.model):
             for ids, labels in self.evaluation.eval_batches(self.settings.batch):
                 count = trained_tokens(labels)
                 if not count:

@@ -7,23 +7,27 @@ which settings. It is how a resumed run recognises its own output (which it may 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import time
+from pathlib import Path
 
 from offload.cli.launch import Launch
 from offload.cli.model_source import ModelSource
+from offload.cli.outputs import check_writable_dir
 from offload.cli.train_data import TrainData
 from offload.cli.train_settings import TrainSettings
-from offload.config import parse_bytes
+from offload.errors import ConfigError
 
 RUN_FILE = "offload_run.json"
 
 
 class Saver:
     def __init__(self, engine, settings: TrainSettings, source: ModelSource, job: TrainData, launch: Launch,
-                 first: int) -> None:
+                 first: int, schedule: dict) -> None:
         self.engine = engine
+        self.schedule = schedule  # the learning-rate schedule, saved with checkpoints (a resume compares it)
         self.settings = settings
         self.source = source
         self.job = job
@@ -46,7 +50,8 @@ class Saver:
             self.output(step)
 
     def checkpoint(self, step: int) -> None:
-        self.engine.save(self.settings.checkpoint_dir, extra={"step": step, "data": self.job.position()})
+        self.engine.save(self.settings.checkpoint_dir, extra={"step": step, "data": self.job.position(),
+                                                              "schedule": self.schedule})
         self.checkpointed = step
 
     def output(self, step: int) -> None:
@@ -56,8 +61,7 @@ class Saver:
         start = time.perf_counter()
         s = self.settings
         dtype = self.source.output_dtype(s.output_dtype)
-        offload.save_pretrained(self.engine, s.output, dtype=dtype, max_shard_size=parse_bytes("--max-shard-size",
-                                                                                               s.max_shard_size),
+        offload.save_pretrained(self.engine, s.output, dtype=dtype, max_shard_size=s.max_shard_size,
                                 tokenizer=self.source.tokenizer, generation_config=self.source.generation_config,
                                 overwrite=True, extra_files={RUN_FILE: self._run_record(step)})
         self.written = step
@@ -66,6 +70,39 @@ class Saver:
                   f"{time.perf_counter() - start:.1f} s)", flush=True)
 
     def _run_record(self, step: int) -> bytes:
-        record = {"step": step, "model": self.source.spec, "data": self.settings.data,
+        record = {"step": step, "model": self.source.spec, "data": self.settings.data, "content": self.job.content(),
                   "settings": dataclasses.asdict(self.settings), "data_position": self.job.position()}
         return (json.dumps(record, indent=2) + "\n").encode()
+
+
+def check_output(settings: TrainSettings, args: argparse.Namespace, resuming: bool) -> None:
+    """``--output`` must be new, empty, replaceable (``--overwrite``) or, when resuming, this job's own output
+    (its ``offload_run.json`` names the same model and data). It must not contain, or lie inside, anything else
+    the run reads or writes: the whole directory is replaced when the model is written (Note [atomic model
+    directory]), which would delete a checkpoint, metrics or the data kept in it."""
+    out = Path(settings.output).resolve()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output: {settings.output} exists and is not a directory")
+    others = {"--model": settings.model, "--data": settings.data, "--eval-data": settings.eval_data,
+              "--token-cache": settings.token_cache, "--checkpoint-dir": settings.checkpoint_dir,
+              "--metrics": settings.metrics, "--tensorboard": settings.tensorboard, "--nvme-dir": args.nvme_dir,
+              "--timeline": args.timeline}
+    for flag, value in others.items():
+        if value is None or (flag == "--model" and not Path(value).exists()):
+            continue
+        other = Path(value).resolve()
+        if other == out or other.is_relative_to(out) or out.is_relative_to(other):
+            raise ConfigError(f"--output: {settings.output} overlaps {flag} {value}; writing the model replaces the "
+                              f"whole directory, so give --output a directory of its own")
+    if out.is_dir() and any(out.iterdir()) and not settings.overwrite and not (resuming and _own(out, settings)):
+        raise ConfigError(f"--output: {settings.output} exists and is not empty; pass --overwrite to replace it")
+    check_writable_dir("--output", out.parent)
+
+
+def _own(out: Path, settings: TrainSettings) -> bool:
+    """Whether ``out`` was written by this job (same model and data), so a resumed run may replace it."""
+    try:
+        record = json.loads((out / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("model") == settings.model and record.get("data") == settings.data

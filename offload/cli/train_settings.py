@@ -17,6 +17,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from offload.checkpoint.hf_directory import parse_max_shard_size
 from offload.errors import ConfigError
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
@@ -47,7 +48,7 @@ class TrainSettings:
     grad_accum: int = _setting(1, "micro-batches whose gradients add up into one step (default 1)", "N")
     lr: float | None = _setting(None, f"peak learning rate (default {LR_PRETRAINED:g} for pretrained weights, "
                                       f"{LR_RANDOM_INIT:g} from scratch)", "LR")
-    lr_schedule: str = _setting("cosine", "decay after the warm-up, to 0 at the last step (default cosine)",
+    lr_schedule: str = _setting("cosine", "decay after the warm-up, towards 0 after the last step (default cosine)",
                                 choices=LR_SCHEDULES)
     warmup_steps: int | None = _setting(None, "steps of linear warm-up (default: a tenth of --steps, at most 100)",
                                         "N")
@@ -101,9 +102,16 @@ class TrainSettings:
                 raise SettingError(name, f"{_label(name)}: expected a non-empty string; got {value!r}")
         if not isinstance(self.overwrite, bool):
             raise SettingError("overwrite", f"{_label('overwrite')}: expected true or false; got {self.overwrite!r}")
-        for name in ("save_every",):
-            if getattr(self, name) and not self.output:
-                raise SettingError(name, f"{_label(name)}: needs --output (where to write the model)")
+        if self.save_every and not self.output:
+            raise SettingError("save_every", f"{_label('save_every')}: needs --output (where to write the model)")
+        if self.checkpoint_every and not self.checkpoint_dir:
+            raise SettingError("checkpoint_every", f"{_label('checkpoint_every')}: needs --checkpoint-dir (where "
+                                                   f"to save them)")
+        try:
+            parse_max_shard_size(self.max_shard_size)
+        except ConfigError as e:
+            raise SettingError("max_shard_size", f"{_label('max_shard_size')}: {str(e).split(': ', 1)[-1]}") \
+                from None
         if self.eval_every and not self.eval_data:
             raise SettingError("eval_every", f"{_label('eval_every')}: needs --eval-data (what to evaluate on)")
 

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import tomllib
-from pathlib import Path
+from typing import Any
 
 import torch
 
 from offload.config import Config
+from offload.data.encode import BYTE_VOCAB
 from offload.errors import ConfigError
-
-VOCAB_BYTES = 256  # byte-level tokens: the text's UTF-8 bytes are the token ids; nothing to download
 
 # Llama-style shapes (SwiGLU MLP of ~2.7x hidden, tied embeddings) and their approximate parameter counts.
 PRESETS: dict[str, dict[str, int]] = {
@@ -23,35 +21,17 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 
 
-def build_model(spec: str, seq_len: int, seed: int) -> torch.nn.Module:
-    """A randomly initialised causal LM: a preset name, or the path of a Hugging Face config.json."""
+def preset_config(name: str, seq_len: int) -> Any:
+    """The transformers config of preset ``name``: a Llama over byte-level tokens (a vocabulary of 256)."""
     try:
-        from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+        from transformers import LlamaConfig
     except ImportError:
         raise ConfigError("--model: offload train needs transformers; install it with "
                           "pip install 'offload[train]'") from None
-    if spec in PRESETS:
-        shape = PRESETS[spec]
-        config = LlamaConfig(vocab_size=VOCAB_BYTES, max_position_embeddings=max(512, seq_len),
-                             num_key_value_heads=shape["num_attention_heads"], tie_word_embeddings=True,
-                             bos_token_id=None, eos_token_id=None, pad_token_id=None, **shape)
-    else:
-        path = Path(spec)
-        if not path.is_file():
-            raise ConfigError(f"--model: {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a config file")
-        try:
-            config = AutoConfig.from_pretrained(str(path))
-        except (OSError, ValueError, json.JSONDecodeError) as e:
-            raise ConfigError(f"--model: {path} is not a usable Hugging Face config ({e})") from None
-        if getattr(config, "vocab_size", 0) < VOCAB_BYTES:
-            raise ConfigError(f"--model: {path} has vocab_size {getattr(config, 'vocab_size', None)}; the byte-level "
-                              f"data needs at least {VOCAB_BYTES}")
-    torch.manual_seed(seed)
-    if spec in PRESETS:
-        from transformers import LlamaForCausalLM
-
-        return LlamaForCausalLM(config)
-    return AutoModelForCausalLM.from_config(config)
+    shape = PRESETS[name]
+    return LlamaConfig(vocab_size=BYTE_VOCAB, max_position_embeddings=max(512, seq_len),
+                       num_key_value_heads=shape["num_attention_heads"], tie_word_embeddings=True,
+                       bos_token_id=None, eos_token_id=None, pad_token_id=None, **shape)
 
 
 def make_config(args: argparse.Namespace, scratch_dir: str | None) -> Config:
