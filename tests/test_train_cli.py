@@ -138,14 +138,21 @@ def test_fine_tuning_from_an_exported_checkpoint_starts_where_training_left_off(
 def test_under_torchrun_two_ranks_train_the_run_of_one_process(tmp_path):
     """`torchrun --nproc-per-node 2 -m offload train`: each rank takes half of every batch and half of the
     state; the losses are those of one process on the same batches (fp32), rank 0 alone prints, the
-    checkpoint holds each rank's shard, and nothing is left behind."""
+    checkpoint holds each rank's shard, and nothing is left behind. The data is prompt/completion pairs with
+    prompts of different lengths, so the two halves of a batch train different numbers of tokens (Note [the
+    loss of a step]); rank 0 tokenizes it into the cache, rank 1 reads it from there."""
+    import json
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    data = tmp_path / "data" / "pairs.jsonl"
+    data.parent.mkdir()
+    data.write_text("".join(json.dumps({"prompt": "Q" * (1 + i % 23) + "? ", "completion": f"answer number {i}."})
+                            + "\n" for i in range(200)))
     flags = ["--steps", "6", "--log-every", "1", "--dtype", "fp32", "--batch", "4", "--seq-len", "32",
-             "--no-sample"]
+             "--no-sample", "--data", str(data)]
     env = dict(os.environ, TMPDIR=str(tmp_path / "tmp"), OMP_NUM_THREADS="1")
     (tmp_path / "tmp").mkdir()
     (tmp_path / "work").mkdir()
