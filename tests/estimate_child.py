@@ -14,7 +14,7 @@ import psutil
 import torch
 
 import offload
-from offload.cli.train_setup import build_model
+from offload.cli.model_source import resolve_model
 
 importlib.import_module("transformers.models.llama.modeling_llama")  # the model code, as the estimate has it
 
@@ -29,7 +29,7 @@ ap.add_argument("--host-memory-limit", type=int, default=None)
 a = ap.parse_args()
 
 base = psutil.Process().memory_info().rss
-model = build_model(a.model, a.seq_len, 0)
+model = resolve_model(a.model, a.seq_len).builder(0)()
 config = offload.Config(device="cpu", dtype="bf16", params=a.params, optimizer=a.optimizer, nvme_dir=a.dir,
                         prefetch_layers=2, host_memory_limit=a.host_memory_limit)
 with offload.Engine(model, config, lr=1e-4, max_grad_norm=1.0) as engine:

@@ -29,10 +29,11 @@ def _model_file(tmp_path) -> str:
 
 
 def _shape(spec: str):
-    from offload.cli.train_setup import build_model
+    from offload.cli.model_source import resolve_model
 
+    build = resolve_model(spec, SEQ).builder(0)
     with torch.device("meta"):
-        return shape_from_model(build_model(spec, SEQ, 0), spec)
+        return shape_from_model(build(), spec)
 
 
 @pytest.mark.parametrize("params,optimizer,gradients", [("device", "cpu", "host"), ("cpu", "cpu", "host"),
@@ -157,6 +158,21 @@ def test_the_command_prints_a_table_json_and_a_disk_time_floor_from_a_tune_file(
     assert next(p for p in record["placements"] if p["optimizer"] == "cpu")["disk_floor_s"] is None
 
 
+def test_a_model_directory_is_estimated_as_its_config(tmp_path):
+    """--model takes what offload train takes: a saved Hugging Face model directory has its config's shape."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    by_dir = _cli("--model", str(tmp_path / "model"), "--device", "cpu", "--json")
+    by_config = _cli("--model", str(tmp_path / "model" / "config.json"), "--device", "cpu", "--json")
+    assert by_dir.returncode == 0 and by_config.returncode == 0, by_dir.stderr + by_config.stderr
+    params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+    estimated = json.loads(by_dir.stdout)["params"]  # the engine's flat groups: each padded to whole pages
+    assert estimated == json.loads(by_config.stdout)["params"] and params <= estimated < params * 1.1
+
+
 def test_the_command_plans_for_a_host_budget():
     out = _cli("--model", "medium", "--device", "cpu", "--host-memory-limit", "3GiB", "--disk", "100GiB", "--json")
     assert out.returncode == 0, out.stderr
@@ -174,7 +190,8 @@ def test_errors_are_one_line():
     out = _cli("--model", "nope")
     assert out.returncode == 1
     assert out.stderr.strip() == ("offload estimate: error: --model: 'nope' is neither a preset (tiny, small, medium, "
-                                  "large) nor a config file")
+                                  "large), a config file, a model directory, nor a hub id in the local Hugging Face "
+                                  "cache")
     out = _cli("--model", "7B", "--ram", "lots")
     assert out.returncode == 1 and out.stderr.count("\n") == 1 and "--ram" in out.stderr
     out = _cli("--model", "7B", "--ranks", "0")

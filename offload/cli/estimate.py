@@ -27,8 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EXAMPLES
     parser.add_argument("--model", required=True,
-                        help="a preset of offload train (tiny, small, medium, large), a Hugging Face config.json, "
-                             "or a parameter count (350M, 7B: a Llama of standard proportions is assumed)")
+                        help="what offload train takes (a preset: tiny, small, medium, large; a config.json; a Hugging "
+                             "Face model directory; a hub id in the local cache), or a parameter count (350M, 7B: a "
+                             "Llama of standard proportions is assumed)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
@@ -64,10 +65,11 @@ def model_shape(spec: str, seq_len: int):
         if count <= 0:
             raise ConfigError(f"--model: the parameter count must be positive; got {spec!r}")
         return shape_from_count(count)
-    from offload.cli.train_setup import build_model
+    from offload.cli.model_source import resolve_model
 
+    build = resolve_model(spec, seq_len).builder(0)  # raises ConfigError for an unknown model or a bad file
     with torch.device("meta"):
-        model = build_model(spec, seq_len, 0)  # raises ConfigError for an unknown preset or a bad file
+        model = build()
     return shape_from_model(model, spec)
 
 

@@ -166,7 +166,9 @@ def run(args: argparse.Namespace) -> int:
             if log is not None:
                 log.close()
             if engine is not None:
-                engine.close()  # (collective with several ranks: the weights come back into every rank's model)
+                # The model is not used after the run (its weights are in --output and the checkpoints): bringing
+                # them back into it would only cost host RAM (the whole model) and, with several ranks, gathers.
+                engine.close(keep_weights=False)
         finally:
             if scratch is not None:
                 shutil.rmtree(scratch, ignore_errors=True)
