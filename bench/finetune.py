@@ -9,7 +9,7 @@ writes ``<bench>.json`` and ``<bench>.md`` records.
 
 ``step``: the 300M Llama of the e2e anchors (hidden 1024, 18 layers, MLP 2816, 16 heads, vocab 32000, untied) as a
 Hugging Face directory (tools/hf_model_dir.py, bf16 weights) trained by `offload train` on a JSONL of the shipped
-corpus ("cli"), against the same model trained on random token tensors by offload/bench/e2e_worker.py's
+corpus ("cli"), against the same model trained on random token tensors by bench/e2e_worker.py's
 ``ours-inf`` mode ("worker"): params and optimizer on NVMe under ``--dir``, bf16 compute, batch 1 x 512, AdamW
 lr 1e-4 wd 0.1, no clipping, ``--threads`` threads, every run a fresh process, A B then B A. Per run: the median
 over the measured steps of each side's own step time (the CLI's metrics ``step_s``: no synchronize, the
@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-WORKER = REPO / "offload" / "bench" / "e2e_worker.py"
+WORKER = REPO / "bench" / "e2e_worker.py"
 MODEL_TOOL = REPO / "tools" / "hf_model_dir.py"
 CORPUS = REPO / "offload" / "data" / "corpus.txt"
 # Model shapes for tools/hf_model_dir.py: (hidden, layers, intermediate, heads, vocab, tokenizer vocab). "tiny" is

@@ -28,7 +28,7 @@
 #   DS_PYTHON=/path/to/venv-with-deepspeed/bin/python OUT=/tmp/dry bash bench/gpu_scale.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out="${OUT:-gpu-scale-out}"
+out="${OUT:-$(mktemp -d /tmp/gpu-scale-out.XXXXXX)}"  # reports go outside the source tree unless OUT says
 parts="${*:-tests ours24 torch half ours12}"
 deadline=$((SECONDS + ${DEADLINE_S:-580}))
 mkdir -p "$out"

@@ -1,12 +1,17 @@
-"""The `offload` command line and the paired Adam benchmark (run tiny, for behaviour, not for speed)."""
+"""The `offload` command line, the paired benchmarks of offload/bench/ and the comparison tools of bench/ (run tiny, for
+behaviour, not for speed)."""
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from offload.bench.adam import Record, markdown_table, summarize
+from offload.bench.harness import JsonLines, Ratio, markdown_table as harness_table, paired_ratio, round_order
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"  # the comparison scripts of the source tree
 
 
 def run_cli(*args, timeout=300):
@@ -22,6 +27,35 @@ def test_info_names_the_active_variant():
 def test_no_command_prints_help_and_fails():
     out = run_cli()
     assert out.returncode == 2 and "bench" in out.stdout
+
+
+def test_the_peer_comparisons_point_to_the_source_tree():
+    for what, script in (("gpu", "bench/gpu_peers.py"), ("e2e", "bench/e2e.py")):
+        out = run_cli("bench", what, timeout=60)
+        assert out.returncode == 2 and script in out.stderr and "source tree" in out.stderr
+        assert (BENCH.parent / script).exists()
+    out = run_cli("bench", "nothing", timeout=60)
+    assert out.returncode == 2 and "invalid choice" in out.stderr
+    out = run_cli("bench", "--help", timeout=60)
+    assert "{adam,io,step}" in out.stdout and "bench/gpu_peers.py" in out.stdout
+
+
+def test_harness_alternates_the_order_and_pairs_ratios_by_round(tmp_path):
+    assert round_order("ABC", 0) == ["A", "B", "C"] and round_order("ABC", 1) == ["C", "B", "A"]
+    ratio = paired_ratio({0: 2.0, 1: 3.0, 2: 9.0}, {0: 1.0, 1: 2.0, 3: 1.0})  # round 2 and 3: one side only
+    assert ratio == Ratio(1.75, 1.5, 2.0) and ratio.cell() == "1.75 [1.50-2.00]"
+    assert paired_ratio({0: 1.0}, {1: 1.0}) is None
+    table = harness_table(["what", "a", "b"], [["x", 1, None]], labels=1)
+    assert table.splitlines() == ["| what | a | b |", "|---|---:|---:|", "| x | 1 |  |"]
+    with pytest.raises(ValueError, match="2 cells under 3 columns"):
+        harness_table(["what", "a", "b"], [["x", 1]])
+    with JsonLines(str(tmp_path / "r.jsonl")) as out:
+        out.write({"round": 0})
+        out.write({"round": 1})
+    assert [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()] == [{"round": 0},
+                                                                                             {"round": 1}]
+    with JsonLines(None) as out:  # no --out: nothing written
+        out.write({"round": 0})
 
 
 def test_bench_adam_runs_interleaved_and_prints_json_and_table(tmp_path):
@@ -105,7 +139,7 @@ def test_bench_step_with_offloaded_parameters(tmp_path):
 
 def test_ab_adam_builds_tool_alternates_two_builds_beside_a_busy_process(tmp_path):
     raw = tmp_path / "ab.jsonl"
-    out = subprocess.run([sys.executable, "tools/ab_adam_builds.py", "--baseline-python", sys.executable,
+    out = subprocess.run([sys.executable, str(BENCH / "ab_adam_builds.py"), "--baseline-python", sys.executable,
                           "--rounds", "2", "--threads", "1", "--numel", "100000", "--steps", "2", "--busy", "1",
                           "--out", str(raw)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -114,15 +148,15 @@ def test_ab_adam_builds_tool_alternates_two_builds_beside_a_busy_process(tmp_pat
         {(b, w, n) for b in ("this", "baseline") for w in ("none", "bf16") for n in (0, 1)}
     assert all(r["busy"] == 1 and r["mparam_s"] > 0 for r in records)
     assert "bf16 copy=none this/baseline" in out.stdout and "bf16 copy=bf16 this/baseline" in out.stdout
-    bad = subprocess.run([sys.executable, "tools/ab_adam_builds.py", "--baseline-python", sys.executable,
+    bad = subprocess.run([sys.executable, str(BENCH / "ab_adam_builds.py"), "--baseline-python", sys.executable,
                           "--rounds", "0"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--rounds" in bad.stderr
 
 
 def test_step_timeline_tool_writes_a_chrome_trace(tmp_path):
     trace = tmp_path / "trace.json"
-    out = subprocess.run([sys.executable, "tools/step_timeline.py", "--layers", "2", "--hidden", "64", "--seq", "16",
-                          "--steps", "2", "--dir", str(tmp_path), "--out", str(trace)],
+    out = subprocess.run([sys.executable, str(BENCH / "step_timeline.py"), "--layers", "2", "--hidden", "64",
+                          "--seq", "16", "--steps", "2", "--dir", str(tmp_path), "--out", str(trace)],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     events = json.loads(trace.read_text())["traceEvents"]
@@ -132,8 +166,9 @@ def test_step_timeline_tool_writes_a_chrome_trace(tmp_path):
 
 
 def test_scale_check_tool_trains_with_the_state_over_budget(tmp_path):
-    out = subprocess.run([sys.executable, "tools/scale_check.py", "--dir", str(tmp_path), "--hidden", "256",
-                          "--layers", "4", "--vocab", "1000", "--tokens", "16", "--steps", "2", "--budget-ratio", "1.1"],
+    out = subprocess.run([sys.executable, str(BENCH / "scale_check.py"), "--dir", str(tmp_path), "--hidden",
+                          "256", "--layers", "4", "--vocab", "1000", "--tokens", "16", "--steps", "2",
+                          "--budget-ratio", "1.1"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout.strip().splitlines()[-1])
@@ -146,7 +181,7 @@ def test_scale_check_tool_trains_with_the_state_over_budget(tmp_path):
 def test_bench_e2e_runs_every_offload_mode_against_torch_and_reports(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "e2e.jsonl"
-    done = subprocess.run([sys.executable, "-m", "offload", "bench", "e2e", "--sizes", "tiny", "--dtypes", "fp32",
+    done = subprocess.run([sys.executable, str(BENCH / "e2e.py"), "--sizes", "tiny", "--dtypes", "fp32",
                            "--rounds", "1", "--warmup", "1", "--steps", "2", "--dir", str(tmp_path),
                            "--modes", "torch,ours-cpu,ours-nvme,ours-inf", "--out", str(out)],
                           capture_output=True, text=True, timeout=600)
@@ -158,6 +193,6 @@ def test_bench_e2e_runs_every_offload_mode_against_torch_and_reports(tmp_path):
     assert records[3]["written_bytes_per_step"] > 0  # params and state on NVMe: the disk is written every step
     assert "| tiny | fp32 | ours-inf | 1 |" in done.stdout and "ours-cpu step / torch = " in done.stdout
     assert [p.name for p in tmp_path.iterdir()] == ["e2e.jsonl"]  # the swap directories are gone
-    refused = subprocess.run([sys.executable, "-m", "offload", "bench", "e2e", "--modes", "ds-nvme"],
+    refused = subprocess.run([sys.executable, str(BENCH / "e2e.py"), "--modes", "ds-nvme"],
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "--ds-python" in refused.stderr

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location("nightly_gpu", Path(__file__).parent.parent / "tools" / "nightly_gpu.py")
+_spec = importlib.util.spec_from_file_location("nightly_gpu", Path(__file__).parent.parent / "bench" / "nightly_gpu.py")
 nightly = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(nightly)
 

@@ -140,7 +140,7 @@ def test_no_timeline_samples_nothing():
 
 def _step_timeline():
     spec = importlib.util.spec_from_file_location(
-        "step_timeline", Path(__file__).resolve().parents[1] / "tools" / "step_timeline.py")
+        "step_timeline", Path(__file__).resolve().parents[1] / "bench" / "step_timeline.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

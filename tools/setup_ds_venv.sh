@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A throwaway DeepSpeed venv for the paired benchmarks (offload bench adam|io|e2e --ds-python DIR/bin/python).
+# A throwaway DeepSpeed venv for the peer benchmarks (bench/adam_ds.py, io_ds.py, e2e.py --ds-python DIR/bin/python).
 # DeepSpeed is never a dependency of offload. Usage: bash tools/setup_ds_venv.sh [DIR]   (default: ./ds-venv)
 # Its ops are JIT-built into DIR/../torch_ext on first use (cpu_adam about 1 min, async_io about 3 min on 2
 # cores); async_io needs libaio-dev (apt-get install libaio-dev).

@@ -1,15 +1,16 @@
 """One benchmark process of `offload bench adam`: times one Adam implementation at one thread count.
 
-Run by offload.bench.adam as a script (``python adam_worker.py ...``), possibly under another interpreter (a
-throwaway venv with DeepSpeed), so it imports nothing of offload at module level: only the standard library
-and torch, and offload or deepspeed when the implementation under test needs them. Prints one JSON line per
-configuration (shape x gradient dtype x low-precision write).
+Run by offload.bench.adam as a script (``python adam_worker.py ...``), possibly under another interpreter (an
+environment with another build of offload, or a throwaway venv with a peer optimizer, whose worker in bench/ of
+the source tree loads this file and adds its optimizer to OPTIMIZERS), so it imports nothing of offload at
+module level: only the standard library and torch, and offload when the implementation under test needs it.
+Prints one JSON line per configuration (shape x gradient dtype x low-precision write).
 
 Implementations (``--impl``):
   ours         offload's native kernel: one fused pass, reading bf16 grads directly and writing the bf16 copy
   ours_optim   offload.CPUAdam.step() (fp32 grads, no copy: the drop-in optimizer, with its Python overhead)
-  torch_fused  torch.optim.AdamW(fused=True); bf16 grads upcast into fp32 .grad first, bf16 copy by copy_ after
-  ds           DeepSpeedCPUAdam (adamw_mode); the same upcast and copy_ as torch_fused
+  torch_fused  torch.optim.AdamW(fused=True); bf16 grads upcast into fp32 .grad first, bf16 copy by copy_ after;
+               any optimizer of OPTIMIZERS is timed the same way
 """
 
 from __future__ import annotations
@@ -19,10 +20,15 @@ import json
 import statistics
 import sys
 import time
+from typing import Callable
 
 import torch
 
 HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+# impl -> a function making a torch.optim.Optimizer with HYPER over the parameters it is given
+OPTIMIZERS: dict[str, Callable[[list], torch.optim.Optimizer]] = {
+    "torch_fused": lambda params: torch.optim.AdamW(params, fused=True, **HYPER),
+}
 
 
 class Buffers:
@@ -40,9 +46,10 @@ class Buffers:
         self.numel = sum(sizes)
 
 
-def make_step(impl: str, buf: Buffers, grad: str, write: str):
+def make_step(impl: str, buf: Buffers, grad: str, write: str, optimizers: dict = OPTIMIZERS):
     """Returns a zero-argument function doing one full step of `impl` for this configuration, or None if the
-    implementation has no such configuration."""
+    implementation has no such configuration. Implementations other than ours are the optimizers of
+    ``optimizers``."""
     if impl == "ours":
         from offload import _C
 
@@ -76,14 +83,9 @@ def make_step(impl: str, buf: Buffers, grad: str, write: str):
 
         return offload.CPUAdam(buf.params, **HYPER).step
 
-    if impl == "torch_fused":
-        opt = torch.optim.AdamW(buf.params, fused=True, **HYPER)
-    elif impl == "ds":
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        opt = DeepSpeedCPUAdam(buf.params, adamw_mode=True, **HYPER)
-    else:
-        raise SystemExit(f"adam_worker: unknown --impl {impl!r}")
+    if impl not in optimizers:
+        raise SystemExit(f"adam_worker: unknown --impl {impl!r} (known: ours, ours_optim, {', '.join(optimizers)})")
+    opt = optimizers[impl](buf.params)
     grads32 = [p.grad for p in buf.params]
     params = [p.data for p in buf.params]
 
@@ -107,7 +109,8 @@ def time_steps(step, warmup: int, steps: int) -> list[float]:
     return times
 
 
-def main() -> None:
+def main(optimizers: dict = OPTIMIZERS) -> None:
+    """The worker's command line; ``optimizers`` are the implementations it times besides ours."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--impl", required=True)
     ap.add_argument("--threads", type=int, required=True)
@@ -130,7 +133,7 @@ def main() -> None:
         buf = Buffers(sizes)
         for grad in a.grads.split(","):
             for write in a.writes.split(","):
-                step = make_step(a.impl, buf, grad, write)
+                step = make_step(a.impl, buf, grad, write, optimizers)
                 if step is None:
                     continue
                 cpu0 = time.process_time()

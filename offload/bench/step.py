@@ -10,20 +10,21 @@ one backward (not timed) and then, in alternating order:
   file set in the same directory, one file per chunk the engine moves, three in flight as in the pipeline:
   the disk bandwidths.
 The floor is Adam-only time for RAM state and max(bytes read / read bandwidth, bytes written / write bandwidth,
-Adam-only time) for NVMe state. Medians over rounds and the ratio step / floor are reported.
+Adam-only time) for NVMe state. Medians over rounds and the ratio step / floor are reported (JSON lines and a
+table, offload.bench.harness).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
 
 import psutil
 
+from offload.bench.harness import JsonLines, Ratio, markdown_table, median, round_order
 from offload.config import IOConfig
 
 HIDDEN = 4096  # one group = one 4096 x 4096 linear layer: 16.8M parameters, 201 MB of fp32 state
@@ -139,9 +140,7 @@ def run_worker(a: argparse.Namespace) -> None:
             disk("write")  # allocated but never written extents read back as zeros without touching the disk
         for r in range(a.rounds):
             _backward(engine)
-            parts = ["adam", "step"] + (["read", "write", "mixed"] if placement == "nvme" else [])
-            if r % 2:
-                parts.reverse()
+            parts = round_order(["adam", "step"] + (["read", "write", "mixed"] if placement == "nvme" else []), r)
             record = dict(kind="round", placement=placement, round=r, params=numel)
             for part in parts:
                 if part == "step":
@@ -169,31 +168,32 @@ def run_worker(a: argparse.Namespace) -> None:
 
 
 def summarize(records: list[dict]) -> list[dict]:
+    """Per placement: the medians over its rounds, and the range of the per-round ratios step / floor."""
     rows = []
     for placement in dict.fromkeys(r["placement"] for r in records):
         rounds = [r for r in records if r["placement"] == placement and r["kind"] == "round"]
         if not rounds:
             continue
-        row = dict(placement=placement, params=rounds[0]["params"], rounds=len(rounds))
+        row = dict(kind="summary", placement=placement, params=rounds[0]["params"], rounds=len(rounds))
         for key in ("step_s", "adam_s", "floor_s", "ratio", "read_gbs", "write_gbs", "mixed_gbs",
                     "shared_floor_s", "ratio_shared", "step_io_wait_s"):
             if key in rounds[0]:
-                row[key] = statistics.median(r[key] for r in rounds)
+                row[key] = median(r[key] for r in rounds)
         row["ratio_min"] = min(r["ratio"] for r in rounds)
         row["ratio_max"] = max(r["ratio"] for r in rounds)
         rows.append(row)
     return rows
 
 
-def print_table(rows: list[dict]) -> None:
-    print(f"\n{'state':6} {'params':>8} {'step s':>8} {'adam s':>8} {'read GB/s':>10} {'write GB/s':>10} "
-          f"{'floor s':>8} {'step/floor':>18}")
-    for row in rows:
-        read = f"{row['read_gbs']:.2f}" if "read_gbs" in row else "-"
-        write = f"{row['write_gbs']:.2f}" if "write_gbs" in row else "-"
-        spread = f"{row['ratio']:.3f} [{row['ratio_min']:.2f}-{row['ratio_max']:.2f}]"
-        print(f"{row['placement']:6} {row['params'] / 1e9:7.2f}B {row['step_s']:8.3f} {row['adam_s']:8.3f} "
-              f"{read:>10} {write:>10} {row['floor_s']:8.3f} {spread:>18}")
+def table(rows: list[dict]) -> str:
+    def gbs(row: dict, key: str) -> str:
+        return f"{row[key]:.2f}" if key in row else "-"
+
+    columns = ["state", "params", "step s", "adam s", "read GB/s", "write GB/s", "floor s", "step/floor"]
+    return markdown_table(columns, [[row["placement"], f"{row['params'] / 1e9:.2f}B", f"{row['step_s']:.3f}",
+                                     f"{row['adam_s']:.3f}", gbs(row, "read_gbs"), gbs(row, "write_gbs"),
+                                     f"{row['floor_s']:.3f}", Ratio(row["ratio"], row["ratio_min"],
+                                                                    row["ratio_max"]).cell()] for row in rows])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,11 +227,15 @@ def main(argv: list[str] | None = None) -> int:
             print(line)
             if record["kind"] == "setup" and record["note"]:
                 print(f"offload bench step: {placement}: {record['note']}", file=sys.stderr)
-    if a.out:
-        with open(a.out, "a") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
-    print_table(summarize(records))
+    with JsonLines(a.out) as out:
+        for record in records:
+            out.write(record)
+    rows = summarize(records)
+    for row in rows:
+        print(json.dumps(row))
+    print(f"\nMedians of {a.rounds} rounds, the parts of each round in alternating order; step/floor: the median "
+          "of per-round ratios [min-max].")
+    print(table(rows))
     return 0
 
 

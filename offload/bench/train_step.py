@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
+
+from offload.bench.harness import JsonLines, Ratio, markdown_table, median, round_order
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = []
     for r in range(a.rounds):
         record = {"round": r}
-        for kind in (["compute", "offload"] if r % 2 == 0 else ["offload", "compute"]):
+        for kind in round_order(["compute", "offload"], r):
             print(f"offload bench step: round {r + 1}/{a.rounds}: {kind} ...", file=sys.stderr, flush=True)
             proc = subprocess.run([sys.executable, "-m", "offload.bench.train_step", "--worker", kind, *common],
                                   capture_output=True, text=True)
@@ -154,20 +155,22 @@ def main(argv: list[str] | None = None) -> int:
                       ratio=off["step_s"] / max(record["compute"]["step_s"], floor_io))
         rounds.append(record)
         print(json.dumps(record), flush=True)
-    if a.out:
-        with open(a.out, "a") as f:
-            for record in rounds:
-                f.write(json.dumps(dict(record, placement=f"params={a.params} optimizer={a.optimizer}",
-                                        host_memory_limit=a.host_memory_limit, backward_step=a.backward_step)) + "\n")
-    med = {k: statistics.median(r[k] for r in rounds) for k in ("compute_s", "offload_s", "io_floor_s", "ratio")}
+    with JsonLines(a.out) as out:
+        for record in rounds:
+            out.write(dict(record, placement=f"params={a.params} optimizer={a.optimizer}",
+                           host_memory_limit=a.host_memory_limit, backward_step=a.backward_step))
+    med = {k: median(r[k] for r in rounds) for k in ("compute_s", "offload_s", "io_floor_s", "ratio")}
+    ratio = Ratio(med["ratio"], min(r["ratio"] for r in rounds), max(r["ratio"] for r in rounds))
     params = rounds[0]["offload"]["params"]
     how = "backward_step, no clipping" if a.backward_step else "backward + step, clipping at 1.0"
     budget = f", host_memory_limit={a.host_memory_limit}" if a.host_memory_limit else ""
+    print(json.dumps(dict(kind="summary", params=params, rounds=len(rounds), **med, ratio_min=ratio.low,
+                          ratio_max=ratio.high)))
     print(f"\nparams={a.params} optimizer={a.optimizer}{budget} ({how}): {params / 1e6:.0f}M parameters, {a.tokens} "
-          f"tokens/step, {a.rounds} rounds (medians)")
-    print(f"{'compute-only s':>15} {'offload s':>10} {'I/O floor s':>12} {'offload / max(compute, I/O)':>28}")
-    print(f"{med['compute_s']:15.3f} {med['offload_s']:10.3f} {med['io_floor_s']:12.3f} "
-          f"{med['ratio']:20.3f} [{min(r['ratio'] for r in rounds):.2f}-{max(r['ratio'] for r in rounds):.2f}]")
+          f"tokens/step, {a.rounds} rounds (medians; the ratio: the median of per-round ratios [min-max])")
+    print(markdown_table(["compute-only s", "offload s", "I/O floor s", "offload / max(compute, I/O)"],
+                         [[f"{med['compute_s']:.3f}", f"{med['offload_s']:.3f}", f"{med['io_floor_s']:.3f}",
+                           ratio.cell()]], labels=0))
     return 0
 
 

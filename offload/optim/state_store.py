@@ -85,7 +85,7 @@ def plan_placement(groups: list[FlatGroup], on_nvme: bool, budget_left: int | No
     ones: the embedding and the first blocks. Their gradients come last in backward and the next forward needs
     them first, so with their state on NVMe their updates are the step's critical path: the forward waits
     while the disk reads and writes their state after backward (the "forward: wait" of
-    ``tools/step_timeline.py``). The deep groups' state traffic overlaps the rest of backward instead."""
+    ``bench/step_timeline.py``). The deep groups' state traffic overlaps the rest of backward instead."""
     if not on_nvme:
         return [StatePlacement.HOST] * len(groups)
     if budget_left is None:

@@ -1,7 +1,7 @@
 """Checks `offload tune`'s choice against fio: the tuned [io] settings (our engine) and fio's best of its two
 standard settings, interleaved round by round on the same directory. Prints JSON lines and a table of medians.
 
-    python3 tools/tune_vs_fio.py --dir /mnt/nvme/swap --config offload.toml --rounds 5
+    python3 bench/tune_vs_fio.py --dir /mnt/nvme/swap --config offload.toml --rounds 5
 """
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import tempfile
 from pathlib import Path
 
+from offload.bench.harness import markdown_table, median, paired_ratio, round_order
 from offload.bench.io import run_fio
 from offload.cli.tune import measure_throughput
 from offload.config import Config, parse_bytes
@@ -35,7 +35,7 @@ def main() -> int:
         buffer = pool.allocate(nbytes, "tune-vs-fio")
         buffer.tensor.random_(0, 256)
         for r in range(a.rounds):
-            for impl in (("ours", "fio") if r % 2 == 0 else ("fio", "ours")):
+            for impl in round_order(("ours", "fio"), r):
                 if impl == "ours":
                     write, read = measure_throughput(work / "ours.bin", buffer.tensor, io, IoEngine)
                 else:
@@ -51,11 +51,12 @@ def main() -> int:
         pool.close()
         shutil.rmtree(work, ignore_errors=True)
     print(f"\n{a.dir}, {nbytes >> 20} MiB, {a.rounds} rounds interleaved; ours = {io}\n")
-    print("| op | tuned offload GB/s | fio best GB/s | ratio |\n|---|---|---|---|")
+    cells = []
     for op in ("write", "read"):
-        ours = statistics.median(x[f"{op}_gbs"] for x in rows if x["impl"] == "ours")
-        fio = statistics.median(x[f"{op}_gbs"] for x in rows if x["impl"] == "fio")
-        print(f"| {op} | {ours:.2f} | {fio:.2f} | {ours / fio:.2f} |")
+        speed = {impl: {x["round"]: x[f"{op}_gbs"] for x in rows if x["impl"] == impl} for impl in ("ours", "fio")}
+        cells.append([op, f"{median(speed['ours'].values()):.2f}", f"{median(speed['fio'].values()):.2f}",
+                      paired_ratio(speed["ours"], speed["fio"]).cell()])
+    print(markdown_table(["op", "tuned offload GB/s", "fio best GB/s", "ratio (per round) [min-max]"], cells))
     return 0
 
 

@@ -7,22 +7,25 @@ flat fp32 tensor with and without the fused bf16 copy. With ``--busy N``, N proc
 whole run, as the forward's compute threads do beside the engine's overlapped update: then the kernel's threads
 do not progress evenly, which is what the split of the work between them decides.
 
-    python3 tools/ab_adam_builds.py --baseline-python /work/benchvenv/bin/python \\
-        --ds-python /work/dsbench/venv/bin/python --rounds 7 --busy 1 --out ab.jsonl
+    python3 bench/ab_adam_builds.py --baseline-python /work/benchvenv/bin/python \\
+        --ds-python /work/dsbench/venv/bin/python --rounds 7 --busy 1 --out /tmp/ab.jsonl
 
-Prints one line per worker run and, at the end, the median of per-round ratios [min-max] for every pair.
+Prints one line per worker run and, at the end, the median of per-round ratios [min-max] for every pair
+(offload.bench.harness). DeepSpeed runs in bench/adam_ds_worker.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import statistics
 import subprocess
 import sys
+from pathlib import Path
 
-from offload.bench.adam import run_worker
+from offload.bench.adam import WORKER, run_worker
+from offload.bench.harness import JsonLines, median, paired_ratio, round_order
+
+DS_WORKER = Path(__file__).resolve().with_name("adam_ds_worker.py")
 
 
 def main() -> int:
@@ -41,38 +44,32 @@ def main() -> int:
 
     worker_args = argparse.Namespace(numel=a.numel, ntensors=1, shapes="flat", grads="fp32", writes="none,bf16",
                                      steps=a.steps)
-    runs = {"this": ("ours", sys.executable), "baseline": ("ours", a.baseline_python)}
+    runs = {"this": ("ours", sys.executable, WORKER), "baseline": ("ours", a.baseline_python, WORKER)}
     if a.ds_python:
-        runs["ds"] = ("ds", a.ds_python)
+        runs["ds"] = ("ds", a.ds_python, DS_WORKER)
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(a.busy)]
-    speeds: dict[tuple[str, int], dict[str, float]] = {}  # (write, round) -> build -> Mparam/s
-    out = open(a.out, "a") if a.out else None
+    speeds: dict[tuple[str, str], dict[int, float]] = {}  # (write, build) -> round -> Mparam/s
     try:
-        for rnd in range(a.rounds):
-            for name in list(runs) if rnd % 2 == 0 else list(runs)[::-1]:
-                impl, python = runs[name]
-                for record in run_worker(python, impl, a.threads, worker_args):
-                    record.update(build=name, round=rnd, busy=a.busy)
-                    if out:
-                        out.write(json.dumps(record) + "\n")
-                        out.flush()
-                    speeds.setdefault((record["write"], rnd), {})[name] = record["mparam_s"]
-                    print(f"round {rnd + 1}/{a.rounds} {name} write={record['write']}: "
-                          f"{record['mparam_s']:.0f} Mparam/s", file=sys.stderr, flush=True)
+        with JsonLines(a.out) as out:
+            for rnd in range(a.rounds):
+                for name in round_order(list(runs), rnd):
+                    impl, python, script = runs[name]
+                    for record in run_worker(python, impl, a.threads, worker_args, script):
+                        record.update(build=name, round=rnd, busy=a.busy)
+                        out.write(record)
+                        speeds.setdefault((record["write"], name), {})[rnd] = record["mparam_s"]
+                        print(f"round {rnd + 1}/{a.rounds} {name} write={record['write']}: "
+                              f"{record['mparam_s']:.0f} Mparam/s", file=sys.stderr, flush=True)
     finally:
         for process in busy:
             process.kill()
-        if out:
-            out.close()
 
     print(f"{a.threads} threads, {a.busy} busy processes, {a.rounds} rounds; median of per-round ratios [min-max]")
     for write in ("none", "bf16"):
-        rows = [v for (w, _), v in sorted(speeds.items()) if w == write]
         for num, den in itertools.combinations(runs, 2):
-            ratios = [r[num] / r[den] for r in rows]
-            print(f"  bf16 copy={write:4s} {num}/{den}: {statistics.median(ratios):.3f} "
-                  f"[{min(ratios):.2f}-{max(ratios):.2f}]  ({statistics.median(r[num] for r in rows):.0f} vs "
-                  f"{statistics.median(r[den] for r in rows):.0f} Mparam/s)")
+            a_speed, b_speed = speeds[(write, num)], speeds[(write, den)]
+            print(f"  bf16 copy={write:4s} {num}/{den}: {paired_ratio(a_speed, b_speed).cell()}  "
+                  f"({median(a_speed.values()):.0f} vs {median(b_speed.values()):.0f} Mparam/s)")
     return 0
 
 

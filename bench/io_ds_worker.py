@@ -1,6 +1,6 @@
-"""DeepSpeed's async I/O (aio_handle, O_DIRECT + libaio, page-locked buffer) for `offload bench io`.
+"""DeepSpeed's async I/O (aio_handle, O_DIRECT + libaio, page-locked buffer) for bench/io_ds.py.
 
-Run by offload.bench.io as a script under the interpreter of a throwaway venv with DeepSpeed (its op must be
+Run by bench/io_ds.py as a script under the interpreter of a throwaway venv with DeepSpeed (its op must be
 JIT-built there); imports nothing of offload. Prints one JSON line per (op, config): the seconds of one pass
 over the whole file.
 """

@@ -1,4 +1,4 @@
-"""A DeepSpeed trainer for `offload bench gpu`, in a process of its own, stepped by the bench over a pipe.
+"""A DeepSpeed trainer for bench/gpu_peers.py, in a process of its own, stepped by the bench over a pipe.
 
 DeepSpeed needs ``torch.distributed`` initialised and patches the model it wraps, so it does not share the
 bench's process; it does share its turns: the bench starts this worker, the worker builds the same model (same

@@ -2,7 +2,10 @@
 """A model larger than the host budget, end to end: write a random fp32 safetensors checkpoint (sharded, one
 shard in memory at a time), then in a fresh process build the model with offload.init_empty, load the
 checkpoint with offload.load_pretrained and train a few steps with params and optimizer state on NVMe; report
-the peak RSS of that process (above its start, with torch and the model code imported) as JSON and a table."""
+the peak RSS of that process (above its start, with torch and the model code imported) as JSON and a table.
+
+    python3 bench/scale_pretrained.py --dir /path/on/nvme --out /tmp/scale-pretrained.json
+"""
 
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from offload.bench.harness import markdown_table, median
 
 RUN = r'''
 import json, resource, sys, time, psutil, torch
@@ -109,12 +114,13 @@ def main() -> int:
     result = json.loads(done.stdout.strip().splitlines()[-1])
     result.update(checkpoint_bytes=weights, host_memory_limit=a.host_memory_limit)
     print(json.dumps(result))
-    print(f"\n| fp32 weights | host_memory_limit | peak RSS above start | host buffers peak | build | load | "
-          f"step | losses |\n|---:|---:|---:|---:|---:|---:|---:|---|\n| {weights / 1e9:.2f} GB | "
-          f"{a.host_memory_limit / 2**30:.1f} GiB | {result['peak_rss_above_start'] / 2**30:.2f} GiB | "
-          f"{result['host_bytes_peak'] / 2**30:.2f} GiB | {result['build_s']:.0f} s | {result['load_s']:.0f} s | "
-          f"{sorted(result['step_s'])[len(result['step_s']) // 2]:.0f} s | "
-          f"{', '.join(f'{x:.2f}' for x in result['losses'])} |")
+    print(markdown_table(
+        ["fp32 weights", "host_memory_limit", "peak RSS above start", "host buffers peak", "build", "load", "step",
+         "losses"],
+        [[f"{weights / 1e9:.2f} GB", f"{a.host_memory_limit / 2**30:.1f} GiB",
+          f"{result['peak_rss_above_start'] / 2**30:.2f} GiB", f"{result['host_bytes_peak'] / 2**30:.2f} GiB",
+          f"{result['build_s']:.0f} s", f"{result['load_s']:.0f} s", f"{median(result['step_s']):.0f} s",
+          ", ".join(f"{x:.2f}" for x in result["losses"])]], labels=0))
     if a.out:
         Path(a.out).write_text(json.dumps(result) + "\n")
     import shutil

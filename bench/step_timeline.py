@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Run a few training steps of a small Llama with offloaded state and write a Chrome trace of what overlaps.
 
-    python3 tools/step_timeline.py --params nvme --optimizer nvme --dir /tmp/swap --out trace.json
-    # then open trace.json in https://ui.perfetto.dev (or chrome://tracing)
+    python3 bench/step_timeline.py --params nvme --optimizer nvme --dir /tmp/swap --out /tmp/trace.json
+    # then open /tmp/trace.json in https://ui.perfetto.dev (or chrome://tracing)
 
 Tracks: compute (each group's forward), fetch (copies to the device), nvme read / nvme write (weights and
 optimizer state, from issue to wait), gradients (each gradient added into the host accumulator), adam (each
@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 
 import torch
 
 import offload
+from offload.bench.harness import markdown_table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--prefetch", type=int, default=2)
-    ap.add_argument("--out", default="trace.json")
+    ap.add_argument("--out", default=None,
+                    help="the Chrome trace to write (default: offload-timeline-PID.json in the temp directory)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--backward-step", action="store_true",
@@ -57,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="wait for each step's update before the next forward (per-step byte counts complete)")
     ap.add_argument("--sample-interval", type=float, default=0.005, help="seconds between resource samples")
     a = ap.parse_args(argv)
+    if a.out is None:
+        a.out = os.path.join(tempfile.gettempdir(), f"offload-timeline-{os.getpid()}.json")
     from offload.bench.llama import bench_llama
 
     model = bench_llama(a.hidden, a.layers, a.seq, vocab=a.vocab)
@@ -174,17 +179,16 @@ def print_phase_summary(timeline: offload.Timeline, sampler, start: float, end: 
 
     phases = phases_of(timeline.events(), timeline.origin, start, end)
     print(f"\n{steps} timed steps, {(end - start) / steps:.3f} s per step")
-    print(f"{'phase':<17} {'s/step':>7} {'disk busy %':>12} {'disk read GB/s':>15} {'disk write GB/s':>16} "
-          f"{'CPU cores':>10}")
+    rows = []
     for name, spans in phases.items():
         length = sum(t - s for s, t in spans)
         if length <= 0:
             continue
         use = sampler.usage(spans)
-        print(f"{name:<17} {length / steps:7.3f} {fmt(use and use.disk_busy, 100):>12} "
-              f"{fmt(use and use.read_bytes_per_s, 1e-9):>15} {fmt(use and use.write_bytes_per_s, 1e-9):>16} "
-              f"{fmt(use and use.cpu_cores, 1):>10}")
-
+        rows.append([name, f"{length / steps:.3f}", fmt(use and use.disk_busy, 100),
+                     fmt(use and use.read_bytes_per_s, 1e-9), fmt(use and use.write_bytes_per_s, 1e-9),
+                     fmt(use and use.cpu_cores, 1)])
+    print(markdown_table(["phase", "s/step", "disk busy %", "disk read GB/s", "disk write GB/s", "CPU cores"], rows))
 
 if __name__ == "__main__":
     sys.exit(main())

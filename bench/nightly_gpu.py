@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
-"""Nightly GPU regression run: GPU tests, `offload bench gpu` on a fixed set, compared with stored baselines.
+"""Nightly GPU regression run: GPU tests, bench/gpu_peers.py on a fixed set, compared with stored baselines.
 
 Steps (each runs even if an earlier one failed, so one report shows everything):
 1. install (unless --no-install): ``pip install -e .[test]``; with --offline ``--no-build-isolation --no-deps``
    (a machine without network that already has torch, transformers, scikit-build-core and nanobind);
 2. the GPU-marked tests (``pytest -m gpu``); what they measure (peak device bytes, fetch/kernel overlap) goes
    into the report;
-3. the benchmarks in BENCHES, each ``python -m offload bench gpu ... --json``;
-4. every metric against the baseline of this device (tools/baselines/nightly-gpu.json, keyed by device name):
+3. the benchmarks in BENCHES, each ``python bench/gpu_peers.py ... --json``;
+4. every metric against the baseline of this device (bench/baselines/nightly-gpu.json, keyed by device name):
    offload's tokens/s relative to plain torch in the same run (machines of one kind differ by up to 1.5x, the
    ratio much less) may not fall below (1 - tolerance) x baseline; peak GPU memory and peak RSS may not rise
    above (1 + tolerance) x baseline; the loss after the run may not move by more than its absolute tolerance.
@@ -15,8 +15,10 @@ Steps (each runs even if an earlier one failed, so one report shows everything):
    than the GPU does (the same H200 kind: 1.9 and 2.3 s per step), so its speed is judged by ``disk_efficiency``
    instead: the seconds its NVMe bytes per step take at the speed of the disk measured just before the
    benchmark (1 GiB written and read back with offload's I/O engine, median of 3), over the step's seconds.
-Writes REPORT_DIR/nightly-gpu-<device>-<date>.json and .md. Exits 1 on a failed test or regression, or when
-there is no baseline for this device; the baseline file changes only with --update-baseline.
+Writes REPORT_DIR/nightly-gpu-<device>-<date>.json and .md (by default in the work directory, a temporary one
+unless --work-dir; a report worth keeping goes to bench/results/ by hand, with its line in INDEX.md). Exits 1 on a
+failed test or regression, or when there is no baseline for this device; the baseline file changes only with
+--update-baseline.
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BASELINES = ROOT / "tools" / "baselines" / "nightly-gpu.json"
+BASELINES = ROOT / "bench" / "baselines" / "nightly-gpu.json"  # the only stored data any code reads
+GPU_PEERS = ROOT / "bench" / "gpu_peers.py"
 
-# name -> arguments of `offload bench gpu`. The first is the comparison (and the "10x the device limit" run:
+# name -> arguments of bench/gpu_peers.py. The first is the comparison (and the "10x the device limit" run:
 # params-cpu trains with device_memory_limit a tenth of its weights); the second keeps the NVMe path honest
 # (a quarter: its 32000 x 1024 embedding alone is more than a tenth of 8 layers).
 BENCHES = {
@@ -52,15 +55,15 @@ PEERS = {"torch", "torchao"}  # tracked for memory and loss only: their speed is
 
 
 def parse_args() -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-install", action="store_true", help="use the offload already installed")
     ap.add_argument("--offline", action="store_true", help="install without network (no build isolation, no deps)")
-    ap.add_argument("--report-dir", default=str(ROOT / "tools" / "baselines"), help="where the report goes")
+    ap.add_argument("--report-dir", default=None, help="where the report goes (default: the work directory)")
     ap.add_argument("--nvme-dir", default=None, help="swap directory for the NVMe benchmark (default: a temp dir)")
     ap.add_argument("--update-baseline", action="store_true",
                     help="store this run's metrics as the baseline (also after regressions: the explicit way to "
                          "accept them; not after failed tests or benchmarks)")
-    ap.add_argument("--work-dir", default=None, help="keep the raw results here (default: a temp dir)")
+    ap.add_argument("--work-dir", default=None, help="keep the raw results here (default: a new temporary directory)")
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--skip-bench", action="store_true")
     return ap.parse_args()
@@ -128,7 +131,7 @@ def benches(a: argparse.Namespace, log: list[str], workdir: Path) -> dict:
         if "nvme" in name:  # the same file system as the bench's swap files (its default is a temp dir)
             disk = disk_probe(a.nvme_dir or tempfile.gettempdir())
             print(f"disk: write {disk['write_gbs']:.2f} GB/s, read {disk['read_gbs']:.2f} GB/s", flush=True)
-        rc, out = run([sys.executable, "-m", "offload", "bench", "gpu", *args, *extra, "--json", str(out_json)], log)
+        rc, out = run([sys.executable, str(GPU_PEERS), *args, *extra, "--json", str(out_json)], log)
         results[name] = json.loads(out_json.read_text()) if rc == 0 and out_json.exists() else {"exit": rc,
                                                                                                "tail": out[-2000:]}
         if disk:
@@ -269,7 +272,7 @@ def main() -> int:
     report = {"date": date, "device": device, "passed": not problems, "problems": problems, "tests": tests,
               "bench": bench, "comparison": comparison, "tolerance": TOLERANCE, "log": log}
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower()
-    out = Path(a.report_dir)
+    out = Path(a.report_dir) if a.report_dir else workdir
     out.mkdir(parents=True, exist_ok=True)
     (out / f"nightly-gpu-{slug}-{date}.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / f"nightly-gpu-{slug}-{date}.md").write_text(markdown(report))

@@ -1,4 +1,5 @@
-"""`offload bench gpu`: training steps on a CUDA device, offload's placements against torch, torchao, DeepSpeed.
+#!/usr/bin/env python3
+"""Training steps on a CUDA device, offload's placements against torch, torchao, DeepSpeed (once `offload bench gpu`).
 
 One process builds every mode's model from the same seed and trains them in turn on the same batches: each
 round runs ``--steps`` steps of every mode, in alternating order (A B C, then C B A, ...), after one warm-up
@@ -13,7 +14,7 @@ step each, so that drift of the machine hits all modes alike. Modes:
 - ``ds-infinity``: DeepSpeed ZeRO-3 with parameters and optimizer in pinned host RAM, at most as many live
   parameters on the GPU as ``params-cpu``'s device limit holds.
 The DeepSpeed modes need ``deepspeed`` importable; each runs in a worker process of its own
-(offload/bench/gpu_ds_worker.py) that takes its turn in the rounds like the others, its peak RSS its own.
+(bench/gpu_ds_worker.py) that takes its turn in the rounds like the others, its peak RSS its own.
 Every mode uses AdamW with the same hyper-parameters and no clipping, so the losses are comparable; offload's
 modes call ``engine.backward_step(loss)``, which then overlaps each group's update with the rest of backward
 (``--split-step``: ``backward(); step()``). Reported
@@ -31,21 +32,23 @@ import json
 import resource
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
+from offload.bench.harness import markdown_table, median, round_order
+
+DS_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_ds_worker.py")
 MODES = ("torch", "torchao", "opt-cpu", "params-cpu", "nvme", "ds-offload", "ds-infinity")
 DEEPSPEED_MODES = ("ds-offload", "ds-infinity")
 LR = 1e-4
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="offload bench gpu", description=__doc__.splitlines()[0],
+    ap = argparse.ArgumentParser(prog="bench/gpu_peers.py", description=__doc__.splitlines()[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.splitlines()[2:]))
+                                 epilog="\n".join(__doc__.splitlines()[3:]))
     ap.add_argument("--modes", default="torch,torchao,opt-cpu,params-cpu",
                     help=f"comma-separated, from {','.join(MODES)} (default: torch,torchao,opt-cpu,params-cpu)")
     ap.add_argument("--hidden", type=int, default=1024)
@@ -185,7 +188,7 @@ class _DeepSpeedWorker:
 
     def __init__(self, mode: str, a: argparse.Namespace, total_steps: int, live_params: int) -> None:
         read_fd, write_fd = os.pipe()
-        cmd = [sys.executable, "-m", "offload.bench.gpu_ds_worker", "--mode", mode, "--hidden", str(a.hidden),
+        cmd = [sys.executable, DS_WORKER, "--mode", mode, "--hidden", str(a.hidden),
                "--layers", str(a.layers), "--vocab", str(a.vocab), "--batch", str(a.batch), "--seq", str(a.seq),
                "--total-steps", str(total_steps), "--live-params", str(live_params), "--reply-fd", str(write_fd)]
         # DeepSpeed's own output goes to our stderr; the replies come over the pipe.
@@ -244,10 +247,10 @@ def run(a: argparse.Namespace) -> dict:
     from offload.bench.llama import bench_llama
 
     if not torch.cuda.is_available():
-        raise SystemExit("offload bench gpu: error: needs a CUDA device (torch.cuda.is_available() is False)")
+        raise SystemExit("bench/gpu_peers.py: error: needs a CUDA device (torch.cuda.is_available() is False)")
     for mode, module in (("torchao", "torchao"), ("ds-offload", "deepspeed"), ("ds-infinity", "deepspeed")):
         if mode in a.modes and importlib.util.find_spec(module) is None:
-            print(f"offload bench gpu: {module} is not installed; leaving out the {mode} mode", file=sys.stderr)
+            print(f"bench/gpu_peers.py: {module} is not installed; leaving out the {mode} mode", file=sys.stderr)
             a.modes = [m for m in a.modes if m != mode]
     base = bench_llama(a.hidden, a.layers, a.seq, vocab=a.vocab)
     nparams = sum(p.numel() for p in base.parameters())
@@ -258,7 +261,7 @@ def run(a: argparse.Namespace) -> dict:
     batches = [torch.randint(0, a.vocab, (a.batch, a.seq), generator=gen).cuda() for _ in range(total_steps)]
     nvme_dir = a.dir or tempfile.mkdtemp(prefix="offload-bench-gpu-")  # removed at the end when ours
     trainers, persistent, done, losses, failed = {}, {}, {}, {}, {}
-    print(f"offload bench gpu: {torch.cuda.get_device_name()}, {nparams / 1e6:.0f}M parameters, {tokens} tokens "
+    print(f"bench/gpu_peers.py: {torch.cuda.get_device_name()}, {nparams / 1e6:.0f}M parameters, {tokens} tokens "
           f"per step, modes {', '.join(a.modes)}", file=sys.stderr, flush=True)
     try:
         # The DeepSpeed workers start first: their CPU Adam build and set-up overlap the building of ours.
@@ -281,7 +284,7 @@ def run(a: argparse.Namespace) -> dict:
             try:
                 ready = trainers[mode].wait_ready()
             except RuntimeError as e:  # reported, and the comparison goes on without it
-                print(f"offload bench gpu: {e}", file=sys.stderr, flush=True)
+                print(f"bench/gpu_peers.py: {e}", file=sys.stderr, flush=True)
                 failed[mode] = str(e)
                 trainers.pop(mode).close()
                 a.modes = [m for m in a.modes if m != mode]
@@ -297,7 +300,7 @@ def run(a: argparse.Namespace) -> dict:
         rounds: dict[str, list[float]] = {m: [] for m in a.modes}
         peaks: dict[str, int] = {m: 0 for m in a.modes}
         for r in range(a.rounds):
-            for mode in (a.modes if r % 2 == 0 else a.modes[::-1]):
+            for mode in round_order(a.modes, r):
                 trainer = trainers[mode]
                 if mode in DEEPSPEED_MODES:  # its own process: it times itself, synchronised, the same way
                     answer = trainer.run(a.steps)
@@ -328,7 +331,7 @@ def run(a: argparse.Namespace) -> dict:
         if failed:
             result["failed"] = failed
         for mode in a.modes:
-            step_s = statistics.median(rounds[mode])
+            step_s = median(rounds[mode])
             record = {
                 "step_s": step_s, "step_s_rounds": rounds[mode], "tokens_per_s": tokens / step_s,
                 "gpu_peak_bytes": peaks[mode], "host_pool_peak_bytes": None,
@@ -361,13 +364,13 @@ def print_table(result: dict) -> None:
           f"tokens/step, {result['rounds']} rounds x {result['steps']} steps (medians); process peak RSS "
           f"{result['peak_rss_bytes'] / 2**30:.1f} GiB")
     refs = [r for r in ("torchao", "ds-offload") if r in modes]
-    print(f"{'mode':<11} {'s/step':>7} {'tokens/s':>9} " + "".join(f"{'vs ' + r:>14}" for r in refs)
-          + f" {'GPU peak GiB':>12} {'host pool GiB':>13} {'loss':>7}")
-    for mode, m in modes.items():
-        ratios = "".join(f"{m['tokens_per_s'] / modes[r]['tokens_per_s']:13.2f}x" for r in refs)
-        pool = f"{m['host_pool_peak_bytes'] / 2**30:.2f}" if m["host_pool_peak_bytes"] is not None else "-"
-        print(f"{mode:<11} {m['step_s']:7.3f} {m['tokens_per_s']:9.0f} {ratios} "
-              f"{m['gpu_peak_bytes'] / 2**30:12.2f} {pool:>13} {m['loss_last']:7.4f}")
+    columns = ["mode", "s/step", "tokens/s"] + [f"vs {r}" for r in refs] + ["GPU peak GiB", "host pool GiB", "loss"]
+    print(markdown_table(columns, [
+        [mode, f"{m['step_s']:.3f}", f"{m['tokens_per_s']:.0f}"]
+        + [f"{m['tokens_per_s'] / modes[r]['tokens_per_s']:.2f}x" for r in refs]
+        + [f"{m['gpu_peak_bytes'] / 2**30:.2f}",
+           f"{m['host_pool_peak_bytes'] / 2**30:.2f}" if m["host_pool_peak_bytes"] is not None else "-",
+           f"{m['loss_last']:.4f}"] for mode, m in modes.items()]))
     for mode, m in modes.items():
         if "optimizer" in m:
             print(f"{mode}: {m['optimizer']}, its process's peak RSS {m['peak_rss_bytes'] / 2**30:.1f} GiB")

@@ -1,4 +1,5 @@
-"""`offload bench e2e`: whole training steps against plain torch and DeepSpeed ZeRO-3 / ZeRO-Infinity, paired.
+#!/usr/bin/env python3
+"""Whole training steps against plain torch and DeepSpeed ZeRO-3 / ZeRO-Infinity, paired (once `offload bench e2e`).
 
 Trains the same Llama (the anchors' 30m / 300m configs: random init, random tokens, batch 1 x 512, AdamW lr 1e-4
 betas (0.9, 0.95) wd 0.1, no clipping, 2 threads) under each mode, every run in a fresh process, the modes
@@ -11,7 +12,8 @@ interleaved (A B C, then C B A, ...) over ``--rounds`` rounds:
 Offload's modes call ``engine.backward_step`` (no clipping here, so updates overlap backward where the placement
 allows). Per run: median step time over the measured steps, its forward / backward / optimizer split, tokens/s,
 peak RSS (sampled every 10 ms), disk bytes read and written per step. Reported: the median of the runs' medians
-per mode, "x torch", and the ratios the issue asks for; raw records as JSON lines (``--out``).
+per mode, "x torch", and the ratios the issue asks for (offload.bench.harness); raw records as JSON lines
+(``--out``).
 """
 
 from __future__ import annotations
@@ -19,22 +21,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 
-from offload.bench.e2e_worker import MODES
+from e2e_worker import MODES  # (the worker beside this script: it imports nothing of offload)
 
-WORKER = os.path.join(os.path.dirname(__file__), "e2e_worker.py")
+from offload.bench.harness import JsonLines, markdown_table, median, round_order
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "e2e_worker.py")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="offload bench e2e", description=__doc__.splitlines()[0],
+    ap = argparse.ArgumentParser(prog="bench/e2e.py", description=__doc__.splitlines()[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.splitlines()[2:]) + "\n\nexample:\n  offload bench e2e "
+                                 epilog="\n".join(__doc__.splitlines()[3:]) + "\n\nexample:\n  python3 bench/e2e.py "
                                         "--sizes 300m --dtypes fp32,bf16 --rounds 2 --dir /nvme/bench "
-                                        "--ds-python ds/bin/python --out e2e.jsonl")
+                                        "--ds-python ds/bin/python --out /tmp/e2e.jsonl")
     ap.add_argument("--sizes", default="300m", help="30m and/or 300m (default 300m; tiny: a smoke test)")
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--modes", default=None, help=f"comma-separated from {','.join(MODES)} (default: all ours "
@@ -88,12 +91,12 @@ def summarize(records: list[dict]) -> list[dict]:
         by_mode = {}
         for r in runs:
             by_mode.setdefault(r["mode"], []).append(r)
-        torch_s = statistics.median(r["step_s"] for r in by_mode["torch"]) if "torch" in by_mode else None
+        torch_s = median(r["step_s"] for r in by_mode["torch"]) if "torch" in by_mode else None
         for mode in MODES:
             if mode not in by_mode:
                 continue
             rs = by_mode[mode]
-            med = {k: statistics.median(r[k] for r in rs) for k in
+            med = {k: median(r[k] for r in rs) for k in
                    ("step_s", "forward_s", "backward_s", "optimizer_s", "peak_rss_bytes", "read_bytes_per_step",
                     "written_bytes_per_step")}
             rows.append({"size": size, "dtype": dtype, "mode": mode, "runs": len(rs), **med,
@@ -102,16 +105,18 @@ def summarize(records: list[dict]) -> list[dict]:
     return rows
 
 
+def _cells(r: dict) -> list[str]:
+    return [r["size"], r["dtype"], r["mode"], str(r["runs"]), f"{r['step_s']:.2f}",
+            ", ".join(f"{s:.2f}" for s in r["per_run_step_s"]),
+            f"{r['forward_s']:.2f} / {r['backward_s']:.2f} / {r['optimizer_s']:.2f}", f"{r['tokens_per_s']:.0f}",
+            f"{r['x_torch']:.2f}" if r["x_torch"] else "-", f"{r['peak_rss_bytes'] / 2**30:.2f}",
+            f"{r['read_bytes_per_step'] / 1e9:.2f} + {r['written_bytes_per_step'] / 1e9:.2f}"]
+
+
 def print_table(rows: list[dict]) -> None:
-    print("| size | dtype | mode | runs | s/step (median) | per-run medians | fwd / bwd / opt s | tokens/s | x torch "
-          "| peak RSS GiB | disk read + write GB/step |")
-    print("|---|---|---|---:|---:|---|---|---:|---:|---:|---:|")
-    for r in rows:
-        xt = f"{r['x_torch']:.2f}" if r["x_torch"] else "-"
-        print(f"| {r['size']} | {r['dtype']} | {r['mode']} | {r['runs']} | {r['step_s']:.2f} | "
-              f"{', '.join(f'{s:.2f}' for s in r['per_run_step_s'])} | {r['forward_s']:.2f} / {r['backward_s']:.2f} "
-              f"/ {r['optimizer_s']:.2f} | {r['tokens_per_s']:.0f} | {xt} | {r['peak_rss_bytes'] / 2**30:.2f} | "
-              f"{r['read_bytes_per_step'] / 1e9:.2f} + {r['written_bytes_per_step'] / 1e9:.2f} |")
+    columns = ["size", "dtype", "mode", "runs", "s/step (median)", "per-run medians", "fwd / bwd / opt s", "tokens/s",
+               "x torch", "peak RSS GiB", "disk read + write GB/step"]
+    print(markdown_table(columns, [_cells(r) for r in rows], labels=3))
     for size, dtype in sorted({(r["size"], r["dtype"]) for r in rows}):
         got = {r["mode"]: r for r in rows if r["size"] == size and r["dtype"] == dtype}
         ratios = []
@@ -130,22 +135,21 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     swap = a.dir or tempfile.gettempdir()
     records = []
-    for size in a.sizes:
-        for dtype in a.dtypes:
-            for r in range(a.rounds):
-                for mode in (a.modes if r % 2 == 0 else a.modes[::-1]):
-                    print(f"offload bench e2e: {size} {dtype} round {r + 1}/{a.rounds}: {mode} ...", file=sys.stderr,
-                          flush=True)
-                    record = dict(run_one(a, mode, size, dtype, swap), round=r)
-                    records.append(record)
-                    if "failed" in record:
-                        print(f"  {mode} failed:\n{record['failed']}", file=sys.stderr, flush=True)
-                    else:
-                        print(f"  {record['step_s']:.2f} s/step, peak RSS {record['peak_rss_bytes'] / 2**30:.2f} GiB",
-                              file=sys.stderr, flush=True)
-                    if a.out:
-                        with open(a.out, "a") as f:
-                            f.write(json.dumps(record) + "\n")
+    with JsonLines(a.out) as out:
+        for size in a.sizes:
+            for dtype in a.dtypes:
+                for r in range(a.rounds):
+                    for mode in round_order(a.modes, r):
+                        print(f"bench/e2e.py: {size} {dtype} round {r + 1}/{a.rounds}: {mode} ...", file=sys.stderr,
+                              flush=True)
+                        record = dict(run_one(a, mode, size, dtype, swap), round=r)
+                        records.append(record)
+                        if "failed" in record:
+                            print(f"  {mode} failed:\n{record['failed']}", file=sys.stderr, flush=True)
+                        else:
+                            print(f"  {record['step_s']:.2f} s/step, peak RSS "
+                                  f"{record['peak_rss_bytes'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+                        out.write(record)
     rows = summarize(records)
     print(json.dumps({"bench": "e2e", "rows": rows}))
     print_table(rows)

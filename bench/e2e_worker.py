@@ -1,4 +1,5 @@
-"""One end-to-end training run in a fresh process, for `offload bench e2e`; prints one ``RESULT {json}`` line.
+"""One end-to-end training run in a fresh process, for bench/e2e.py and bench/finetune.py; prints one
+``RESULT {json}`` line.
 
 Runs under offload's Python (modes ``torch``, ``ours-*``) or a DeepSpeed venv's (``ds-*``), so it imports
 nothing of offload at module level. What is measured, per measured step: forward / backward / optimizer wall

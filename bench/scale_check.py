@@ -2,7 +2,7 @@
 """Train a model whose training state is several times the host budget, with parameters, gradients and optimizer
 state on NVMe, and report sizes, peak memory and step times as JSON.
 
-    python3 tools/scale_check.py --dir /path/on/nvme --hidden 1536 --layers 10 --budget-ratio 4 --steps 4
+    python3 bench/scale_check.py --dir /path/on/nvme --hidden 1536 --layers 10 --budget-ratio 4 --steps 4
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ buffers at their peak, the RSS the engine adds once built (its state), the peak 
 the median step time. Rounds alternate 1 rank and N ranks; the table shows medians and the N-rank / 1-rank
 ratios. JSON lines go to stdout (and ``--out``), the table to stderr.
 
-    python3 tools/bench_ranks.py --ranks 2 --hidden 512 --layers 8 --params nvme --optimizer nvme --dir /mnt/nvme
+    python3 bench/ranks.py --ranks 2 --hidden 512 --layers 8 --params nvme --optimizer nvme --dir /mnt/nvme
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import json
 import os
 import resource
 import socket
-import statistics
 import sys
 import tempfile
 import time
@@ -26,6 +25,8 @@ import psutil
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from offload.bench.harness import JsonLines, markdown_table, median, round_order
 
 
 def _free_port() -> int:
@@ -67,7 +68,7 @@ def _rank(rank: int, world: int, port: int, a: argparse.Namespace, out_dir: str)
                     times.append(time.perf_counter() - start)
             stats = engine.stats()
         measured = max(1, len(times))
-        record = {"world": world, "rank": rank, "step_s": statistics.median(times),
+        record = {"world": world, "rank": rank, "step_s": median(times),
                   "host_buffers_peak": stats.host_bytes_peak, "state_rss": rss_state - rss_before,
                   "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   "nvme_read_per_step": (stats.nvme_bytes_read - before.nvme_bytes_read) / measured,
@@ -89,6 +90,22 @@ def _run(world: int, a: argparse.Namespace) -> list[dict]:
 
 
 FIELDS = ("step_s", "host_buffers_peak", "state_rss", "peak_rss", "nvme_read_per_step", "nvme_written_per_step")
+# each field's table column: its unit and decimals
+COLUMNS = {"step_s": ("step s", 1, 3), "host_buffers_peak": ("host buffers MiB", 2**20, 0),
+           "state_rss": ("state RSS MiB", 2**20, 0), "peak_rss": ("peak RSS MiB", 2**20, 0),
+           "nvme_read_per_step": ("NVMe read MB/step", 1e6, 1),
+           "nvme_written_per_step": ("NVMe written MB/step", 1e6, 1)}
+
+
+def _table(medians: dict[int, dict[str, float]], ranks: int) -> str:
+    """The medians per rank of 1 and of N ranks, and their ratios N / 1 (none for zero NVMe bytes)."""
+    def cells(m: dict[str, float]) -> list[str]:
+        return [f"{m[k] / unit:.{digits}f}" for k, (_, unit, digits) in COLUMNS.items()]
+
+    one, many = medians[1], medians[ranks]
+    ratios = [f"{many[k] / one[k]:.2f}" if one[k] else "-" for k in FIELDS]
+    rows = [[str(world)] + cells(m) for world, m in medians.items()] + [[f"{ranks} / 1"] + ratios]
+    return markdown_table(["ranks"] + [name for name, _, _ in COLUMNS.values()], rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,41 +132,23 @@ def main(argv: list[str] | None = None) -> int:
         scratch = tempfile.TemporaryDirectory(prefix="bench-ranks-")
         a.dir = scratch.name
     per_world: dict[int, list[dict]] = {1: [], a.ranks: []}
-    out = open(a.out, "a") if a.out else None
     try:
-        for round_index in range(a.rounds):
-            for world in (1, a.ranks):  # interleaved: 1 rank, N ranks, 1 rank, ...
-                for record in _run(world, a):
-                    record.update(round=round_index, hidden=a.hidden, layers=a.layers, params=a.params,
-                                  optimizer=a.optimizer, dtype=a.dtype)
-                    line = json.dumps(record)
-                    print(line, flush=True)
-                    if out:
-                        out.write(line + "\n")
-                    per_world[world].append(record)
+        with JsonLines(a.out) as out:
+            for round_index in range(a.rounds):
+                for world in round_order((1, a.ranks), round_index):  # interleaved: 1, N, then N, 1, ...
+                    for record in _run(world, a):
+                        record.update(round=round_index, hidden=a.hidden, layers=a.layers, params=a.params,
+                                      optimizer=a.optimizer, dtype=a.dtype)
+                        print(json.dumps(record), flush=True)
+                        out.write(record)
+                        per_world[world].append(record)
     finally:
-        if out:
-            out.close()
         if scratch is not None:
             scratch.cleanup()
-    medians = {w: {k: statistics.median(r[k] for r in recs) for k in FIELDS} for w, recs in per_world.items()}
-    mib = 2 ** 20
+    medians = {w: {k: median(r[k] for r in recs) for k in FIELDS} for w, recs in per_world.items()}
     print(f"\n{a.layers} layers x {a.hidden}, params={a.params} optimizer={a.optimizer} {a.dtype}, global batch "
           f"{a.batch} x {a.tokens}, {a.rounds} rounds, medians (per rank)", file=sys.stderr)
-    print("| ranks | step s | host buffers MiB | state RSS MiB | peak RSS MiB | NVMe read MB/step | "
-          "NVMe written MB/step |", file=sys.stderr)
-    print("|---|---|---|---|---|---|---|", file=sys.stderr)
-    for world, m in medians.items():
-        print(f"| {world} | {m['step_s']:.3f} | {m['host_buffers_peak'] / mib:.0f} | {m['state_rss'] / mib:.0f} | "
-              f"{m['peak_rss'] / mib:.0f} | {m['nvme_read_per_step'] / 1e6:.1f} | "
-              f"{m['nvme_written_per_step'] / 1e6:.1f} |", file=sys.stderr)
-    one, many = medians[1], medians[a.ranks]
-    print(f"| {a.ranks} / 1 | {many['step_s'] / one['step_s']:.2f} | "
-          f"{many['host_buffers_peak'] / one['host_buffers_peak']:.2f} | {many['state_rss'] / one['state_rss']:.2f} | "
-          f"{many['peak_rss'] / one['peak_rss']:.2f} | "
-          + (f"{many['nvme_read_per_step'] / one['nvme_read_per_step']:.2f} | "
-             f"{many['nvme_written_per_step'] / one['nvme_written_per_step']:.2f} |"
-             if one["nvme_read_per_step"] else "- | - |"), file=sys.stderr)
+    print(_table(medians, a.ranks), file=sys.stderr)
     return 0
 
 
