@@ -4,8 +4,8 @@
 Runs under offload's Python (modes ``torch``, ``ours-*``) or a DeepSpeed venv's (``ds-*``), so it imports
 nothing of offload at module level. What is measured, per measured step: forward / backward / optimizer wall
 time; the peak RSS from a sampler thread (every 10 ms, reset after the warm-up); the bytes the process read and
-wrote on block devices (``/proc/self/io``; the swap files use O_DIRECT in every mode, so these are real disk
-bytes).
+wrote on block devices (psutil's ``io_counters``, the kernel's ``/proc/self/io`` read_bytes and write_bytes; the
+swap files use O_DIRECT in every mode, so these are real disk bytes).
 """
 
 from __future__ import annotations
@@ -53,8 +53,11 @@ class _PeakRSS(threading.Thread):
 
 
 def _io() -> dict[str, int]:
-    with open("/proc/self/io") as f:
-        return {k.strip(): int(v) for k, v in (line.split(":") for line in f)}
+    """Bytes this process has read from and written to block devices so far."""
+    import psutil
+
+    counters = psutil.Process().io_counters()
+    return {"read_bytes": counters.read_bytes, "write_bytes": counters.write_bytes}
 
 
 def _ds_config(mode: str, swap: str, dtype: str) -> dict:

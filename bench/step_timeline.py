@@ -7,7 +7,7 @@
 Tracks: compute (each group's forward), fetch (copies to the device), nvme read / nvme write (weights and
 optimizer state, from issue to wait), gradients (each gradient added into the host accumulator), adam (each
 group's update) and step (each forward and backward call of the loop); counters: disk busy %, disk MB/s (the
-block device under the swap directory, from /proc/diskstats) and CPU cores (this process). At the end it
+block device under the swap directory, from psutil's disk counters) and CPU cores (this process). At the end it
 prints, per phase of the steps after the first, how long it took and how busy the disk and the CPU were
 (exact means from the cumulative counters): "forward: compute" (the group forwards), "forward: waits" (the
 rest of the forward calls: waiting for updates and fetches), "backward" (the backward calls, with the

@@ -1,13 +1,13 @@
 """ResourceSampler: how busy the swap disk and the CPU are, sampled next to a Timeline's spans.
 
 The engine's spans say when it issued work and when it waited; they cannot say whether the disk was moving
-bytes in between. The kernel can: ``/proc/diskstats`` counts, per block device, the milliseconds during which
-at least one request was in flight (``io_ticks``) and the sectors read and written, and the process's CPU
-time counts what all its threads computed. The sampler reads these cumulative counters every few
-milliseconds and keeps them:
+bytes in between. The kernel can: it counts, per block device, the milliseconds during which at least one
+request was in flight (``io_ticks``) and the bytes read and written (``psutil.disk_io_counters``, from
+``/proc/diskstats``), and the process's CPU time counts what all its threads computed. The sampler reads these
+cumulative counters every few milliseconds and keeps them:
 
 - ``usage(spans)`` gives means over any set of time spans (the counters' increase between the spans' ends,
-  interpolated between samples): what ``tools/step_timeline.py`` prints per phase of a step;
+  interpolated between samples): what ``bench/step_timeline.py`` prints per phase of a step;
 - the Timeline gets counter tracks (disk busy %, disk MB/s, CPU cores) to look at next to the spans.
 
 Granularity: ``io_ticks`` advances in whole jiffies (4 ms with HZ=250), so a single sample over a 5 ms interval
@@ -16,7 +16,7 @@ use the cumulative counts, so the error is at most about one sample interval of 
 per sample. CPU time comes from ``time.process_time`` (all threads, nanoseconds).
 
 Linux only for the disk; for a directory on a filesystem without a block device (tmpfs, overlay) or where
-/proc/diskstats lacks it, the disk counters are left out and ``disk_note`` says why.
+psutil has no counters for it, the disk counters are left out and ``disk_note`` says why.
 """
 
 from __future__ import annotations
@@ -25,17 +25,21 @@ import bisect
 import os
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-SECTOR_BYTES = 512  # /proc/diskstats counts 512-byte sectors whatever the device's own sector size
+import psutil
 
 
 @dataclass(frozen=True)
 class DiskCounters:
-    """Cumulative counters of one block device (``/proc/diskstats`` fields 13, 6 and 10)."""
+    """Cumulative counters of one block device: milliseconds with a request in flight, bytes read, bytes written
+    (psutil's ``busy_time``, ``read_bytes`` and ``write_bytes``: ``/proc/diskstats`` fields 13, 6 and 10, the
+    sectors counted as 512 bytes whatever the device's own sector size)."""
     busy_ms: int
-    sectors_read: int
-    sectors_written: int
+    read_bytes: int
+    written_bytes: int
 
 
 @dataclass(frozen=True)
@@ -54,28 +58,34 @@ class Usage:
     write_bytes_per_s: float | None
 
 
-def block_device_of(path: str | os.PathLike) -> tuple[int, int] | None:
-    """(major, minor) of the block device holding ``path``, or None for a filesystem without one."""
+def block_device_of(path: str | os.PathLike) -> str | None:
+    """The kernel's name of the block device holding ``path`` (``vda``, ``nvme0n1p2``: the names psutil's disk
+    counters are keyed by), or None for a filesystem without one."""
     dev = os.stat(path).st_dev
     major, minor = os.major(dev), os.minor(dev)
-    return None if major == 0 else (major, minor)  # major 0: tmpfs, overlay, btrfs subvolumes, ...
-
-
-def parse_diskstats(text: str, device: tuple[int, int]) -> DiskCounters | None:
-    """The device's counters from the text of /proc/diskstats (per line: major minor name reads merged
-    sectors-read ms writes merged sectors-written ms in-flight io_ticks ...), or None if it has no line."""
-    for line in text.splitlines():
-        fields = line.split()
-        if len(fields) >= 13 and (int(fields[0]), int(fields[1])) == device:
-            return DiskCounters(busy_ms=int(fields[12]), sectors_read=int(fields[5]), sectors_written=int(fields[9]))
-    return None
-
-
-def read_disk_counters(device: tuple[int, int]) -> DiskCounters | None:
-    try:
-        with open("/proc/diskstats") as f:
-            return parse_diskstats(f.read(), device)
+    if major == 0:  # tmpfs, overlay, btrfs subvolumes, ...
+        return None
+    try:  # /sys/dev/block/MAJOR:MINOR links to the device's directory, named as the kernel names the device
+        return os.path.basename(os.readlink(f"/sys/dev/block/{major}:{minor}"))
     except OSError:
+        return None
+
+
+def disk_counters(per_disk: Mapping[str, Any], device: str) -> DiskCounters | None:
+    """The device's counters from ``psutil.disk_io_counters(perdisk=True)``'s answer, or None if it has none."""
+    counters = per_disk.get(device)
+    if counters is None or not hasattr(counters, "busy_time"):  # (busy_time: Linux and FreeBSD only)
+        return None
+    return DiskCounters(busy_ms=counters.busy_time, read_bytes=counters.read_bytes,
+                        written_bytes=counters.write_bytes)
+
+
+def read_disk_counters(device: str) -> DiskCounters | None:
+    """The device's counters now, or None when the system has none for it. psutil keeps the counters
+    increasing across a wrap of the kernel's 32-bit ``io_ticks`` (nowrap)."""
+    try:
+        return disk_counters(psutil.disk_io_counters(perdisk=True), device)
+    except (OSError, NotImplementedError, ValueError):  # neither /proc/diskstats nor /sys/block; a line it cannot read
         return None
 
 
@@ -83,14 +93,15 @@ def rates(before: DiskCounters, after: DiskCounters, seconds: float) -> tuple[fl
     """(busy fraction, bytes read per second, bytes written per second) between two readings ``seconds``
     apart. The busy fraction is not clamped: over a short interval one jiffy more or less moves it a lot."""
     return ((after.busy_ms - before.busy_ms) / 1e3 / seconds,
-            (after.sectors_read - before.sectors_read) * SECTOR_BYTES / seconds,
-            (after.sectors_written - before.sectors_written) * SECTOR_BYTES / seconds)
+            (after.read_bytes - before.read_bytes) / seconds,
+            (after.written_bytes - before.written_bytes) / seconds)
 
 
 class ResourceSampler:
     """A daemon thread that, every ``interval`` seconds between ``start()`` and ``stop()``, records the
     cumulative counters of the disk holding ``path`` and of the process's CPU time (``samples``) and adds
-    their rates over the interval to ``timeline`` as counter tracks. Cheap: one /proc read per sample."""
+    their rates over the interval to ``timeline`` as counter tracks. Cheap: one psutil call (a read of
+    /proc/diskstats, about 0.1 ms) per sample."""
 
     def __init__(self, timeline, path: str | os.PathLike | None = None, interval: float = 0.005) -> None:
         if interval <= 0:
@@ -108,7 +119,7 @@ class ResourceSampler:
             else:
                 if self._device is None or read_disk_counters(self._device) is None:
                     self._device = None
-                    self.disk_note = f"no disk counters for {path!s}: not on a block device listed in /proc/diskstats"
+                    self.disk_note = f"no disk counters for {path!s}: not on a block device psutil has counters for"
         self.samples: list[Sample] = []  # appended by start(), the sampling thread and stop(); read after stop()
         self._last_disk: Sample | None = None
         self._stop = threading.Event()
@@ -137,10 +148,10 @@ class ResourceSampler:
         if cpu is None:
             return None
         with_disk = [s for s in self.samples if s.disk is not None]  # (a failed read leaves a gap)
-        disk = _means(with_disk, spans, ("busy_ms", "sectors_read", "sectors_written"))
+        disk = _means(with_disk, spans, ("busy_ms", "read_bytes", "written_bytes"))
         if disk is None:
             return Usage(cpu[0], None, None, None)
-        return Usage(cpu[0], disk[0] / 1e3, disk[1] * SECTOR_BYTES, disk[2] * SECTOR_BYTES)
+        return Usage(cpu[0], disk[0] / 1e3, disk[1], disk[2])
 
     def _record(self) -> None:
         disk = read_disk_counters(self._device) if self._device is not None else None

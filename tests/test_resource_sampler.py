@@ -6,34 +6,47 @@ import os
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 import offload
-from offload.resource_sampler import (SECTOR_BYTES, DiskCounters, ResourceSampler, Sample, block_device_of,
-                                      parse_diskstats, rates, read_disk_counters)
+from offload.resource_sampler import DiskCounters, ResourceSampler, Sample, block_device_of, rates, read_disk_counters
 from offload.timeline import NO_TIMELINE
 
+SECTOR_BYTES = 512  # /proc/diskstats counts 512-byte sectors whatever the device's own sector size
 DISKSTATS = """ 254       0 vda 8475569 301204 21663475322 136909206 6645196 1889788 23702996528 92233586 0 7080780 229602357
  254       1 vda1 100 0 2000 10 200 0 4000 20 0 30 40
-   7       0 loop0 1 2 3 4 5 6 7 8 9
 """
+SHORT_LINE = "   7       0 loop0 1 2 3 4 5 6 7 8 9\n"
 
 
 def _counters(timeline, name):
     return [e for e in timeline.events() if e["ph"] == "C" and e["name"] == name]
 
 
-def test_diskstats_fields_are_the_documented_ones():
-    assert parse_diskstats(DISKSTATS, (254, 0)) == DiskCounters(busy_ms=7080780, sectors_read=21663475322,
-                                                                sectors_written=23702996528)
-    assert parse_diskstats(DISKSTATS, (254, 1)) == DiskCounters(busy_ms=30, sectors_read=2000, sectors_written=4000)
-    assert parse_diskstats(DISKSTATS, (8, 0)) is None
-    assert parse_diskstats(DISKSTATS, (7, 0)) is None  # a line too short to hold io_ticks
+@pytest.fixture
+def fake_proc(tmp_path, monkeypatch):
+    """psutil reading a /proc whose diskstats the test writes (and its counters' wrap cache cleared around it)."""
+    monkeypatch.setattr(psutil, "PROCFS_PATH", str(tmp_path))
+    psutil.disk_io_counters.cache_clear()
+    yield tmp_path / "diskstats"
+    psutil.disk_io_counters.cache_clear()
+
+
+def test_diskstats_fields_are_the_documented_ones(fake_proc):
+    fake_proc.write_text(DISKSTATS)
+    assert read_disk_counters("vda") == DiskCounters(busy_ms=7080780, read_bytes=21663475322 * SECTOR_BYTES,
+                                                     written_bytes=23702996528 * SECTOR_BYTES)
+    assert read_disk_counters("vda1") == DiskCounters(busy_ms=30, read_bytes=2000 * SECTOR_BYTES,
+                                                      written_bytes=4000 * SECTOR_BYTES)
+    assert read_disk_counters("sda") is None
+    fake_proc.write_text(DISKSTATS + SHORT_LINE)
+    assert read_disk_counters("loop0") is None  # a line too short to hold io_ticks (psutil: no counters at all)
 
 
 def test_rates_are_fractions_and_bytes_per_second():
-    before = DiskCounters(busy_ms=1000, sectors_read=0, sectors_written=100)
-    after = DiskCounters(busy_ms=1250, sectors_read=2048, sectors_written=100 + 4096)
+    before = DiskCounters(busy_ms=1000, read_bytes=0, written_bytes=100 * SECTOR_BYTES)
+    after = DiskCounters(busy_ms=1250, read_bytes=2048 * SECTOR_BYTES, written_bytes=(100 + 4096) * SECTOR_BYTES)
     busy, read, written = rates(before, after, 0.5)
     assert busy == pytest.approx(0.5)
     assert read == pytest.approx(2048 * SECTOR_BYTES / 0.5)
@@ -42,10 +55,10 @@ def test_rates_are_fractions_and_bytes_per_second():
 
 def test_usage_interpolates_the_cumulative_counters():
     sampler = ResourceSampler(offload.Timeline())
-    sampler._device = (1, 1)  # as if sampled: only the samples below are used
+    sampler._device = "vda"  # as if sampled: only the samples below are used
     sampler.samples = [Sample(10.0, 0.0, DiskCounters(0, 0, 0)),
-                       Sample(11.0, 2.0, DiskCounters(1000, 2000, 0)),
-                       Sample(12.0, 2.0, DiskCounters(1000, 2000, 4000))]
+                       Sample(11.0, 2.0, DiskCounters(1000, 2000 * SECTOR_BYTES, 0)),
+                       Sample(12.0, 2.0, DiskCounters(1000, 2000 * SECTOR_BYTES, 4000 * SECTOR_BYTES))]
     whole = sampler.usage([(10.0, 12.0)])
     assert whole.cpu_cores == pytest.approx(1.0) and whole.disk_busy == pytest.approx(0.5)
     assert whole.read_bytes_per_s == pytest.approx(2000 * SECTOR_BYTES / 2)
