@@ -1,172 +1,290 @@
-"""UpdateHandoff: how OffloadedParams hands groups between the device's uses and the optimizer's updates.
+"""UpdateHandoff: how offloaded groups pass between the device's uses and the optimizer's updates.
 
-Part of :class:`~offload.schedule.offloaded_params.OffloadedParams` (a base class; that module describes
-residency, fetches and homes). Here: which groups an overlapped step is about to update and when their new
+Owned by :class:`~offload.schedule.offloaded_params.OffloadedParams` (which fetches and releases; that module
+describes residency and homes). Here: which groups an overlapped step is about to update and when their new
 weights are home (Note [overlapped step]), which groups stay on the device through their update, and which
-lend their device buffer to it.
+lend their device buffer to it; the events by which the update thread says it is done with a group, and the
+state changes around the update (Note [the life of a group], residency.py).
 
 Note [overlapped step]: the optimizer may update the groups on a background thread while the next forward
-runs. A group's ``_updated`` event is cleared when such a step announces it (``expect_update``) and set once
-its new weights are home (``mark_updated``); a fetch of the group waits for it, a prefetch skips it until then.
-After a failed or interrupted step every event is set, so nothing waits for an update that will never come.
+runs. A group's ``updated`` event is cleared when such a step announces it (``expect_update``; a released group
+becomes AWAITING_UPDATE) and set once its new weights are home (``mark_updated``); a fetch of the group waits
+for it, a prefetch skips it until then. After a failed or interrupted step every event is set, so nothing
+waits for an update that will never come.
 
 Note [kept through the update]: on the CPU device, the groups the next forward uses first (the last ones
 backward finishes) would otherwise be released at the end of backward, updated, written home and read back
 at once, with the forward waiting for all of it: the step's tail. Instead, when backward gives such a group
 its last gradient (``release_or_keep``) and the device limit leaves room for one more use, the group stays
-RESIDENT ("kept"); its update then also copies each new master chunk into the device buffer (``after_update``,
-on the update thread; fp32 -> compute dtype rounds exactly as the kernel's own copy does), and its next use
-waits only for that copy (``_fresh``), not for the writes home. A group is kept until its first use (then it
-is an ordinary resident group) or its release; until then every update announced for it refreshes its device
-buffer, and a release first waits for a refresh in flight (the update thread may be writing the buffer). One
-still kept when the next backward begins was not used by that forward and goes home. Only unsharded groups
-on the CPU device.
+on the device, KEPT; its update then also copies each new master chunk into the device buffer
+(``after_update``, on the update thread; fp32 -> compute dtype rounds exactly as the kernel's own copy does),
+and its next use waits only for that copy (``device_current``), not for the writes home. A group is kept until
+its first use (then it is an ordinary RESIDENT group) or its release; until then every update announced for it
+refreshes its device buffer, and a release first waits for a refresh in flight (the update thread may be
+writing the buffer). One still kept when the next backward begins was not used by that forward and goes home.
+Only unsharded groups on the CPU device.
 
 Note [lent to the update]: in fp32 with the weights in the state file, a group's device buffer holds exactly
 the master part of its state file when backward is done with it (it was read from there; nothing writes
 weights between). When its update follows at once (``backward_step``: ``lend_to_updates``), the group stays
-RESIDENT ("lendable") and its update takes the buffer as its master (``lend_master``; Note [master in
+on the device, OFFERED, and its update takes the buffer as its master (``lend_master``: LENT; Note [master in
 memory], group_stepper.py): the update reads only the moments and runs Adam on the buffer in place, and the
 state writes read the new master from it. From then on the buffer may not be given back until those writes
-are complete (``_returned``, set with ``mark_updated`` at the group's ``written``), and a use must first wait
-for the Adam pass (``_fresh``). A lent group the next forward keeps (a kept group) needs no refresh copy; any
-other goes home once its writes are complete, when the training thread next looks (``reap``), unless a use
-took it over first (after that use, ``release_after_use`` hands it back to ``reap`` if its writes are still
-running; only an explicit ``release`` waits for them). Room: as for kept groups, and at most ``lend_limit``
-such groups at a time. Only unsharded groups on the CPU device.
+are complete (``returned``, set with ``mark_updated`` at the group's ``written``), and a use must first wait
+for the Adam pass (``device_current``). A lent group the next forward keeps (KEPT_LENT) needs no refresh copy;
+any other goes home once its writes are complete, when the training thread next looks (``release_returned``),
+unless a use took it over first (LENT_IN_USE; after that use, ``release_after_use`` makes it LENT again if its
+writes are still running; only an explicit ``release`` waits for them). An offer no update took is withdrawn
+when the backward_step ends. Room: as for kept groups, and at most ``lend_limit`` LENT groups at a time. Only
+unsharded groups on the CPU device.
 """
 
 from __future__ import annotations
 
 import threading
-
+import time
 import torch
 
-from offload.schedule.residency import Residency
+from offload.schedule.residency import KEPT_STATES, LENT_STATES, OFFERED_STATES, Residency, ResidencyTable
+from offload.schedule.weight_homes import AfterUpdate
+from offload.timeline import Timeline
+
+# ensure_resident of a kept or lent group: the state its use leaves it in (Note [the life of a group])
+_IN_USE = {Residency.KEPT: Residency.RESIDENT, Residency.KEPT_OFFERED: Residency.OFFERED,
+           Residency.KEPT_LENT: Residency.LENT_IN_USE, Residency.LENT: Residency.LENT_IN_USE,
+           Residency.LENT_IN_USE: Residency.LENT_IN_USE}
+# lend_master: the state of an offered group once its update has taken the buffer
+_LENT = {Residency.OFFERED: Residency.LENT, Residency.KEPT_OFFERED: Residency.KEPT_LENT}
+# the training thread sees a loan's writes complete, or withdraws an offer nobody took: what remains
+_LOAN_OVER = {Residency.LENT_IN_USE: Residency.RESIDENT, Residency.KEPT_LENT: Residency.KEPT}
+_OFFER_WITHDRAWN = {Residency.OFFERED: Residency.RESIDENT, Residency.KEPT_OFFERED: Residency.KEPT}
 
 
 class UpdateHandoff:
-    """The update side of :class:`OffloadedParams`' residency (its ``__init__`` calls ``_init_handoff``)."""
+    """The groups' side of the optimizer's updates, for :class:`OffloadedParams`: the events the update thread
+    sets and the training thread waits for, and the moves of ``residency`` around an update."""
 
-    def _init_handoff(self, ngroups: int, lend_limit: int) -> None:
-        """The events and sets of the notes above, all quiet: no update announced, nothing kept or lent."""
-        # Note [overlapped step]: set once group g's new weights are home.
+    def __init__(self, residency: ResidencyTable, names: list[str], lend_limit: int, timeline: Timeline) -> None:
+        """All quiet: no update announced, nothing kept, offered or lent. ``names``: the groups' names (for the
+        timeline). ``lend_limit``: how many groups no forward keeps may be LENT at once."""
+        ngroups = len(residency)
+        self._residency = residency
+        self._names = [name or "<root>" for name in names]
+        self._timeline = timeline
+        # Whether group g's weights at home are its latest (Note [overlapped step]). Cleared by the training
+        # thread (expect_update) before it hands the update over; set by the update thread once the new weights
+        # are home (mark_updated), or by whoever ends the step (settle, abort). Waited for by the training
+        # thread before it fetches g (wait_for_home), and read when it releases g (state_at_home). Safe: only
+        # the thread that announces updates clears it, always before the update can run, so the update cannot
+        # set it first, and a waiter never sees it cleared again under it.
         self._updated = _set_events(ngroups)
-        # Note [kept through the update]: the groups that may be kept (set by the scheduler), those kept now,
-        # and per group whether its device buffer holds its latest weights (cleared while a kept group's
-        # update is pending; set by the update thread). ``_keep_reserve``: bytes a use may need next to them.
-        self._keep_candidates: frozenset[int] = frozenset()
-        self._keep_reserve = 0
-        self._kept: set[int] = set()
-        self._fresh = _set_events(ngroups)
-        # Note [lent to the update]: whether backward's groups may be lent now, those waiting for their update
-        # to take them (lendable), those whose buffer an update has taken (lent: its writes may read it until
-        # ``_returned``), and the lent ones nobody has used since (``reap`` releases them once returned).
-        self._lending = False
-        self._lend_limit = lend_limit
-        self._lendable: set[int] = set()
-        self._lent: set[int] = set()
-        self._reapable: set[int] = set()
+        # Whether group g's device buffer holds its latest weights. Cleared by the training thread before the
+        # update is handed over, for a kept group (expect_update: the update will refresh the buffer) or a lent
+        # one (lend: the update runs Adam on it); set by the update thread after the last chunk's refresh or
+        # Adam pass (after_update), or by settle/abort. Waited for by the training thread before a use of a kept
+        # or lent group (begin_use) and before the release of a kept one (wait_until_free): until then the
+        # update thread writes the buffer.
+        self._device_current = _set_events(ngroups)
+        # Whether the update that took group g's buffer is done with it (its state writes, which read the buffer,
+        # are complete). Cleared by the training thread when the update takes it (lend), before the update runs;
+        # set by the update thread in mark_updated (at the group's ``written``), or by settle/abort. Waited for by
+        # the training thread before a lent buffer is given back (wait_until_free, wait_until_a_loan_returns);
+        # polled when it looks for loans that are over (returned_loans, end_loan_if_returned). Only after it is
+        # set does the training thread give the buffer back or let a new update take it.
         self._returned = _set_events(ngroups)
         self._step_failure: str | None = None
+        # Note [kept through the update]: the groups backward may keep (set by the scheduler), and the bytes a
+        # use may need next to them.
+        self._keep_candidates: frozenset[int] = frozenset()
+        self.keep_reserve = 0
+        # Note [lent to the update]: whether backward's groups may be offered now.
+        self._lending = False
+        self._lend_limit = lend_limit
 
-    def expect_update(self, groups: list[int], drain: bool = True) -> None:
-        """An overlapped step is about to update ``groups``: fetches of them wait until ``mark_updated``.
-        With ``drain``, every copy still reading a host home finishes first (the kernel rewrites the homes).
-        An update during backward passes False: its group's last copy was consumed by the group's backward
-        kernels, which the update waits for through the gradient copies' events, and a prefetch of the group
-        that nobody used is discarded (its result is never read)."""
-        if drain:
-            self._h2d.drain()
-        if self._step_failure is not None:  # a failed step runs no more updates: nothing may wait for one
+    # ---- announcing and ending updates -------------------------------------------------------------------------
+
+    def expect_update(self, groups: list[int]) -> None:
+        """An update of each of ``groups`` is about to be handed over: fetches of a group wait until its
+        ``mark_updated``, and a kept group's use until its refresh. Training thread. Nothing after a failed step
+        (no update runs any more: nothing may wait for one)."""
+        if self._step_failure is not None:
             return
         for g in groups:
             self._updated[g].clear()
-            if g in self._kept:
-                self._fresh[g].clear()
+            state = self._residency[g]
+            if state is Residency.HOME:
+                self._residency.move(g, Residency.AWAITING_UPDATE)
+            elif state in KEPT_STATES:
+                self._device_current[g].clear()
 
     def mark_updated(self, g: int) -> None:
         """Group g's new weights are home (for a home in the state file: its writes are complete, so a lent
-        device buffer is no longer read by them either)."""
+        device buffer is no longer read by them either). Update thread."""
         self._updated[g].set()
         self._returned[g].set()
 
-    def settle_updates(self) -> None:
-        """No update is running or will run (the caller has joined the step): fetches stop waiting for updates
-        that were announced but never happened (a step interrupted before it started)."""
-        for event in self._updated + self._fresh + self._returned:
+    def settle(self) -> None:
+        """No update is running or will run: nothing waits any longer for one announced that never ran."""
+        for event in self._updated + self._device_current + self._returned:
             event.set()
 
-    def abort_updates(self, reason: str) -> None:
-        """The overlapped step failed: nobody may wait for its updates any longer. (Its transfers are waited
-        for before the failure is reported, so no write still reads a lent buffer.)"""
+    def abort(self, reason: str) -> None:
+        """The step failed: nobody may wait for its updates any longer, and no later one runs. Any thread."""
         self._step_failure = reason
-        for event in self._updated + self._fresh + self._returned:
-            event.set()
+        self.settle()
 
-    def can_lend(self, g: int) -> bool:
-        """Whether group g's device buffer can be its update's master (Note [lent to the update])."""
-        return self._direct and self.home_is_state_file(g) and not self.groups[g].sharded
+    def check_failure(self) -> None:
+        """Raises RuntimeError if a step failed: the weights at home are neither old nor new."""
+        if self._step_failure is not None:
+            raise RuntimeError(f"offload: {self._step_failure}; the weights cannot be fetched")
 
-    def lend_to_updates(self, on: bool) -> None:
-        """Whether each group's update follows as soon as backward is done with it (``backward_step``), so
-        that its device buffer may be lent to the update (Note [lent to the update])."""
-        self._lending = on
+    def update_due(self, g: int) -> bool:
+        """Whether an update announced for group g has not put its new weights home yet. (Only the training
+        thread clears the event, so on that thread a False stays False until it announces another update.)"""
+        return not self._updated[g].is_set()
 
-    def lend_master(self, g: int) -> torch.Tensor | None:
-        """Group g's device buffer, for its update about to be built to use as its master, or None (then the
-        update reads the master from the state file). Training thread."""
-        if g not in self._lendable or self._step_failure is not None:  # (after a failure no update runs)
-            return None
-        self._lendable.discard(g)
-        self._lent.add(g)
-        if g not in self._kept:
-            self._reapable.add(g)
-        self._returned[g].clear()
-        self._fresh[g].clear()
-        return self.weight_device[g]
+    def state_at_home(self, g: int) -> Residency:
+        """Where a release leaves group g: HOME, or AWAITING_UPDATE while an announced update is due."""
+        return Residency.AWAITING_UPDATE if self.update_due(g) else Residency.HOME
 
-    def _settle_lent(self, g: int) -> None:
-        """Group g is no longer lent once its update's writes are complete (nothing reads the buffer for them)."""
-        if g in self._lent and self._returned[g].is_set():
-            self._lent.discard(g)
-            self._reapable.discard(g)
+    def wait_for_home(self, g: int, wait: bool) -> bool:
+        """For a fetch of released group g: True once its home holds its latest weights. AWAITING_UPDATE: with
+        ``wait`` blocks until its update has put them there (then HOME), else returns False while it has not.
+        Raises after a failed step. Training thread."""
+        if self._residency[g] is Residency.AWAITING_UPDATE:
+            updated = self._updated[g]
+            if not updated.is_set():
+                if not wait:
+                    return False
+                with self._timeline.span("fetch", f"wait for update {self._names[g]}"):
+                    updated.wait()
+            self.check_failure()
+            self._residency.move(g, Residency.HOME)
+        self.check_failure()
+        return True
 
-    def reap(self) -> None:
-        """Sends home the lent groups nobody has used whose update's writes are complete."""
-        for g in [g for g in self._reapable if self._returned[g].is_set()]:
-            self.release(g)
+    # ---- uses and releases of kept and lent groups --------------------------------------------------------------
+
+    def begin_use(self, g: int) -> float:
+        """A use of kept or lent group g begins: waits until its update has refreshed (or, lent, finished its
+        Adam pass on) the device buffer, and the group is kept no longer. Returns the seconds waited. Raises
+        after a failed step. Training thread."""
+        waited = 0.0
+        device_current = self._device_current[g]
+        if not device_current.is_set():
+            start = time.perf_counter()
+            with self._timeline.span("fetch", f"wait for refresh {self._names[g]}"):
+                device_current.wait()
+            waited = time.perf_counter() - start
+        self.check_failure()
+        self._residency.move(g, _IN_USE[self._residency[g]])
+        self.end_loan_if_returned(g)
+        return waited
+
+    def end_loan_if_returned(self, g: int) -> None:
+        """Group g, lent and used since or kept, is lent no longer once its update's writes are complete."""
+        state = self._residency[g]
+        if state in _LOAN_OVER and self._returned[g].is_set():
+            self._residency.move(g, _LOAN_OVER[state])
+
+    def lent_after_use(self, g: int) -> bool:
+        """A use of group g is over and none follows soon: True if its update's writes still read its buffer,
+        and it is now LENT (it goes home once they are complete, ``returned_loans``); False if it may go home
+        now. Training thread."""
+        if self._residency[g] in (Residency.LENT, Residency.LENT_IN_USE) and not self._returned[g].is_set():
+            self._residency.move(g, Residency.LENT)
+            return True
+        return False
+
+    def returned_loans(self) -> list[int]:
+        """The LENT groups whose update's writes are complete: they may go home now."""
+        return [g for g in self._residency.groups_in(Residency.LENT) if self._returned[g].is_set()]
+
+    def wait_until_a_loan_returns(self) -> None:
+        """Blocks until the first LENT group's writes are complete (room, when a fetch finds the device full)."""
+        with self._timeline.span("fetch", "wait for lent weights"):
+            self._returned[self._residency.groups_in(Residency.LENT)[0]].wait()
+
+    def wait_until_free(self, g: int) -> None:
+        """Before group g's buffer is given back: waits for a refresh in flight (kept) and for the writes that
+        read a lent buffer (Note [kept through the update], [lent to the update])."""
+        state = self._residency[g]
+        if state in KEPT_STATES:
+            self._device_current[g].wait()
+        if state in LENT_STATES:
+            self._returned[g].wait()
+
+    def lent_with_writes_running(self, g: int) -> bool:
+        """Whether group g is LENT with its update's writes still running (``release_all`` leaves it)."""
+        return self._residency[g] is Residency.LENT and not self._returned[g].is_set()
+
+    # ---- keeping and lending ------------------------------------------------------------------------------------
 
     def set_keep_candidates(self, groups: list[int], reserve_bytes: int) -> None:
-        """The groups the next forward uses first, which backward may keep on the device (Note [kept through
-        the update]); ``reserve_bytes``: room that must stay free next to them for the next use. A group still
-        kept from the last backward was not used by the forward since (a use releases it): it goes home now,
-        rather than stay on the device for a forward that may never use it."""
-        for g in list(self._kept):
-            self.release(g)
-        self._keep_candidates = frozenset(g for g in groups if self._direct and not self.groups[g].sharded)
-        self._keep_reserve = reserve_bytes
+        """The groups backward may keep from now on (Note [kept through the update]), and the room that must stay
+        free next to them. The caller has released those kept until now."""
+        self._keep_candidates = frozenset(groups)
+        self.keep_reserve = reserve_bytes
 
-    def release_or_keep(self, g: int) -> None:
-        """Backward gave every parameter of group g its gradient: keeps g resident if it is a candidate and
-        the device limit leaves room for the next use next to it, or if its update is to take its buffer
-        (Note [lent to the update]); else releases it."""
-        self.reap()
-        self._settle_lent(g)  # (lent in an earlier step and used since: its writes are long complete)
-        if self.residency[g] is not Residency.RESIDENT or not self._gathered[g] or \
-                not self.has_room(self._keep_reserve):
-            self.release(g)
-            return
+    def keep_or_offer(self, g: int, can_lend: bool) -> bool:
+        """Backward has given group g its last gradient and there is room next to it: keeps it if it is a
+        candidate, offers it to its update while lending is on and ``can_lend``. False if neither (the caller
+        releases it). A group already offered in this backward stays as it is. Training thread."""
+        state = self._residency[g]
+        if state in OFFERED_STATES:
+            return True
+        if state not in (Residency.RESIDENT, Residency.KEPT):
+            return False
         if g in self._keep_candidates:
-            self._kept.add(g)
-        if self._lending and self.can_lend(g) and (g in self._kept or len(self._reapable) < self._lend_limit):
-            self._lendable.add(g)
-        elif g not in self._kept:
-            self.release(g)
+            self._residency.move(g, Residency.KEPT)
+        kept = self._residency[g] is Residency.KEPT
+        if self._lending and can_lend and (kept or self._residency.count(Residency.LENT) < self._lend_limit):
+            self._residency.move(g, Residency.KEPT_OFFERED if kept else Residency.OFFERED)
+            return True
+        return kept
 
-    def kept(self) -> set[int]:
-        """The groups kept on the device for the next forward now."""
-        return set(self._kept)
+    def lend_to_updates(self, on: bool) -> None:
+        """Whether backward's groups may be offered to their update, which follows at once (``backward_step``).
+        Turning it off withdraws the offers no update took. Training thread."""
+        self._lending = on
+        if not on:
+            for g in self._residency.groups_in(*OFFERED_STATES):
+                self._residency.move(g, _OFFER_WITHDRAWN[self._residency[g]])
+
+    def lend(self, g: int) -> bool:
+        """The update of group g about to be handed over takes its device buffer as its master if g is offered
+        (True; then LENT or KEPT_LENT), else nothing changes (False; also after a failed step, when no update
+        runs). Training thread."""
+        state = self._residency[g]
+        if state not in _LENT or self._step_failure is not None:
+            return False
+        self._residency.move(g, _LENT[state])
+        self._returned[g].clear()
+        self._device_current[g].clear()
+        return True
+
+    def after_update(self, g: int, home: AfterUpdate | None, device_buffer: torch.Tensor) -> AfterUpdate | None:
+        """What the update thread calls for each new master chunk of group g: ``home`` (the way to its home,
+        None when the kernel wrote it), plus, for a kept group, a refresh of its ``device_buffer``; for a group
+        whose buffer the update runs on, only the end of the Adam pass. Built on the training thread."""
+        device_current = self._device_current[g]
+        state = self._residency[g]
+        if state in LENT_STATES and not self._returned[g].is_set():  # this update runs on the buffer itself
+            # (lend has just lent it: nothing to copy)
+            return lambda master, start, last: device_current.set() if last else None
+        if state not in KEPT_STATES:
+            return home
+        timeline, name = self._timeline, self._names[g]
+
+        def refresh(master: torch.Tensor, start: int, last: bool) -> None:
+            if home is not None:
+                home(master, start, last)
+            with timeline.span("fetch", f"refresh {name}"):
+                device_buffer[start:start + master.numel()].copy_(master)  # (unsharded: shard = group)
+            if last:
+                device_current.set()
+
+        return refresh
 
 
 def _set_events(n: int) -> list[threading.Event]:
