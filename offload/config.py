@@ -58,16 +58,21 @@ def _choice(field: str, value: object, accepted: tuple) -> None:
         raise ConfigError(f"{field}: {value!r} is not one of {', '.join(repr(a) for a in accepted)}{hint}")
 
 
+# The docstrings of IOConfig and Config have one `name: text` entry per field, from which
+# tools/gen_config_docs.py writes docs/configuration.md (tests/test_docs.py keeps the page current).
 @dataclass(frozen=True, kw_only=True)
 class IOConfig:
     """How the swap store moves data to and from files.
 
-    block_size: bytes per transfer (a multiple of 4 KiB). threads x queue_depth: transfers in flight at once,
-    as fio's numjobs x iodepth (at most 256). direct: ``"auto"`` opens swap files with O_DIRECT and falls back
-    to buffered I/O (with one warning) where the filesystem refuses it; ``True`` requires O_DIRECT; ``False``
-    always uses buffered I/O. backend: ``"io_uring"`` keeps the transfers in flight on one io_uring with one
-    completion thread; ``"threads"`` runs one worker thread per transfer in flight doing pread/pwrite;
-    ``"auto"`` takes io_uring where the kernel allows it (Linux 5.6+, not disabled) and threads elsewhere.
+    block_size: bytes per transfer, a multiple of 4 KiB: an int or a size such as ``"8MiB"``; stored as int bytes.
+    queue_depth: with ``threads``, how many transfers are in flight at once: ``threads x queue_depth``, as fio's
+        numjobs x iodepth, at most 256. Both backends use only that product.
+    threads: see ``queue_depth``; 1 to 256.
+    direct: ``"auto"`` opens swap files with O_DIRECT and falls back to buffered I/O (with one warning) where the
+        filesystem refuses it; ``True`` requires O_DIRECT; ``False`` always uses buffered I/O.
+    backend: ``"io_uring"`` keeps the transfers in flight on one io_uring with one completion thread;
+        ``"threads"`` runs one worker thread per transfer in flight doing pread/pwrite; ``"auto"`` takes io_uring
+        where the kernel allows it (Linux 5.6+, not disabled) and threads elsewhere.
     """
 
     block_size: int | str = "8MiB"
@@ -124,7 +129,8 @@ class Config:
         value is always the resolved string. Asking for CUDA on a machine without it is an error.
     params: where parameters live between uses. ``"device"`` (default) keeps them all resident on the device;
         ``"cpu"`` keeps them in host RAM and fetches each layer group before it runs; ``"nvme"`` keeps them in
-        files under ``nvme_dir`` (groups that fit in ``host_memory_limit`` stay in RAM).
+        files under ``nvme_dir`` (fp32 weights with ``optimizer="nvme"`` are the master part of the optimizer
+        state, so they stay in RAM for the groups whose state ``host_memory_limit`` keeps there).
     optimizer: where the fp32 master weights and Adam's m and v live: ``"cpu"`` (default, host RAM) or
         ``"nvme"`` (files under ``nvme_dir``; groups that fit in ``host_memory_limit`` stay in RAM).
     nvme_dir: directory for swap files (str or path-like, stored as str with ``~`` expanded). Required when
