@@ -177,11 +177,26 @@ class CPUAdam(torch.optim.Optimizer):
         return loss
 
     def _step_group(self, group_index: int, group: dict[str, Any], grad_scale: float) -> None:
+        """Updates the group's parameters that have a gradient, all checked (and their state bound) before the
+        first one changes; raises ValueError naming the group (and the parameter) otherwise."""
         if group["amsgrad"]:
             raise ValueError(f"param_groups[{group_index}]: amsgrad=True is not supported by CPUAdam")
         hyper = self._group_hyper(group_index, group)
         params = group["params"]
         bank = self._bank(group_index, len(params))
+        active = self._active(group_index, params, bank)
+        if self._banks[group_index] is not bank:  # the bank grew while binding: collect against the new one
+            return self._step_group(group_index, group, grad_scale)
+        if not active:
+            return
+        self._update(group_index, group, hyper, bank, active, grad_scale)
+
+    def _active(self, group_index: int, params: list[torch.Tensor],
+                bank: StepBank) -> list[tuple[int, _Slot, torch.Tensor]]:
+        """(index, slot, gradient) of each parameter with a gradient, in order: its slot bound again where the
+        cached one no longer matches the tensors and addresses, its gradient checked. Changes no parameter or moment:
+        binding creates a parameter's state on first use and moves its step into the bank, which it may replace
+        with a larger one (Note [step bank])."""
         active: list[tuple[int, _Slot, torch.Tensor]] = []
         for index, param in enumerate(params):
             grad = param.grad
@@ -208,14 +223,14 @@ class CPUAdam(torch.optim.Optimizer):
             ):
                 self._reject_grad(group_index, index, slot, grad)
             active.append((index, slot, grad))
-        if self._banks[group_index] is not bank:  # the bank grew while binding: collect against the new one
-            return self._step_group(group_index, group, grad_scale)
-        if not active:
-            return
+        return active
 
+    def _update(self, group_index: int, group: dict[str, Any], hyper: _GroupHyper, bank: StepBank,
+                active: list[tuple[int, _Slot, torch.Tensor]], grad_scale: float) -> None:
+        """The native Adam over the ``active`` parameters (checked by ``_active``); their step counters advance
+        only once every call has returned."""
         # One native call per (step count, gradient dtype): normally one call for the whole group. Tensors go by
-        # address (see adam_step_ptrs); every one was checked above or when its slot was bound. The counters
-        # advance only once every call has returned.
+        # address (see adam_step_ptrs); every one was checked by _active or when its slot was bound.
         steps = bank.read()
         batches: dict[tuple[int, torch.dtype], list[tuple[int, _Slot, torch.Tensor]]] = defaultdict(list)
         for entry in active:

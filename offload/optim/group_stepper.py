@@ -65,6 +65,23 @@ class StepCounters:
     groups_on_nvme: int = 0
 
 
+@dataclass
+class _Run:
+    """One ``GroupStepper.run``'s bookkeeping. Chunks are (update, start, end): elements [start, end) of the
+    update's group (a host group is one chunk); the run's k-th NVMe chunk goes through staging slot
+    ``_slot_index(k)`` (Note [state pipeline])."""
+
+    order: list[GroupUpdate]                      # the groups in update order
+    work: list[tuple[GroupUpdate, int, int]]      # every chunk, in update order
+    nvme: list[tuple[GroupUpdate, int, int]]      # the NVMe chunks of ``work``, in order
+    counters: StepCounters
+    reads: dict[int, list[IoHandle]]              # NVMe chunk -> its reads in flight
+    writes: dict[int, list[IoHandle]]             # NVMe chunk -> its writes in flight (not all waited for)
+    # NVMe chunks of each group (by id) whose writes are not complete yet; 0 calls the group's ``written``.
+    unwritten: dict[int, int]
+    ahead: int                                    # reads in flight (S - 1 of Note [state pipeline], at least 1)
+
+
 def _interleave(updates: list[GroupUpdate]) -> list[GroupUpdate]:
     """NVMe groups in order with the host groups spread evenly between them, so that the CPU updates host
     groups while the disk moves NVMe groups instead of before or after it."""
@@ -117,7 +134,6 @@ class GroupStepper:
         in the given order (an overlapped step: the next forward's); otherwise host groups are spread between
         NVMe groups, so that the CPU works while the disk does. ``read_ahead(updates)``, called once the last
         Adam pass is done, names the group whose update comes next (or None): see Note [state read-ahead]."""
-        counters = StepCounters()
         # Note [state pipeline]: NVMe groups are cut into chunks (CHUNK_ELEMENTS), and the chunks rotate
         # through the S staging slots (STAGING_SLOTS; fewer when there are fewer chunks, which then never
         # wrap). The read of the k-th NVMe chunk goes into slot (base + k) % S. S-1 reads are issued up front;
@@ -126,78 +142,113 @@ class GroupStepper:
         # updates chunk k, the disk reads chunks k+1..k+S-2 and writes chunk k-1: enough bytes in flight to
         # keep the disk busy with chunks much smaller than a group. Waits are on the handles, so a slot is
         # never overwritten while a transfer still uses it.
+        run = self._plan(updates, keep_order)
+        self._issue_first_reads(run)
+        try:
+            self._update_all(run, grad_scale)
+        except BaseException:
+            # No transfer may outlive the step that owns its staging slot (or reads a lent master, which its
+            # owner frees once the step has failed); the first error is the one to report.
+            self._wait_quietly(list(run.reads.values()) + list(run.writes.values()))
+            raise
+        busy = {self._slot_index(j) for j in run.writes}
+        self._base = self._slot_index(len(run.nvme))
+        if read_ahead is not None:
+            self._read_ahead(read_ahead, run.order, busy)
+        self._finish_writes(run)
+        return run.counters
+
+    def _plan(self, updates: list[GroupUpdate], keep_order: bool) -> _Run:
+        """The run's chunks in update order, with the preloaded reads it can take over (Note [state
+        read-ahead]; any other preload is waited for here). Issues no transfer of its own."""
+        counters = StepCounters()
         order = list(updates) if keep_order else _interleave(updates)
         counters.groups_on_nvme = sum(u.state.placement is StatePlacement.NVME for u in order)
         work = [(u, start, end) for u in order for start, end in
                 (chunks(u.state.group.shard_numel, self.store.chunk_elements)
                  if u.state.placement is StatePlacement.NVME else [(0, u.state.group.shard_numel)])]
         nvme = [item for item in work if item[0].state.placement is StatePlacement.NVME]
-        reads: dict[int, list[IoHandle]] = self._take_preload(nvme, counters)
-        writes: dict[int, list[IoHandle]] = {}
-        # NVMe chunks of each group (by id) whose writes are not complete yet; 0 calls the group's ``written``.
+        reads = self._take_preload(nvme, counters)
         unwritten = {id(u): sum(1 for v, _, _ in nvme if v is u) for u in order}
+        return _Run(order, work, nvme, counters, reads, {}, unwritten, ahead=max(1, len(self.store.staging) - 1))
 
-        def wait_writes(j: int) -> None:
-            handles = writes[j]
-            while handles:  # (each handle leaves the list only once waited for: see the failure paths below)
-                self._wait(handles[0], counters)
-                handles.pop(0)
-            del writes[j]
-            update = nvme[j][0]
-            unwritten[id(update)] -= 1
-            if unwritten[id(update)] == 0 and update.written is not None:
-                update.written()
+    def _issue_first_reads(self, run: _Run) -> None:
+        """Issues the reads of the first ``run.ahead`` NVMe chunks that a preload has not issued already."""
+        for k in range(min(run.ahead, len(run.nvme))):
+            if k not in run.reads:
+                run.reads[k] = self._transfer("read", run.nvme[k], k, run.counters)
 
-        ahead = max(1, len(self.store.staging) - 1)  # reads in flight
-        for k in range(min(ahead, len(nvme))):
-            if k not in reads:
-                reads[k] = self._transfer("read", nvme[k], k, counters)
-        k = 0
+    def _update_all(self, run: _Run, grad_scale: float) -> None:
+        """Adam over every chunk of the run in order: a host group in place in its state, an NVMe chunk in its
+        staging slot through the pipeline (Note [state pipeline]). Returns with the last chunks' writes still
+        in flight (in ``run.writes``); on an error, transfers may still be in flight in ``run.reads`` and
+        ``run.writes``."""
+        k = 0  # the next NVMe chunk
         lowp_out = None
+        for item in run.work:
+            update, start, end = item
+            if start == 0:  # a group's first chunk: where its new low-precision weights go
+                lowp_out = update.lowp_out() if update.lowp_out is not None else None
+            if update.state.placement is StatePlacement.HOST:
+                master, m, v = split_state(update.state.state_host.view(torch.float32),
+                                           update.state.group.shard_numel)
+                self._adam(update, start, end, (master, m, v), lowp_out, grad_scale, run.counters)
+                continue
+            self._update_nvme_chunk(run, k, item, lowp_out, grad_scale)
+            k += 1
+
+    def _update_nvme_chunk(self, run: _Run, k: int, item: tuple[GroupUpdate, int, int],
+                           lowp_out: torch.Tensor | None, grad_scale: float) -> None:
+        """The run's k-th NVMe chunk (``item``): waits for its reads, runs Adam on it in its staging slot and
+        issues its write; then, if a chunk is left to read, waits for the write of chunk k-1 and issues the read
+        of chunk k+ahead into the slot that write frees (Note [state pipeline])."""
+        update, start, end = item
+        self._wait_all(run.reads.pop(k), run.counters)
+        staging = self._slot(k)[:self.store.parts * (end - start)]
+        parts = split_state(staging, end - start)
+        if update.master is not None:
+            parts = (update.master[start:end],) + parts[1:]
+        grad = staging[STATE_PARTS * (end - start):] if update.grad_nvme is not None else None
+        self._adam(update, start, end, parts, lowp_out, grad_scale, run.counters, grad)
+        run.writes[k] = self._transfer("write", item, k, run.counters)
+        if k + run.ahead < len(run.nvme):
+            if k - 1 in run.writes:
+                self._wait_writes(run, k - 1)
+            run.reads[k + run.ahead] = self._transfer("read", run.nvme[k + run.ahead], k + run.ahead, run.counters)
+
+    def _wait_writes(self, run: _Run, j: int) -> None:
+        """Waits for the writes of the run's j-th NVMe chunk; calls its group's ``written`` once the writes of
+        all the group's chunks are complete."""
+        handles = run.writes[j]
+        while handles:  # (each handle leaves the list only once waited for: see the failure paths in run)
+            self._wait(handles[0], run.counters)
+            handles.pop(0)
+        del run.writes[j]
+        update = run.nvme[j][0]
+        run.unwritten[id(update)] -= 1
+        if run.unwritten[id(update)] == 0 and update.written is not None:
+            update.written()
+
+    def _read_ahead(self, read_ahead: Callable[[list[GroupUpdate]], GroupState | None], order: list[GroupUpdate],
+                    busy: set[int]) -> None:
+        """Preloads the group ``read_ahead(order)`` names, outside the slots in ``busy`` (Note [state
+        read-ahead]). Never raises an Exception: a failed read-ahead is discarded."""
         try:
-            for item in work:
-                update, start, end = item
-                if start == 0:  # a group's first chunk: where its new low-precision weights go
-                    lowp_out = update.lowp_out() if update.lowp_out is not None else None
-                if update.state.placement is StatePlacement.HOST:
-                    master, m, v = split_state(update.state.state_host.view(torch.float32),
-                                               update.state.group.shard_numel)
-                    self._adam(update, start, end, (master, m, v), lowp_out, grad_scale, counters)
-                    continue
-                self._wait_all(reads.pop(k), counters)
-                staging = self._slot(k)[:self.store.parts * (end - start)]
-                parts = split_state(staging, end - start)
-                if update.master is not None:
-                    parts = (update.master[start:end],) + parts[1:]
-                grad = staging[STATE_PARTS * (end - start):] if update.grad_nvme is not None else None
-                self._adam(update, start, end, parts, lowp_out, grad_scale, counters, grad)
-                writes[k] = self._transfer("write", item, k, counters)
-                if k + ahead < len(nvme):
-                    if k - 1 in writes:
-                        wait_writes(k - 1)
-                    reads[k + ahead] = self._transfer("read", nvme[k + ahead], k + ahead, counters)
-                k += 1
-        except BaseException:
-            # No transfer may outlive the step that owns its staging slot (or reads a lent master, which its
-            # owner frees once the step has failed); the first error is the one to report.
-            self._wait_quietly(list(reads.values()) + list(writes.values()))
-            raise
-        busy = {self._slot_index(j) for j in writes}
-        self._base = self._slot_index(len(nvme))
-        if read_ahead is not None:
-            try:
-                expected = read_ahead(order)
-                if expected is not None:
-                    self.preload(expected, busy)
-            except Exception:  # only a read-ahead: the writes below must still be waited for, and the next run
-                self.discard_preload()  # reads what it needs itself
+            expected = read_ahead(order)
+            if expected is not None:
+                self.preload(expected, busy)
+        except Exception:  # only a read-ahead: the writes still in flight must still be waited for, and the next
+            self.discard_preload()  # run reads what it needs itself
+
+    def _finish_writes(self, run: _Run) -> None:
+        """Waits for the writes still in flight, in chunk order (calling each group's ``written``); after a
+        failure, for the rest of them too before raising."""
         try:
-            for j in sorted(writes):
-                wait_writes(j)
+            for j in sorted(run.writes):
+                self._wait_writes(run, j)
         except BaseException:
-            self._wait_quietly(list(writes.values()))  # the later chunks' writes, and the rest of the failed one's
+            self._wait_quietly(list(run.writes.values()))  # the later chunks' writes, and the rest of the failed one's
             raise
-        return counters
 
     def _wait_quietly(self, handle_lists: list[list[IoHandle]]) -> None:
         """Waits for every transfer in ``handle_lists`` after a failure, ignoring their own outcomes (the one
