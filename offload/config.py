@@ -1,6 +1,7 @@
 """Configuration values: one parser, one set of defaults, errors that name the field.
 
-Imports nothing of offload but the exceptions, so every layer can use it.
+Imports nothing of offload, so every layer can use it; its two exceptions are defined here (and exported by
+``offload.errors`` with the others).
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ from typing import Any
 import tomli_w
 import torch
 
-from offload.errors import ConfigError, UnknownConfigKey
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the accepted values."""
+
+
+class UnknownConfigKey(ConfigError, TypeError):
+    """A keyword or TOML key that names no field; the message suggests the closest one. Also a TypeError, which
+    is what Python raises for an unexpected keyword argument."""
+
 
 _UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
           "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}

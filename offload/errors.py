@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+# The configuration's own errors live with it (config.py imports nothing of ours); they are offload's errors too.
+from offload.config import ConfigError, UnknownConfigKey
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and the accepted values."""
+__all__ = ["CheckpointError", "ConfigError", "MemoryBudgetError", "OffloadedWeightError", "OutputExistsError",
+           "UnknownConfigKey", "format_bytes"]
 
 
 class OutputExistsError(ConfigError):
@@ -18,11 +20,6 @@ class OutputExistsError(ConfigError):
 
     def __reduce__(self) -> tuple:  # (pickled to other ranks: rebuilt from the path, not from the message)
         return type(self), (self.path,)
-
-
-class UnknownConfigKey(ConfigError, TypeError):
-    """A keyword or TOML key that names no field; the message suggests the closest one. Also a TypeError, which
-    is what Python raises for an unexpected keyword argument."""
 
 
 class MemoryBudgetError(MemoryError):

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import psutil
 import torch
 
-from offload.engine.grad_stream import staging_ring_bytes
-from offload.engine.grad_swap import GRAD_SWAP_BUFFERS
+from offload.schedule.grad_stream import staging_ring_bytes
+from offload.schedule.grad_swap import GRAD_SWAP_BUFFERS
 from offload.layout.flat_group import GROUP_ALIGN_ELEMENTS
 from offload.optim.state_store import FP32_BYTES, STATE_PARTS, StatePlacement, plan_placement, staging_bytes
 from offload.schedule.write_back import WRITEBACK_SLOTS

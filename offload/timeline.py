@@ -28,11 +28,11 @@ TRACKS = ("compute", "fetch", "gradients", "adam", "nvme read", "nvme write", "s
 
 
 class Timeline:
-    """Collects spans in memory (a few hundred bytes each; meant for a few steps, not a whole run)."""
+    """Collects spans in memory (a few hundred bytes each; meant for a few steps, not a whole run). A timeline
+    built with ``enabled=False`` (the shared :data:`NO_TIMELINE`) records nothing."""
 
-    enabled = True
-
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
         self._origin = time.perf_counter()
         self._events: list[dict] = []
         self._lock = threading.Lock()
@@ -47,6 +47,8 @@ class Timeline:
 
     def add(self, track: str, name: str, start: float, end: float, **args: object) -> None:
         """A span on ``track`` from ``start`` to ``end`` (``now()`` values)."""
+        if not self.enabled:
+            return
         event = {"name": name, "cat": track, "ph": "X", "pid": os.getpid(), "tid": TRACKS.index(track),
                  "ts": (start - self._origin) * 1e6, "dur": max(end - start, 0.0) * 1e6, "args": args}
         with self._lock:
@@ -54,6 +56,9 @@ class Timeline:
 
     @contextmanager
     def span(self, track: str, name: str, **args: object) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
         start = time.perf_counter()
         try:
             yield
@@ -62,6 +67,8 @@ class Timeline:
 
     def add_counter(self, name: str, at: float, **values: float) -> None:
         """Counter values (a ``now()`` time; each holds until the next sample of ``name``), drawn as a graph."""
+        if not self.enabled:
+            return
         event = {"name": name, "cat": "resources", "ph": "C", "pid": os.getpid(), "ts": (at - self._origin) * 1e6,
                  "args": values}
         with self._lock:
@@ -73,6 +80,9 @@ class Timeline:
         process's CPU use every ``interval`` seconds into counter tracks; the sampler it yields keeps the
         cumulative counters for exact means over any spans (``usage``; see resource_sampler.py)."""
         sampler = ResourceSampler(self, path, interval)
+        if not self.enabled:
+            yield sampler  # never started: no samples, usage() is None
+            return
         sampler.start()
         try:
             yield sampler
@@ -93,28 +103,4 @@ class Timeline:
         os.replace(tmp, path)
 
 
-class _NoTimeline(Timeline):
-    enabled = False
-
-    def __init__(self) -> None:
-        pass
-
-    def add(self, track: str, name: str, start: float, end: float, **args: object) -> None:
-        pass
-
-    @contextmanager
-    def span(self, track: str, name: str, **args: object) -> Iterator[None]:
-        yield
-
-    def add_counter(self, name: str, at: float, **values: float) -> None:
-        pass
-
-    @contextmanager
-    def sampling(self, path: str | os.PathLike | None = None, interval: float = 0.005) -> Iterator[ResourceSampler]:
-        yield ResourceSampler(self, None, interval)  # never started: no samples, usage() is None
-
-    def events(self) -> list[dict]:
-        return []
-
-
-NO_TIMELINE: Timeline = _NoTimeline()
+NO_TIMELINE = Timeline(enabled=False)

@@ -21,7 +21,7 @@ def _train(config, make, kind, data, fused: bool, **engine_kw):
             loss = loss_of(kind, engine, step[-1])
             infos.append(engine.backward_step(loss) if fused else (engine.backward(loss), engine.step())[1])
             losses.append(loss.item())
-        return losses, engine.state_dict(), infos, engine._eager_steps
+        return losses, engine.state_dict(), infos, engine.stats().steps_during_backward
 
 
 @pytest.mark.parametrize("params,dtype,optimizer", [("device", "fp32", "cpu"), ("device", "bf16", "cpu"),
@@ -97,7 +97,7 @@ def test_a_group_without_gradient_is_left_alone_and_a_partial_one_updated_after_
                 loss = model["head_a"](model["body"](x)).square().mean()
                 engine.backward_step(loss) if fused else (engine.backward(loss), engine.step())
             results.append(engine.state_dict())
-            assert engine._eager_steps == (3 if fused else 0)
+            assert engine.stats().steps_during_backward == (3 if fused else 0)
     plain, fused = results
     assert all(torch.equal(plain[k], fused[k]) for k in plain)
     assert torch.equal(fused["head_b.weight"], make()["head_b"].weight.detach())

@@ -42,9 +42,10 @@ def _fingerprint(engine, where: Path) -> dict:
     engine.save(where)
     version = where / json.loads((where / CURRENT).read_text())["version"]
     states = {p.name: p.read_bytes() for p in version.iterdir() if p.suffix == ".safetensors"}
-    return {"states": states, "step": engine._step, "param_steps": copy.deepcopy(engine._param_steps),
+    return {"states": states, "step": engine.training_state().step,
+            "param_steps": copy.deepcopy(engine.training_state().param_steps),
             "hyper": [{k: v for k, v in g.items() if k != "params"} for g in engine.param_groups],
-            "scaler": engine._scaler.state_dict()}
+            "scaler": engine.training_state().scaler.state_dict()}
 
 
 def _paths(node, prefix=()):
@@ -112,7 +113,7 @@ def test_random_edits_either_fail_cleanly_or_load_exactly(tmp_path, target):
                 engine.load(checkpoint)
             except offload.CheckpointError:
                 outcomes["refused"] += 1
-                assert engine._failed is None, edit
+                assert engine._state.failed is None, edit
                 assert _fingerprint(engine, tmp_path / "after") == before, f"partly applied: {edit}"
             else:
                 outcomes["loaded"] += 1

@@ -36,7 +36,7 @@ def test_fp16_overflow_skips_exactly_that_step(optimizer, tmp_path):
         before = engine.state_dict()
         before_moments = [(m.clone(), v.clone()) for m, v in moments(engine)] if optimizer == "cpu" else None
         weights_device = [w.clone() for w in engine.weights.weight_device]
-        scale = engine._scaler.scale
+        scale = engine.training_state().scaler.scale
         info = train_step(engine, "mlp", data[2], scale_loss=1e30)  # overflows fp16 gradients
         assert info.skipped and info.step == 2 and info.loss_scale == scale / 2
         assert info.nvme_bytes_read == info.nvme_bytes_written == 0

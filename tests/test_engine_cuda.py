@@ -2,7 +2,7 @@
 offloaded to host RAM or NVMe within ``device_memory_limit``, and fetches overlapping kernels. Skips without CUDA.
 
 With ``OFFLOAD_GPU_REPORT`` set to a file, the tests append what they measured (peak device bytes, overlap) to
-it as JSON lines, for tools/nightly_gpu.py's report.
+it as JSON lines, for bench/nightly_gpu.py's report.
 """
 
 from __future__ import annotations
@@ -268,7 +268,7 @@ def test_backward_step_on_cuda_is_bit_exact_with_backward_then_step(params, micr
                 loss = loss_of("llama", engine, step[-1])
                 engine.backward_step(loss) if fused else (engine.backward(loss), engine.step())
                 losses.append(loss.item())
-            assert engine._eager_steps == (len(data) if fused else 0)
+            assert engine.stats().steps_during_backward == (len(data) if fused else 0)
             results.append((losses, engine.state_dict()))
     (ref_losses, ref_state), (losses, state) = results
     assert losses == ref_losses

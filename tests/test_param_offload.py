@@ -374,7 +374,7 @@ def test_gradients_on_nvme_move_once_per_micro_batch(tmp_path, monkeypatch):
     config = offload.Config(device="cpu", dtype="fp32", optimizer="nvme", nvme_dir=tmp_path,
                             host_memory_limit=4 * numel - 4096)
     with offload.Engine(model, config) as engine:
-        swap = engine._res.grad_swap
+        swap = engine._parts.grad_swap
         padded = sum(g.numel for g in engine.groups) * 4
         for i, batch in enumerate(batches("llama", 1, micro=3)[0]):
             engine.backward(loss_of("llama", engine, batch))
@@ -519,7 +519,7 @@ def test_the_next_forwards_first_groups_stay_through_their_update(params, dtype,
                     engine.backward(loss)
                     engine.step()
                 kept.append(weights.kept())
-            first = engine._scheduler.forward_order()[:2]
+            first = engine._parts.scheduler.forward_order()[:2]
             state = engine.state_dict()
         return losses, state, kept, fetched, first
 
@@ -661,7 +661,7 @@ def test_the_forwards_last_groups_stay_for_the_backward(dtype, tmp_path, monkeyp
                     engine.backward_step(loss)
                     backward_reads.append(weights.nvme_bytes_read - before)
                     losses.append(loss.item())
-                last = {g for use in engine._scheduler.trace[-2:] for g in use}
+                last = {g for use in engine._parts.scheduler.trace[-2:] for g in use}
                 with torch.no_grad():
                     loss_of("llama", engine, data[0][0])
                 # a group lent to the last update whose state writes were still running when the forward ended

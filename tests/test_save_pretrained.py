@@ -153,7 +153,8 @@ def test_memory_holds_one_master_and_one_converted_tensor_at_a_time(untied_dir, 
     alive: list[weakref.ref] = []
     peaks = {"masters": 0, "converted": 0}
     with trained_engine(untied_dir, tmp_path / "swap", params="nvme", steps=1) as engine:
-        read_master = engine._full_master
+        state = engine.training_state()
+        read_master = state.full_master
 
         def full_master(g: int) -> torch.Tensor:
             peaks["masters"] = max(peaks["masters"], sum(r() is not None for r in alive) + 1)
@@ -169,7 +170,7 @@ def test_memory_holds_one_master_and_one_converted_tensor_at_a_time(untied_dir, 
             converted.append(weakref.ref(tensor))
             return append(self, name, tensor)
 
-        monkeypatch.setattr(engine, "_full_master", full_master)
+        monkeypatch.setattr(state, "full_master", full_master)
         monkeypatch.setattr(ShardWriter, "append", append_tracked)
         offload.save_pretrained(engine, tmp_path / "out", dtype="bf16")
         assert len(alive) == len(engine.groups) > 2

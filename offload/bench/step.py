@@ -79,7 +79,7 @@ def _adam_only(engine, placement: str) -> float:
     start = time.perf_counter()
     for g, state in enumerate(engine.store.states):
         numel = state.group.numel
-        grad, weights = engine._grads.grad_hosts[g], engine.weights.weight_device[g]
+        grad, weights = engine.training_state().grads.grad_hosts[g], engine.weights.weight_device[g]
         if placement == "cpu":
             spans = [(0, numel, state.state_host.view(torch.float32))]
         else:

@@ -24,71 +24,71 @@ from offload.checkpoint.tensor_file import FileRecord, TensorFileReader
 from offload.engine import checkpoint_meta
 from offload.engine.checkpoint_meta import short_list
 from offload.engine.checkpointing import META_FILE, MODEL_FILE, STATE_FILES
-from offload.engine.state_fill import fill_group, quiesce
+from offload.engine.state_fill import fill_group
 from offload.errors import CheckpointError
 from offload.storage.io_engine import IoEngine
 
 if TYPE_CHECKING:
-    from offload.engine.engine import Engine
+    from offload.engine.training_state import TrainingState
 
 log = logging.getLogger("offload")
 
 
-def load(engine: Engine, path: str, restore_rng: bool) -> dict[str, Any]:
+def load(state: TrainingState, path: str, restore_rng: bool) -> dict[str, Any]:
     start = time.perf_counter()
-    version, records = _verify(engine, path)  # nothing is changed before every byte is known good
-    trainable = [slot.name for g in engine.groups for slot in g.slots]
-    plan = checkpoint_meta.parse(version / META_FILE, trainable, [list(g["names"]) for g in engine.param_groups])
-    scaler = copy.deepcopy(engine._scaler)
+    version, records = _verify(state, path)  # nothing is changed before every byte is known good
+    trainable = [slot.name for g in state.groups for slot in g.slots]
+    plan = checkpoint_meta.parse(version / META_FILE, trainable, [list(g["names"]) for g in state.param_groups])
+    scaler = copy.deepcopy(state.scaler)
     scaler.load_state_dict(plan.scaler)  # (validated: applying it below cannot fail)
-    io = IoEngine(engine.config.io)
+    io = IoEngine(state.config.io)
     readers: list = []
     model_reader = None
     try:
         for name in STATE_FILES:  # (saved by any number of ranks: each reads its own shard of every group)
             readers.append(state_reader(version, name, plan.world_size, io))
         model_reader = TensorFileReader(version / (MODEL_FILE + ".safetensors"), io)
-        _check_matches(engine, readers, model_reader)
+        _check_matches(state, readers, model_reader)
         # Note [check, then apply]: from here on only the reading of the state can fail.
-        engine._grads.reset()  # gradients accumulated before the load belong to the state it replaces
+        state.grads.reset()  # gradients accumulated before the load belong to the state it replaces
         try:
-            quiesce(engine)
-            for state in engine.store.states:
-                group = state.group
-                fill_group(engine, state, lambda parts, start, end, group=group:
+            state.quiesce()
+            for group_state in state.store.states:
+                group = group_state.group
+                fill_group(state.store, state.weights, group_state, lambda parts, start, end, group=group:
                            _read_slots(readers, parts, group, start, end))
-            load_model_tensors(engine, lambda key: model_reader)
+            load_model_tensors(state, lambda key: model_reader)
         except BaseException as e:
-            engine._failed = f"loading {path} failed part-way ({type(e).__name__}: {e})"
+            state.failed = f"loading {path} failed part-way ({type(e).__name__}: {e})"
             raise
     finally:
         for reader in readers + [model_reader]:
             if reader is not None:
                 reader.close()
         io.close()
-    _apply(engine, plan, scaler, restore_rng)
+    _apply(state, plan, scaler, restore_rng)
     total = sum(r.size for r in records.values())
     log.info("offload: loaded step %d from %s (%.2f GB in %.1f s)", plan.step, path, total / 1e9,
              time.perf_counter() - start)
     return plan.extra
 
 
-def _apply(engine: Engine, plan: checkpoint_meta.LoadPlan, scaler: Any, restore_rng: bool) -> None:
+def _apply(state: TrainingState, plan: checkpoint_meta.LoadPlan, scaler: Any, restore_rng: bool) -> None:
     """The plan's plain values onto the engine (nothing here can fail on a value: the plan was checked)."""
-    engine._step = plan.step
-    for g, group in enumerate(engine.groups):
-        engine._param_steps[g] = [plan.param_steps[slot.name] for slot in group.slots]
-    engine._scaler = scaler
-    for group, saved in zip(engine.param_groups, plan.hyper):
+    state.step = plan.step
+    for g, group in enumerate(state.groups):
+        state.param_steps[g] = [plan.param_steps[slot.name] for slot in group.slots]
+    state.scaler = scaler
+    for group, saved in zip(state.param_groups, plan.hyper):
         group.update({"lr": saved.lr, "betas": saved.betas, "eps": saved.eps, "weight_decay": saved.weight_decay})
     if restore_rng:
         _restore_rng(plan)
 
 
-def _verify(engine: Engine, path: str) -> tuple[Path, dict[str, FileRecord]]:
+def _verify(state: TrainingState, path: str) -> tuple[Path, dict[str, FileRecord]]:
     """CheckpointDir.verify; with several ranks each checksums its share of the files and every rank raises
     the first failure any rank found (collective)."""
-    ranks = engine.ranks
+    ranks = state.ranks
     if not ranks.many:
         return CheckpointDir(path).verify()
     found, error = None, None
@@ -101,9 +101,9 @@ def _verify(engine: Engine, path: str) -> tuple[Path, dict[str, FileRecord]]:
         raise CheckpointError(errors[0])
     return found
 
-def _check_matches(engine: Engine, readers: list[TensorFileReader], model_reader: TensorFileReader) -> None:
+def _check_matches(state: TrainingState, readers: list[TensorFileReader], model_reader: TensorFileReader) -> None:
     """Raises CheckpointError unless the checkpoint holds exactly the engine's parameters, with their shapes."""
-    ours = {slot.name: tuple(slot.shape) for g in engine.groups for slot in g.slots}
+    ours = {slot.name: tuple(slot.shape) for g in state.groups for slot in g.slots}
     for reader in readers:
         theirs = {name: e.shape for name, e in reader.entries.items()}
         missing = sorted(set(ours) - set(theirs))
@@ -119,7 +119,7 @@ def _check_matches(engine: Engine, readers: list[TensorFileReader], model_reader
         bad = [n for n, e in reader.entries.items() if e.dtype != torch.float32]
         if bad:
             raise CheckpointError(f"{reader.path}: tensor {bad[0]!r} is {reader.entries[bad[0]].dtype}, not fp32")
-    state = other_tensors(engine)
+    state = other_tensors(state)
     for key, tensor in state.items():
         entry = model_reader.entries.get(key)
         if entry is None:
@@ -129,12 +129,12 @@ def _check_matches(engine: Engine, readers: list[TensorFileReader], model_reader
             raise CheckpointError(f"{model_reader.path}: tensor {key!r} has shape {list(entry.shape)}, the model "
                                   f"{list(tensor.shape)}")
 
-def other_tensors(engine: Engine) -> dict[str, torch.Tensor]:
+def other_tensors(state: TrainingState) -> dict[str, torch.Tensor]:
     """The model's state_dict entries that are not trainable parameters (first key of each tensor)."""
-    trainable = {id(slot.param) for g in engine.groups for slot in g.slots}
+    trainable = {id(slot.param) for g in state.groups for slot in g.slots}
     seen: set[int] = set()
     out = {}
-    for key, value in engine.model.state_dict(keep_vars=True).items():
+    for key, value in state.model.state_dict(keep_vars=True).items():
         if id(value) in seen or id(value) in trainable:
             continue
         seen.add(id(value))
@@ -152,10 +152,10 @@ def _read_slots(readers: list[TensorFileReader], parts: tuple[torch.Tensor, ...]
     for reader, handle in handles:
         reader.wait(handle)
 
-def load_model_tensors(engine: Engine, reader_of: Callable[[str], TensorFileReader]) -> None:
+def load_model_tensors(state: TrainingState, reader_of: Callable[[str], TensorFileReader]) -> None:
     """The model's other state_dict tensors (frozen parameters, buffers) from the file ``reader_of(key)``,
     converted to their dtype."""
-    for key, tensor in other_tensors(engine).items():
+    for key, tensor in other_tensors(state).items():
         reader = reader_of(key)
         entry = reader.entry(key)
         staged = torch.empty(entry.shape, dtype=entry.dtype)

@@ -44,7 +44,7 @@ from offload.optim.state_store import STATE_PARTS, StatePlacement, chunks, split
 from offload.storage.io_engine import IoEngine, IoHandle
 
 if TYPE_CHECKING:
-    from offload.engine.engine import Engine
+    from offload.engine.training_state import TrainingState
 
 log = logging.getLogger("offload")
 
@@ -54,7 +54,7 @@ META_FILE = "meta.json"
 HF_CONFIG_FILE = "config.json"
 
 
-def save(engine: Engine, path: str, extra: dict[str, Any] | None) -> Path:
+def save(state: TrainingState, path: str, extra: dict[str, Any] | None) -> Path:
     if extra is None:
         extra = {}
     if not isinstance(extra, dict):
@@ -64,42 +64,42 @@ def save(engine: Engine, path: str, extra: dict[str, Any] | None) -> Path:
     except (TypeError, ValueError) as e:
         raise TypeError(f"engine.save: extra must hold JSON values only (numbers, strings, lists, dicts): {e}") \
             from None
-    if engine._grads.any_received():
+    if state.grads.any_received():
         raise RuntimeError("engine.save: gradients were accumulated since the last step and a checkpoint cannot "
                            "hold them; call engine.step() before saving")
     start = time.perf_counter()
-    ranks = engine.ranks
+    ranks = state.ranks
     directory = CheckpointDir(path)
     if not ranks.many:
-        version = directory.begin(engine._step)
+        version = directory.begin(state.step)
         try:
-            records = _write_files(engine, version, extra_json)
+            records = _write_files(state, version, extra_json)
             directory.commit(version, records)
         except BaseException:
             directory.abandon(version)  # the previous checkpoint, if any, is still the current one
             raise
     else:
-        version, records = _save_ranks(engine, directory, extra_json)
+        version, records = _save_ranks(state, directory, extra_json)
     total = sum(r.size for r in records.values())
     seconds = time.perf_counter() - start
-    log.info("offload: saved step %d to %s (%.2f GB in %.1f s, %.2f GB/s)", engine._step, path, total / 1e9,
+    log.info("offload: saved step %d to %s (%.2f GB in %.1f s, %.2f GB/s)", state.step, path, total / 1e9,
              seconds, total / 1e9 / max(seconds, 1e-9))
     return version
 
 
-def _write_files(engine: Engine, version: Path, extra: dict[str, Any]) -> dict[str, FileRecord]:
+def _write_files(state: TrainingState, version: Path, extra: dict[str, Any]) -> dict[str, FileRecord]:
     """This rank's files of the checkpoint (all of them with one rank): its state shards, and on rank 0 the
     model's other tensors, meta.json and config.json. Returns their records."""
-    io = IoEngine(engine.config.io)
+    io = IoEngine(state.config.io)
     try:
-        records = _write_optimizer_state(engine, version, io)
-        if engine.ranks.rank == 0:
-            keys, other = _state_dict_layout(engine)
+        records = _write_optimizer_state(state, version, io)
+        if state.ranks.rank == 0:
+            keys, other = _state_dict_layout(state)
             records[MODEL_FILE + ".safetensors"] = _write_tensors(version / (MODEL_FILE + ".safetensors"), other,
                                                                   io)
-            meta = _meta(engine, keys, extra)
+            meta = _meta(state, keys, extra)
             records[META_FILE] = write_file_durably(version / META_FILE, json.dumps(meta, indent=1).encode())
-            hf_config = _hf_config_json(engine.model)
+            hf_config = _hf_config_json(state.model)
             if hf_config is not None:
                 records[HF_CONFIG_FILE] = write_file_durably(version / HF_CONFIG_FILE, hf_config.encode())
         return records
@@ -107,14 +107,14 @@ def _write_files(engine: Engine, version: Path, extra: dict[str, Any]) -> dict[s
         io.close()
 
 
-def _save_ranks(engine: Engine, directory: CheckpointDir, extra: dict[str, Any]) -> tuple[Path, dict]:
+def _save_ranks(state: TrainingState, directory: CheckpointDir, extra: dict[str, Any]) -> tuple[Path, dict]:
     """The collective save: rank 0 opens the version, every rank writes its files, rank 0 commits if all did.
     Every rank raises if any failed (naming the rank and its error), and the version is then removed."""
-    ranks = engine.ranks
+    ranks = state.ranks
     opened: tuple[str | None, str | None] = (None, None)
     if ranks.rank == 0:
         try:
-            opened = (str(directory.begin(engine._step)), None)
+            opened = (str(directory.begin(state.step)), None)
         except Exception as e:
             opened = (None, f"{type(e).__name__}: {e}")
     name, error = ranks.from_rank0(opened)
@@ -123,7 +123,7 @@ def _save_ranks(engine: Engine, directory: CheckpointDir, extra: dict[str, Any])
     version = Path(name)
     records, error = {}, None
     try:
-        records = _write_files(engine, version, extra)
+        records = _write_files(state, version, extra)
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
     reports = ranks.all_objects((records, error))
@@ -148,15 +148,15 @@ def _save_ranks(engine: Engine, directory: CheckpointDir, extra: dict[str, Any])
     return version, merged
 
 
-def _state_entries(engine: Engine) -> tuple[list[tuple[str, torch.dtype, tuple[int, ...]]], dict[str, str]]:
+def _state_entries(state: TrainingState) -> tuple[list[tuple[str, torch.dtype, tuple[int, ...]]], dict[str, str]]:
     """The tensors of this rank's state files, in the order they are written (group by group), and the files'
     metadata: whole parameters with one rank; with several, the run of each parameter's elements in this
     rank's shard with where it starts (Note [sharded checkpoints])."""
-    if not engine.ranks.many:
-        return [(slot.name, torch.float32, tuple(slot.shape)) for g in engine.groups for slot in g.slots], \
+    if not state.ranks.many:
+        return [(slot.name, torch.float32, tuple(slot.shape)) for g in state.groups for slot in g.slots], \
             {"format": "pt"}
     tensors, offsets, shapes = [], {}, {}
-    for group in engine.groups:
+    for group in state.groups:
         for slot, a, b in group.pieces(group.lo, group.hi):
             tensors.append((slot.name, torch.float32, (b - a,)))
             offsets[slot.name] = a - slot.offset
@@ -164,16 +164,16 @@ def _state_entries(engine: Engine) -> tuple[list[tuple[str, torch.dtype, tuple[i
     return tensors, {"format": "pt", SHARD_OFFSETS_KEY: json.dumps(offsets), SHAPES_KEY: json.dumps(shapes)}
 
 
-def _write_optimizer_state(engine: Engine, version: Path, io: IoEngine) -> dict[str, FileRecord]:
+def _write_optimizer_state(state: TrainingState, version: Path, io: IoEngine) -> dict[str, FileRecord]:
     """master, exp_avg and exp_avg_sq of every trainable parameter (this rank's shard of each), group by
     group, into three files."""
-    store = engine.store
-    tensors, metadata = _state_entries(engine)
+    store = state.store
+    tensors, metadata = _state_entries(state)
     entries = plan_entries(tensors)
     writers = []
     try:
         for name in STATE_FILES:
-            file_name = rank_file_name(name, engine.ranks.rank, engine.ranks.world)
+            file_name = rank_file_name(name, state.ranks.rank, state.ranks.world)
             writers.append(TensorFileWriter(version / file_name, entries, io, metadata))
         # Note [checkpoint staging]: NVMe groups come in through at most two of the optimizer's staging slots
         # (free: no step is running). The writes of a chunk are queued and the read of the next chunk goes to
@@ -209,14 +209,14 @@ def _write_optimizer_state(engine: Engine, version: Path, io: IoEngine) -> dict[
             writer.close()
 
 
-def _state_dict_layout(engine: Engine) -> tuple[list[list[str]], list[tuple[str, torch.Tensor]]]:
+def _state_dict_layout(state: TrainingState) -> tuple[list[list[str]], list[tuple[str, torch.Tensor]]]:
     """For every key of ``model.state_dict()``: [key, "master", parameter name] for trainable parameters,
     [key, "alias", first key] for a tensor already listed under another key (tied weights), [key, "model", key]
     for the rest, whose CPU copies are returned as the second value."""
-    trainable = {id(slot.param): slot.name for g in engine.groups for slot in g.slots}
+    trainable = {id(slot.param): slot.name for g in state.groups for slot in g.slots}
     first_key: dict[int, str] = {}
     keys, other = [], []
-    for key, value in engine.model.state_dict(keep_vars=True).items():
+    for key, value in state.model.state_dict(keep_vars=True).items():
         if id(value) in first_key:
             keys.append([key, "alias", first_key[id(value)]])
             continue
@@ -260,19 +260,19 @@ def _python_rng() -> list[Any]:
     return [version, list(internal), gauss]
 
 
-def _meta(engine: Engine, keys: list[list[str]], extra: dict[str, Any]) -> dict[str, Any]:
+def _meta(state: TrainingState, keys: list[list[str]], extra: dict[str, Any]) -> dict[str, Any]:
     from offload import __version__
 
     return {
         "offload_version": __version__,
-        "step": engine._step,
-        "world_size": engine.ranks.world,
-        "param_steps": {slot.name: engine._param_steps[g][i] for g, group in enumerate(engine.groups)
+        "step": state.step,
+        "world_size": state.ranks.world,
+        "param_steps": {slot.name: state.param_steps[g][i] for g, group in enumerate(state.groups)
                         for i, slot in enumerate(group.slots)},
-        "loss_scaler": engine._scaler.state_dict(),
+        "loss_scaler": state.scaler.state_dict(),
         "param_groups": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items()}
-                         for group in engine.param_groups],
-        "config": dataclasses.asdict(engine.config),
+                         for group in state.param_groups],
+        "config": dataclasses.asdict(state.config),
         "state_dict_keys": keys,
         "rng": _rng_states(),
         "extra": extra,

@@ -22,67 +22,68 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 from torch import nn
 
-from offload.engine.state_fill import fill_group, quiesce
+from offload.engine.state_fill import fill_group
 from offload.optim.state_store import STATE_PARTS, StatePlacement
 from offload.schedule.guarded_parameter import raw_data
 
 if TYPE_CHECKING:
-    from offload.engine.engine import Engine
+    from offload.engine.training_state import TrainingState
 
 
-def groups_of(engine: Engine, module: nn.Module | None) -> list[int]:
+def groups_of(state: TrainingState, module: nn.Module | None) -> list[int]:
     """The groups holding a trainable parameter of ``module`` (all groups for None)."""
     if module is None:
-        return list(range(len(engine.groups)))
-    if not any(m is module for m in engine.model.modules()):
+        return list(range(len(state.groups)))
+    if not any(m is module for m in state.model.modules()):
         raise ValueError("engine.gathered(module): the module is not part of the engine's model")
     owned = {id(p) for p in module.parameters()}
-    return [g for g, group in enumerate(engine.groups) if any(id(slot.param) in owned for slot in group.slots)]
+    return [g for g, group in enumerate(state.groups) if any(id(slot.param) in owned for slot in group.slots)]
 
 
 @contextlib.contextmanager
-def gathered(engine: Engine, module: nn.Module | None, writable: bool) -> Iterator[None]:
-    if writable and engine.ranks.many:
+def gathered(state: TrainingState, module: nn.Module | None, writable: bool) -> Iterator[None]:
+    if writable and state.ranks.many:
         raise NotImplementedError("engine.gathered(writable=True) with several ranks: edit the weights on one "
                                   "rank's model before building the engine, or load them with load_pretrained")
-    engine._sync()  # the masters read below are those of the last step, complete
-    chosen = groups_of(engine, module)
-    masters = {g: engine._full_master(g) for g in chosen}  # fp32 CPU tensors of our own
+    # (``state`` is quiescent: the masters read below are those of the last step, complete)
+    chosen = groups_of(state, module)
+    masters = {g: state.full_master(g) for g in chosen}  # fp32 CPU tensors of our own
     originals: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
-    engine._gathered += 1
+    state.gathered_contexts += 1
     try:
         for g in chosen:
-            group = engine.groups[g]
+            group = state.groups[g]
             for slot in group.slots:
-                value = group.view(masters[g], slot).to(engine.device, copy=engine.device.type != "cpu")
+                value = group.view(masters[g], slot).to(state.device, copy=state.device.type != "cpu")
                 originals[id(slot.param)] = (slot.param, raw_data(slot.param))  # (a view of released storage)
                 slot.param.data = value
         yield
         if writable:
-            _write_back(engine, chosen, masters)
+            _write_back(state, chosen, masters)
     finally:
         for param, data in originals.values():
             param.data = data
-        engine._gathered -= 1
+        state.gathered_contexts -= 1
 
 
-def _write_back(engine: Engine, chosen: list[int], masters: dict[int, torch.Tensor]) -> None:
+def _write_back(state: TrainingState, chosen: list[int], masters: dict[int, torch.Tensor]) -> None:
     """The parameters' values at exit become the masters of their groups (moments kept)."""
     for g in chosen:
-        group = engine.groups[g]
+        group = state.groups[g]
         for slot in group.slots:
             group.view(masters[g], slot).copy_(slot.param.data.detach().to("cpu", torch.float32))
-    quiesce(engine)  # no group on the device while its home is rewritten
-    store = engine.store
+    state.quiesce()  # no group on the device while its home is rewritten
+    store = state.store
     for g in chosen:
-        state, master = store.states[g], masters[g]
+        group_state, master = store.states[g], masters[g]
 
-        def read(parts: tuple[torch.Tensor, ...], start: int, end: int, state=state, master=master) -> None:
-            if state.placement is not StatePlacement.HOST:  # a staged NVMe chunk: its moments come from disk
+        def read(parts: tuple[torch.Tensor, ...], start: int, end: int, group_state=group_state,
+                 master=master) -> None:
+            lo = group_state.group.lo
+            if group_state.placement is not StatePlacement.HOST:  # a staged NVMe chunk: moments come from disk
                 staging = store.staging[0].view(torch.float32)[:STATE_PARTS * (end - start)]
-                for handle in store.transfer("read", state, start - state.group.lo, end - state.group.lo,
-                                             staging, parts=(1, 2)):
+                for handle in store.transfer("read", group_state, start - lo, end - lo, staging, parts=(1, 2)):
                     store.swap.wait(handle)
-            parts[0].copy_(master[start - state.group.lo:end - state.group.lo])
+            parts[0].copy_(master[start - lo:end - lo])
 
-        fill_group(engine, state, read)
+        fill_group(store, state.weights, group_state, read)

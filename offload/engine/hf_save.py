@@ -35,6 +35,7 @@ from offload.storage.io_engine import IoEngine
 
 if TYPE_CHECKING:
     from offload.engine.engine import Engine
+    from offload.engine.training_state import TrainingState
 
 log = logging.getLogger("offload")
 
@@ -72,32 +73,31 @@ def save_pretrained(engine: Engine, out_dir: str | Path, *, dtype: str | torch.d
     model, also after a crash or a full disk; a non-empty ``out_dir`` is replaced only with ``overwrite``
     (else ``OutputExistsError``). Collective with several ranks; rank 0 writes. Returns ``Path(out_dir)``.
     Blocks until everything is written and fsynced (on every rank: until rank 0 has put the directory in place)."""
-    engine._check_open()
-    out_dtype = _output_dtype(engine.model, dtype)
+    state = engine.training_state()  # (quiescent: the masters read below are those of the last step, complete)
+    out_dtype = _output_dtype(state.model, dtype)
     limit = parse_max_shard_size(max_shard_size)
     extra = _checked_extra_files(extra_files)
-    engine._sync()  # the masters read below are those of the last step, complete
     start = time.perf_counter()
-    sources = _sources(engine, out_dtype)
+    sources = _sources(state, out_dtype)
     plan = plan_shards([(s.name, s.dtype, s.shape) for s in sources], limit)
-    hf_config = _hf_config(engine.model, out_dtype)
+    hf_config = _hf_config(state.model, out_dtype)
     _check_names(extra, plan, hf_config is not None, generation_config is not None)
-    ranks = engine.ranks
+    ranks = state.ranks
     output: _Output | None = None
     try:
         error: BaseException | None = None
         if ranks.rank == 0:
             try:
                 # (total_parameters counts as transformers' num_parameters() does: every parameter once)
-                parameters = {"total_parameters": sum(p.numel() for p in engine.model.parameters())}
-                output = _Output(out_dir, overwrite, plan, parameters, engine.config.io)
+                parameters = {"total_parameters": sum(p.numel() for p in state.model.parameters())}
+                output = _Output(out_dir, overwrite, plan, parameters, state.config.io)
                 output.write_small_files(hf_config, generation_config, tokenizer, extra)
                 output.open_weights()
             except Exception as e:
                 error = e
         error = _from_rank0(ranks, error)  # (every rank raises, before any gather)
         if error is None:
-            error = _stream(engine, sources, out_dtype, output)
+            error = _stream(state, sources, out_dtype, output)
         if output is not None and error is None:
             try:
                 output.commit()
@@ -116,7 +116,7 @@ def save_pretrained(engine: Engine, out_dir: str | Path, *, dtype: str | torch.d
     return Path(out_dir)
 
 
-def _stream(engine: Engine, sources: list[_Source], out_dtype: torch.dtype, output: _Output | None
+def _stream(state: TrainingState, sources: list[_Source], out_dtype: torch.dtype, output: _Output | None
             ) -> BaseException | None:
     """Reads every group's master (collective) and appends its tensors to ``output`` (rank 0; None on the
     others), then the other tensors. Returns the first write error (with several ranks the gathers go on after
@@ -126,13 +126,13 @@ def _stream(engine: Engine, sources: list[_Source], out_dtype: torch.dtype, outp
         if source.group is not None:
             by_group.setdefault(source.group, []).append(source)
     error: BaseException | None = None
-    for g, group in enumerate(engine.groups):
-        master = engine._full_master(g)  # fp32, CPU, ours (collective with several ranks)
+    for g, group in enumerate(state.groups):
+        master = state.full_master(g)  # fp32, CPU, ours (collective with several ranks)
         if output is not None and error is None:
             try:
                 _append_group(output.weights, group, master, by_group.get(g, []), out_dtype)
             except Exception as e:
-                if not engine.ranks.many:
+                if not state.ranks.many:
                     raise
                 error = e
         del master  # before the next group's is read: one master in memory at a time
@@ -145,7 +145,7 @@ def _stream(engine: Engine, sources: list[_Source], out_dtype: torch.dtype, outp
                 output.weights.wait(output.weights.append(source.name, tensor.to(source.dtype).contiguous()))
         output.weights.finish()
     except Exception as e:
-        if not engine.ranks.many:
+        if not state.ranks.many:
             raise
         return e
     return None
@@ -227,18 +227,18 @@ def _from_rank0(ranks: Any, error: BaseException | None) -> BaseException | None
     return error if ranks.rank == 0 else shared
 
 
-def _sources(engine: Engine, out_dtype: torch.dtype) -> list[_Source]:
+def _sources(state: TrainingState, out_dtype: torch.dtype) -> list[_Source]:
     """The tensors to write, in the order they are produced: each group's trainable parameters (under the
     first state_dict key of each), group by group, then the other state_dict tensors (first key of each)."""
     first_key: dict[int, str] = {}
-    for key, value in engine.model.state_dict(keep_vars=True).items():
+    for key, value in state.model.state_dict(keep_vars=True).items():
         first_key.setdefault(id(value), key)
     out = []
-    for g, group in enumerate(engine.groups):
+    for g, group in enumerate(state.groups):
         for slot in group.slots:
             if id(slot.param) in first_key:
                 out.append(_Source(first_key[id(slot.param)], out_dtype, tuple(slot.shape), g, slot=slot))
-    for key, tensor in other_tensors(engine).items():
+    for key, tensor in other_tensors(state).items():
         kept = out_dtype if tensor.is_floating_point() else tensor.dtype
         out.append(_Source(key, kept, tuple(tensor.shape), None, tensor=tensor))
     return out

@@ -19,12 +19,13 @@ import torch
 
 from offload.checkpoint.tensor_file import TensorFileReader
 from offload.engine.checkpoint_load import load_model_tensors, other_tensors
-from offload.engine.state_fill import fill_group, quiesce
+from offload.engine.state_fill import fill_group
 from offload.errors import CheckpointError
 from offload.storage.io_engine import IoEngine
 
 if TYPE_CHECKING:
     from offload.engine.engine import Engine
+    from offload.engine.training_state import TrainingState
 
 log = logging.getLogger("offload")
 INDEX_FILE = "model.safetensors.index.json"
@@ -56,32 +57,31 @@ def load_pretrained(engine: Engine, path: str | Path) -> None:
     A tied parameter needs one of its names in the checkpoint. Call it before the first step: the Adam moments
     stay zero. Missing or unexpected tensors and shape mismatches raise ``CheckpointError`` naming them, before
     anything is changed."""
-    engine._check_open()
-    engine._sync()
-    if engine._step > 0 or engine._grads.any_received():
+    state = engine.training_state()
+    if state.step > 0 or state.grads.any_received():
         raise CheckpointError("load_pretrained: the engine has already trained (or holds gradients); load "
                               "pretrained weights right after building it")
     start = time.perf_counter()
     path = Path(path)
     files = checkpoint_files(path)
-    io = IoEngine(engine.config.io)
+    io = IoEngine(state.config.io)
     readers: dict[Path, TensorFileReader] = {}
     try:
         for file in dict.fromkeys(files.values()):
             readers[file] = TensorFileReader(file, io)
         where = {name: readers[file] for file in readers for name in readers[file].entries
                  if files.get(name, files.get("")) == file}
-        targets = _targets(engine)
-        _check(engine, where, targets, path)
+        targets = _targets(state)
+        _check(state, where, targets, path)
         try:
-            quiesce(engine)
-            for state in engine.store.states:  # the masters; the moments of a new engine stay zero
-                group = state.group
-                fill_group(engine, state, lambda parts, start, end, group=group:
+            state.quiesce()
+            for group_state in state.store.states:  # the masters; the moments of a new engine stay zero
+                group = group_state.group
+                fill_group(state.store, state.weights, group_state, lambda parts, start, end, group=group:
                            _read_master(group, parts[0], start, end, where, targets))
-            load_model_tensors(engine, where.__getitem__)
+            load_model_tensors(state, where.__getitem__)
         except BaseException as e:
-            engine._failed = f"loading {path} failed part-way ({type(e).__name__}: {e})"
+            state.failed = f"loading {path} failed part-way ({type(e).__name__}: {e})"
             raise
     finally:
         for reader in readers.values():
@@ -91,18 +91,18 @@ def load_pretrained(engine: Engine, path: str | Path) -> None:
     log.info("offload: loaded %s (%.2f GB in %.1f s)", path, total / 1e9, time.perf_counter() - start)
 
 
-def _targets(engine: Engine) -> dict:
+def _targets(state: TrainingState) -> dict:
     """The checkpoint name each trainable slot is read from (its own name or, for a tied parameter, any of its
     names), and the other tensors of the model's state_dict (frozen parameters, persistent buffers)."""
     names_of: dict[int, list[str]] = {}
-    for key, value in engine.model.state_dict(keep_vars=True).items():
+    for key, value in state.model.state_dict(keep_vars=True).items():
         names_of.setdefault(id(value), []).append(key)
-    return {"names": names_of, "other": other_tensors(engine)}
+    return {"names": names_of, "other": other_tensors(state)}
 
 
-def _check(engine: Engine, where: dict[str, TensorFileReader], targets: dict, path: Path) -> None:
+def _check(state: TrainingState, where: dict[str, TensorFileReader], targets: dict, path: Path) -> None:
     missing, mismatched, used = [], [], set()
-    slots = [(slot.param, slot.shape) for g in engine.groups for slot in g.slots]
+    slots = [(slot.param, slot.shape) for g in state.groups for slot in g.slots]
     others = [(t, t.shape) for t in targets["other"].values()]
     for tensor, shape in slots + others:
         names = targets["names"][id(tensor)]

@@ -4,14 +4,12 @@ built on the meta device, to load pretrained weights and to load a checkpoint: o
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 
-from offload.optim.state_store import STATE_PARTS, GroupState, StatePlacement, chunks, split_state
-
-if TYPE_CHECKING:
-    from offload.engine.engine import Engine
+from offload.optim.state_store import STATE_PARTS, GroupState, OptimizerStateStore, StatePlacement, chunks, split_state
+from offload.schedule.weights import Weights
 
 # (parts, start, end): writes elements [start, end) of the group into ``parts`` = (master, m, v), each fp32 of
 # end - start elements. A part it leaves alone keeps what it holds: the current values for a group in RAM,
@@ -19,24 +17,16 @@ if TYPE_CHECKING:
 ReadState = Callable[[tuple[torch.Tensor, ...], int, int], None]
 
 
-def quiesce(engine: Engine) -> None:
-    """Before the homes are rewritten outside a step: no group on the device (its copy would go stale) and no
-    copy to the device still reading a home; no state read begun for the next step (it fills staging slots)."""
-    engine._stepper.discard_preload()
-    if hasattr(engine.weights, "release_all"):
-        engine.weights.release_all()
-        engine.weights.drain_copies()
-
-
-def fill_group(engine: Engine, state: GroupState, read: ReadState) -> None:
+def fill_group(store: OptimizerStateStore, weights: Weights, state: GroupState, read: ReadState) -> None:
     """``read`` is asked for group coordinates; the state and weights homes hold this rank's shard of them
-    (Note [rank shards]), so ``read`` sees elements [lo + start, lo + end) for shard elements [start, end)."""
-    group, store = state.group, engine.store
+    (Note [rank shards]), so ``read`` sees elements [lo + start, lo + end) for shard elements [start, end).
+    Outside a step, after ``TrainingState.quiesce()``."""
+    group = state.group
     numel, lo = group.shard_numel, group.lo
     if state.placement is StatePlacement.HOST:
         parts = split_state(state.state_host.view(torch.float32), numel)
         read(parts, lo, lo + numel)
-        engine.weights.load_weights(group.index, parts[0], 0, True)
+        weights.load_weights(group.index, parts[0], 0, True)
         return
     pieces = chunks(numel, store.chunk_elements)
     for k, (start, end) in enumerate(pieces):
@@ -46,7 +36,7 @@ def fill_group(engine: Engine, state: GroupState, read: ReadState) -> None:
         read(parts, lo + start, lo + end)
         for handle in store.transfer("write", state, start, end, staging):
             store.swap.wait(handle)
-        engine.weights.load_weights(group.index, parts[0], start, k == len(pieces) - 1)
+        weights.load_weights(group.index, parts[0], start, k == len(pieces) - 1)
 
 
 def master_from_values(group, value_of: Callable[[object], torch.Tensor]) -> ReadState:

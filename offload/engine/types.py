@@ -51,3 +51,4 @@ class EngineStats:
     fetch_wait_s: float = 0.0     # total seconds compute waited for offloaded weights (0 with params="device")
     rank: int = 0                 # this process's rank and the number of ranks sharing the state: every
     world_size: int = 1           # host/NVMe figure above is this rank's (1/world_size of each group's state)
+    steps_during_backward: int = 0  # backward_step calls whose updates overlapped the backward

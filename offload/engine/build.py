@@ -1,101 +1,122 @@
-"""EngineConstruction: how an Engine allocates and fills its buffers before it touches the model.
+"""build_parts: how an Engine allocates and fills its parts before it touches the model.
 
-Part of :class:`offload.Engine` (a base class, so that the engine's file holds the training loop and this one
-the set-up): the weights (device-resident or offloaded), the gradient accumulators, the optimizer state store
-and its placement, each group filled from the model's current values (or replayed from ``init_empty``). Every
+The weights (device-resident or offloaded), the gradient accumulators, the optimizer state store and its
+placement, each group filled from the model's current values (or replayed from ``init_empty``). Every
 allocation happens here, so a budget or a disk that is too small fails at construction, not mid-training, and
-the model is changed only once all of it has succeeded (``_build`` returns the step that changes it).
+the model is changed only once all of it has succeeded (``build_parts`` returns the step that changes it).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from offload.engine.device_weights import DeviceWeights
-from offload.engine.grad_stream import GradientStream, staging_ring_bytes
-from offload.engine.grad_swap import GRAD_SWAP_BUFFERS, GradSwap
+from offload.config import Config
+from offload.engine.parts import EngineParts
 from offload.engine.state_fill import fill_group, master_from_values
 from offload.errors import MemoryBudgetError
-from offload.layout.flat_group import gather_fp32
+from offload.layout.flat_group import FlatGroup, gather_fp32
 from offload.layout.meta_init import LOG_ATTRIBUTE, meta_value, order_of_completion
 from offload.optim.group_stepper import GroupStepper
 from offload.optim.state_store import (FP32_BYTES, STATE_PARTS, OptimizerStateStore, StatePlacement, plan_placement,
                                        split_state, staging_bytes)
+from offload.ranks import Ranks
+from offload.schedule.device_weights import DeviceWeights
 from offload.schedule.fetch_scheduler import FetchScheduler, max_use_width, uses_by_module
+from offload.schedule.grad_stream import GradientStream, staging_ring_bytes
+from offload.schedule.grad_swap import GRAD_SWAP_BUFFERS, GradSwap
 from offload.schedule.offloaded_params import OffloadedParams
 from offload.storage.host_pool import HostPool
 from offload.storage.swap_store import SwapStore
+from offload.timeline import Timeline
 
 log = logging.getLogger("offload")
 
 
-class EngineConstruction:
-    """The construction half of :class:`offload.Engine` (its ``__init__`` sets what these methods read)."""
+def build_parts(parts: EngineParts, model: nn.Module, config: Config, groups: list[FlatGroup],
+                frozen: list[tuple[str, nn.Parameter]], ranks: Ranks, timeline: Timeline,
+                materializers: Any) -> Callable[[], None]:
+    """Allocates and fills every part into ``parts`` without touching the model; returns the step that points
+    the model at them. A failure here (budget, disk space, I/O) therefore leaves the model exactly as it was
+    (the caller releases ``parts``). ``materializers``: the ``init_empty`` replay of a model built on the meta
+    device, or None."""
+    return _PartsBuilder(parts, model, config, groups, frozen, ranks, timeline, materializers).build()
 
-    def _build(self) -> Callable[[], None]:
-        """Allocates and fills every buffer without touching the model; returns the step that points the model
-        at them. A failure here (budget, disk space, I/O) therefore leaves the model exactly as it was."""
-        config, res = self.config, self._res
+
+class _PartsBuilder:
+    """The construction steps, sharing what they all read; lives for one ``build_parts`` call."""
+
+    def __init__(self, parts: EngineParts, model: nn.Module, config: Config, groups: list[FlatGroup],
+                 frozen: list[tuple[str, nn.Parameter]], ranks: Ranks, timeline: Timeline,
+                 materializers: Any) -> None:
+        self.parts, self.model, self.config, self.groups = parts, model, config, groups
+        self.frozen, self.ranks, self.timeline, self.materializers = frozen, ranks, timeline, materializers
+        self.pool = parts.pool
+        self.device = torch.device(config.device)
+        self.dtype = config.torch_dtype
+        self.lowp_bytes = torch.empty((), dtype=self.dtype).element_size()
+
+    def build(self) -> Callable[[], None]:
+        config, parts = self.config, self.parts
         offloaded = config.params != "device"
         self._check_device_budget(offloaded)
         grad_staging, fixed = self._make_weights(offloaded)
         grads_on_nvme = self._gradients_go_to_nvme(fixed)
         placement = self._make_gradients_and_state(grads_on_nvme, fixed)
         order = {id(p): i for i, p in enumerate(self.model.parameters())}
-        grad_hosts = [None] * len(self.groups) if grads_on_nvme else [b.view(torch.float32) for b in res.grad_hosts]
-        res.grads = self._grads = GradientStream(self.groups, grad_hosts, self.device, self.pool, grad_staging,
-                                                 order, self.timeline, self.ranks)
-        self._grads.grad_swap = res.grad_swap
+        grad_hosts = [None] * len(self.groups) if grads_on_nvme else [b.view(torch.float32) for b in parts.grad_hosts]
+        grads = parts.grads = GradientStream(self.groups, grad_hosts, self.device, self.pool, grad_staging, order,
+                                             self.timeline, self.ranks)
+        grads.grad_swap = parts.grad_swap
         self._fill_groups(placement)
         frozen = [(p, self._value(p, name).to(self.device, self.dtype if p.is_floating_point() else None))
-                  for name, p in self._frozen]
+                  for name, p in self.frozen]
         buffers = [(module, name, self._value(buffer, f"{path}.{name}" if path else name).to(self.device))
                    for path, module in self.model.named_modules()
                    for name, buffer in module._buffers.items() if buffer is not None]
-        self._meta = None  # the replay log and anything it still holds go now
-        self.swap = res.swap
-        self._stepper = res.stepper = GroupStepper(self.store, self.timeline)
+        self.materializers = None  # the replay log and anything it still holds go now
+        stepper = parts.stepper = GroupStepper(parts.store, self.timeline)
         # Note [master in memory], group_stepper.py: groups whose update may run on the weights in memory.
-        # (Bound to the weights, not to the engine: resources must not keep a dropped engine alive.)
-        can_lend = self.weights.can_lend
-        self._stepper.master_in_memory = lambda state: can_lend(state.group.index)
-        self._arrival_order: list[int] = []  # groups in the order the last backward_step submitted them
+        # (Bound to the weights, not to the engine: the parts must not keep a dropped engine alive.)
+        weights, can_lend = parts.weights, parts.weights.can_lend
+        stepper.master_in_memory = lambda state: can_lend(state.group.index)
         on_nvme = placement.count(StatePlacement.NVME)
         log.info("offload: %d groups, %d trainable parameters; parameters on %s; optimizer state of %d groups "
                  "in RAM, %d on NVMe; gradients on %s", len(self.groups),
                  sum(s.numel for g in self.groups for s in g.slots), config.params, len(self.groups) - on_nvme,
                  on_nvme, "NVMe" if grads_on_nvme else "the host")
 
-        def attach() -> None:
-            for param in self.model.parameters():
+        model, timeline = self.model, self.timeline
+
+        def attach() -> None:  # (a closure over what it needs, not over this builder)
+            for param in model.parameters():
                 param.grad = None  # a gradient left from before would be added into the first step
-            if hasattr(self.model, LOG_ATTRIBUTE):
-                delattr(self.model, LOG_ATTRIBUTE)  # the model is real now; its init_empty log is spent
-            for param in self.model.parameters():
+            if hasattr(model, LOG_ATTRIBUTE):
+                delattr(model, LOG_ATTRIBUTE)  # the model is real now; its init_empty log is spent
+            for param in model.parameters():
                 if param.is_meta:  # .data cannot change a tensor's device: swap in an empty CPU tensor first
                     torch.utils.swap_tensors(param, nn.Parameter(torch.empty(0, dtype=param.dtype),
                                                                  requires_grad=param.requires_grad))
-            self.weights.bind_parameters()
+            weights.bind_parameters()
             for param, data in frozen:
                 param.data = data
             for module, name, buffer in buffers:
                 module._buffers[name] = buffer
-            self._grads.attach()
-            if offloaded:
-                res.scheduler = self._scheduler = FetchScheduler(self.model, self.groups, self.weights,
-                                                                 config.prefetch_layers, self.timeline)
-                self._grads.on_param_done = self._scheduler.param_done
+            grads.attach()
+            if parts.offloaded is not None:
+                parts.scheduler = FetchScheduler(model, parts.offloaded.groups, parts.offloaded,
+                                                 config.prefetch_layers, timeline)
+                grads.on_param_done = parts.scheduler.param_done
 
         return attach
 
     def _make_weights(self, offloaded: bool) -> tuple[int, int]:
         """The weights' buffers (device-resident, or offloaded with their staging). Returns the CUDA gradient
         staging size and the host bytes still to be allocated for weights and that staging."""
-        config, res, lowp_bytes = self.config, self._res, self._lowp_bytes
+        config, parts, lowp_bytes = self.config, self.parts, self.lowp_bytes
         largest_param = max(s.numel for g in self.groups for s in g.slots) * lowp_bytes
         # (several ranks reduce the gradients on the device and copy shards: no staging ring)
         grad_staging = staging_ring_bytes(largest_param) if self.device.type == "cuda" and not self.ranks.many else 0
@@ -106,27 +127,25 @@ class EngineConstruction:
         elif self.device.type == "cuda" and self.dtype != torch.float32:  # kernel output of whole groups
             weights_host = sum(HostPool.mapped_size(g.numel * lowp_bytes) for g in self.groups)
         if offloaded and (config.params == "nvme" or config.optimizer == "nvme"):
-            res.swap = self._swap_store()
+            parts.swap = self._swap_store()
         if offloaded:
             # Frozen parameters stay on the device: the offloaded groups get what the limit leaves.
             limit = config.device_memory_limit
             width = max_use_width(uses_by_module(self.model, self.groups))
             # fp32 weights with the optimizer on NVMe are read from the masters (Note [weights in the state file])
             in_state = self.dtype == torch.float32 and config.params == "nvme" and config.optimizer == "nvme"
-            res.weights = OffloadedParams(self.groups, config.params, self.dtype, self.pool, res.swap,
-                                          None if limit is None else limit - self._frozen_bytes,
-                                          fetch_slots=(config.prefetch_layers + 1) * width, timeline=self.timeline,
-                                          device=self.device, weights_in_state=in_state,
-                                          gather=self.ranks.all_gather if self.ranks.many else None,
-                                          lend_limit=config.prefetch_layers + 1)
+            parts.weights = parts.offloaded = OffloadedParams(
+                self.groups, config.params, self.dtype, self.pool, parts.swap,
+                None if limit is None else limit - parts.frozen_bytes, fetch_slots=(config.prefetch_layers + 1) * width,
+                timeline=self.timeline, device=self.device, weights_in_state=in_state,
+                gather=self.ranks.all_gather if self.ranks.many else None, lend_limit=config.prefetch_layers + 1)
         else:
-            res.weights = DeviceWeights(self.device, self.dtype, self.pool, self.ranks)
-        self.weights = res.weights
+            parts.weights = parts.resident = DeviceWeights(self.device, self.dtype, self.pool, self.ranks)
         return grad_staging, weights_host + (HostPool.mapped_size(grad_staging) if grad_staging else 0)
 
     def _make_gradients_and_state(self, grads_on_nvme: bool, fixed: int) -> list[StatePlacement]:
         """Gradient accumulators (host or NVMe) and the optimizer state store; returns each group's placement."""
-        config, res = self.config, self._res
+        config, parts = self.config, self.parts
         if grads_on_nvme:
             self._check_swap_space([StatePlacement.NVME] * len(self.groups), grads_on_nvme)
             largest = max(g.shard_numel for g in self.groups)
@@ -135,34 +154,32 @@ class EngineConstruction:
             if needed > config.host_memory_limit:
                 raise MemoryBudgetError("the staging buffers alone, with gradients and optimizer state all on NVMe",
                                         needed, config.host_memory_limit, "host_memory_limit")
-            if res.swap is None:
-                res.swap = self._swap_store()
-            res.grad_swap = GradSwap(self.groups, self.pool, res.swap, buffers=GRAD_SWAP_BUFFERS)
+            if parts.swap is None:
+                parts.swap = self._swap_store()
+            parts.grad_swap = GradSwap(self.groups, self.pool, parts.swap, buffers=GRAD_SWAP_BUFFERS)
         else:
             for group in self.groups:
-                res.grad_hosts.append(self.pool.allocate(group.shard_numel * FP32_BYTES,
-                                                         f"gradient accumulator {group.name or '<root>'}"))
+                parts.grad_hosts.append(self.pool.allocate(group.shard_numel * FP32_BYTES,
+                                                           f"gradient accumulator {group.name or '<root>'}"))
         budget_left = None
         if config.host_memory_limit is not None:
             budget_left = config.host_memory_limit - self.pool.stats().in_use - fixed
         placement = [StatePlacement.NVME] * len(self.groups) if grads_on_nvme else \
             plan_placement(self.groups, config.optimizer == "nvme", budget_left)
         nvme_numels = [g.shard_numel for g, p in zip(self.groups, placement) if p is StatePlacement.NVME]
-        if nvme_numels and res.swap is None:
-            res.swap = self._swap_store()
+        if nvme_numels and parts.swap is None:
+            parts.swap = self._swap_store()
         if not grads_on_nvme:
             self._check_swap_space(placement, grads_on_nvme)
-        res.store = self.store = OptimizerStateStore(self.pool, res.swap, nvme_numels, grads_on_nvme=grads_on_nvme)
+        parts.store = OptimizerStateStore(self.pool, parts.swap, nvme_numels, grads_on_nvme=grads_on_nvme)
         return placement
 
     def _check_swap_space(self, placement: list[StatePlacement], grads_on_nvme: bool) -> None:
         """Every swap file the engine will create, summed, against the free space (before the first is made)."""
-        swap = self._res.swap
+        swap, weights = self.parts.swap, self.parts.offloaded
         if swap is None:
             return
-        weights = self._res.weights
-        homes_on_nvme = isinstance(weights, OffloadedParams) and self.config.params == "nvme" \
-            and not weights.weights_in_state
+        homes_on_nvme = weights is not None and self.config.params == "nvme" and not weights.weights_in_state
         swap.check_space({
             "optimizer state": sum(STATE_PARTS * FP32_BYTES * g.shard_numel
                                    for g, p in zip(self.groups, placement) if p is StatePlacement.NVME),
@@ -189,8 +206,8 @@ class EngineConstruction:
         """Fails now if the parameters cannot fit ``device_memory_limit``: all of them (params="device"), or the
         largest group next to the frozen parameters (which stay on the device)."""
         limit = self.config.device_memory_limit
-        group_bytes = [g.numel * self._lowp_bytes for g in self.groups]
-        needed = self._frozen_bytes + (max(group_bytes) if offloaded else sum(group_bytes))
+        group_bytes = [g.numel * self.lowp_bytes for g in self.groups]
+        needed = self.parts.frozen_bytes + (max(group_bytes) if offloaded else sum(group_bytes))
         if limit is not None and needed > limit:
             what = ("the largest parameter group next to the frozen parameters" if offloaded
                     else "parameters resident on the device (params='device')")
@@ -198,32 +215,33 @@ class EngineConstruction:
 
     def _fill_groups(self, placement: list[StatePlacement]) -> None:
         """Each group's optimizer state and weights, from the model's current values (group by group)."""
-        in_state = getattr(self.weights, "weights_in_state", False)
+        store, offloaded = self.parts.store, self.parts.offloaded
+        in_state = offloaded is not None and offloaded.weights_in_state
         # (several ranks: a master shard cannot be the device weights of a whole group)
         device_alias = self.config.params == "device" and self.device.type == "cpu" and not self.ranks.many
         alias_master = self.dtype == torch.float32 and (self.config.params == "cpu" or device_alias or in_state)
         for group, where in zip(self.groups, placement):
-            master = gather_fp32(group) if self._meta is None else None  # (meta: zeros now, filled below)
-            state = self.store.add(group, where, None if master is None else master[group.lo:group.hi])
+            master = gather_fp32(group) if self.materializers is None else None  # (meta: zeros now, filled below)
+            state = store.add(group, where, None if master is None else master[group.lo:group.hi])
             if in_state and where is StatePlacement.NVME:
-                self.weights.add(group, master, None, alias_file=state.state_nvme)
+                offloaded.add(group, master, None, alias_file=state.state_nvme)
                 continue
             alias = None
             if alias_master and where is StatePlacement.HOST:
                 alias = split_state(state.state_host.view(torch.float32), group.shard_numel)[0]
-            if isinstance(self.weights, DeviceWeights):
-                self.weights.add(group, master, alias, state_on_nvme=where is StatePlacement.NVME)
+            if offloaded is None:
+                self.parts.resident.add(group, master, alias, state_on_nvme=where is StatePlacement.NVME)
             else:
-                self.weights.add(group, master, alias)
-        if self._meta is not None:
+                offloaded.add(group, master, alias)
+        if self.materializers is not None:
             # Groups are filled in the order the replay finishes them (Note [replay]), one at a time.
-            for g in order_of_completion(self._meta, self.groups):
+            for g in order_of_completion(self.materializers, self.groups):
                 group = self.groups[g]
                 values = {id(slot.param): self._value(slot.param, slot.name) for slot in group.slots}
-                fill_group(self, self.store.states[g],
+                fill_group(store, self.parts.weights, store.states[g],
                            master_from_values(group, lambda slot: values[id(slot.param)]))
                 del values
 
     def _value(self, t: torch.Tensor, name: str) -> torch.Tensor:
         """``t`` itself, or for a meta tensor its materialised value."""
-        return meta_value(self._meta, t, name) if t.is_meta else t.data
+        return meta_value(self.materializers, t, name) if t.is_meta else t.data

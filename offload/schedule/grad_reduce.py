@@ -19,7 +19,7 @@ import torch
 
 from typing import Callable
 
-from offload.engine.ranks import Ranks
+from offload.ranks import Ranks
 from offload.layout.flat_group import FlatGroup
 
 

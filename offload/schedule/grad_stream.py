@@ -24,10 +24,10 @@ from typing import Callable, NamedTuple
 import torch
 
 from offload import _C
-from offload.engine.grad_reduce import ShardReduced, ShardReducer
-from offload.engine.grad_swap import GradSwap
-from offload.engine.ranks import Ranks
-from offload.engine.staging_ring import ByteRing
+from offload.schedule.grad_reduce import ShardReduced, ShardReducer
+from offload.schedule.grad_swap import GradSwap
+from offload.ranks import Ranks
+from offload.schedule.staging_ring import ByteRing
 from offload.layout.flat_group import FlatGroup, Slot
 from offload.storage.host_pool import HostBuffer, HostPool
 from offload.timeline import NO_TIMELINE, Timeline

@@ -21,13 +21,15 @@ from typing import Callable
 
 import torch
 
-from offload.engine.ranks import Ranks
+from offload.ranks import Ranks
 from offload.layout.flat_group import FlatGroup
 from offload.schedule.device_storage import GroupStorage
 from offload.storage.host_pool import HostBuffer, HostPool
 
 
 class DeviceWeights:
+    """The ``Weights`` of ``params="device"``: every group's buffer lives on the device for the whole run."""
+
     def __init__(self, device: torch.device, dtype: torch.dtype, pool: HostPool, ranks: Ranks = Ranks()) -> None:
         self.device = device
         self.ranks = ranks
@@ -112,6 +114,19 @@ class DeviceWeights:
     @property
     def nbytes(self) -> int:
         return sum(w.numel() * w.element_size() for w in self.weight_device)
+
+    # (resident for the whole run: the device holds all of them, always)
+    resident_bytes = peak_resident_bytes = nbytes
+
+    @property
+    def io_failure(self) -> OSError | None:
+        return None  # nothing is written to NVMe from here
+
+    def release_all(self) -> None:
+        pass  # the buffers stay: load_weights rewrites them in place
+
+    def drain_copies(self) -> None:
+        pass  # no copy reads a home: uploads are waited for by kernel_output and close
 
     def can_lend(self, g: int) -> bool:
         """Whether group g's update runs on its device buffer (see the module doc)."""
