@@ -242,7 +242,7 @@ class UpdateRunner:
             self.parts.inflight = None
             self.totals.add(counters)
             if self.parts.offloaded is not None:
-                self.parts.offloaded.reap()  # lent groups nobody uses go home now (Note [lent to the update])
+                self.parts.offloaded.release_returned()  # lent groups nobody uses go home now (Note [lent to the update])
         if not keep_read_ahead:
             self.parts.stepper.discard_preload()
 

@@ -301,8 +301,6 @@ class OffloadedParams:
         for g in self._handoff.returned_loans():
             self.release(g)
 
-    reap = release_returned  # kept for the engine until it moves to release_returned
-
     def set_keep_candidates(self, groups: list[int], reserve_bytes: int) -> None:
         """The groups the next forward uses first, which backward may keep on the device (Note [kept through
         the update]); ``reserve_bytes``: room that must stay free next to them for the next use. A group still
