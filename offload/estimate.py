@@ -153,95 +153,160 @@ def estimate(shape: ModelShape, params: str, optimizer: str, gradients: str = "h
     """One rank's figures when ``ranks`` share the state (one process: 1); see Note [what the estimate counts].
     With ``optimizer="nvme"`` and a ``host_memory_limit``, the groups whose state fits what the limit leaves stay
     in RAM, as the engine places them (``plan_placement``, Note [which state stays in RAM])."""
-    element = {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
-    cuda = device.startswith("cuda")
-    in_state = dtype == "fp32" and params == "nvme" and optimizer == "nvme"  # weights = the masters on NVMe
+    layout = _layout(shape, params, optimizer, gradients, dtype, device, prefetch, ranks)
+    parts = _host_buffers(layout)
+    on_nvme = _place_state(layout, parts, host_memory_limit)
+    pool = sum(parts.values())
+    reduction = 2 * FP32_BYTES * max(layout.whole) if ranks > 1 else 0  # ShardReducer's buffers, on the device
+    device_weights = _device_weights(layout, device_memory_limit)
+    activations = activation_bytes(shape, batch, seq_len, layout.element)
+    base = psutil.Process().memory_info().rss if base_rss is None else base_rss
+    model_fp32 = FP32_BYTES * (shape.numel + shape.frozen_numel) if model_in_ram else 0
+    host_peak = _host_peak(layout, base, model_fp32, pool, device_weights, reduction, activations)
+    read, written = _nvme_traffic(layout, on_nvme)
+    parts.update({"base process": base, "model as built (fp32)": model_fp32, "activations": activations})
+    if ranks > 1:
+        parts["gradient reduction buffers (device)"] = reduction
+    return Estimate(params, optimizer, gradients, device,
+                    device_bytes=device_weights + (activations + reduction if layout.cuda else 0),
+                    host_pool_bytes=pool, host_peak_bytes=host_peak, disk_bytes=_disk_bytes(layout, on_nvme),
+                    nvme_read_per_step=read, nvme_written_per_step=written, parts=parts,
+                    state_groups_in_ram=len(layout.numels) - sum(on_nvme))
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """One estimate's placement and model, with what follows from them for every term."""
+
+    shape: ModelShape
+    params: str
+    optimizer: str
+    gradients: str
+    dtype: str
+    cuda: bool
+    prefetch: int
+    ranks: int
+    element: int          # bytes per weight in the compute dtype
+    in_state: bool        # fp32 weights are the masters in the state files on NVMe
+    whole: list[int]      # elements of each group, padded for the ranks
+    numels: list[int]     # this rank's shard of each group
+
+
+def _layout(shape: ModelShape, params: str, optimizer: str, gradients: str, dtype: str, device: str, prefetch: int,
+            ranks: int) -> _Layout:
+    """The layout of ``shape`` for this placement, dtype, device and number of ranks."""
     align = GROUP_ALIGN_ELEMENTS * ranks
     whole = [-(-n // align) * align if ranks > 1 else n for n in shape.group_numels]  # padded for the ranks
-    numels = [n // ranks for n in whole]                          # this rank's shard of each
+    return _Layout(shape, params, optimizer, gradients, dtype, device.startswith("cuda"), prefetch, ranks,
+                   element={"fp32": 4, "bf16": 2, "fp16": 2}[dtype],
+                   in_state=dtype == "fp32" and params == "nvme" and optimizer == "nvme",
+                   whole=whole, numels=[n // ranks for n in whole])
+
+
+def _host_buffers(layout: _Layout) -> dict[str, int]:
+    """The engine's host buffers by name, in bytes, before the optimizer state is placed: gradients, optimizer
+    state or staging, weight homes or slots, and the gradient staging ring (Note [what the estimate counts])."""
+    numels, element, mapped = layout.numels, layout.element, HostPool.mapped_size
     largest = max(numels)
-    mapped = HostPool.mapped_size
     parts: dict[str, int] = {}
-    if gradients == "nvme":  # (only with the state on NVMe: they travel with it)
+    if layout.gradients == "nvme":  # (only with the state on NVMe: they travel with it)
         parts["gradient buffers"] = GRAD_SWAP_BUFFERS * mapped(FP32_BYTES * largest)
         parts["optimizer staging"] = staging_bytes(largest, parts=STATE_PARTS + 1)
     else:
         parts["gradient accumulators"] = sum(mapped(FP32_BYTES * n) for n in numels)
-    if optimizer == "cpu":
+    if layout.optimizer == "cpu":
         parts["optimizer state"] = sum(mapped(STATE_PARTS * FP32_BYTES * n) for n in numels)
-    elif gradients != "nvme":
+    elif layout.gradients != "nvme":
         parts["optimizer staging"] = staging_bytes(largest)
-    if params == "cpu" and not (dtype == "fp32" and optimizer == "cpu"):
+    if layout.params == "cpu" and not (layout.dtype == "fp32" and layout.optimizer == "cpu"):
         parts["weight homes"] = sum(mapped(element * n) for n in numels)
-    elif params == "nvme":
+    elif layout.params == "nvme":
         slot = mapped(element * largest)
-        writeback = 0 if in_state else WRITEBACK_SLOTS
-        fetch = (prefetch + 1) * shape.use_width if cuda else 0  # CPU: reads land in the device buffers
+        writeback = 0 if layout.in_state else WRITEBACK_SLOTS
+        # CPU: reads land in the device buffers
+        fetch = (layout.prefetch + 1) * layout.shape.use_width if layout.cuda else 0
         if fetch + writeback:
             parts["weight fetch and write-back slots"] = (fetch + writeback) * slot
-    elif params == "device" and cuda and dtype != "fp32":
-        parts["pinned weights for upload"] = sum(mapped(element * n) for n in whole)  # (whole groups)
-    if cuda and ranks == 1:  # (several ranks reduce on the device and copy shards)
-        parts["gradient staging ring"] = mapped(staging_ring_bytes(shape.largest_param * element))
-    on_nvme = [optimizer == "nvme"] * len(numels)  # each group's state
-    if optimizer == "nvme" and gradients != "nvme" and host_memory_limit is not None:
+    elif layout.params == "device" and layout.cuda and layout.dtype != "fp32":
+        parts["pinned weights for upload"] = sum(mapped(element * n) for n in layout.whole)  # (whole groups)
+    if layout.cuda and layout.ranks == 1:  # (several ranks reduce on the device and copy shards)
+        parts["gradient staging ring"] = mapped(staging_ring_bytes(layout.shape.largest_param * element))
+    return parts
+
+
+def _place_state(layout: _Layout, parts: dict[str, int], host_memory_limit: int | None) -> list[bool]:
+    """Whether each group's state is on NVMe, as the engine places it (``plan_placement``, Note [which state
+    stays in RAM]); adds the state kept in RAM to ``parts``, and drops the staging when none is on NVMe."""
+    numels = layout.numels
+    on_nvme = [layout.optimizer == "nvme"] * len(numels)  # each group's state
+    if layout.optimizer == "nvme" and layout.gradients != "nvme" and host_memory_limit is not None:
         # What the engine has allocated or charged when it plans the state: everything above but the staging.
         left = host_memory_limit - sum(v for k, v in parts.items() if k != "optimizer staging")
         placement = plan_placement([_Group(n) for n in numels], True, left)
         on_nvme = [p is StatePlacement.NVME for p in placement]
         in_ram = [n for n, nvme in zip(numels, on_nvme) if not nvme]
         if in_ram:
-            parts["optimizer state in RAM"] = sum(mapped(STATE_PARTS * FP32_BYTES * n) for n in in_ram)
+            parts["optimizer state in RAM"] = sum(HostPool.mapped_size(STATE_PARTS * FP32_BYTES * n) for n in in_ram)
         if not any(on_nvme):
             del parts["optimizer staging"]
-    pool = sum(parts.values())
-    reduction = 2 * FP32_BYTES * max(whole) if ranks > 1 else 0  # ShardReducer's buffers, on the device
+    return on_nvme
 
-    all_weights = shape.numel * element + shape.frozen_numel * element
-    if params == "device":
-        device_weights = all_weights
-    else:
-        resident = (prefetch + 1) * shape.use_width * max(whole) * element + shape.frozen_numel * element
-        device_weights = min(resident, device_memory_limit) if device_memory_limit else resident
-    activations = activation_bytes(shape, batch, seq_len, element)
-    aliased = params == "device" and dtype == "fp32" and optimizer == "cpu" and ranks == 1  # the master
-    weights_in_ram = 0 if cuda else (0 if aliased else device_weights) + reduction
-    base = psutil.Process().memory_info().rss if base_rss is None else base_rss
-    model_fp32 = FP32_BYTES * (shape.numel + shape.frozen_numel) if model_in_ram else 0
-    at_build = base + model_fp32 + pool + (weights_in_ram if params == "device" else 0)
-    in_training = base + pool + weights_in_ram + (0 if cuda else activations)
+
+def _device_weights(layout: _Layout, device_memory_limit: int | None) -> int:
+    """Bytes of weights on the compute device at their peak: all of them (params="device") or the resident
+    groups, bounded by ``device_memory_limit``; the frozen weights included."""
+    shape, element = layout.shape, layout.element
+    if layout.params == "device":
+        return shape.numel * element + shape.frozen_numel * element
+    resident = (layout.prefetch + 1) * shape.use_width * max(layout.whole) * element + shape.frozen_numel * element
+    return min(resident, device_memory_limit) if device_memory_limit else resident
+
+
+def _host_peak(layout: _Layout, base: int, model_fp32: int, pool: int, device_weights: int, reduction: int,
+               activations: int) -> int:
+    """The expected peak RSS: the larger of building the engine and training (Note [what the estimate
+    counts])."""
+    aliased = layout.params == "device" and layout.dtype == "fp32" and layout.optimizer == "cpu" and layout.ranks == 1
+    weights_in_ram = 0 if layout.cuda else (0 if aliased else device_weights) + reduction  # (aliased: the master)
+    at_build = base + model_fp32 + pool + (weights_in_ram if layout.params == "device" else 0)
+    in_training = base + pool + weights_in_ram + (0 if layout.cuda else activations)
+    return max(at_build, in_training)
+
+
+def _disk_bytes(layout: _Layout, on_nvme: list[bool]) -> int:
+    """Bytes of this rank's swap files: the state on NVMe, the weights (params="nvme", unless they are the
+    masters in the state files) and the gradients on NVMe."""
     disk = 0
-    disk += sum(_file(STATE_PARTS * FP32_BYTES * n) for n, nvme in zip(numels, on_nvme) if nvme)
-    if params == "nvme" and not in_state:
-        disk += sum(_file(element * n) for n in numels)
-    if gradients == "nvme":
-        disk += sum(_file(FP32_BYTES * n) for n in numels)
+    disk += sum(_file(STATE_PARTS * FP32_BYTES * n) for n, nvme in zip(layout.numels, on_nvme) if nvme)
+    if layout.params == "nvme" and not layout.in_state:
+        disk += sum(_file(layout.element * n) for n in layout.numels)
+    if layout.gradients == "nvme":
+        disk += sum(_file(FP32_BYTES * n) for n in layout.numels)
+    return disk
+
+
+def _nvme_traffic(layout: _Layout, on_nvme: list[bool]) -> tuple[int, int]:
+    """(bytes read, bytes written) on NVMe by this rank per step."""
     read = written = 0
-    share = shape.numel if ranks == 1 else sum(numels)  # this rank's elements
-    state_share = sum(n for n, nvme in zip(numels, on_nvme) if nvme)  # this rank's elements with state on NVMe
-    if optimizer == "nvme":
+    share = layout.shape.numel if layout.ranks == 1 else sum(layout.numels)  # this rank's elements
+    state_share = sum(n for n, nvme in zip(layout.numels, on_nvme) if nvme)  # this rank's elements with state on NVMe
+    if layout.optimizer == "nvme":
         # fp32 weights on the CPU device are the masters: the update reads only m and v (Note [master in
         # memory]; with params on NVMe that depends on room at run time, so all three are counted there)
-        master_in_memory = dtype == "fp32" and not cuda and params == "device" and ranks == 1
+        master_in_memory = (layout.dtype == "fp32" and not layout.cuda and layout.params == "device"
+                            and layout.ranks == 1)
         read += (STATE_PARTS - master_in_memory) * FP32_BYTES * state_share
         written += STATE_PARTS * FP32_BYTES * state_share
-    if params == "nvme":
+    if layout.params == "nvme":
         # fetched in forward and again in backward; fp32 weights in the state file: only the groups whose state
         # is on NVMe come from the disk (Note [weights in the state file])
-        read += 2 * element * (state_share if in_state else share)
-        if not in_state:
-            written += element * share  # the new weights, written back once (else the state write is it)
-    if gradients == "nvme":            # written after backward, read by the optimizer (one micro-batch)
+        read += 2 * layout.element * (state_share if layout.in_state else share)
+        if not layout.in_state:
+            written += layout.element * share  # the new weights, written back once (else the state write is it)
+    if layout.gradients == "nvme":        # written after backward, read by the optimizer (one micro-batch)
         read += FP32_BYTES * share
         written += FP32_BYTES * share
-    parts.update({"base process": base, "model as built (fp32)": model_fp32, "activations": activations})
-    if ranks > 1:
-        parts["gradient reduction buffers (device)"] = reduction
-    return Estimate(params, optimizer, gradients, device,
-                    device_bytes=device_weights + (activations + reduction if cuda else 0),
-                    host_pool_bytes=pool, host_peak_bytes=max(at_build, in_training), disk_bytes=disk,
-                    nvme_read_per_step=read, nvme_written_per_step=written, parts=parts,
-                    state_groups_in_ram=len(numels) - sum(on_nvme))
+    return read, written
 
 
 @dataclass(frozen=True)
