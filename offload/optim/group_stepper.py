@@ -159,8 +159,9 @@ class GroupStepper:
         return run.counters
 
     def _plan(self, updates: list[GroupUpdate], keep_order: bool) -> _Run:
-        """The run's chunks in update order, with the preloaded reads it can take over (Note [state
-        read-ahead]; any other preload is waited for here). Issues no transfer of its own."""
+        """The run's chunks in update order, with the preloaded reads it can take over (plus the reads of the
+        masters a preload left out and the updates do not lend); any other preload is waited for here (Note
+        [state read-ahead])."""
         counters = StepCounters()
         order = list(updates) if keep_order else _interleave(updates)
         counters.groups_on_nvme = sum(u.state.placement is StatePlacement.NVME for u in order)
