@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from unittest import mock
 
+from generated_page import generator_main  # (tools/ is on the path: the script's own folder)
+
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "cli.md"
 ENVIRONMENT = ("OFFLOAD_BENCH_DS_PYTHON", "OFFLOAD_BENCH_MEMBW")  # defaults of some bench flags
@@ -168,23 +170,7 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--check", action="store_true", help="exit 1 when docs/cli.md is stale")
-    mode.add_argument("--print", action="store_true", help="print the page instead of writing it")
-    a = ap.parse_args(argv)
-    page = render()
-    if a.print:
-        sys.stdout.write(page)
-        return 0
-    if a.check:
-        if not PAGE.exists() or PAGE.read_text() != page:
-            print(f"{PAGE.relative_to(ROOT)} is stale: run python3 tools/gen_cli_docs.py", file=sys.stderr)
-            return 1
-        return 0
-    PAGE.write_text(page)
-    print(f"wrote {PAGE.relative_to(ROOT)}")
-    return 0
+    return generator_main(PAGE, render, "gen_cli_docs.py", __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":
