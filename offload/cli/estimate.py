@@ -9,9 +9,13 @@ import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 from offload.config import parse_bytes
 from offload.errors import ConfigError
+
+if TYPE_CHECKING:
+    from offload.estimate import Estimate, ModelShape
 
 EXAMPLES = """examples:
   offload estimate --model medium                       # a preset of offload train
@@ -85,21 +89,68 @@ def tuned_bandwidths(path: str | None) -> tuple[float, float] | None:
     return (float(m.group(1)), float(m.group(2))) if m else None
 
 
-def run(args: argparse.Namespace) -> int:
-    import psutil
-    import torch
+class _Budget(NamedTuple):
+    """What a placement must fit, in bytes: host RAM, GPU memory (None: not a GPU run), free disk in
+    ``nvme_dir``, and the engine's host buffers (``host_limit``, a host_memory_limit; None: unbounded)."""
 
-    from offload.estimate import PLACEMENTS, estimate, fits, recommend
+    host_limit: int | None
+    ram: int
+    gpu: int | None
+    disk: int
+    nvme_dir: str
+
+
+def run(args: argparse.Namespace) -> int:
+    """Prints every placement's figures (a table, or one JSON record with --json) and the fastest one that fits
+    the budget; returns 0, or 1 when none fits. Raises ConfigError for a bad flag, OSError for an unreadable
+    --config or --nvme-dir."""
+    from offload.estimate import PLACEMENTS, estimate, recommend
 
     for flag in ("batch", "seq_len", "ranks"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')}: must be >= 1; got {getattr(args, flag)}")
+    device = _device(args)
+    shape = model_shape(args.model, args.seq_len)
+    limit = parse_bytes("--device-memory-limit", args.device_memory_limit) if args.device_memory_limit else None
+    budget = _budget(args, device.startswith("cuda"))
+    bandwidth = tuned_bandwidths(args.config)
+    estimates = [estimate(shape, p, o, gr, dtype=args.dtype, device=device, batch=args.batch, seq_len=args.seq_len,
+                          prefetch=args.prefetch_layers, device_memory_limit=limit, model_in_ram=args.model_in_ram,
+                          ranks=args.ranks, host_memory_limit=budget.host_limit)
+                 for p, o, gr in PLACEMENTS]
+    best = recommend(estimates, budget.ram, budget.gpu, budget.disk, budget.host_limit)
+    if args.json:
+        print(json.dumps({"model": shape.name, "params": shape.numel, "device": device, "ram": budget.ram,
+                          "gpu": budget.gpu, "disk": budget.disk, "tuned_gbs": bandwidth,
+                          "recommended": best.placement if best else None,
+                          "placements": [dict(asdict(e), placement=e.placement, disk_floor_s=_disk_floor(e, bandwidth))
+                                         for e in estimates]}))
+        return 0 if best else 1
+    _print_table(args, shape, device, estimates, budget, bandwidth)
+    if best is None:
+        print("\nrecommended: none fits; lower --batch/--seq-len, add RAM or disk, or use a smaller model")
+        return 1
+    print(f"\nrecommended: {best.placement} (the fastest placement that fits; Adam's CPU time comes on top of "
+          "the disk time)")
+    return 0
+
+
+def _device(args: argparse.Namespace) -> str:
+    """--device, or cuda when available and cpu otherwise; ConfigError for anything but cpu, cuda or cuda:N."""
+    import torch
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ConfigError(f"--device: expected cpu or cuda; got {device!r}")
-    cuda = device.startswith("cuda")
-    shape = model_shape(args.model, args.seq_len)
-    limit = parse_bytes("--device-memory-limit", args.device_memory_limit) if args.device_memory_limit else None
+    return device
+
+
+def _budget(args: argparse.Namespace, cuda: bool) -> _Budget:
+    """The flags' budget, each figure not given measured on this machine: the RAM available now, the GPU's
+    memory (``cuda`` only) and the free space in --nvme-dir (default: the temp dir)."""
+    import psutil
+    import torch
+
     host_limit = parse_bytes("--host-memory-limit", args.host_memory_limit) if args.host_memory_limit else None
     ram = parse_bytes("--ram", args.ram) if args.ram else psutil.virtual_memory().available
     gpu = None
@@ -115,44 +166,44 @@ def run(args: argparse.Namespace) -> int:
         except OSError as e:
             raise OSError(e.errno, f"--nvme-dir: cannot read the free space of {nvme_dir}: {e.strerror}",
                           nvme_dir) from None
-    bandwidth = tuned_bandwidths(args.config)
-    estimates = [estimate(shape, p, o, gr, dtype=args.dtype, device=device, batch=args.batch, seq_len=args.seq_len,
-                          prefetch=args.prefetch_layers, device_memory_limit=limit, model_in_ram=args.model_in_ram,
-                          ranks=args.ranks, host_memory_limit=host_limit)
-                 for p, o, gr in PLACEMENTS]
-    best = recommend(estimates, ram, gpu, disk, host_limit)
+    return _Budget(host_limit, ram, gpu, disk, nvme_dir)
 
-    def floor(e) -> float | None:
-        if bandwidth is None or not (e.nvme_read_per_step or e.nvme_written_per_step):
-            return None
-        write_gbs, read_gbs = bandwidth
-        return e.nvme_read_per_step / (read_gbs * 1e9) + e.nvme_written_per_step / (write_gbs * 1e9)
 
-    if args.json:
-        print(json.dumps({"model": shape.name, "params": shape.numel, "device": device, "ram": ram, "gpu": gpu,
-                          "disk": disk, "tuned_gbs": bandwidth,
-                          "recommended": best.placement if best else None,
-                          "placements": [dict(asdict(e), placement=e.placement, disk_floor_s=floor(e))
-                                         for e in estimates]}))
-        return 0 if best else 1
+def _disk_floor(e: Estimate, bandwidth: tuple[float, float] | None) -> float | None:
+    """Seconds per step that ``e``'s NVMe traffic takes at the (write, read) GB/s ``bandwidth``; None without
+    a bandwidth or without traffic."""
+    if bandwidth is None or not (e.nvme_read_per_step or e.nvme_written_per_step):
+        return None
+    write_gbs, read_gbs = bandwidth
+    return e.nvme_read_per_step / (read_gbs * 1e9) + e.nvme_written_per_step / (write_gbs * 1e9)
+
+
+def _print_table(args: argparse.Namespace, shape: ModelShape, device: str, estimates: list[Estimate], budget: _Budget,
+                 bandwidth: tuple[float, float] | None) -> None:
+    """The model and budget, one table row per placement, and what the figures include."""
+    from offload.estimate import fits
+
     gib = 2**30
+    cuda = device.startswith("cuda")
+    ram, gpu, disk = budget.ram, budget.gpu, budget.disk
     print(f"{shape.name}: {shape.numel / 1e6:.1f}M trainable parameters in {len(shape.group_numels)} groups, "
           f"{args.dtype}, {device}, batch {args.batch} x {args.seq_len} tokens"
           + (f" per rank; {args.ranks} ranks, every figure below is one rank's" if args.ranks > 1 else ""))
     print(f"planning for: RAM {ram / gib:.1f} GiB" + (f", GPU {gpu / gib:.1f} GiB" if gpu else "") +
-          f", disk {disk / gib:.1f} GiB free in {nvme_dir}")
+          f", disk {disk / gib:.1f} GiB free in {budget.nvme_dir}")
     where = "GPU" if cuda else "device (RAM)"
     print(f"\n| placement | state in RAM | {where} GiB | host peak GiB | host buffers GiB | disk GiB "
           f"| NVMe GB/step read+write | disk time s/step | fits |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---|")
     groups = len(shape.group_numels)
     for e in estimates:
-        t = floor(e)
+        t = _disk_floor(e, bandwidth)
         in_ram = "all" if e.state_groups_in_ram == groups else f"{e.state_groups_in_ram} of {groups} groups"
         print(f"| {e.placement} | {in_ram} | {e.device_bytes / gib:.2f} | {e.host_peak_bytes / gib:.2f} | "
               f"{e.host_pool_bytes / gib:.2f} | {e.disk_bytes / gib:.2f} | "
               f"{e.nvme_read_per_step / 1e9:.1f}+{e.nvme_written_per_step / 1e9:.1f} | "
-              f"{'-' if t is None else f'{t:.2f}'} | {'yes' if fits(e, ram, gpu, disk, host_limit) else 'no'} |")
+              f"{'-' if t is None else f'{t:.2f}'} | "
+              f"{'yes' if fits(e, ram, gpu, disk, budget.host_limit) else 'no'} |")
     if not shape.exact_groups:
         print("\n(a parameter count only: the groups and activations are those of the assumed Llama shape)")
     print("\nhost peak = this process as it is now (torch and the model code imported) + the engine's buffers"
@@ -161,9 +212,3 @@ def run(args: argparse.Namespace) -> int:
           + ("" if cuda else "; on the CPU device the weights and activations are in RAM"))
     if bandwidth is None:
         print("disk time: run 'offload tune --dir DIR --out offload.toml' and pass --config offload.toml")
-    if best is None:
-        print("\nrecommended: none fits; lower --batch/--seq-len, add RAM or disk, or use a smaller model")
-        return 1
-    print(f"\nrecommended: {best.placement} (the fastest placement that fits; Adam's CPU time comes on top of "
-          "the disk time)")
-    return 0

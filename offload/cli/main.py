@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import NamedTuple
 
 
 BENCHES = ("adam", "io", "step")
@@ -12,8 +13,41 @@ BENCHES = ("adam", "io", "step")
 MOVED_BENCHES = {"gpu": "bench/gpu_peers.py", "e2e": "bench/e2e.py"}
 
 
+class Parsers(NamedTuple):
+    """The command line's parsers: the top level, `offload bench`'s, and, by name, those of the commands that
+    take --debug (each reports an unrecognized argument with its own usage)."""
+
+    top: argparse.ArgumentParser
+    bench: argparse.ArgumentParser
+    commands: dict[str, argparse.ArgumentParser]
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs the `offload` command in ``argv`` (default: sys.argv[1:]) and returns its exit status. A usage error
+    exits through argparse (status 2); an OSError, ValueError or MemoryError is printed as one line (status 1),
+    or raised with --debug."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    parsers = build_parser()
+    args, unknown = parsers.top.parse_known_args(argv)
+    if args.command == "bench" and args.what not in BENCHES:
+        if args.what in MOVED_BENCHES:
+            parsers.bench.error(f"'offload bench {args.what}' compares offload with its peers and is no longer part "
+                                f"of the package: run python3 {MOVED_BENCHES[args.what]} from a clone of the source "
+                                "tree")
+        parsers.bench.error(f"argument what: invalid choice: {args.what!r} (choose from {', '.join(BENCHES)})")
+    if unknown:  # said by the subcommand's parser, with its own usage (the top level's would not help)
+        parsers.commands.get(args.command, parsers.top).error(f"unrecognized arguments: {' '.join(unknown)}")
+    try:
+        return _run(parsers.top, args)
+    except (OSError, ValueError, MemoryError) as e:  # ConfigError, CheckpointError, MemoryBudgetError, I/O
+        if getattr(args, "debug", False):
+            raise
+        print(f"offload {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> Parsers:
+    """The parsers of `offload` and of each command, the commands in the order `offload --help` lists them."""
     parser = argparse.ArgumentParser(
         prog="offload",
         description="offload: train models larger than GPU memory on one machine.",
@@ -27,20 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                "Run 'offload COMMAND --help' for a command's options.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    bench = sub.add_parser("bench", help="paired benchmarks of this machine: Adam, disk I/O, the training step",
-                           formatter_class=argparse.RawDescriptionHelpFormatter,
-                           epilog="examples:\n"
-                                  "  offload bench adam --rounds 5             # native Adam vs torch fused AdamW\n"
-                                  "  offload bench io --dir /nvme --size 4GiB  # the I/O engine vs fio\n"
-                                  "  offload bench step --dir /nvme            # engine.step() against its floor\n"
-                                  "  offload bench --debug step ...            # full traceback on errors\n"
-                                  "Each takes --help for its own options. Comparisons with DeepSpeed, torchao and "
-                                  "plain torch\ntraining (once 'offload bench gpu' and 'offload bench e2e') are "
-                                  "scripts in bench/ of the\nsource tree: " + ", ".join(MOVED_BENCHES.values())
-                                  + ".")
-    bench.add_argument("--debug", action="store_true", help="show the full traceback on errors")
-    bench.add_argument("what", metavar="{" + ",".join(BENCHES) + "}", help="what to benchmark")
-    bench.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    bench = _add_bench(sub)
     info = sub.add_parser("info", help="print the native core's SIMD variant and thread count",
                           epilog="example: OFFLOAD_SIMD=avx2 offload info")
     info.set_defaults(command="info")
@@ -77,25 +98,29 @@ def main(argv: list[str] | None = None) -> int:
     from offload.cli.estimate import add_arguments as add_estimate_arguments
 
     add_estimate_arguments(estimate)
-    for command in (clean, export, train, tune, estimate):
+    commands = {"clean": clean, "export": export, "train": train, "tune": tune, "estimate": estimate}
+    for command in commands.values():
         command.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    return Parsers(parser, bench, commands)
 
-    args, unknown = parser.parse_known_args(argv)
-    if args.command == "bench" and args.what not in BENCHES:
-        if args.what in MOVED_BENCHES:
-            bench.error(f"'offload bench {args.what}' compares offload with its peers and is no longer part of the "
-                        f"package: run python3 {MOVED_BENCHES[args.what]} from a clone of the source tree")
-        bench.error(f"argument what: invalid choice: {args.what!r} (choose from {', '.join(BENCHES)})")
-    if unknown:  # said by the subcommand's parser, with its own usage (the top level's would not help)
-        commands = {"clean": clean, "export": export, "train": train, "tune": tune, "estimate": estimate}
-        commands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(unknown)}")
-    try:
-        return _run(parser, args)
-    except (OSError, ValueError, MemoryError) as e:  # ConfigError, CheckpointError, MemoryBudgetError, I/O
-        if getattr(args, "debug", False):
-            raise
-        print(f"offload {args.command}: error: {e}", file=sys.stderr)
-        return 1
+
+def _add_bench(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """`offload bench WHAT ...`: WHAT's own arguments are left in ``rest``, for its own parser."""
+    bench = sub.add_parser("bench", help="paired benchmarks of this machine: Adam, disk I/O, the training step",
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="examples:\n"
+                                  "  offload bench adam --rounds 5             # native Adam vs torch fused AdamW\n"
+                                  "  offload bench io --dir /nvme --size 4GiB  # the I/O engine vs fio\n"
+                                  "  offload bench step --dir /nvme            # engine.step() against its floor\n"
+                                  "  offload bench --debug step ...            # full traceback on errors\n"
+                                  "Each takes --help for its own options. Comparisons with DeepSpeed, torchao and "
+                                  "plain torch\ntraining (once 'offload bench gpu' and 'offload bench e2e') are "
+                                  "scripts in bench/ of the\nsource tree: " + ", ".join(MOVED_BENCHES.values())
+                                  + ".")
+    bench.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    bench.add_argument("what", metavar="{" + ",".join(BENCHES) + "}", help="what to benchmark")
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return bench
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
