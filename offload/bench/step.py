@@ -93,6 +93,9 @@ def _adam_only(engine, placement: str) -> float:
 
 
 def run_worker(a: argparse.Namespace) -> None:
+    """One placement's rounds (``a.worker``), in this process: prints a setup record, then one JSON record per
+    round (the step, the bare kernel and, for NVMe, the disk, in alternating order, with their floor and the
+    ratio step / floor). The engine is closed at the end, the scratch files with it."""
     import torch
 
     import offload
@@ -106,65 +109,74 @@ def run_worker(a: argparse.Namespace) -> None:
     engine = offload.Engine(model, config, lr=1e-4)
     built = time.perf_counter() - built
     numel = sum(g.numel for g in engine.groups)
-    scratch = []
-    if placement == "nvme":
-        # One scratch file per chunk the engine moves, the size of one staging slot's state.
-        from offload.optim.state_store import chunks
-
-        chunk = engine.store.chunk_elements
-        pieces = [(b - a) * 12 for s in engine.store.states for a, b in chunks(s.group.numel, chunk)]
-        scratch = [engine.swap.create(f"bench scratch {i}", nbytes) for i, nbytes in enumerate(pieces)]
+    scratch = _scratch_files(engine) if placement == "nvme" else []
     header = dict(kind="setup", placement=placement, layers=layers, params=numel, note=note, build_s=built,
                   io=f"bs={io.block_size} threads={io.threads} qd={io.queue_depth}",
                   direct=engine.swap.direct if engine.swap else None)
     print(json.dumps(header), flush=True)
-
-    def disk(op: str) -> float:
-        """``op`` "read" or "write": every scratch file; "mixed": reads and writes alternating, file by file."""
-        slots = engine.store.staging
-        handles = []
-        start = time.perf_counter()
-        for k, swap in enumerate(scratch):
-            if len(handles) == len(slots):
-                engine.swap.wait(handles.pop(0))
-            buffer = slots[k % len(slots)].tensor[:swap.capacity]
-            reads = op == "read" or (op == "mixed" and k % 2 == 0)
-            submit = engine.swap.read if reads else engine.swap.write
-            handles.append(submit(swap, 0, buffer))
-        for handle in handles:
-            engine.swap.wait(handle)
-        return time.perf_counter() - start
-
     try:
-        if scratch:
-            disk("write")  # allocated but never written extents read back as zeros without touching the disk
+        if scratch:  # allocated but never written extents read back as zeros without touching the disk
+            _disk(engine, scratch, "write")
         for r in range(a.rounds):
-            _backward(engine)
-            parts = round_order(["adam", "step"] + (["read", "write", "mixed"] if placement == "nvme" else []), r)
-            record = dict(kind="round", placement=placement, round=r, params=numel)
-            for part in parts:
-                if part == "step":
-                    info = engine.step()
-                    record.update(step_s=info.time_s, step_adam_s=info.adam_s, step_io_wait_s=info.io_wait_s,
-                                  bytes_read=info.nvme_bytes_read, bytes_written=info.nvme_bytes_written)
-                elif part == "adam":
-                    record["adam_s"] = _adam_only(engine, placement)
-                else:
-                    seconds = disk(part)
-                    record[f"{part}_gbs"] = sum(s.capacity for s in scratch) / seconds / 1e9
-            if placement == "nvme":
-                record["floor_s"] = max(record["bytes_read"] / (record["read_gbs"] * 1e9),
-                                        record["bytes_written"] / (record["write_gbs"] * 1e9), record["adam_s"])
-                # The same bytes at the bandwidth the disk gives when reads and writes share it:
-                moved = record["bytes_read"] + record["bytes_written"]
-                record["shared_floor_s"] = max(moved / (record["mixed_gbs"] * 1e9), record["adam_s"])
-                record["ratio_shared"] = record["step_s"] / record["shared_floor_s"]
-            else:
-                record["floor_s"] = record["adam_s"]
-            record["ratio"] = record["step_s"] / record["floor_s"]
-            print(json.dumps(record), flush=True)
+            print(json.dumps(_round(engine, placement, scratch, r, numel)), flush=True)
     finally:
         engine.close()
+
+
+def _scratch_files(engine) -> list:
+    """One scratch file per chunk the engine moves, the size of one staging slot's state (created, not written)."""
+    from offload.optim.state_store import chunks
+
+    chunk = engine.store.chunk_elements
+    pieces = [(b - a) * 12 for s in engine.store.states for a, b in chunks(s.group.numel, chunk)]
+    return [engine.swap.create(f"bench scratch {i}", nbytes) for i, nbytes in enumerate(pieces)]
+
+
+def _disk(engine, scratch: list, op: str) -> float:
+    """Seconds to move every scratch file through the staging slots, as many in flight as there are slots: ``op``
+    "read" or "write" each file; "mixed": reads and writes alternating, file by file."""
+    slots = engine.store.staging
+    handles = []
+    start = time.perf_counter()
+    for k, swap in enumerate(scratch):
+        if len(handles) == len(slots):
+            engine.swap.wait(handles.pop(0))
+        buffer = slots[k % len(slots)].tensor[:swap.capacity]
+        reads = op == "read" or (op == "mixed" and k % 2 == 0)
+        submit = engine.swap.read if reads else engine.swap.write
+        handles.append(submit(swap, 0, buffer))
+    for handle in handles:
+        engine.swap.wait(handle)
+    return time.perf_counter() - start
+
+
+def _round(engine, placement: str, scratch: list, r: int, numel: int) -> dict:
+    """Round ``r``'s record: one backward (not timed), then its parts in alternating order, their floor and the
+    ratio step / floor (NVMe: also against the bandwidth of reads and writes sharing the disk)."""
+    _backward(engine)
+    parts = round_order(["adam", "step"] + (["read", "write", "mixed"] if placement == "nvme" else []), r)
+    record = dict(kind="round", placement=placement, round=r, params=numel)
+    for part in parts:
+        if part == "step":
+            info = engine.step()
+            record.update(step_s=info.time_s, step_adam_s=info.adam_s, step_io_wait_s=info.io_wait_s,
+                          bytes_read=info.nvme_bytes_read, bytes_written=info.nvme_bytes_written)
+        elif part == "adam":
+            record["adam_s"] = _adam_only(engine, placement)
+        else:
+            seconds = _disk(engine, scratch, part)
+            record[f"{part}_gbs"] = sum(s.capacity for s in scratch) / seconds / 1e9
+    if placement == "nvme":
+        record["floor_s"] = max(record["bytes_read"] / (record["read_gbs"] * 1e9),
+                                record["bytes_written"] / (record["write_gbs"] * 1e9), record["adam_s"])
+        # The same bytes at the bandwidth the disk gives when reads and writes share it:
+        moved = record["bytes_read"] + record["bytes_written"]
+        record["shared_floor_s"] = max(moved / (record["mixed_gbs"] * 1e9), record["adam_s"])
+        record["ratio_shared"] = record["step_s"] / record["shared_floor_s"]
+    else:
+        record["floor_s"] = record["adam_s"]
+    record["ratio"] = record["step_s"] / record["floor_s"]
+    return record
 
 
 def summarize(records: list[dict]) -> list[dict]:
