@@ -16,9 +16,8 @@ MAX_FILE_LINES = 400
 MAX_FUNCTION_LINES = 60
 # Functions allowed to be longer, each with its reason.
 LONG_FUNCTIONS = {
-    "offload/cli/main.py:build_parser": "one flat table of subcommands and their flags",
-    "offload/cli/train.py:add_arguments": "the flags of offload train, one statement each",
-    "offload/cli/train.py:run": "the run's lifetime: each resource opened in order and closed in one finally",
+    "offload/cli/train.py:run": "the run's lifetime: scratch directory, launch, engine and run log opened in order "
+                                "in one try and closed in one finally (split, half-open resources would travel)",
 }
 # Files allowed to be longer, each with its reason.
 LONG_FILES: dict[str, str] = {}
