@@ -68,8 +68,8 @@ def run(build: str, bench: str, scratch: Path, threads: int) -> dict:
         if not imported.startswith(str(Path(build).resolve())):
             raise SystemExit(f"ab_builds: the {bench} run imported {imported}, not the build in {build}")
         if bench == "e2e":
-            record = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
-            step_s = record["step_s_median"]
+            record = json.loads([line for line in proc.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
+            step_s = record["step_s"]  # (the median over the measured steps)
         else:
             records = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
             step_s = _median([r["offload_s"] for r in records if "offload_s" in r])
