@@ -79,10 +79,10 @@ class Timeline:
         """Within the block, samples the disk holding ``path`` (busy %, MB/s read and written) and this
         process's CPU use every ``interval`` seconds into counter tracks; the sampler it yields keeps the
         cumulative counters for exact means over any spans (``usage``; see resource_sampler.py)."""
-        sampler = ResourceSampler(self, path, interval)
         if not self.enabled:
-            yield sampler  # never started: no samples, usage() is None
+            yield ResourceSampler(self, None, interval)  # never started: no samples, no disk, usage() is None
             return
+        sampler = ResourceSampler(self, path, interval)
         sampler.start()
         try:
             yield sampler
