@@ -39,17 +39,7 @@ def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     start = time.perf_counter()
     version, _ = CheckpointDir(checkpoint).verify()
     meta_path = version / "meta.json"
-    try:
-        meta = json.loads(meta_path.read_bytes())
-        layout = [(str(key), str(source), str(name)) for key, source, name in meta["state_dict_keys"]]
-        world = meta.get("world_size", 1)
-    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{meta_path}: malformed ({type(e).__name__}: {e})") from None
-    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
-        raise CheckpointError(f"{meta_path}: world_size: expected an integer >= 1, got {world!r}")
-    unknown = sorted({source for _, source, _ in layout} - {"model", "master", "alias"})
-    if unknown:
-        raise CheckpointError(f"{meta_path}: state_dict_keys: unknown source {unknown[0]!r} (model, master or alias)")
+    layout, world = _layout(meta_path)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -107,3 +97,25 @@ def _copy(reader: TensorFileReader | ShardedTensorReader, name: str, writer: Ten
         piece = torch.empty(n, dtype=entry.dtype)
         reader.wait(reader.read(name, first * element, piece))
         writer.wait(writer.append(piece.to(out_dtype)))
+
+
+def _layout(meta_path: Path) -> tuple[list[tuple[str, str, str]], int]:
+    """The checkpoint's ``state_dict_keys`` (key, source, name) and world size, checked."""
+    try:
+        meta = json.loads(meta_path.read_bytes())
+        layout = [(str(key), str(source), str(name)) for key, source, name in meta["state_dict_keys"]]
+        world = meta.get("world_size", 1)
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{meta_path}: malformed ({type(e).__name__}: {e})") from None
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise CheckpointError(f"{meta_path}: world_size: expected an integer >= 1, got {world!r}")
+    unknown = sorted({source for _, source, _ in layout} - {"model", "master", "alias", "frozen"})
+    if unknown:
+        raise CheckpointError(f"{meta_path}: state_dict_keys: unknown source {unknown[0]!r} "
+                              "(model, master, alias or frozen)")
+    frozen = [key for key, source, _ in layout if source == "frozen"]
+    if frozen:  # (a LoRA checkpoint: the adapters and their state, and only a fingerprint of the base)
+        raise CheckpointError(f"{meta_path}: the checkpoint does not hold the frozen parameters ({len(frozen)}, "
+                              f"e.g. {frozen[0]!r}), only their fingerprint; export from an engine with the base "
+                              "loaded: engine.load(checkpoint), then offload.save_pretrained(engine, DIR)")
+    return layout, world

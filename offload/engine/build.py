@@ -37,22 +37,24 @@ log = logging.getLogger("offload")
 
 
 def build_parts(parts: EngineParts, model: nn.Module, config: Config, groups: list[FlatGroup],
-                frozen: list[tuple[str, nn.Parameter]], ranks: Ranks, timeline: Timeline,
-                materializers: Any) -> Callable[[], None]:
+                frozen_groups: list[FlatGroup], frozen: list[tuple[str, nn.Parameter]], ranks: Ranks,
+                timeline: Timeline, materializers: Any) -> Callable[[], None]:
     """Allocates and fills every part into ``parts`` without touching the model; returns the step that points
     the model at them. A failure here (budget, disk space, I/O) therefore leaves the model exactly as it was
-    (the caller releases ``parts``). ``materializers``: the ``init_empty`` replay of a model built on the meta
-    device, or None."""
-    return _PartsBuilder(parts, model, config, groups, frozen, ranks, timeline, materializers).build()
+    (the caller releases ``parts``). ``frozen_groups``: the offloaded frozen parameters (Note [frozen groups]);
+    ``frozen``: the other frozen parameters, which stay whole on the device. ``materializers``: the
+    ``init_empty`` replay of a model built on the meta device, or None."""
+    return _PartsBuilder(parts, model, config, groups, frozen_groups, frozen, ranks, timeline, materializers).build()
 
 
 class _PartsBuilder:
     """The construction steps, sharing what they all read; lives for one ``build_parts`` call."""
 
     def __init__(self, parts: EngineParts, model: nn.Module, config: Config, groups: list[FlatGroup],
-                 frozen: list[tuple[str, nn.Parameter]], ranks: Ranks, timeline: Timeline,
-                 materializers: Any) -> None:
+                 frozen_groups: list[FlatGroup], frozen: list[tuple[str, nn.Parameter]], ranks: Ranks,
+                 timeline: Timeline, materializers: Any) -> None:
         self.parts, self.model, self.config, self.groups = parts, model, config, groups
+        self.frozen_groups = frozen_groups
         self.frozen, self.ranks, self.timeline, self.materializers = frozen, ranks, timeline, materializers
         self.pool = parts.pool
         self.device = torch.device(config.device)
@@ -72,6 +74,7 @@ class _PartsBuilder:
                                              self.timeline, self.ranks)
         grads.grad_swap = parts.grad_swap
         self._fill_groups(placement)
+        self._fill_frozen_groups()
         frozen = [(p, self._value(p, name).to(self.device, self.dtype if p.is_floating_point() else None))
                   for name, p in self.frozen]
         buffers = [(module, name, self._value(buffer, f"{path}.{name}" if path else name).to(self.device))
@@ -84,10 +87,11 @@ class _PartsBuilder:
         weights, can_lend = parts.weights, parts.weights.can_lend
         stepper.master_in_memory = lambda state: can_lend(state.group.index)
         on_nvme = placement.count(StatePlacement.NVME)
-        log.info("offload: %d groups, %d trainable parameters; parameters on %s; optimizer state of %d groups "
-                 "in RAM, %d on NVMe; gradients on %s", len(self.groups),
-                 sum(s.numel for g in self.groups for s in g.slots), config.params, len(self.groups) - on_nvme,
-                 on_nvme, "NVMe" if grads_on_nvme else "the host")
+        log.info("offload: %d groups, %d trainable parameters (%d frozen in %d groups of their own); parameters "
+                 "on %s; optimizer state of %d groups in RAM, %d on NVMe; gradients on %s", len(self.groups),
+                 sum(s.numel for g in self.groups for s in g.slots),
+                 sum(s.numel for g in self.frozen_groups for s in g.slots), len(self.frozen_groups),
+                 config.params, len(self.groups) - on_nvme, on_nvme, "NVMe" if grads_on_nvme else "the host")
 
         model, timeline = self.model, self.timeline
 
@@ -122,20 +126,21 @@ class _PartsBuilder:
         grad_staging = staging_ring_bytes(largest_param) if self.device.type == "cuda" and not self.ranks.many else 0
         # Host buffers of the parameters that are allocated after the plan: charge them first.
         weights_host = 0
-        if config.params == "cpu":  # the homes: this rank's shards
-            weights_host = sum(HostPool.mapped_size(g.shard_numel * lowp_bytes) for g in self.groups)
+        if config.params == "cpu":  # the homes: this rank's shards (the frozen groups' too)
+            weights_host = sum(HostPool.mapped_size(g.shard_numel * lowp_bytes)
+                               for g in self.groups + self.frozen_groups)
         elif self.device.type == "cuda" and self.dtype != torch.float32:  # kernel output of whole groups
             weights_host = sum(HostPool.mapped_size(g.numel * lowp_bytes) for g in self.groups)
         if offloaded and (config.params == "nvme" or config.optimizer == "nvme"):
             parts.swap = self._swap_store()
         if offloaded:
-            # Frozen parameters stay on the device: the offloaded groups get what the limit leaves.
+            # Frozen parameters outside the groups stay on the device: the groups get what the limit leaves.
             limit = config.device_memory_limit
-            width = max_use_width(uses_by_module(self.model, self.groups))
+            width = max_use_width(uses_by_module(self.model, self.groups + self.frozen_groups))
             # fp32 weights with the optimizer on NVMe are read from the masters (Note [weights in the state file])
             in_state = self.dtype == torch.float32 and config.params == "nvme" and config.optimizer == "nvme"
             parts.weights = parts.offloaded = OffloadedParams(
-                self.groups, config.params, self.dtype, self.pool, parts.swap,
+                self.groups + self.frozen_groups, config.params, self.dtype, self.pool, parts.swap,
                 None if limit is None else limit - parts.frozen_bytes, fetch_slots=(config.prefetch_layers + 1) * width,
                 timeline=self.timeline, device=self.device, weights_in_state=in_state,
                 gather=self.ranks.all_gather if self.ranks.many else None, lend_limit=config.prefetch_layers + 1)
@@ -179,11 +184,13 @@ class _PartsBuilder:
         swap, weights = self.parts.swap, self.parts.offloaded
         if swap is None:
             return
-        homes_on_nvme = weights is not None and self.config.params == "nvme" and not weights.weights_in_state
+        homes_on_nvme = weights is not None and self.config.params == "nvme"
+        trainable_homes = homes_on_nvme and not weights.weights_in_state  # (else the state files are the homes)
         swap.check_space({
             "optimizer state": sum(STATE_PARTS * FP32_BYTES * g.shard_numel
                                    for g, p in zip(self.groups, placement) if p is StatePlacement.NVME),
-            "weights": sum(weights.home_nbytes(g.index) for g in self.groups) if homes_on_nvme else 0,
+            "weights": sum(weights.home_nbytes(g.index) for g in self.groups) if trainable_homes else 0,
+            "frozen weights": sum(weights.home_nbytes(g.index) for g in self.frozen_groups) if homes_on_nvme else 0,
             "gradients": sum(FP32_BYTES * g.shard_numel for g in self.groups) if grads_on_nvme else 0})
 
     def _swap_store(self) -> SwapStore:
@@ -204,13 +211,19 @@ class _PartsBuilder:
 
     def _check_device_budget(self, offloaded: bool) -> None:
         """Fails now if the parameters cannot fit ``device_memory_limit``: all of them (params="device"), or the
-        largest group next to the frozen parameters (which stay on the device)."""
+        widest use of groups (a block's trainable and frozen groups) next to the frozen parameters that stay
+        on the device."""
         limit = self.config.device_memory_limit
-        group_bytes = [g.numel * self.lowp_bytes for g in self.groups]
-        needed = self.parts.frozen_bytes + (max(group_bytes) if offloaded else sum(group_bytes))
+        if offloaded:
+            groups = self.groups + self.frozen_groups
+            uses = uses_by_module(self.model, groups)
+            widest = max((sum(groups[g].numel for g in use) for use in uses.values()), default=0)
+            needed = self.parts.frozen_bytes + max(widest, max(g.numel for g in groups)) * self.lowp_bytes
+        else:
+            needed = self.parts.frozen_bytes + sum(g.numel for g in self.groups) * self.lowp_bytes
         if limit is not None and needed > limit:
-            what = ("the largest parameter group next to the frozen parameters" if offloaded
-                    else "parameters resident on the device (params='device')")
+            what = ("the widest use of parameter groups next to the frozen parameters kept on the device"
+                    if offloaded else "parameters resident on the device (params='device')")
             raise MemoryBudgetError(what, needed, limit, "device_memory_limit")
 
     def _fill_groups(self, placement: list[StatePlacement]) -> None:
@@ -241,6 +254,25 @@ class _PartsBuilder:
                 fill_group(store, self.parts.weights, store.states[g],
                            master_from_values(group, lambda slot: values[id(slot.param)]))
                 del values
+
+    def _fill_frozen_groups(self) -> None:
+        """Each frozen group's home, from the model's current values (or, for a model on the meta device, the
+        replay's, in the order it finishes them: Note [replay]), one group's values in memory at a time."""
+        weights = self.parts.offloaded
+        replay = self.materializers is not None
+        for group in self.frozen_groups:  # (homes are made in index order; a replayed one is filled below)
+            weights.add(group, None if replay else self._flat_values(group), None)
+        if replay:
+            for k in order_of_completion(self.materializers, self.frozen_groups):
+                group = self.frozen_groups[k]
+                weights.load_weights(group.index, self._flat_values(group)[group.lo:group.hi], 0, True)
+
+    def _flat_values(self, group: FlatGroup) -> torch.Tensor:
+        """A frozen group's values in its flat layout, in the compute dtype (what its home holds)."""
+        flat = torch.zeros(group.numel, dtype=self.dtype)
+        for slot in group.slots:
+            group.view(flat, slot).copy_(self._value(slot.param, slot.name))
+        return flat
 
     def _value(self, t: torch.Tensor, name: str) -> torch.Tensor:
         """``t`` itself, or for a meta tensor its materialised value."""

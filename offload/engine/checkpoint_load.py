@@ -24,6 +24,7 @@ from offload.checkpoint.tensor_file import FileRecord, TensorFileReader
 from offload.engine import checkpoint_meta
 from offload.engine.checkpoint_meta import short_list
 from offload.engine.checkpointing import META_FILE, MODEL_FILE, STATE_FILES
+from offload.engine.frozen_base import check_frozen_fingerprint, is_frozen_weight
 from offload.engine.state_fill import fill_group
 from offload.errors import CheckpointError
 from offload.storage.io_engine import IoEngine
@@ -48,7 +49,8 @@ def load(state: TrainingState, path: str, restore_rng: bool) -> dict[str, Any]:
         for name in STATE_FILES:  # (saved by any number of ranks: each reads its own shard of every group)
             readers.append(state_reader(version, name, plan.world_size, io))
         model_reader = TensorFileReader(version / (MODEL_FILE + ".safetensors"), io)
-        _check_matches(state, readers, model_reader)
+        frozen_in_file = check_frozen_fingerprint(state, plan.frozen_fingerprint, version / META_FILE)
+        _check_matches(state, readers, model_reader, frozen_in_file)
         # Note [check, then apply]: from here on only the reading of the state can fail.
         state.grads.reset()  # gradients accumulated before the load belong to the state it replaces
         try:
@@ -57,7 +59,7 @@ def load(state: TrainingState, path: str, restore_rng: bool) -> dict[str, Any]:
                 group = group_state.group
                 fill_group(state.store, state.weights, group_state, lambda parts, start, end, group=group:
                            _read_slots(readers, parts, group, start, end))
-            load_model_tensors(state, lambda key: model_reader)
+            load_model_tensors(state, lambda key: (model_reader, key), frozen_in_file)
         except BaseException as e:
             state.failed = f"loading {path} failed part-way ({type(e).__name__}: {e})"
             raise
@@ -101,8 +103,10 @@ def _verify(state: TrainingState, path: str) -> tuple[Path, dict[str, FileRecord
         raise CheckpointError(errors[0])
     return found
 
-def _check_matches(state: TrainingState, readers: list[TensorFileReader], model_reader: TensorFileReader) -> None:
-    """Raises CheckpointError unless the checkpoint holds exactly the engine's parameters, with their shapes."""
+def _check_matches(state: TrainingState, readers: list[TensorFileReader], model_reader: TensorFileReader,
+                   frozen_in_file: bool) -> None:
+    """Raises CheckpointError unless the checkpoint holds exactly the engine's parameters, with their shapes
+    (the frozen floating-point ones only if ``frozen_in_file``: an older checkpoint)."""
     ours = {slot.name: tuple(slot.shape) for g in state.groups for slot in g.slots}
     for reader in readers:
         theirs = {name: e.shape for name, e in reader.entries.items()}
@@ -119,8 +123,7 @@ def _check_matches(state: TrainingState, readers: list[TensorFileReader], model_
         bad = [n for n, e in reader.entries.items() if e.dtype != torch.float32]
         if bad:
             raise CheckpointError(f"{reader.path}: tensor {bad[0]!r} is {reader.entries[bad[0]].dtype}, not fp32")
-    state = other_tensors(state)
-    for key, tensor in state.items():
+    for key, tensor in other_tensors(state, frozen_in_file).items():
         entry = model_reader.entries.get(key)
         if entry is None:
             raise CheckpointError(f"{model_reader.path}: no tensor {key!r} (a buffer or frozen parameter of "
@@ -129,13 +132,15 @@ def _check_matches(state: TrainingState, readers: list[TensorFileReader], model_
             raise CheckpointError(f"{model_reader.path}: tensor {key!r} has shape {list(entry.shape)}, the model "
                                   f"{list(tensor.shape)}")
 
-def other_tensors(state: TrainingState) -> dict[str, torch.Tensor]:
-    """The model's state_dict entries that are not trainable parameters (first key of each tensor)."""
-    trainable = {id(slot.param) for g in state.groups for slot in g.slots}
+def other_tensors(state: TrainingState, frozen_weights: bool = True) -> dict[str, torch.Tensor]:
+    """The model's state_dict entries that are in no group (first key of each tensor): buffers, and the frozen
+    parameters that stay on the device (not the offloaded frozen ones: Note [frozen groups]; with
+    ``frozen_weights`` False, no frozen floating-point parameter: a checkpoint has only their fingerprint)."""
+    trainable = {id(slot.param) for g in state.groups + state.frozen_groups for slot in g.slots}
     seen: set[int] = set()
     out = {}
     for key, value in state.model.state_dict(keep_vars=True).items():
-        if id(value) in seen or id(value) in trainable:
+        if id(value) in seen or id(value) in trainable or (not frozen_weights and is_frozen_weight(value)):
             continue
         seen.add(id(value))
         out[key] = value
@@ -152,14 +157,16 @@ def _read_slots(readers: list[TensorFileReader], parts: tuple[torch.Tensor, ...]
     for reader, handle in handles:
         reader.wait(handle)
 
-def load_model_tensors(state: TrainingState, reader_of: Callable[[str], TensorFileReader]) -> None:
-    """The model's other state_dict tensors (frozen parameters, buffers) from the file ``reader_of(key)``,
-    converted to their dtype."""
-    for key, tensor in other_tensors(state).items():
-        reader = reader_of(key)
-        entry = reader.entry(key)
+def load_model_tensors(state: TrainingState, source_of: Callable[[str], tuple[TensorFileReader, str]],
+                       frozen_weights: bool = True) -> None:
+    """The model's other state_dict tensors (buffers; frozen parameters that stay on the device, unless not
+    ``frozen_weights``), each from ``source_of(key)``: the file and the name it has there; converted to their
+    dtype."""
+    for key, tensor in other_tensors(state, frozen_weights).items():
+        reader, name = source_of(key)
+        entry = reader.entry(name)
         staged = torch.empty(entry.shape, dtype=entry.dtype)
-        reader.io.wait(reader.read(key, 0, staged))
+        reader.io.wait(reader.read(name, 0, staged))
         with torch.no_grad():
             tensor.copy_(staged)
 

@@ -48,6 +48,7 @@ class LoadPlan:
     rng_python: tuple | None
     rng_numpy: tuple | None
     extra: dict[str, Any]
+    frozen_fingerprint: Any = None  # the frozen base's (frozen_base.py), checked there; None: an older checkpoint
 
 
 class _Fields:
@@ -119,7 +120,7 @@ def parse(meta_path: Path, trainable: list[str], group_names: list[list[str]]) -
     return LoadPlan(step=meta.integer("step"), param_steps=param_steps,
                     world_size=_integer(meta_path, "world_size", raw.get("world_size", 1), minimum=1),
                     scaler=scaler_state, hyper=_hyper(meta_path, meta.child("param_groups"), group_names),
-                    extra=extra, **_rng(meta_path, raw.get("rng", {})))
+                    extra=extra, frozen_fingerprint=raw.get("frozen_fingerprint"), **_rng(meta_path, raw.get("rng", {})))
 
 
 def short_list(names: list[str]) -> str:

@@ -7,7 +7,8 @@ A checkpoint version holds (see ``offload.checkpoint.directory`` for the atomic 
   parameter under its name in the model, in group order. Keyed by name, not by our flat layout, so a checkpoint
   loads whatever the placement of the engine that loads it (RAM or NVMe, another host budget) and the master
   file is directly a full-precision copy of the weights.
-- ``model.safetensors``: the rest of ``model.state_dict()`` (frozen parameters, buffers) as the engine holds it.
+- ``model.safetensors``: the rest of ``model.state_dict()`` (buffers, frozen integer tensors) as the engine holds
+  it. Frozen floating-point parameters are not stored: ``meta.json`` holds their fingerprint (frozen_base.py).
 - ``meta.json``: step counts, loss scaler, hyper-parameters, RNG states, the config, the caller's ``extra``, and
   where each ``model.state_dict()`` key is stored (what ``offload.export`` needs to work without the model).
 - ``config.json``: the model's Hugging Face config, when it has one.
@@ -39,6 +40,7 @@ import torch
 from offload.checkpoint.directory import CheckpointDir, write_file_durably
 from offload.checkpoint.sharded_reader import SHAPES_KEY, SHARD_OFFSETS_KEY, rank_file_name
 from offload.checkpoint.tensor_file import FileRecord, TensorFileWriter, byte_view, plan_entries
+from offload.engine.frozen_base import FINGERPRINT_KEY, frozen_fingerprint, is_frozen_weight
 from offload.errors import CheckpointError
 from offload.optim.state_store import STATE_PARTS, StatePlacement, chunks, split_state
 from offload.storage.io_engine import IoEngine, IoHandle
@@ -93,6 +95,7 @@ def _write_files(state: TrainingState, version: Path, extra: dict[str, Any]) -> 
     io = IoEngine(state.config.io)
     try:
         records = _write_optimizer_state(state, version, io)
+        frozen_fingerprint(state)  # (collective the first time: every rank, before rank 0 writes meta.json)
         if state.ranks.rank == 0:
             keys, other = _state_dict_layout(state)
             records[MODEL_FILE + ".safetensors"] = _write_tensors(version / (MODEL_FILE + ".safetensors"), other,
@@ -211,8 +214,9 @@ def _write_optimizer_state(state: TrainingState, version: Path, io: IoEngine) ->
 
 def _state_dict_layout(state: TrainingState) -> tuple[list[list[str]], list[tuple[str, torch.Tensor]]]:
     """For every key of ``model.state_dict()``: [key, "master", parameter name] for trainable parameters,
-    [key, "alias", first key] for a tensor already listed under another key (tied weights), [key, "model", key]
-    for the rest, whose CPU copies are returned as the second value."""
+    [key, "alias", first key] for a tensor already listed under another key (tied weights), [key, "frozen",
+    key] for a frozen floating-point parameter (fingerprinted, not stored), [key, "model", key] for the rest,
+    whose CPU copies are returned as the second value."""
     trainable = {id(slot.param): slot.name for g in state.groups for slot in g.slots}
     first_key: dict[int, str] = {}
     keys, other = [], []
@@ -223,6 +227,8 @@ def _state_dict_layout(state: TrainingState) -> tuple[list[list[str]], list[tupl
         first_key[id(value)] = key
         if id(value) in trainable:
             keys.append([key, "master", trainable[id(value)]])
+        elif is_frozen_weight(value):
+            keys.append([key, "frozen", key])
         else:
             keys.append([key, MODEL_FILE, key])
             other.append((key, value.detach().to("cpu").contiguous()))
@@ -274,6 +280,7 @@ def _meta(state: TrainingState, keys: list[list[str]], extra: dict[str, Any]) ->
                          for group in state.param_groups],
         "config": dataclasses.asdict(state.config),
         "state_dict_keys": keys,
+        FINGERPRINT_KEY: frozen_fingerprint(state),
         "rng": _rng_states(),
         "extra": extra,
     }

@@ -23,9 +23,9 @@ from offload.engine.types import EngineStats, StepInfo
 from offload.engine.update_runner import UpdateRunner
 from offload.errors import ConfigError
 from offload.exit_signals import terminate_on_signals
-from offload.layout.flat_group import build_flat_group
+from offload.layout.flat_group import FlatGroup, build_flat_group
 from offload.layout.meta_init import materializers_for
-from offload.layout.partition import partition_model
+from offload.layout.partition import ModelPartition, partition_model
 from offload.optim.hyper import resolve_param_groups
 from offload.optim.loss_scale import LossScaler
 from offload.ranks import Ranks
@@ -55,7 +55,9 @@ class Engine:
     buffers: the weights in ``config.dtype`` on ``config.device``, and per group an fp32 master copy, Adam's
     moments and an fp32 gradient accumulator on the host, the state in RAM or in swap files on NVMe. Adam
     (``torch.optim.AdamW`` arithmetic, decoupled weight decay) runs on the CPU in the native kernel.
-    Frozen parameters (``requires_grad=False``) are only cast and moved: no state, no gradient traffic.
+    Frozen parameters (``requires_grad=False``) are cast to ``config.dtype`` and follow ``params=`` like the
+    trainable ones (with offloaded parameters they are fetched and released by block too, and counted
+    against ``device_memory_limit``), with no optimizer state, no gradients and no write-back.
     Everything is allocated here: a budget or disk that is too small fails now, not during training.
     """
 
@@ -86,11 +88,12 @@ class Engine:
         self.param_groups, hyper_of = resolve_param_groups(model, trainable, param_groups, defaults)
         self.groups = [build_flat_group(i, spec, hyper_of, ranks.rank, ranks.world)
                        for i, spec in enumerate(partition.groups)]
+        self.frozen_groups, resident_frozen = _frozen_groups(partition, config, ranks, len(self.groups))
         # A model built on the meta device is materialised group by group (offload/layout/meta_init.py).
         on_meta = any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
         lowp_bytes = torch.empty((), dtype=self.dtype).element_size()
         frozen_bytes = sum(p.numel() * (lowp_bytes if p.is_floating_point() else p.element_size())
-                           for _, p in partition.frozen)  # frozen parameters stay on the device
+                           for _, p in resident_frozen)  # these frozen parameters stay on the device
         previous = _ENGINE_OF.get(model)
         if previous is not None and previous() is not None and not previous()._closed:
             raise ConfigError("model: it is already wrapped by an open offload.Engine; close that engine first")
@@ -98,14 +101,15 @@ class Engine:
         self._parts = parts = EngineParts(HostPool(config.host_memory_limit, pin=self.device.type == "cuda"),
                                           frozen_bytes)
         try:
-            attach = build_parts(parts, model, config, self.groups, partition.frozen, ranks, self.timeline,
-                                 materializers_for(model) if on_meta else None)
+            attach = build_parts(parts, model, config, self.groups, self.frozen_groups, resident_frozen, ranks,
+                                 self.timeline, materializers_for(model) if on_meta else None)
         except BaseException:
             parts.release()
             raise
         attach()  # nothing above changed the model; this (which cannot fail) does
         self._closed = False
-        self._state = TrainingState(model, config, ranks, self.device, self.groups, self.param_groups, parts,
+        self._state = TrainingState(model, config, ranks, self.device, self.groups, self.frozen_groups,
+                                    self.param_groups, parts,
                                     LossScaler(loss_scale, enabled=self.dtype == torch.float16))
         self._runner = UpdateRunner(self._state, self.timeline, max_grad_norm, skip_nonfinite)
         _ENGINE_OF[model] = weakref.ref(self)
@@ -244,13 +248,14 @@ class Engine:
         checkpoint is executed."""
         return checkpoint_load.load(self.training_state(), os.fspath(path), restore_rng)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
+    def state_dict(self, trainable_only: bool = False) -> dict[str, torch.Tensor]:
         """The model's state with the fp32 master weights for trainable parameters: CPU tensors the caller
         owns (each its own storage; they stay valid after ``close()``), under the keys of
-        ``model.state_dict()``. Frozen parameters and buffers are copied to the CPU as they are on the device,
-        frozen floating-point parameters converted to fp32. Collective with several ranks: every rank calls
-        it, and every rank gets the whole model."""
-        return inspection.state_dict(self.training_state())
+        ``model.state_dict()``. Frozen parameters (from wherever they live, one group at a time) and buffers
+        are copied as the engine holds them, frozen floating-point parameters converted to fp32. With
+        ``trainable_only``, only the trainable parameters (e.g. a LoRA adapter: no copy of the frozen base).
+        Collective with several ranks: every rank calls it, and every rank gets the whole model."""
+        return inspection.state_dict(self.training_state(), trainable_only)
 
     def stats(self) -> EngineStats:
         """Memory and traffic counters since the engine was built (see ``EngineStats``)."""
@@ -320,3 +325,15 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _frozen_groups(partition: ModelPartition, config: Config, ranks: Ranks, first_index: int
+                   ) -> tuple[list[FlatGroup], list[tuple[str, nn.Parameter]]]:
+    """With offloaded parameters, the frozen floating-point ones are offloaded too, in groups of their own
+    whose indices follow the trainable groups' (Note [frozen groups], flat_group.py). Returns those groups
+    and the frozen parameters that stay whole on the device (all of them with params="device")."""
+    groups = [] if config.params == "device" else [
+        build_flat_group(first_index + k, spec, {}, ranks.rank, ranks.world, frozen=True)
+        for k, spec in enumerate(partition.frozen_groups)]
+    in_groups = {id(slot.param) for group in groups for slot in group.slots}
+    return groups, [(n, p) for n, p in partition.frozen if id(p) not in in_groups]

@@ -1,8 +1,9 @@
 """save_pretrained: the engine's current weights written as a Hugging Face model directory, with bounded RAM.
 
 Note [streamed model export]: the tensors are planned up front (names, dtypes, shapes) in the order they will
-be produced: each group's trainable parameters, group by group, from the fp32 masters, then the frozen
-parameters and persistent buffers as the model holds them. The plan fixes the shard files (as
+be produced: each group's trainable parameters, group by group, from the fp32 masters, then each offloaded
+frozen group's parameters (Note [frozen groups]), then the frozen parameters that stay on the device and the
+persistent buffers as the model holds them. The plan fixes the shard files (as
 ``transformers.save_pretrained`` would split them), which are created and preallocated before any data is
 written. Then, for each group, its whole fp32 master is read once (an all-gather of the shards with several
 ranks) and its parameters are appended, converted to the output dtype one at a time: at most one group's
@@ -46,7 +47,8 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 
 
 class _Source(NamedTuple):
-    """One tensor of the output: a trainable slot of group ``group`` (read from its master), or ``tensor``."""
+    """One tensor of the output: a slot of group ``group`` (trainable: read from its master; frozen: from its
+    weights), or ``tensor``."""
 
     name: str
     dtype: torch.dtype
@@ -126,8 +128,10 @@ def _stream(state: TrainingState, sources: list[_Source], out_dtype: torch.dtype
         if source.group is not None:
             by_group.setdefault(source.group, []).append(source)
     error: BaseException | None = None
-    for g, group in enumerate(state.groups):
-        master = state.full_master(g)  # fp32, CPU, ours (collective with several ranks)
+    for group in state.groups + state.frozen_groups:
+        g = group.index
+        # fp32 master or frozen weights, CPU, ours (collective with several ranks)
+        master = state.weights.group_copy(g) if group.frozen else state.full_master(g)
         if output is not None and error is None:
             try:
                 _append_group(output.weights, group, master, by_group.get(g, []), out_dtype)
@@ -228,16 +232,17 @@ def _from_rank0(ranks: Any, error: BaseException | None) -> BaseException | None
 
 
 def _sources(state: TrainingState, out_dtype: torch.dtype) -> list[_Source]:
-    """The tensors to write, in the order they are produced: each group's trainable parameters (under the
-    first state_dict key of each), group by group, then the other state_dict tensors (first key of each)."""
+    """The tensors to write, in the order they are produced: each group's parameters (under the first
+    state_dict key of each), group by group (the trainable groups, then the frozen ones), then the other
+    state_dict tensors (first key of each)."""
     first_key: dict[int, str] = {}
     for key, value in state.model.state_dict(keep_vars=True).items():
         first_key.setdefault(id(value), key)
     out = []
-    for g, group in enumerate(state.groups):
+    for group in state.groups + state.frozen_groups:
         for slot in group.slots:
             if id(slot.param) in first_key:
-                out.append(_Source(first_key[id(slot.param)], out_dtype, tuple(slot.shape), g, slot=slot))
+                out.append(_Source(first_key[id(slot.param)], out_dtype, tuple(slot.shape), group.index, slot=slot))
     for key, tensor in other_tensors(state).items():
         kept = out_dtype if tensor.is_floating_point() else tensor.dtype
         out.append(_Source(key, kept, tuple(tensor.shape), None, tensor=tensor))

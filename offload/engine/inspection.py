@@ -12,10 +12,12 @@ from offload.engine.update_runner import UpdateTotals
 from offload.optim.state_store import StatePlacement
 
 
-def state_dict(state: TrainingState) -> dict[str, torch.Tensor]:
+def state_dict(state: TrainingState, trainable_only: bool = False) -> dict[str, torch.Tensor]:
     """engine.state_dict(): see its docstring. ``state`` is quiescent (no update in flight)."""
     where = {id(slot.param): (g, slot) for g, group in enumerate(state.groups) for slot in group.slots}
+    frozen_where = {id(slot.param): (k, slot) for k, group in enumerate(state.frozen_groups) for slot in group.slots}
     masters: dict[int, torch.Tensor] = {}
+    frozen_flats: dict[int, torch.Tensor] = {}
     out: dict[str, torch.Tensor] = {}
     copies: dict[int, torch.Tensor] = {}
     for key, value in state.model.state_dict(keep_vars=True).items():
@@ -27,6 +29,14 @@ def state_dict(state: TrainingState) -> dict[str, torch.Tensor]:
             if g not in masters:
                 masters[g] = state.full_master(g)
             tensor = state.groups[g].view(masters[g], slot).clone()
+        elif trainable_only:
+            continue
+        elif id(value) in frozen_where:  # (one frozen group's copy at a time: they come in group order)
+            k, slot = frozen_where[id(value)]
+            if k not in frozen_flats:
+                frozen_flats.clear()
+                frozen_flats[k] = state.weights.group_copy(state.frozen_groups[k].index)
+            tensor = state.frozen_groups[k].view(frozen_flats[k], slot).to(torch.float32, copy=True)
         else:
             tensor = value.detach().to("cpu", copy=True)
             if isinstance(value, nn.Parameter) and tensor.is_floating_point():

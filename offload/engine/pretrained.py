@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +22,7 @@ from offload.checkpoint.tensor_file import TensorFileReader
 from offload.engine.checkpoint_load import load_model_tensors, other_tensors
 from offload.engine.state_fill import fill_group
 from offload.errors import CheckpointError
+from offload.optim.state_store import CHUNK_ELEMENTS, chunks
 from offload.storage.io_engine import IoEngine
 
 if TYPE_CHECKING:
@@ -53,10 +55,12 @@ def load_pretrained(engine: Engine, path: str | Path) -> None:
     """Replaces the engine's weights with those of a Hugging Face safetensors checkpoint at ``path`` (a directory
     with ``model.safetensors`` or a sharded ``model.safetensors.index.json``, or one ``.safetensors`` file),
     converting dtypes on the fly. Trainable parameters go to their fp32 masters and compute-dtype copies
-    (wherever they live: device, host RAM, NVMe), frozen parameters and persistent buffers to the model.
-    A tied parameter needs one of its names in the checkpoint. Call it before the first step: the Adam moments
-    stay zero. Missing or unexpected tensors and shape mismatches raise ``CheckpointError`` naming them, before
-    anything is changed."""
+    (wherever they live: device, host RAM, NVMe), frozen parameters to their compute-dtype copies (offloaded
+    ones where they live), persistent buffers to the model. A tied parameter needs one of its names in the
+    checkpoint. A PEFT model (``peft.get_peft_model``) loads its base model's checkpoint: its names are mapped
+    back to the base's (Note [peft names]) and its adapters keep their initial values. Call it before the
+    first step: the Adam moments stay zero. Missing or unexpected tensors and shape mismatches raise
+    ``CheckpointError`` naming them, before anything is changed."""
     state = engine.training_state()
     if state.step > 0 or state.grads.any_received():
         raise CheckpointError("load_pretrained: the engine has already trained (or holds gradients); load "
@@ -75,11 +79,18 @@ def load_pretrained(engine: Engine, path: str | Path) -> None:
         _check(state, where, targets, path)
         try:
             state.quiesce()
+            state.frozen_fingerprint = None  # (the frozen values change here)
             for group_state in state.store.states:  # the masters; the moments of a new engine stay zero
                 group = group_state.group
-                fill_group(state.store, state.weights, group_state, lambda parts, start, end, group=group:
-                           _read_master(group, parts[0], start, end, where, targets))
-            load_model_tensors(state, where.__getitem__)
+                kept = None  # (adapters keep their values: read them before the group is rewritten)
+                if any(targets["source"][id(slot.param)] is None for slot in group.slots):
+                    kept = state.store.read_master(group_state)
+                fill_group(state.store, state.weights, group_state, lambda parts, start, end, group=group,
+                           kept=kept: _read_master(group, parts[0], start, end, where, targets, kept))
+            for group in state.frozen_groups:
+                _fill_frozen(state, group, where, targets)
+            sources = {key: targets["source"][id(tensor)] for key, tensor in targets["other"].items()}
+            load_model_tensors(state, lambda key: (where[sources[key]], sources[key]))
         except BaseException as e:
             state.failed = f"loading {path} failed part-way ({type(e).__name__}: {e})"
             raise
@@ -91,25 +102,53 @@ def load_pretrained(engine: Engine, path: str | Path) -> None:
     log.info("offload: loaded %s (%.2f GB in %.1f s)", path, total / 1e9, time.perf_counter() - start)
 
 
+# Note [peft names]: ``peft.get_peft_model`` wraps the model and renames its parameters: every name gains the
+# prefix ``base_model.model.``, a layer that gets an adapter keeps its own weights under ``.base_layer.``, and a
+# ``modules_to_save`` module is held twice, under ``.original_module.`` and ``.modules_to_save.<adapter>.``. The
+# base checkpoint has the plain names; each of the model's names is looked up under its own name first, then
+# under the name with those renames undone. A PEFT model's adapter weights (``lora_*``) have no base name: a
+# new adapter keeps its initial values.
+_PEFT_PREFIX = "base_model.model."
+_PEFT_WRAPPERS = re.compile(r"\.(base_layer|original_module|modules_to_save\.[^.]+)(?=\.)")
+_PEFT_ADAPTER = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.")
+
+
+def _is_peft(model: torch.nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "base_model")
+
+
+def _names_in_checkpoint(key: str, peft: bool) -> list[str]:
+    """The checkpoint names model key ``key`` may be stored under (Note [peft names])."""
+    if not peft or not key.startswith(_PEFT_PREFIX):
+        return [key]
+    return [key, _PEFT_WRAPPERS.sub("", key[len(_PEFT_PREFIX):])]
+
+
 def _targets(state: TrainingState) -> dict:
-    """The checkpoint name each trainable slot is read from (its own name or, for a tied parameter, any of its
-    names), and the other tensors of the model's state_dict (frozen parameters, persistent buffers)."""
+    """The checkpoint names each tensor of the model may be read from (its own names or, for a tied
+    parameter, any of its names; a PEFT model's also mapped to its base's), and the model's state_dict
+    entries in no group (buffers, frozen parameters that stay on the device)."""
+    peft = _is_peft(state.model)
     names_of: dict[int, list[str]] = {}
+    adapters: set[int] = set()
     for key, value in state.model.state_dict(keep_vars=True).items():
-        names_of.setdefault(id(value), []).append(key)
-    return {"names": names_of, "other": other_tensors(state)}
+        names_of.setdefault(id(value), []).extend(_names_in_checkpoint(key, peft))
+        if peft and value.requires_grad and _PEFT_ADAPTER.search(key):
+            adapters.add(id(value))
+    return {"names": names_of, "other": other_tensors(state), "adapters": adapters}
 
 
 def _check(state: TrainingState, where: dict[str, TensorFileReader], targets: dict, path: Path) -> None:
     missing, mismatched, used = [], [], set()
-    slots = [(slot.param, slot.shape) for g in state.groups for slot in g.slots]
+    slots = [(slot.param, slot.shape) for g in state.groups + state.frozen_groups for slot in g.slots]
     others = [(t, t.shape) for t in targets["other"].values()]
     for tensor, shape in slots + others:
         names = targets["names"][id(tensor)]
         present = [n for n in names if n in where]
         used.update(names)
         if not present:
-            missing.append(names[0])
+            if id(tensor) not in targets["adapters"]:
+                missing.append(names[0])
             continue
         entry = where[present[0]].entry(present[0])
         if tuple(entry.shape) != tuple(shape):
@@ -125,8 +164,20 @@ def _check(state: TrainingState, where: dict[str, TensorFileReader], targets: di
     if problems:
         raise CheckpointError(f"load_pretrained({path}): the checkpoint does not fit the model: "
                               + "; ".join(problems))
-    # each slot reads from the first of its names the checkpoint has
-    targets["source"] = {id(t): next(n for n in targets["names"][id(t)] if n in where) for t, _ in slots}
+    # each tensor reads from the first of its names the checkpoint has (an adapter absent from it: None)
+    targets["source"] = {id(t): next((n for n in targets["names"][id(t)] if n in where), None)
+                         for t, _ in slots + others}
+
+
+def _fill_frozen(state: TrainingState, group, where: dict[str, TensorFileReader], targets: dict) -> None:
+    """A frozen group's home from the checkpoint (this rank's shard), one chunk of fp32 values at a time."""
+    pieces = chunks(group.shard_numel, CHUNK_ELEMENTS)
+    buffer = torch.empty(min(group.shard_numel, CHUNK_ELEMENTS), dtype=torch.float32)
+    for k, (start, end) in enumerate(pieces):
+        chunk = buffer[:end - start]
+        chunk.zero_()  # (padding between parameters is zero)
+        _read_master(group, chunk, group.lo + start, group.lo + end, where, targets)
+        state.weights.load_weights(group.index, chunk, start, k == len(pieces) - 1)
 
 
 def _some(items: list[str]) -> str:
@@ -135,10 +186,14 @@ def _some(items: list[str]) -> str:
 
 
 def _read_master(group, master: torch.Tensor, start: int, end: int, where: dict[str, TensorFileReader],
-                 targets: dict) -> None:
-    """Elements [start, end) of the group's parameters, read and converted to fp32 into ``master``."""
+                 targets: dict, kept: torch.Tensor | None = None) -> None:
+    """Elements [start, end) of the group's parameters, read and converted to fp32 into ``master``; a PEFT
+    adapter the checkpoint does not have is copied from ``kept`` (the group's master shard before the load)."""
     for slot, a, b in group.pieces(start, end):
         name = targets["source"][id(slot.param)]
+        if name is None:  # a PEFT adapter the base checkpoint does not have: it keeps its current value
+            master[a - start:b - start].copy_(kept[a - group.lo:b - group.lo])
+            continue
         reader = where[name]
         entry = reader.entry(name)
         item = torch.empty((), dtype=entry.dtype).element_size()

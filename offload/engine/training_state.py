@@ -31,6 +31,9 @@ class TrainingState:
     ranks: Ranks
     device: torch.device
     groups: list[FlatGroup]  # the trainable parameters, one flat group per block
+    # the offloaded frozen parameters, one flat group per block (indices after the trainable groups'; empty with
+    # params="device": Note [frozen groups])
+    frozen_groups: list[FlatGroup]
     param_groups: list[dict[str, Any]]  # the hyper-parameters (lr, betas, eps, weight_decay) of each param group
     parts: EngineParts  # what holds the weights, gradients and optimizer state
     scaler: LossScaler
@@ -38,6 +41,8 @@ class TrainingState:
     param_steps: list[list[int]] = field(default_factory=list)  # [group][slot]: Adam's step count of each param
     failed: str | None = None  # why the state is inconsistent (a step or a load failed part-way), or None
     gathered_contexts: int = 0  # open engine.gathered() contexts (Note [gathered weights])
+    # the frozen base's fingerprint once computed, until the frozen values change (frozen_base.py)
+    frozen_fingerprint: dict[str, list[Any]] | None = None
 
     def __post_init__(self) -> None:
         if not self.param_steps:

@@ -11,6 +11,14 @@ world)``: its host and NVMe buffers (master, m, v, gradient accumulator, the off
 shard, in the same order, so host buffers index ``element - lo``. The device buffer of the weights always holds
 the whole group (an all-gather of the shards fills it). Each shard is whole 4 KiB pages in every dtype, as
 O_DIRECT needs. One rank: ``lo = 0``, ``hi = numel``.
+
+Note [frozen groups]: frozen parameters (``requires_grad=False``, e.g. the base of a LoRA model) are offloaded
+like trainable ones, in groups of their own (``FlatGroup.frozen``) made by block the same way, whose indices
+follow the trainable groups' (so the optimizer's indices 0..T-1 never reach them). A frozen group has a home
+in the compute dtype and a device buffer, and nothing else: no master, moments or gradients, and no update,
+so no fetch of it ever waits for one, it is never kept through or lent to an update, and it is never written
+back. The fetch scheduler fetches it with its block's trainable group and releases it in backward once that
+block's backward no longer reads it (Note [frozen release in backward], schedule/fetch_scheduler.py).
 """
 
 from __future__ import annotations
@@ -63,6 +71,10 @@ class FlatGroup:
     numel: int
     lo: int     # this rank's shard of every host buffer: elements [lo, hi) (Note [rank shards])
     hi: int
+    # Frozen parameters (requires_grad=False) offloaded like trainable ones: only the compute-dtype weights
+    # exist (no master, moments or gradients), they never change, and the group's index follows the
+    # trainable groups' (Note [frozen groups]).
+    frozen: bool = False
 
     @property
     def shard_numel(self) -> int:
@@ -85,9 +97,12 @@ class FlatGroup:
 
 
 def build_flat_group(index: int, spec: ParamGroupSpec, hyper_index_of: dict[int, int], rank: int = 0,
-                     world: int = 1) -> FlatGroup:
+                     world: int = 1, frozen: bool = False) -> FlatGroup:
     """Lays out ``spec``'s parameters, grouped by hyper-parameter group (stable within one), with ``rank``'s
-    shard of ``world`` (Note [rank shards])."""
+    shard of ``world`` (Note [rank shards]). A ``frozen`` group's parameters have no hyper-parameter group
+    (``hyper_index_of`` is not read; every slot's ``hyper_index`` is -1)."""
+    if frozen:
+        hyper_index_of = {id(p): -1 for p in spec.params}
     order = sorted(range(len(spec.params)), key=lambda i: hyper_index_of[id(spec.params[i])])
     slots = []
     offset = 0
@@ -100,7 +115,7 @@ def build_flat_group(index: int, spec: ParamGroupSpec, hyper_index_of: dict[int,
     numel = max(align, _round_up(offset, align))
     shard = numel // world
     return FlatGroup(index=index, name=spec.name, slots=tuple(slots), numel=numel, lo=rank * shard,
-                     hi=(rank + 1) * shard)
+                     hi=(rank + 1) * shard, frozen=frozen)
 
 
 def gather_fp32(group: FlatGroup) -> torch.Tensor:

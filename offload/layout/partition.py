@@ -16,7 +16,8 @@ from torch import nn
 
 @dataclass(frozen=True)
 class ParamGroupSpec:
-    """The trainable parameters of one group, by their first qualified name, in registration order."""
+    """The parameters of one group (trainable, or frozen: see ModelPartition), by their first qualified name, in
+    registration order."""
 
     name: str                             # module path of the group, e.g. "model.layers.3" ("" for the root)
     param_names: tuple[str, ...]
@@ -25,8 +26,12 @@ class ParamGroupSpec:
 
 @dataclass(frozen=True)
 class ModelPartition:
-    groups: tuple[ParamGroupSpec, ...]
+    groups: tuple[ParamGroupSpec, ...]            # the trainable parameters
     frozen: tuple[tuple[str, nn.Parameter], ...]  # requires_grad=False: no optimizer state, no gradient traffic
+    # The frozen floating-point parameters again, grouped by block like the trainable ones (a block's frozen
+    # group has the same name as its trainable group, if it has one): what offloaded frozen weights are
+    # fetched by. Frozen parameters of other dtypes (integer codes) are not in any group.
+    frozen_groups: tuple[ParamGroupSpec, ...]
     aliases: dict[str, str]                       # every other name of a shared (tied) parameter -> its first name
 
 
@@ -76,12 +81,14 @@ def _group_of(param_name: str, containers: list[str]) -> str:
 
 
 def partition_model(model: nn.Module) -> ModelPartition:
-    """Groups of the trainable parameters of ``model`` (each parameter in exactly one group, tied ones too)."""
+    """Groups of the trainable parameters of ``model`` (each parameter in exactly one group, tied ones too), and
+    of its frozen floating-point ones."""
     containers = _repeated_block_containers(model)
     first_name: dict[int, str] = {}
     aliases: dict[str, str] = {}
     members: dict[str, list[tuple[str, nn.Parameter]]] = {}
     frozen: list[tuple[str, nn.Parameter]] = []
+    frozen_members: dict[str, list[tuple[str, nn.Parameter]]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         if id(param) in first_name:
             aliases[name] = first_name[id(param)]
@@ -89,13 +96,19 @@ def partition_model(model: nn.Module) -> ModelPartition:
         first_name[id(param)] = name
         if not param.requires_grad:
             frozen.append((name, param))
+            if param.is_floating_point():
+                frozen_members.setdefault(_group_of(name, containers), []).append((name, param))
             continue
         if not param.is_floating_point():
             raise TypeError(f"offload: trainable parameter {name!r} has dtype {param.dtype}; only floating-point "
                             "parameters can be trained")
         members.setdefault(_group_of(name, containers), []).append((name, param))
-    groups = tuple(ParamGroupSpec(name=group, param_names=tuple(n for n, _ in entries),
-                                  params=tuple(p for _, p in entries))
-                   for group, entries in members.items())
-    return ModelPartition(groups=groups, frozen=tuple(frozen), aliases=aliases)
+    return ModelPartition(groups=_specs(members), frozen=tuple(frozen), aliases=aliases,
+                          frozen_groups=_specs(frozen_members))
+
+
+def _specs(members: dict[str, list[tuple[str, nn.Parameter]]]) -> tuple[ParamGroupSpec, ...]:
+    return tuple(ParamGroupSpec(name=group, param_names=tuple(n for n, _ in entries),
+                                params=tuple(p for _, p in entries))
+                 for group, entries in members.items())
 

@@ -9,7 +9,8 @@ prefetch from that point on (correctness never depends on the trace), and become
 
 In backward the uses come in reverse. A hook on each use's output tensors fires when the gradient reaching
 that output is complete, which is before the use's own backward runs, and fetches the use's groups; a group
-goes home once all of its parameters have their gradients (Note [backward release]). A use recomputed by
+goes home once all of its parameters have their gradients (Note [backward release]); a frozen group, which
+gets none, once its use's backward is past it (Note [frozen release in backward]). A use recomputed by
 activation checkpointing (its forward runs again during backward) counts as a backward use too.
 """
 
@@ -41,12 +42,14 @@ def uses_by_module(model: nn.Module, groups: list[FlatGroup]) -> dict[nn.Module,
     needs it; a module outside that module's subtree that holds one of the group's parameters (tied weights)
     needs it as well."""
     group_of = {id(slot.param): g.index for g in groups for slot in g.slots}
-    roots = {g.name: g.index for g in groups}
+    roots: dict[str, list[int]] = defaultdict(list)  # (a block's trainable and frozen groups share its name)
+    for g in groups:
+        roots[g.name].append(g.index)
     needs: dict[nn.Module, list[int]] = defaultdict(list)
     for path, module in model.named_modules():
         if path in roots:
-            needs[module].append(roots[path])
-        covered = {roots[p] for p in roots if p == "" or path == p or path.startswith(p + ".")}
+            needs[module].extend(roots[path])
+        covered = {g for p in roots if p == "" or path == p or path.startswith(p + ".") for g in roots[p]}
         for param in module.parameters(recurse=False):
             g = group_of.get(id(param))
             if g is not None and g not in covered and g not in needs[module]:
@@ -90,15 +93,20 @@ class FetchScheduler:
         self._needs = uses_by_module(model, groups)
         self.max_use_width = max_use_width(self._needs)
         self._group_sizes = [len(g.slots) for g in groups]
+        self._frozen = [g.frozen for g in groups]  # Note [frozen groups], flat_group.py
         # device bytes the widest use may need next to the groups resident (the room kept groups must leave)
-        self._use_reserve = self.max_use_width * max((params.nbytes(g) for g in range(len(groups))), default=0)
+        self._use_reserve = max((sum(params.nbytes(g) for g in use) for use in self._needs.values()), default=0)
         self._backward_first: frozenset[int] = frozenset()  # Note [kept into backward]; set with the trace
         self._grads_done: list[set[int]] = [set() for _ in groups]
+        # frozen group -> the trainable groups of its use whose gradients it waits for before it goes home
+        # (Note [frozen release in backward])
+        self._frozen_waits: dict[int, set[int]] = {}
+        self._inputs_without_grad: dict[int, bool] = {}  # id(module) -> its running use's inputs need no gradient
         self._recording = False                        # the current forward runs with gradients
         self._handles = [model.register_forward_pre_hook(self._on_model_forward, prepend=True),
                          model.register_forward_hook(self._on_model_forward_end, prepend=True)]
         for module, needed in self._needs.items():
-            self._handles.append(module.register_forward_pre_hook(self._pre_forward_hook(needed)))
+            self._handles.append(module.register_forward_pre_hook(self._pre_forward_hook(needed), with_kwargs=True))
             self._handles.append(module.register_forward_hook(self._post_forward_hook(needed)))
 
     def close(self) -> None:
@@ -122,10 +130,16 @@ class FetchScheduler:
             self.end_forward_trace()
 
     def _pre_forward_hook(self, needed: tuple[int, ...]):
-        def hook(module: nn.Module, args: tuple) -> None:
+        has_frozen = any(self._frozen[g] for g in needed)
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if self.phase is Phase.BACKWARD:
                 self._backward_use(needed)  # recomputation by activation checkpointing
+                if has_frozen and torch.is_grad_enabled() and not self._signal_when_past(needed, (args, kwargs)):
+                    self._frozen_use_past(needed)  # (no input to wait for: the trainable groups are the signal)
                 return
+            if has_frozen and torch.is_grad_enabled():
+                self._inputs_without_grad[id(module)] = not self._signal_when_past(needed, (args, kwargs))
             self._follow_trace(needed)
             for g in needed:
                 self.params.ensure_resident(g)
@@ -144,7 +158,7 @@ class FetchScheduler:
                                   self._started.pop(id(module)), self.timeline.now())
             tensors = _output_tensors(output)
             if torch.is_grad_enabled():
-                self._register_pre_backward(tensors, needed)
+                self._register_pre_backward(tensors, needed, self._inputs_without_grad.pop(id(module), False))
             soon = {g for use in self._upcoming_forward() for g in use}
             # An output that is a view of the weights themselves (e.g. a learned position table sliced) keeps
             # its group on the device until the next forward or the end of backward.
@@ -192,8 +206,8 @@ class FetchScheduler:
         return self.trace[self._position:self._position + self.prefetch]
 
     def forward_order(self) -> list[int]:
-        """Groups in the order of their first use in the traced forward."""
-        return list(dict.fromkeys(g for use in self.trace for g in use))
+        """Trainable groups in the order of their first use in the traced forward (what the updates follow)."""
+        return list(dict.fromkeys(g for use in self.trace for g in use if not self._frozen[g]))
 
     def end_forward_trace(self) -> None:
         """The forward that just ended is complete: its uses are the trace from now on."""
@@ -203,18 +217,33 @@ class FetchScheduler:
 
     # ---- backward --------------------------------------------------------------------------------------------
 
-    def _register_pre_backward(self, tensors: list[torch.Tensor], needed: tuple[int, ...]) -> None:
-        """Hooks the use's output ``tensors``: the first gradient to reach one of them starts its backward use."""
+    def _register_pre_backward(self, tensors: list[torch.Tensor], needed: tuple[int, ...],
+                               frozen_past_with_trainable: bool = False) -> None:
+        """Hooks the use's output ``tensors``: the first gradient to reach one of them starts its backward use.
+        ``frozen_past_with_trainable``: no input of the use needs a gradient, so its frozen groups may go home
+        once its trainable groups have their gradients (Note [frozen release in backward])."""
         fired = [False]
 
-        def on_grad(grad: torch.Tensor) -> None:
+        def on_grad(grad: torch.Tensor | None) -> None:
             if not fired[0]:  # several outputs of one use: the first gradient is the signal
                 fired[0] = True
                 self._backward_use(needed)
+                if frozen_past_with_trainable:
+                    self._frozen_use_past(needed)
 
+        # Note [output hooks after input hooks]: the use's output is often the next use's input, whose frozen
+        # groups go home when its gradient is complete (a tensor hook, Note [frozen release in backward]).
+        # Autograd runs a node's tensor hooks before its own pre-hooks, so hooking the output's grad_fn here
+        # makes that release come before this use's fetch: the two need not fit the device at once.
+        nodes = set()
         for tensor in tensors:
-            if tensor.requires_grad:
+            if not tensor.requires_grad:
+                continue
+            if tensor.grad_fn is None:  # (a leaf returned as it is)
                 tensor.register_hook(on_grad)
+            elif tensor.grad_fn not in nodes:
+                nodes.add(tensor.grad_fn)
+                tensor.grad_fn.register_prehook(lambda grad_outputs: on_grad(None))
 
     # Note [backward release]: in backward a group goes home once every one of its parameters has received
     # its gradient in this backward (the post-accumulate-grad hooks, relayed through ``param_done``): no
@@ -238,6 +267,48 @@ class FetchScheduler:
         done.add(slot_index)
         if len(done) == self._group_sizes[g]:
             self.params.release_or_keep(g)
+            for f, waits in list(self._frozen_waits.items()):
+                waits.discard(g)
+                if not waits:
+                    del self._frozen_waits[f]
+                    self.params.release_after_use(f)
+
+    # Note [frozen release in backward]: a frozen group gets no gradient, so the rule for trainable groups
+    # (Note [backward release]) never releases it. Its weights are read in backward by the nodes of its use:
+    # those on the way from the use's output to its inputs (e.g. x @ W for the gradient of x) and those on
+    # the way to the use's trainable parameters (e.g. a LoRA adapter's, or a weight-only branch such as a
+    # norm of W + BA). Once the gradients of every input that needs one are complete (a multi-grad hook on
+    # them) and the use's trainable groups have all their gradients, none of those nodes is left to run, and
+    # the frozen group goes home. A use whose inputs need no gradient (the first block after a frozen
+    # embedding) waits for its trainable groups only; one with neither has no backward. A frozen group
+    # needed again later in backward (tied weights) is simply fetched again. Whatever the rule misses stays
+    # until the end of backward, which only costs device memory.
+    def _signal_when_past(self, needed: tuple[int, ...], inputs: object) -> bool:
+        """Registers the release of the use's frozen groups for when the gradients of its ``inputs`` (a
+        pytree) are complete; False if none of them needs a gradient."""
+        tensors = [t for t in _pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if not tensors:
+            return False
+        torch.autograd.graph.register_multi_grad_hook(
+            tensors, lambda grads: self._frozen_use_past(needed, inputs_done=True), mode="all")
+        return True
+
+    def _frozen_use_past(self, needed: tuple[int, ...], inputs_done: bool = False) -> None:
+        """The use's backward no longer reads its frozen groups except for its trainable groups' gradients still
+        to come: each frozen group goes home now, or once those are complete. ``inputs_done``: the signal is
+        its inputs' gradients (else: it has no input that needs one, and its trainable groups are the only
+        signal there is; without any, the frozen groups stay to the end of backward)."""
+        if self.phase is not Phase.BACKWARD:
+            return
+        trainable = [g for g in needed if not self._frozen[g]]
+        if not inputs_done and not trainable:
+            return
+        pending = {g for g in trainable if len(self._grads_done[g]) < self._group_sizes[g]}
+        for f in (g for g in needed if self._frozen[g]):
+            if pending:
+                self._frozen_waits.setdefault(f, set()).update(pending)
+            else:
+                self.params.release_after_use(f)
 
     def _locate(self, needed: tuple[int, ...]) -> int | None:
         """The position in this forward's uses of the backward use now running: searched from the last one
@@ -258,12 +329,14 @@ class FetchScheduler:
         self.phase = Phase.BACKWARD
         self._backward_pointer = len(self._uses) - 1
         self._grads_done = [set() for _ in self._group_sizes]
+        self._frozen_waits.clear()
 
     def end_backward(self) -> None:
         """After backward: every group goes home (the optimizer updates them there), except those kept for
         the next forward (Note [kept through the update])."""
         self.phase = Phase.FORWARD
         self._uses.clear()
+        self._frozen_waits.clear()
         self.params.release_all(keep_kept=True)
 
     def _prefetch(self, uses: list[tuple[int, ...]]) -> None:

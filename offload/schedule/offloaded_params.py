@@ -17,6 +17,8 @@ it alone decides when a group is fetched or released, and accounts its bytes aga
 With several ranks (Note [rank shards], flat_group.py) a home, its staging and its write-back hold this rank's
 shard of the group; a fetch fills that part of the device buffer, and the group's first use after it gathers
 the other ranks' parts (``ensure_resident``, the only place that issues the collective).
+
+Frozen parameters are offloaded in groups of their own (Note [frozen groups], flat_group.py).
 """
 
 from __future__ import annotations
@@ -308,8 +310,9 @@ class OffloadedParams:
         rather than stay on the device for a forward that may never use it."""
         for g in self.residency.groups_in(*KEPT_STATES):
             self.release(g)
-        self._handoff.set_keep_candidates(
-            [g for g in groups if self._fetches.reads_into_device and not self.groups[g].sharded], reserve_bytes)
+        self._handoff.set_keep_candidates(  # (a frozen group has no update to be kept through)
+            [g for g in groups if self._fetches.reads_into_device and not self.groups[g].sharded
+             and not self.groups[g].frozen], reserve_bytes)
 
     def release_or_keep(self, g: int) -> None:
         """Backward gave every parameter of group g its gradient: keeps g on the device if it is a candidate
@@ -351,8 +354,7 @@ class OffloadedParams:
         self._homes.load_weights(g, master, start, last)
 
     def drain_copies(self) -> None:
-        """Blocks until no copy to the device still reads a host buffer (before the homes are rewritten
-        outside a step, e.g. by a checkpoint load)."""
+        """Blocks until no copy to the device still reads a host buffer (before homes are rewritten)."""
         self._fetches.drain()
 
     def materialize(self) -> None:
@@ -365,20 +367,21 @@ class OffloadedParams:
         self.unguard_parameters()
 
     def copy_to_host(self) -> list[list[torch.Tensor]]:
-        """The current weights of every parameter (per group, per slot) in CPU tensors of their own, brought
-        through the device one group at a time within ``device_memory_limit`` (used when the engine closes and
-        the whole model does not fit the device)."""
-        copies = []
-        for g, group in enumerate(self.groups):
-            resident_before = self.residency[g] not in RELEASED
-            self.ensure_resident(g)
-            # one copy per group, always a new one (on the CPU device the storage is freed below); the slots are
-            # views of it
-            flat = self.weight_device[g].to("cpu", copy=True)
-            copies.append([group.view(flat, slot) for slot in group.slots])
-            if not resident_before:
-                self.release(g)
-        return copies
+        """The current weights of every parameter (per group, per slot) in CPU tensors of their own, one group
+        at a time (``group_copy``; when the engine closes and the model does not fit the device)."""
+        flats = [self.group_copy(g) for g in range(len(self.groups))]  # (the slots are views of them)
+        return [[group.view(flat, slot) for slot in group.slots] for group, flat in zip(self.groups, flats)]
+
+    def group_copy(self, g: int) -> torch.Tensor:
+        """Group g's current weights (the whole group, flat) in a new CPU tensor, brought through the device
+        within ``device_memory_limit``; g is left as resident as it was. Collective with several ranks."""
+        resident_before = self.residency[g] not in RELEASED
+        self.ensure_resident(g)
+        # always a new tensor: on the CPU device the storage is given back below
+        flat = self.weight_device[g].to("cpu", copy=True)
+        if not resident_before:
+            self.release(g)
+        return flat
 
     def unguard_parameters(self) -> None:
         """The parameters become plain ``nn.Parameter`` again (the engine lets go of them)."""

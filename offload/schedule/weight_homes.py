@@ -48,8 +48,9 @@ class WeightHomes:
         self._home_is_master: list[bool] = []                  # the home is the group's fp32 master itself
         self._home_buffers: list[HostBuffer] = []              # the pool's buffers behind the host homes
         largest = max(g.shard_numel for g in groups) * self.element_size  # a slot holds a home: a shard
-        self._write_back = WriteBack(pool, swap, largest,
-                                     WRITEBACK_SLOTS if home == "nvme" and not weights_in_state else 0)
+        # (with weights in the state files, only frozen groups have homes of their own to write)
+        writes_homes = home == "nvme" and (not weights_in_state or any(g.frozen for g in groups))
+        self._write_back = WriteBack(pool, swap, largest, WRITEBACK_SLOTS if writes_homes else 0)
         # group -> the write-back slot its new weights are being written into (from kernel_output, or the
         # first chunk of load_weights, to the write of the last chunk)
         self._writeback_slot_of: dict[int, int] = {}
@@ -75,7 +76,7 @@ class WeightHomes:
     def add(self, group: FlatGroup, master: torch.Tensor | None, alias: torch.Tensor | None,
             alias_file: SwapFile | None = None) -> None:
         """Group ``group``'s home (as ``OffloadedParams.add``)."""
-        if self.weights_in_state and alias is None and alias_file is None:
+        if self.weights_in_state and alias is None and alias_file is None and not group.frozen:
             raise ValueError("offload: with weights in the optimizer state every group needs its master as home")
         self._home_is_master.append(alias is not None or alias_file is not None)
         self.weight_home_nvme.append(alias_file)
