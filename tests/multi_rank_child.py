@@ -30,10 +30,14 @@ def global_batches(steps: int, rows: int, seed: int = 1) -> list[dict]:
 
 def build_model(job: dict) -> torch.nn.Module:
     """The model of ``job``: a tied tiny Llama; with ``unused``, layer 0 also holds a Linear that forward never
-    calls (its group never completes in backward: the ranks must agree on which parameters got gradients)."""
+    calls (its group never completes in backward: the ranks must agree on which parameters got gradients);
+    with ``frozen``, all but the q and v projections are frozen."""
     model = tiny_llama(layers=job.get("layers", 4), tied=True, hidden=job.get("hidden", 32))
     if job.get("unused"):
         model.model.layers[0].unused = torch.nn.Linear(model.config.hidden_size, 8)
+    if job.get("frozen"):  # only the attention's q and v projections train (frozen groups: Note [frozen groups])
+        for name, param in model.named_parameters():
+            param.requires_grad_("q_proj" in name or "v_proj" in name)
     return model
 
 

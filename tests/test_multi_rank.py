@@ -71,13 +71,15 @@ def test_two_ranks_match_one_process_on_the_global_batch(params, optimizer, tmp_
     ("nvme", "cpu", {"micro": 2, "unused": True}),
     ("cpu", "nvme", {"meta": True, "backward_step": True}),
     ("nvme", "nvme", {"backward_step": True, "micro": 2, "own_group": True}),
+    ("nvme", "nvme", {"frozen": True, "micro": 2, "meta": True}),
 ])
 def test_two_ranks_accumulation_unused_parameters_meta_init_and_backward_step(params, optimizer, variant,
                                                                                tmp_path):
     """Micro-batches accumulate into the shards; a group that never completes (a parameter without gradient)
     is reduced when backward ends and that parameter is left alone; a model built on the meta device is
     materialised shard by shard; backward_step updates each shard as its group's reduction lands; a process
-    group passed to the engine is used instead of the default one."""
+    group passed to the engine is used instead of the default one; frozen parameters are offloaded in shards
+    too and gathered on fetch."""
     steps, rows = 8, 4
     clip = None if variant.get("backward_step") else 1.0
     ref_losses, ref_state = reference(steps, rows, max_grad_norm=clip, **variant)
