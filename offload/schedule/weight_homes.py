@@ -25,6 +25,8 @@ import torch
 
 from offload.layout.flat_group import FlatGroup, shard_spans
 from offload.schedule.write_back import WRITEBACK_SLOTS, WriteBack
+
+LOAD_PIECE_BYTES = 16 << 20  # the largest write-back slot a frozen group needs (see WeightHomes.__init__)
 from offload.storage.host_pool import HostBuffer, HostPool
 from offload.storage.swap_store import SwapFile, SwapStore
 
@@ -47,10 +49,15 @@ class WeightHomes:
         self.weight_home_nvme: list[SwapFile | None] = []      # the swap file the home is in, or None (in RAM)
         self._home_is_master: list[bool] = []                  # the home is the group's fp32 master itself
         self._home_buffers: list[HostBuffer] = []              # the pool's buffers behind the host homes
-        largest = max(g.shard_numel for g in groups) * self.element_size  # a slot holds a home: a shard
+        # A slot holds the new weights of a trainable group's home (a shard) for its update. Homes filled outside
+        # a step (from values, a checkpoint) are written through a slot piece by piece, so a frozen group, which
+        # is never updated, needs no slot of its size: at most LOAD_PIECE_BYTES.
+        trainable = max((g.shard_numel for g in groups if not g.frozen), default=0) * self.element_size
+        frozen = max((g.shard_numel for g in groups if g.frozen), default=0) * self.element_size
+        self._slot_bytes = max(trainable, min(frozen, LOAD_PIECE_BYTES))
         # (with weights in the state files, only frozen groups have homes of their own to write)
-        writes_homes = home == "nvme" and (not weights_in_state or any(g.frozen for g in groups))
-        self._write_back = WriteBack(pool, swap, largest, WRITEBACK_SLOTS if writes_homes else 0)
+        writes_homes = home == "nvme" and (not weights_in_state or frozen > 0)
+        self._write_back = WriteBack(pool, swap, self._slot_bytes, WRITEBACK_SLOTS if writes_homes else 0)
         # group -> the write-back slot its new weights are being written into (from kernel_output, or the
         # first chunk of load_weights, to the write of the last chunk)
         self._writeback_slot_of: dict[int, int] = {}
@@ -93,11 +100,9 @@ class WeightHomes:
         else:
             self.weight_home_host.append(None)
             swap = self.swap.create(f"weights {group.index}", self.nbytes(group.index))
-            if master is not None:  # (a new swap file reads as zeros)
-                staging = self._write_back.staging(0, self.nbytes(group.index), self.dtype)
-                staging.copy_(master[group.lo:group.hi])
-                self.swap.wait(self.swap.write(swap, 0, staging))
             self.weight_home_nvme[-1] = swap
+            if master is not None:  # (a new swap file reads as zeros)
+                self._write_pieces(group.index, master[group.lo:group.hi], 0)
 
     def on_nvme(self, g: int) -> bool:
         """Whether group g's home is a swap file (else a host buffer)."""
@@ -160,8 +165,9 @@ class WeightHomes:
 
     def load_weights(self, g: int, master: torch.Tensor, start: int, last: bool) -> None:
         """Replaces group g's weights at home with elements [start, start + len) of its fp32 ``master``, chunk
-        by chunk in order; an NVMe home is written when the last chunk arrives and the write is complete when
-        this returns. No copy to the device may still read the home."""
+        by chunk in order (``start`` a multiple of 2048 elements, as the optimizer's chunks are); an NVMe home is
+        written as each chunk arrives, and the write is complete when this returns. No copy to the device may
+        still read the home. (``last``: the caller's last chunk; nothing waits for it.)"""
         end = start + master.numel()
         if self._home_is_master[g]:  # the caller has written the master, which is the home
             return
@@ -170,12 +176,19 @@ class WeightHomes:
             return
         if start == 0:
             self._write_back.wait_group(g)  # an older write of this group must not land after the new one
-            self._writeback_slot_of[g] = self._write_back.take_slot()
-        staging = self._write_back.staging(self._writeback_slot_of[g], self.nbytes(g), self.dtype)
-        staging[start:end].copy_(master)
-        if last:
-            del self._writeback_slot_of[g]
-            self._write_back.write_now(self.weight_home_nvme[g], staging)
+        self._write_pieces(g, master, start)
+
+    def _write_pieces(self, g: int, values: torch.Tensor, start: int) -> None:
+        """Writes ``values`` (any dtype; converted) as elements [start, start + len) of group g's NVMe home,
+        through one write-back slot, a slot's worth at a time, each write complete before the next. Offsets
+        stay 4 KiB aligned: ``start`` and the slot's size are multiples of 2048 elements."""
+        slot = self._write_back.take_slot()
+        piece = self._slot_bytes // self.element_size
+        for a in range(0, values.numel(), piece):
+            b = min(a + piece, values.numel())
+            staging = self._write_back.staging(slot, (b - a) * self.element_size, self.dtype)
+            staging.copy_(values[a:b])
+            self._write_back.write_now(self.weight_home_nvme[g], staging, (start + a) * self.element_size)
 
     def close(self) -> None:
         """Waits for the writes in flight, then frees the write-back slots and the host homes of the pool."""

@@ -64,9 +64,10 @@ class WriteBack:
             self._unwaited[handle.id] = handle
             self._write_done[handle.id] = threading.Event()
 
-    def write_now(self, file: SwapFile, staging: torch.Tensor) -> None:
-        """Writes ``staging`` to ``file`` and waits for it (a checkpoint load, outside any step)."""
-        handle = self.swap.write(file, 0, staging)
+    def write_now(self, file: SwapFile, staging: torch.Tensor, offset: int = 0) -> None:
+        """Writes ``staging`` to ``file`` at byte ``offset`` and waits for it (a checkpoint load, outside any
+        step)."""
+        handle = self.swap.write(file, offset, staging)
         try:
             self.swap.wait(handle)
         except OSError as e:
