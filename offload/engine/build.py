@@ -75,6 +75,8 @@ class _PartsBuilder:
         grads.grad_swap = parts.grad_swap
         self._fill_groups(placement)
         self._fill_frozen_groups()
+        if self.materializers is not None:
+            self._replay_into_groups()
         frozen = [(p, self._value(p, name).to(self.device, self.dtype if p.is_floating_point() else None))
                   for name, p in self.frozen]
         buffers = [(module, name, self._value(buffer, f"{path}.{name}" if path else name).to(self.device))
@@ -227,7 +229,8 @@ class _PartsBuilder:
             raise MemoryBudgetError(what, needed, limit, "device_memory_limit")
 
     def _fill_groups(self, placement: list[StatePlacement]) -> None:
-        """Each group's optimizer state and weights, from the model's current values (group by group)."""
+        """Each group's optimizer state and weights, from the model's current values (group by group; for a
+        model on the meta device: zeros here, filled by ``_replay_into_groups``)."""
         store, offloaded = self.parts.store, self.parts.offloaded
         in_state = offloaded is not None and offloaded.weights_in_state
         # (several ranks: a master shard cannot be the device weights of a whole group)
@@ -246,26 +249,28 @@ class _PartsBuilder:
                 self.parts.resident.add(group, master, alias, state_on_nvme=where is StatePlacement.NVME)
             else:
                 offloaded.add(group, master, alias)
-        if self.materializers is not None:
-            # Groups are filled in the order the replay finishes them (Note [replay]), one at a time.
-            for g in order_of_completion(self.materializers, self.groups):
-                group = self.groups[g]
-                values = {id(slot.param): self._value(slot.param, slot.name) for slot in group.slots}
-                fill_group(store, self.parts.weights, store.states[g],
-                           master_from_values(group, lambda slot: values[id(slot.param)]))
-                del values
 
     def _fill_frozen_groups(self) -> None:
-        """Each frozen group's home, from the model's current values (or, for a model on the meta device, the
-        replay's, in the order it finishes them: Note [replay]), one group's values in memory at a time."""
+        """Each frozen group's home, from the model's current values (for a model on the meta device: made
+        empty here, filled by ``_replay_into_groups``)."""
         weights = self.parts.offloaded
-        replay = self.materializers is not None
-        for group in self.frozen_groups:  # (homes are made in index order; a replayed one is filled below)
-            weights.add(group, None if replay else self._flat_values(group), None)
-        if replay:
-            for k in order_of_completion(self.materializers, self.frozen_groups):
-                group = self.frozen_groups[k]
-                weights.load_weights(group.index, self._flat_values(group)[group.lo:group.hi], 0, True)
+        for group in self.frozen_groups:  # (homes are made in index order, after the trainable groups')
+            weights.add(group, None if self.materializers is not None else self._flat_values(group), None)
+
+    def _replay_into_groups(self) -> None:
+        """A model on the meta device: every group, trainable or frozen, filled in the order the replay finishes
+        its values (Note [replay]), one at a time, so that each value is handed on as soon as it is final (a
+        LoRA model's adapters are created after its whole base: filling them first would hold the base)."""
+        store, every = self.parts.store, self.groups + self.frozen_groups
+        for i in order_of_completion(self.materializers, every):
+            group = every[i]
+            if group.frozen:
+                self.parts.offloaded.load_weights(group.index, self._flat_values(group)[group.lo:group.hi], 0, True)
+                continue
+            values = {id(slot.param): self._value(slot.param, slot.name) for slot in group.slots}
+            fill_group(store, self.parts.weights, store.states[group.index],
+                       master_from_values(group, lambda slot: values[id(slot.param)]))
+            del values
 
     def _flat_values(self, group: FlatGroup) -> torch.Tensor:
         """A frozen group's values in its flat layout, in the compute dtype (what its home holds)."""
