@@ -51,7 +51,7 @@ CORPUS = REPO / "offload" / "data" / "corpus.txt"
 # Model shapes for tools/hf_model_dir.py: (hidden, layers, intermediate, heads, vocab, tokenizer vocab). "tiny" is
 # the e2e worker's tiny size, for the tests of this tool.
 SHAPES = {"300m": (1024, 18, 2816, 16, 32000, 4096), "2b": (2048, 38, 5632, 16, 32000, 4096),
-          "tiny": (64, 2, 128, 4, 256, 300)}
+          "7b": (4096, 32, 11008, 32, 32000, 4096), "tiny": (64, 2, 128, 4, 256, 300)}
 HYPER_FLAGS = ["--lr", "1e-4", "--weight-decay", "0.1", "--max-grad-norm", "0", "--lr-schedule", "constant",
                "--warmup-steps", "0"]  # the worker's AdamW (its betas 0.9/0.95 are not a flag: same cost)
 
@@ -478,7 +478,7 @@ def write_record(out: str, name: str, record: dict, table: str, command: str) ->
     (Path(out) / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
     m = record["machine"]
     (Path(out) / f"{name}.md").write_text(
-        f"# bench/finetune.py {name}\n\n- command: `{command}`\n- machine: {m['cpu']}, {m['cores']} cores, "
+        f"# {Path(sys.argv[0]).name} {name}\n\n- command: `{command}`\n- machine: {m['cpu']}, {m['cores']} cores, "
         f"{m['mem_total_gib']:.1f} GiB RAM, kernel {m['kernel']}; Python {m['python']}, torch {m['torch']}, "
         f"transformers {m['transformers']}; offload imported from {m['repo']}; --dir {m['dir']} "
         f"({m['disk_free_gb']:.0f} GB free at the start)\n"
