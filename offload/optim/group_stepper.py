@@ -143,12 +143,14 @@ class GroupStepper:
         # keep the disk busy with chunks much smaller than a group. Waits are on the handles, so a slot is
         # never overwritten while a transfer still uses it.
         run = self._plan(updates, keep_order)
-        self._issue_first_reads(run)
         try:
+            self._issue_first_reads(run)
             self._update_all(run, grad_scale)
         except BaseException:
             # No transfer may outlive the step that owns its staging slot (or reads a lent master, which its
-            # owner frees once the step has failed); the first error is the one to report.
+            # owner frees once the step has failed), whether the step failed issuing its first reads (those
+            # before, and the preloaded ones the run took over, are in flight) or later; the first error is the
+            # one to report.
             self._wait_quietly(list(run.reads.values()) + list(run.writes.values()))
             raise
         busy = {self._slot_index(j) for j in run.writes}
