@@ -9,6 +9,7 @@ intermediate bytes per token in bf16), so that term is approximate and grows wit
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -19,8 +20,10 @@ import torch
 from offload.schedule.grad_stream import staging_ring_bytes
 from offload.schedule.grad_swap import GRAD_SWAP_BUFFERS
 from offload.layout.flat_group import GROUP_ALIGN_ELEMENTS
-from offload.optim.state_store import FP32_BYTES, STATE_PARTS, StatePlacement, plan_placement, staging_bytes
+from offload.optim.state_store import (CHUNK_ELEMENTS, FP32_BYTES, STATE_PARTS, StatePlacement, chunks,
+                                       plan_placement, staging_slots)
 from offload.schedule.write_back import WRITEBACK_SLOTS
+from offload.schedule.weight_homes import LOAD_PIECE_BYTES
 from offload.storage.host_pool import HostPool
 from offload.storage.io_engine import DIRECT_ALIGNMENT
 
@@ -48,6 +51,10 @@ class ModelShape:
     largest_param: int = 0         # elements of the largest trainable parameter
     use_width: int = 1             # the most groups one module's forward needs at once (a tied head: 2)
     exact_groups: bool = True      # False: groups derived from a parameter count
+    # Frozen floating-point parameters (e.g. a LoRA run's base) in groups of their own, by block: offloaded
+    # like the trainable groups unless params="device" (elements per group, and their unpadded total)
+    frozen_group_numels: tuple[int, ...] = ()
+    frozen_grouped_numel: int = 0
 
     @property
     def numel(self) -> int:
@@ -108,6 +115,8 @@ def shape_from_model(model: torch.nn.Module, name: str) -> ModelShape:
 
     partition = partition_model(model)
     groups = [build_flat_group(i, spec, {id(p): 0 for p in spec.params}) for i, spec in enumerate(partition.groups)]
+    frozen = [build_flat_group(len(groups) + k, spec, {id(p): 0 for p in spec.params})
+              for k, spec in enumerate(partition.frozen_groups)]
     config = getattr(model, "config", None)
     hidden = getattr(config, "hidden_size", 0) or 0
     return ModelShape(name, tuple(g.numel for g in groups), sum(p.numel() for _, p in partition.frozen),
@@ -115,7 +124,35 @@ def shape_from_model(model: torch.nn.Module, name: str) -> ModelShape:
                       getattr(config, "num_hidden_layers", 0) or 0, getattr(config, "vocab_size", 0) or 0,
                       heads=getattr(config, "num_attention_heads", 0) or 0,
                       largest_param=max(p.numel() for spec in partition.groups for p in spec.params),
-                      use_width=max_use_width(uses_by_module(model, groups)))
+                      use_width=max_use_width(uses_by_module(model, groups + frozen)),
+                      frozen_group_numels=tuple(g.numel for g in frozen),
+                      frozen_grouped_numel=sum(p.numel() for spec in partition.frozen_groups for p in spec.params))
+
+
+# The linear layers of a standard Llama block (shape_from_count's; no grouped-query attention): input and output
+# features, each hidden (h) or intermediate (i).
+_LLAMA_LINEARS = {"q_proj": "hh", "k_proj": "hh", "v_proj": "hh", "o_proj": "hh", "gate_proj": "hi", "up_proj": "hi",
+                  "down_proj": "ih"}
+
+
+def with_lora(shape: ModelShape, r: int, targets: list[str] | str) -> ModelShape:
+    """``shape`` (one from a parameter count: a standard Llama) trained as a LoRA adapter of rank ``r`` on
+    ``targets`` ("all-linear": every linear layer of the blocks; or names among q_proj, k_proj, v_proj, o_proj,
+    gate_proj, up_proj, down_proj and lm_head): each target adds r x (inputs + outputs) trainable elements to
+    its block's group; the whole model becomes the frozen base, in its groups. For a real model, build the peft
+    model and use ``shape_from_model``."""
+    names = list(_LLAMA_LINEARS) if targets == "all-linear" else list(targets)
+    unknown = [n for n in names if n not in _LLAMA_LINEARS and n != "lm_head"]
+    if unknown:
+        raise ValueError(f"with_lora: {unknown[0]!r} is not a linear layer of the assumed Llama "
+                         f"({', '.join(_LLAMA_LINEARS)}, lm_head)")
+    h, inter = shape.hidden, shape.intermediate
+    per_block = sum(r * sum({"h": h, "i": inter}[f] for f in _LLAMA_LINEARS[n]) for n in names if n != "lm_head")
+    groups = [per_block] * shape.layers + ([r * (h + shape.vocab)] if "lm_head" in names else [])
+    return dataclasses.replace(shape, group_numels=tuple(groups), frozen_numel=shape.numel + shape.frozen_numel,
+                               largest_param=r * max(h, inter, shape.vocab if "lm_head" in names else 0),
+                               use_width=2, frozen_group_numels=shape.group_numels,
+                               frozen_grouped_numel=shape.numel)
 
 
 def activation_bytes(shape: ModelShape, batch: int, seq_len: int, dtype_bytes: int) -> int:
@@ -190,17 +227,24 @@ class _Layout:
     in_state: bool        # fp32 weights are the masters in the state files on NVMe
     whole: list[int]      # elements of each group, padded for the ranks
     numels: list[int]     # this rank's shard of each group
+    frozen_whole: list[int]   # the same for the frozen groups, when they are offloaded (params != "device")
+    frozen_numels: list[int]
 
 
 def _layout(shape: ModelShape, params: str, optimizer: str, gradients: str, dtype: str, device: str, prefetch: int,
             ranks: int) -> _Layout:
     """The layout of ``shape`` for this placement, dtype, device and number of ranks."""
     align = GROUP_ALIGN_ELEMENTS * ranks
-    whole = [-(-n // align) * align if ranks > 1 else n for n in shape.group_numels]  # padded for the ranks
+
+    def padded(numels: tuple[int, ...]) -> list[int]:  # (for the ranks)
+        return [-(-n // align) * align if ranks > 1 else n for n in numels]
+    whole = padded(shape.group_numels)
+    frozen_whole = padded(shape.frozen_group_numels) if params != "device" else []  # (else resident, whole)
     return _Layout(shape, params, optimizer, gradients, dtype, device.startswith("cuda"), prefetch, ranks,
                    element={"fp32": 4, "bf16": 2, "fp16": 2}[dtype],
                    in_state=dtype == "fp32" and params == "nvme" and optimizer == "nvme",
-                   whole=whole, numels=[n // ranks for n in whole])
+                   whole=whole, numels=[n // ranks for n in whole], frozen_whole=frozen_whole,
+                   frozen_numels=[n // ranks for n in frozen_whole])
 
 
 def _host_buffers(layout: _Layout) -> dict[str, int]:
@@ -211,27 +255,42 @@ def _host_buffers(layout: _Layout) -> dict[str, int]:
     parts: dict[str, int] = {}
     if layout.gradients == "nvme":  # (only with the state on NVMe: they travel with it)
         parts["gradient buffers"] = GRAD_SWAP_BUFFERS * mapped(FP32_BYTES * largest)
-        parts["optimizer staging"] = staging_bytes(largest, parts=STATE_PARTS + 1)
+        parts["optimizer staging"] = _staging(numels, parts=STATE_PARTS + 1)
     else:
         parts["gradient accumulators"] = sum(mapped(FP32_BYTES * n) for n in numels)
     if layout.optimizer == "cpu":
         parts["optimizer state"] = sum(mapped(STATE_PARTS * FP32_BYTES * n) for n in numels)
     elif layout.gradients != "nvme":
-        parts["optimizer staging"] = staging_bytes(largest)
+        parts["optimizer staging"] = _staging(numels)
     if layout.params == "cpu" and not (layout.dtype == "fp32" and layout.optimizer == "cpu"):
         parts["weight homes"] = sum(mapped(element * n) for n in numels)
-    elif layout.params == "nvme":
-        slot = mapped(element * largest)
-        writeback = 0 if layout.in_state else WRITEBACK_SLOTS
+    if layout.params == "cpu" and layout.frozen_numels:  # (a compute-dtype copy, whatever the dtype)
+        parts["frozen weight homes"] = sum(mapped(element * n) for n in layout.frozen_numels)
+    if layout.params == "nvme":
+        # A fetch slot holds any group's home; a write-back slot a trainable group's, or a piece of a frozen
+        # one's (frozen homes are written only when filled, piece by piece: weight_homes.LOAD_PIECE_BYTES).
+        fetch_slot = mapped(element * max(numels + layout.frozen_numels))
+        frozen = element * max(layout.frozen_numels, default=0)
+        writeback_slot = mapped(max(element * largest, min(frozen, LOAD_PIECE_BYTES)))
+        writeback = 0 if layout.in_state and not frozen else WRITEBACK_SLOTS
         # CPU: reads land in the device buffers
         fetch = (layout.prefetch + 1) * layout.shape.use_width if layout.cuda else 0
         if fetch + writeback:
-            parts["weight fetch and write-back slots"] = (fetch + writeback) * slot
+            parts["weight fetch and write-back slots"] = fetch * fetch_slot + writeback * writeback_slot
     elif layout.params == "device" and layout.cuda and layout.dtype != "fp32":
         parts["pinned weights for upload"] = sum(mapped(element * n) for n in layout.whole)  # (whole groups)
     if layout.cuda and layout.ranks == 1:  # (several ranks reduce on the device and copy shards)
         parts["gradient staging ring"] = mapped(staging_ring_bytes(layout.shape.largest_param * element))
     return parts
+
+
+def _staging(numels: list[int], parts: int = STATE_PARTS) -> int:
+    """The optimizer's staging slots for state on NVMe (OptimizerStateStore): one chunk of the largest group
+    each, no more slots than there are chunks (a LoRA run's few small groups have fewer chunks than slots)."""
+    largest = max(numels)
+    chunk = min(largest, CHUNK_ELEMENTS)
+    slots = min(sum(len(chunks(n, chunk)) for n in numels), staging_slots(largest))
+    return slots * HostPool.mapped_size(parts * FP32_BYTES * chunk)
 
 
 def _place_state(layout: _Layout, parts: dict[str, int], host_memory_limit: int | None) -> list[bool]:
@@ -258,7 +317,9 @@ def _device_weights(layout: _Layout, device_memory_limit: int | None) -> int:
     shape, element = layout.shape, layout.element
     if layout.params == "device":
         return shape.numel * element + shape.frozen_numel * element
-    resident = (layout.prefetch + 1) * shape.use_width * max(layout.whole) * element + shape.frozen_numel * element
+    frozen_resident = shape.frozen_numel - shape.frozen_grouped_numel  # (frozen outside the groups, e.g. integer)
+    resident = ((layout.prefetch + 1) * shape.use_width * max(layout.whole + layout.frozen_whole) * element
+                + frozen_resident * element)
     return min(resident, device_memory_limit) if device_memory_limit else resident
 
 
@@ -280,6 +341,8 @@ def _disk_bytes(layout: _Layout, on_nvme: list[bool]) -> int:
     disk += sum(_file(STATE_PARTS * FP32_BYTES * n) for n, nvme in zip(layout.numels, on_nvme) if nvme)
     if layout.params == "nvme" and not layout.in_state:
         disk += sum(_file(layout.element * n) for n in layout.numels)
+    if layout.params == "nvme":  # the frozen groups' homes (they have no state file to live in)
+        disk += sum(_file(layout.element * n) for n in layout.frozen_numels)
     if layout.gradients == "nvme":
         disk += sum(_file(FP32_BYTES * n) for n in layout.numels)
     return disk
@@ -303,6 +366,9 @@ def _nvme_traffic(layout: _Layout, on_nvme: list[bool]) -> tuple[int, int]:
         read += 2 * layout.element * (state_share if layout.in_state else share)
         if not layout.in_state:
             written += layout.element * share  # the new weights, written back once (else the state write is it)
+        # the frozen groups (this rank's elements): read only, never written
+        read += 2 * layout.element * (layout.shape.frozen_grouped_numel if layout.ranks == 1
+                                      else sum(layout.frozen_numels))
     if layout.gradients == "nvme":        # written after backward, read by the optimizer (one micro-batch)
         read += FP32_BYTES * share
         written += FP32_BYTES * share

@@ -15,6 +15,7 @@ from offload.config import parse_bytes
 from offload.errors import ConfigError
 
 if TYPE_CHECKING:
+    from offload.cli.lora import LoraPlan
     from offload.estimate import Estimate, ModelShape
 
 EXAMPLES = """examples:
@@ -22,7 +23,8 @@ EXAMPLES = """examples:
   offload estimate --model path/to/config.json --batch 4 --seq-len 2048 --device cuda
   offload estimate --model 7B --ram 64GiB --gpu 24GiB --disk 500GiB
   offload estimate --model large --config offload.toml  # with offload tune's bandwidths: a disk-time floor
-  offload estimate --model 7B --ranks 4 --device cuda   # per rank, 4 GPUs sharing the offloaded state"""
+  offload estimate --model 7B --ranks 4 --device cuda   # per rank, 4 GPUs sharing the offloaded state
+  offload estimate --model path/to/llama-dir --lora-r 16  # a LoRA adapter on all linear layers, the base frozen"""
 
 _TUNE_LINE = re.compile(r"#\s*offload tune.*?write_gbs=([0-9.]+)\s+read_gbs=([0-9.]+)")
 
@@ -55,26 +57,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-in-ram", action="store_true",
                         help="the model is built in RAM before the engine takes it (default: built with "
                              "offload.init_empty, as offload train does, so it never is)")
+    parser.add_argument("--lora-r", type=int, default=None, metavar="R",
+                        help="a LoRA run (offload train --lora-r): an adapter of rank R trains, the base is frozen "
+                             "and stored in the compute dtype where parameters go")
+    parser.add_argument("--lora-targets", default=None, metavar="NAMES",
+                        help="with --lora-r: the adapted linear layers, as offload train takes them (default "
+                             "all-linear)")
     parser.add_argument("--json", action="store_true", help="print one JSON record instead of the table")
 
 
-def model_shape(spec: str, seq_len: int):
-    """The ModelShape of ``spec``: built on the meta device from a preset or config file, or from a count."""
+def model_shape(spec: str, seq_len: int, lora: LoraPlan | None = None):
+    """The ModelShape of ``spec``: built on the meta device from a preset or config file, or from a count; with
+    ``lora``, that of the LoRA model (its adapters trainable, the rest frozen)."""
     import torch
 
-    from offload.estimate import parse_count, shape_from_count, shape_from_model
+    from offload.estimate import parse_count, shape_from_count, shape_from_model, with_lora
 
     count = parse_count(spec)
     if count is not None:
         if count <= 0:
             raise ConfigError(f"--model: the parameter count must be positive; got {spec!r}")
-        return shape_from_count(count)
+        if lora is None:
+            return shape_from_count(count)
+        try:
+            return with_lora(shape_from_count(count), lora.r, lora.targets)
+        except ValueError as e:
+            raise ConfigError(f"--lora-targets: {str(e).removeprefix('with_lora: ')}") from None
     from offload.cli.model_source import resolve_model
 
     build = resolve_model(spec, seq_len).builder(0)  # raises ConfigError for an unknown model or a bad file
     with torch.device("meta"):
-        model = build()
-    return shape_from_model(model, spec)
+        if lora is None:
+            return shape_from_model(build(), spec)
+        lora.check_targets(build(), spec)
+        return shape_from_model(lora.builder(build)(), spec)
+
+
+def _lora(args: argparse.Namespace) -> LoraPlan | None:
+    """--lora-r and --lora-targets, checked as offload train checks them."""
+    from offload.cli.lora import LoraPlan, parse_targets, require_peft
+
+    if args.lora_r is None:
+        if args.lora_targets is not None:
+            raise ConfigError("--lora-targets: needs --lora-r (a LoRA run: the rank of its adapter)")
+        return None
+    if args.lora_r < 1:
+        raise ConfigError(f"--lora-r: must be >= 1; got {args.lora_r}")
+    targets = parse_targets(args.lora_targets or "all-linear")
+    from offload.estimate import parse_count
+
+    if parse_count(args.model) is None:  # (a real model is wrapped by peft; a count's adapters are counted)
+        require_peft()
+    return LoraPlan(r=args.lora_r, alpha=args.lora_r, targets=targets, dropout=0.0)
 
 
 def tuned_bandwidths(path: str | None) -> tuple[float, float] | None:
@@ -110,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')}: must be >= 1; got {getattr(args, flag)}")
     device = _device(args)
-    shape = model_shape(args.model, args.seq_len)
+    shape = model_shape(args.model, args.seq_len, _lora(args))
     limit = parse_bytes("--device-memory-limit", args.device_memory_limit) if args.device_memory_limit else None
     budget = _budget(args, device.startswith("cuda"))
     bandwidth = tuned_bandwidths(args.config)
@@ -186,7 +220,8 @@ def _print_table(args: argparse.Namespace, shape: ModelShape, device: str, estim
     gib = 2**30
     cuda = device.startswith("cuda")
     ram, gpu, disk = budget.ram, budget.gpu, budget.disk
-    print(f"{shape.name}: {shape.numel / 1e6:.1f}M trainable parameters in {len(shape.group_numels)} groups, "
+    frozen = f" (a LoRA adapter of rank {args.lora_r}; {shape.frozen_numel / 1e6:.1f}M frozen)" if args.lora_r else ""
+    print(f"{shape.name}: {shape.numel / 1e6:.1f}M trainable parameters in {len(shape.group_numels)} groups{frozen}, "
           f"{args.dtype}, {device}, batch {args.batch} x {args.seq_len} tokens"
           + (f" per rank; {args.ranks} ranks, every figure below is one rank's" if args.ranks > 1 else ""))
     print(f"planning for: RAM {ram / gib:.1f} GiB" + (f", GPU {gpu / gib:.1f} GiB" if gpu else "") +

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from offload.cli.launch import Launch, start
+from offload.cli.lora import LoraPlan, require_peft
 from offload.cli.model_source import ModelSource, resolve_model
 from offload.cli.outputs import check_writable_dir, check_writable_file
 from offload.cli.run_log import RunLog
@@ -43,6 +44,8 @@ EXAMPLES = """examples:
   offload train --model path/to/llama-dir --data chat.jsonl --output tuned/      # fine-tune, HF directory out
   offload train --model org/name --data train.jsonl --eval-data val.jsonl --eval-every 50 --grad-accum 4 \\
                 --metrics metrics.jsonl --output tuned/ --output-dtype bf16    # a hub id already in the cache
+  offload train --model path/to/llama-dir --data train.jsonl --lora-r 16 --lora-alpha 32 --params nvme \\
+                --output adapter/                  # LoRA: the base frozen on NVMe, a peft adapter directory out
   offload train --model small --steps 500 --nvme-dir /mnt/nvme/swap
   offload train --config offload.toml            # [io] from `offload tune`, [train] with these settings
   offload train --checkpoint-dir runs/ckpt --checkpoint-every 100   # then: --resume to continue exactly
@@ -87,6 +90,8 @@ def _settings(args: argparse.Namespace) -> TrainSettings:
             raise ConfigError("--init-from: give the model directory once, with --model DIR")
         args.model = args.init_from
     settings = resolve_settings(args, args.config)
+    if settings.lora_r is not None:
+        require_peft()
     for flag in ("resume", "resume_if_exists"):
         if getattr(args, flag) and not settings.checkpoint_dir:
             raise ConfigError(f"--{flag.replace('_', '-')}: needs --checkpoint-dir (where to resume from)")
@@ -131,11 +136,14 @@ def run(args: argparse.Namespace) -> int:
             logging.getLogger().setLevel(logging.WARNING)
         source = resolve_model(settings.model, settings.seq_len)
         source.check_seq_len(settings.seq_len)
+        lora = LoraPlan.of(settings)
+        if lora is not None:
+            lora.check(source)  # (before the data is tokenized: a wrong target name fails at once)
         # (rank 0 tokenizes, the others then read its cache: Note [one rank tokenizes])
         job = launch.first_on_main(lambda: TrainData.load(settings, source, config, scratch, _user_nvme_dir(args)))
         resumed = _checkpoint_extra(settings, job) if _resuming(args, settings) else None
-        engine, timeline, peak_lr = _build_engine(args, settings, source, config, launch)
-        _header(engine, settings, source, job, config, launch)
+        engine, timeline, peak_lr = _build_engine(args, settings, source, config, launch, lora)
+        _header(engine, settings, source, job, config, launch, lora)
         first = _load_weights(engine, settings, source, resumed)
         log = RunLog(settings.metrics, settings.tensorboard, resumed_at=first if resumed else None, write=launch.main)
         saver = Saver(engine, settings, source, job, launch, first, schedule=_schedule(settings, peak_lr))
@@ -181,12 +189,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _build_engine(args: argparse.Namespace, settings: TrainSettings, source: ModelSource, config: Config,
-                  launch: Launch):
+                  launch: Launch, lora: LoraPlan | None):
     """The model, built on the meta device (the engine gives every group its initial weights, those of a
-    normal build with this seed, straight in its home, so the whole model is never in RAM), and its engine."""
+    normal build with this seed, straight in its home, so the whole model is never in RAM), and its engine.
+    With ``lora``: the peft LoRA model of the base (see LoraPlan.builder), its base frozen."""
     import offload
 
-    model = offload.init_empty(source.builder(settings.seed))
+    build = source.builder(settings.seed)
+    if lora is not None:
+        build = lora.builder(build)
+    model = offload.init_empty(build)
     timeline = offload.Timeline() if args.timeline and launch.main else None  # (only rank 0 writes it)
     peak_lr = settings.lr or (LR_PRETRAINED if source.pretrained else LR_RANDOM_INIT)
     engine = offload.Engine(model, config, lr=peak_lr, weight_decay=settings.weight_decay,
@@ -251,10 +263,12 @@ def _user_nvme_dir(args: argparse.Namespace) -> str | None:
 
 
 def _header(engine, settings: TrainSettings, source: ModelSource, job: TrainData, config: Config,
-            launch: Launch) -> None:
+            launch: Launch, lora: LoraPlan | None) -> None:
     stats = engine.stats()
     numel = sum(p.numel() for p in engine.model.parameters())
     print(f"offload train: {source.describe()}, {numel / 1e6:.1f}M parameters, {config.dtype} on {config.device}")
+    if lora is not None:
+        print(f"  {lora.describe(engine.model)}")
     print(f"  data: {job.train_data.describe()}; {job.train.num_blocks} blocks of {settings.seq_len} tokens, "
           f"{settings.tokens_per_step} tokens per step ({settings.batch} x {settings.grad_accum} sequences)")
     if job.evaluation is not None:
@@ -291,7 +305,10 @@ def _summary(engine, settings: TrainSettings, source: ModelSource, loop: TrainLo
           f"written {stats.nvme_bytes_written / 1e9:.2f} GB")
     if settings.checkpoint_dir:
         print(f"checkpoint: {settings.checkpoint_dir} (export with: offload export {settings.checkpoint_dir} --out DIR)")
-    if settings.output:
+    if settings.output and settings.lora_r is not None and not settings.merge_lora:
+        print(f"adapter: {settings.output} (load it with peft.PeftModel.from_pretrained(base, "
+              f"{str(settings.output)!r}) on the base model {source.spec})")
+    elif settings.output:
         print(f"model: {settings.output} (load it with AutoModelForCausalLM.from_pretrained"
               f"{' and AutoTokenizer.from_pretrained' if source.tokenizer is not None else ''})")
     if sample_at_end:

@@ -1,5 +1,7 @@
 """Saver: what an `offload train` job writes as it goes: checkpoints (``--checkpoint-dir``, to resume exactly)
-and the Hugging Face model directory (``--output``, to use the model), each every N steps and at the end.
+and the Hugging Face model directory (``--output``, to use the model), each every N steps and at the end. A LoRA
+run's ``--output`` is a peft adapter directory (lora_adapter.py), or with ``--merge-lora`` the merged model
+(lora_merge.py).
 
 The model directory also holds ``offload_run.json``: which model and data it came from, at which step, with
 which settings. It is how a resumed run recognises its own output (which it may replace without --overwrite).
@@ -13,7 +15,12 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from offload.cli.launch import Launch
+from offload.cli.lora import base_model_name
+from offload.cli.lora_adapter import save_adapter
+from offload.cli.lora_merge import save_merged
 from offload.cli.model_source import ModelSource
 from offload.cli.outputs import check_writable_dir
 from offload.cli.train_data import TrainData
@@ -59,14 +66,27 @@ class Saver:
         import offload
 
         start = time.perf_counter()
-        s = self.settings
-        dtype = self.source.output_dtype(s.output_dtype)
-        offload.save_pretrained(self.engine, s.output, dtype=dtype, max_shard_size=s.max_shard_size,
-                                tokenizer=self.source.tokenizer, generation_config=self.source.generation_config,
-                                overwrite=True, extra_files={RUN_FILE: self._run_record(step)})
+        s, source, launch = self.settings, self.source, self.launch
+        extra = {RUN_FILE: self._run_record(step)}
+        dtype = source.output_dtype(s.output_dtype)
+        what = "model"
+        if s.lora_r is None:
+            offload.save_pretrained(self.engine, s.output, dtype=dtype, max_shard_size=s.max_shard_size,
+                                    tokenizer=source.tokenizer, generation_config=source.generation_config,
+                                    overwrite=True, extra_files=extra)
+        elif s.merge_lora:
+            what = "merged model"
+            save_merged(self.engine, s.output, dtype=dtype, max_shard_size=s.max_shard_size, tokenizer=source.tokenizer,
+                        generation_config=source.generation_config, extra_files=extra, overwrite=True,
+                        write=launch.main, collective=launch.world > 1)
+        else:  # the adapter keeps its fp32 masters unless a dtype is named (it is small; peft trains it in fp32)
+            what = "LoRA adapter"
+            dtype = torch.float32 if s.output_dtype == "auto" else dtype
+            save_adapter(self.engine, s.output, dtype=dtype, base_model=base_model_name(source),
+                         tokenizer=source.tokenizer, extra_files=extra, overwrite=True, write=launch.main)
         self.written = step
-        if self.launch.main:
-            print(f"  model written to {s.output} at step {step} ({str(dtype).removeprefix('torch.')}, "
+        if launch.main:
+            print(f"  {what} written to {s.output} at step {step} ({str(dtype).removeprefix('torch.')}, "
                   f"{time.perf_counter() - start:.1f} s)", flush=True)
 
     def _run_record(self, step: int) -> bytes:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from offload.checkpoint.hf_directory import parse_max_shard_size
+from offload.cli.lora import parse_targets
 from offload.errors import ConfigError
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
@@ -78,6 +79,19 @@ class TrainSettings:
                                        "DIR", group="checkpoints and output")
     log_every: int = _setting(10, "a plain log line every N steps when output is not a terminal (default 10)", "N",
                               group="checkpoints and output")
+    lora_r: int | None = _setting(None, "train a LoRA adapter of rank R instead of every weight: the base model is "
+                                        "frozen and offloaded like trainable weights (needs peft: pip install "
+                                        "'offload[lora]')", "R", group="LoRA")
+    lora_alpha: float | None = _setting(None, "LoRA scaling: the adapter's update is scaled by alpha / r (default: "
+                                              "r, a scale of 1)", "A", group="LoRA")
+    lora_targets: str | None = _setting(None, "the linear layers to adapt: names separated by commas (q_proj,v_proj; "
+                                              "a name matches every layer of that name, or ending in it) or "
+                                              "all-linear, every linear layer but the output head (default "
+                                              "all-linear)", "NAMES", group="LoRA")
+    lora_dropout: float | None = _setting(None, "dropout on the adapter's input, in training (default 0)", "P",
+                                          group="LoRA")
+    merge_lora: bool = _setting(False, "write --output as a full Hugging Face model with the adapter merged into "
+                                       "the base weights, instead of a peft adapter directory", group="LoRA")
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch", "seq_len", "grad_accum", "log_every"):
@@ -114,6 +128,33 @@ class TrainSettings:
                 from None
         if self.eval_every and not self.eval_data:
             raise SettingError("eval_every", f"{_label('eval_every')}: needs --eval-data (what to evaluate on)")
+        self._check_lora()
+
+    def _check_lora(self) -> None:
+        if self.lora_r is not None:
+            _check_int("lora_r", self.lora_r, minimum=1)
+        else:  # every other LoRA setting refines a LoRA run
+            for name in ("lora_alpha", "lora_targets", "lora_dropout", "merge_lora"):
+                if getattr(self, name) is not None and getattr(self, name) is not False:
+                    raise SettingError(name, f"{_label(name)}: needs --lora-r (a LoRA run: the rank of its adapter)")
+            return
+        if self.lora_alpha is not None:
+            _check_number("lora_alpha", self.lora_alpha, positive=True)
+        if self.lora_dropout is not None:
+            _check_number("lora_dropout", self.lora_dropout, positive=False)
+            if self.lora_dropout >= 1:
+                raise SettingError("lora_dropout", f"{_label('lora_dropout')}: expected a probability in [0, 1); "
+                                                   f"got {self.lora_dropout!r}")
+        if self.lora_targets is not None:
+            try:
+                parse_targets(self.lora_targets)
+            except ConfigError as e:
+                raise SettingError("lora_targets", str(e)) from None
+        if not isinstance(self.merge_lora, bool):
+            raise SettingError("merge_lora", f"{_label('merge_lora')}: expected true or false; got {self.merge_lora!r}")
+        if self.merge_lora and not self.output:
+            raise SettingError("merge_lora", f"{_label('merge_lora')}: needs --output (where to write the merged "
+                                             f"model)")
 
     def warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps is not None else min(100, self.steps // 10)
