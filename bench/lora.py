@@ -11,6 +11,8 @@ batch 1 x 512, AdamW lr 1e-4: a full fine-tune ("full") against LoRA r=16 (alpha
 the frozen base on NVMe ("lora"), every run a fresh process, A B then B A. Per run: the median of the measured
 steps' ``step_s`` (the CLI's metrics), the process's peak RSS (ru_maxrss) and the NVMe bytes read and written
 per measured step (the CLI's step lines). Goal: the base costs only reads, and a LoRA step <= 0.6x a full one.
+``--modes full,lora,torch`` adds "torch": the same LoRA model with peft and torch.optim.AdamW, all in RAM, no
+offload (the compute floor of a LoRA step on this machine), on random token ids.
 
 ``scale``: a Llama of Llama-2-7B's shape (hidden 4096, 32 layers, MLP 11008, 32 heads, vocab 32000; 6.7B
 parameters, 13.5 GB of bf16 safetensors made by tools/hf_model_dir.py) adapted with LoRA r=16 on every linear
@@ -46,7 +48,47 @@ def nvme_per_step(child: Child, warmup: int) -> tuple[list[float], list[float]]:
     return [r for _, r, _ in measured], [w for _, _, w in measured]
 
 
+def torch_worker(a) -> int:
+    """The "torch" mode, in its own process: peft LoRA on the model loaded whole in bf16, AdamW, batch 1 x seq."""
+    import resource
+
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                                                       lora_dropout=0.0))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.1)
+    ids = torch.randint(0, model.config.vocab_size, (1, a.seq))
+    times = []
+    for _ in range(a.warmup + a.steps):
+        start = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    print("RESULT " + json.dumps({"step_s": times[a.warmup:], "ru_maxrss_bytes":
+                                  resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    return 0
+
+
+def run_torch(a, model: Path) -> dict:
+    child = Child([sys.executable, __file__, "_torch-worker", "--model", str(model), "--seq", str(a.seq),
+                   "--warmup", str(a.warmup), "--steps", str(a.steps)], env={"OMP_NUM_THREADS": str(a.threads)})
+    done = child.wait()
+    result = child.result()
+    if done["rc"] != 0 or result is None:
+        return {"mode": "torch", "failed": child.text("err")[-3000:]}
+    return {"mode": "torch", "step_s": result["step_s"], "step_s_median": statistics.median(result["step_s"]),
+            "ru_maxrss_bytes": done["ru_maxrss_bytes"], "nvme_read_mb": 0.0, "nvme_written_mb": 0.0,
+            "wall_s": done["wall_s"], **contention(done)}
+
+
 def run_step(a, model: Path, data: Path, mode: str, tag: str) -> dict:
+    if mode == "torch":
+        return run_torch(a, model)
     swap, metrics = Path(a.dir) / f"swap-{tag}", Path(a.dir) / f"metrics-{tag}.jsonl"
     shutil.rmtree(swap, ignore_errors=True)
     metrics.unlink(missing_ok=True)
@@ -69,8 +111,9 @@ def bench_step(a) -> tuple[dict, str]:
     model = make_model_dir(Path(a.dir) / f"model-{a.size}", a.size)
     data = write_text_jsonl(Path(a.dir) / "corpus.jsonl", copies=max(4, (a.warmup + a.steps) * a.seq // 400))
     runs = []
+    modes = a.modes.split(",")
     for r in range(a.rounds):
-        for mode in ("full", "lora") if r % 2 == 0 else ("lora", "full"):
+        for mode in modes if r % 2 == 0 else modes[::-1]:
             log(f"step: round {r + 1}/{a.rounds}: {mode} ...")
             run = run_step(a, model, data, mode, f"{mode}-{r}")
             run.update(round=r, order=len(runs), loadavg_1m=os.getloadavg()[0])
@@ -86,8 +129,9 @@ def bench_step(a) -> tuple[dict, str]:
 
 def summarize_step(runs: list[dict]) -> tuple[dict, str]:
     ok = [r for r in runs if "failed" not in r]
-    side = {mode: [r for r in ok if r["mode"] == mode] for mode in ("full", "lora")}
-    if not side["full"] or not side["lora"]:
+    side = {mode: [r for r in ok if r["mode"] == mode] for mode in ("full", "lora", "torch")}
+    side = {mode: runs for mode, runs in side.items() if runs}
+    if "full" not in side or "lora" not in side:
         return {}, "(no complete pair)"
 
     def med(mode: str, key: str) -> float:
@@ -105,12 +149,19 @@ def summarize_step(runs: list[dict]) -> tuple[dict, str]:
     rows = ["| run | median s/step | peak RSS GiB | NVMe read MB/step | NVMe written MB/step |",
             "|---|---:|---:|---:|---:|"]
     for mode, label in (("full", "full fine-tune, params + optimizer on NVMe"),
-                        ("lora", "LoRA r=16 all-linear, base on NVMe")):
+                        ("lora", "LoRA r=16 all-linear, base on NVMe"),
+                        ("torch", "the same LoRA in plain torch + peft, all in RAM (random ids)")):
+        if mode not in summary:
+            continue
         s = summary[mode]
         rows.append(f"| {label} | {s['step_s']:.3f} | {s['peak_rss_gib']:.2f} | {s['nvme_read_mb_per_step']:.0f} "
                     f"| {s['nvme_written_mb_per_step']:.1f} |")
     rows.append(f"\nLoRA / full (medians): **{summary['lora_over_full']:.3f}x**; per round "
                 f"{min(ratios):.3f}-{max(ratios):.3f} ({len(ratios)} rounds)")
+    if "torch" in summary:
+        summary["lora_over_torch"] = summary["lora"]["step_s"] / summary["torch"]["step_s"]
+        rows.append(f"LoRA with the base on NVMe / plain torch LoRA in RAM (medians): "
+                    f"**{summary['lora_over_torch']:.3f}x**")
     return summary, "\n".join(rows)
 
 
@@ -170,6 +221,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     step.add_argument("--warmup", type=int, default=2)
     step.add_argument("--steps", type=int, default=4, help="measured steps per run")
     step.add_argument("--seq", type=int, default=512)
+    step.add_argument("--modes", default="full,lora", help="full, lora and torch, separated by commas")
+    worker = sub.add_parser("_torch-worker")
+    worker.add_argument("--model", required=True)
+    for flag in ("--seq", "--warmup", "--steps"):
+        worker.add_argument(flag, type=int, required=True)
     scale = sub.add_parser("scale", parents=[common], help="LoRA on a 7B base end to end")
     scale.add_argument("--size", choices=["7b", "tiny"], default="7b")
     scale.add_argument("--steps", type=int, default=5)
@@ -183,6 +239,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    if a.bench == "_torch-worker":
+        return torch_worker(a)
     Path(a.dir).mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     about = finetune.machine(a.dir)
