@@ -22,6 +22,12 @@ NVML), peak GPU memory (allocated and reserved by torch; NVML's, which adds the 
 bytes per step, and the time to build, initialise and page-lock the state. ``--device cpu`` runs the same code
 on the CPU (the dry run of a small model: ``--hidden 256 --layers 2 ...``); exit status 3 means the budget ran
 out (an out-of-memory error on the GPU), 4 the host budget.
+
+``--lora-r R`` adapts the same model with a peft LoRA adapter of rank R (alpha 2R) on every linear layer
+instead: the base is frozen and streamed from host RAM like trainable weights (Note [frozen groups]), only the
+adapters have Adam state. Its model FLOPs count 4 * parameters per token (forward, and the gradients of the
+activations through the frozen weights; none for the weights themselves; the adapters' own are negligible)
+instead of 6.
 """
 
 from __future__ import annotations
@@ -86,6 +92,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                           "(default auto: RAM - 12 GiB)")
     run.add_argument("--nvme-dir", default=None, help="swap directory (default: a temporary directory)")
     run.add_argument("--prefetch", type=int, default=2)
+    run.add_argument("--lora-r", type=int, default=0,
+                     help="train a LoRA adapter of this rank on every linear layer (base frozen) instead")
     run.add_argument("--split-step", action="store_true",
                      help="backward(); step() after the last micro-batch instead of backward_step()")
     report = sub.add_parser("report", help="combine records into the JSON + markdown report")
@@ -108,7 +116,9 @@ def check_job_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     a.device_limit_bytes = parse_bytes("--device-limit", a.device_limit)
     if a.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here (use --device cpu for a dry run)")
-    a.label = a.label or f"{a.budget.replace(' ', '')}"
+    if getattr(a, "lora_r", 0) < 0:
+        ap.error(f"--lora-r: must be >= 0; got {a.lora_r}")
+    a.label = a.label or f"{a.budget.replace(' ', '')}" + (f"-lora{a.lora_r}" if getattr(a, "lora_r", 0) else "")
     from offload.cli.outputs import check_writable_dir
     from offload.errors import ConfigError
 
@@ -132,7 +142,8 @@ def summarise(record: dict, losses: list[float], step_s: list[float], warmup_ste
     record.update(status="ok", losses=losses, loss_first=losses[0], loss_last=losses[-1], step_s=timed,
                   step_s_median=statistics.median(timed), steps_timed=len(timed), timed_s=elapsed,
                   tokens_per_s=len(timed) * record["tokens_per_step"] / elapsed, peak_rss_bytes=rss_peak_bytes())
-    record["model_tflops"] = 6 * record["params"] * record["tokens_per_s"] / 1e12
+    flops = record.get("flops_per_param_token", 6)  # 4 for LoRA: no weight gradients of the frozen base
+    record["model_tflops"] = flops * record["params"] * record["tokens_per_s"] / 1e12
     record["mfu"] = record["model_tflops"] / record["matmul_tflops"]
     record_gpu_peaks(record, device)
 
@@ -206,6 +217,16 @@ class StepClock:
         return result
 
 
+def lora_wrap(model: torch.nn.Module, r: int) -> torch.nn.Module:
+    """``model`` with a peft LoRA adapter of rank ``r`` (alpha 2r) on every linear layer; ``model`` if r is 0."""
+    if not r:
+        return model
+    import peft
+
+    return peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear",
+                                                      lora_dropout=0.0))
+
+
 def train(a: argparse.Namespace, record: dict) -> None:
     import offload
     from transformers import LlamaForCausalLM
@@ -236,10 +257,14 @@ def train(a: argparse.Namespace, record: dict) -> None:
 
     start = time.perf_counter()
     torch.manual_seed(0)  # the weights of a normal build with this seed (the torch reference's, too)
-    model = offload.init_empty(lambda: LlamaForCausalLM(config))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
+    model = offload.init_empty(lambda: lora_wrap(LlamaForCausalLM(config), a.lora_r))
+    base = model.get_base_model() if a.lora_r else model
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.config.use_cache = False
     model.train()  # transformers checkpoints activations in training mode only
+    if a.lora_r:
+        record.update(lora_r=a.lora_r, flops_per_param_token=4,
+                      trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
     record["build_meta_s"] = time.perf_counter() - start
     cfg = offload.Config(device=device, dtype="bf16", params="cpu", optimizer="nvme", nvme_dir=nvme_dir,
                          host_memory_limit=limit, device_memory_limit=a.device_limit_bytes,

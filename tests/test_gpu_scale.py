@@ -96,3 +96,20 @@ def test_the_deepspeed_ratio_pairs_runs_of_the_same_model_budget_and_tokens():
     assert pair["params"] == 3.5e9 and pair["offload"] == "3B" and pair["budget_bytes"] == 24 << 30
     assert pair["ratio"] == pytest.approx(17000 / 11000)
     assert gpu_scale._deepspeed_pair(ours[:1], peers) is None
+
+
+def test_a_lora_dry_run_streams_a_base_four_times_the_device_limit(tmp_path):
+    """--lora-r: the base frozen and streamed (Note [frozen groups]) under a device limit a quarter of its
+    bf16 bytes; only the adapters train, and the model FLOPs count 4 per parameter and token."""
+    pytest.importorskip("peft", reason="the LoRA dry run needs peft (pip install 'offload[lora]')")
+    small = [x if x != "2" or i != SMALL.index("--layers") + 1 else "4" for i, x in enumerate(SMALL)]
+    small[small.index("--device-limit") + 1] = "115KiB"
+    rc = gpu_scale.main(["run", *small, "--lora-r", "4", "--steps", "4", "--lr", "3e-3", "--host-memory-limit",
+                         "none", "--out", str(tmp_path)])
+    assert rc == 0
+    record = json.loads((tmp_path / "run-24GiB-lora4.json").read_text())
+    assert record["status"] == "ok" and record["lora_r"] == 4 and record["loss_last"] < record["loss_first"]
+    assert 2 * record["params"] >= 4 * 115 * 1024  # the bf16 base is at least 4x the device limit
+    assert 0 < record["trainable_params"] < record["params"] / 10
+    assert record["mfu"] == pytest.approx(4 * record["params"] * record["tokens_per_s"] / 1e12
+                                          / record["matmul_tflops"])

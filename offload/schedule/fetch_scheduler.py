@@ -224,7 +224,7 @@ class FetchScheduler:
         once its trainable groups have their gradients (Note [frozen release in backward])."""
         fired = [False]
 
-        def on_grad(grad: torch.Tensor | None) -> None:
+        def on_grad() -> None:
             if not fired[0]:  # several outputs of one use: the first gradient is the signal
                 fired[0] = True
                 self._backward_use(needed)
@@ -235,15 +235,14 @@ class FetchScheduler:
         # groups go home when its gradient is complete (a tensor hook, Note [frozen release in backward]).
         # Autograd runs a node's tensor hooks before its own pre-hooks, so hooking the output's grad_fn here
         # makes that release come before this use's fetch: the two need not fit the device at once.
+        # An output without grad_fn (a leaf: a parameter returned as it is, or a result made to require a
+        # gradient after the fact, as transformers' enable_input_require_grads does to the embedding's) leads
+        # backward into no operation of this use: it has no backward use, nothing to fetch.
         nodes = set()
         for tensor in tensors:
-            if not tensor.requires_grad:
-                continue
-            if tensor.grad_fn is None:  # (a leaf returned as it is)
-                tensor.register_hook(on_grad)
-            elif tensor.grad_fn not in nodes:
+            if tensor.requires_grad and tensor.grad_fn is not None and tensor.grad_fn not in nodes:
                 nodes.add(tensor.grad_fn)
-                tensor.grad_fn.register_prehook(lambda grad_outputs: on_grad(None))
+                tensor.grad_fn.register_prehook(lambda grad_outputs: on_grad())
 
     # Note [backward release]: in backward a group goes home once every one of its parameters has received
     # its gradient in this backward (the post-accumulate-grad hooks, relayed through ``param_done``): no
