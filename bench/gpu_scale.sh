@@ -15,6 +15,9 @@
 #           out-of-memory killer (bench/results/gpu-scale-h200-2026-12-04-first);
 #   ours12  offload at a 12 GiB budget: 8x2048 tokens x 4 micro-batches, 1 + 2 timed steps;
 #   ds      DeepSpeed ZeRO-3 on the 7B (only when named);
+#   lora    offload, LoRA r=16 on every linear layer of the 7B, its bf16 base (13.5 GB) streamed from pinned RAM
+#           under a 3 GiB device limit (4.5x smaller), 16x2048 tokens x 2 micro-batches, 1 + 5 timed steps (only
+#           when named; needs peft and accelerate in .whl/: pip download --no-deps ... peft accelerate);
 # then the report (bench/gpu_scale.py report) over whatever records exist in OUT. DEADLINE_S (default 580)
 # bounds the command. Measured on an H200 (2026-12-04): initialising the 7B state takes ~2 min per offload run,
 # DeepSpeed is ready ~1 min after it starts. So within a 15-minute device lease: `tests ours24 torch` in one
@@ -80,10 +83,12 @@ for part in $parts; do
         [ "$(left)" -gt 120 ] && timeout -s INT "$(( $(left) - 10 ))" python3 bench/gpu_scale_torch.py \
             --micro-batch 16 --accum 2 --steps 4 --out "$out" $lr_args ${EXTRA_ARGS:-} 2>&1 \
             | grep -v -E "Warning|warnings.warn" | tee -a "$out/log.txt" ;;
+    lora)
+        [ "$(left)" -gt 150 ] && ours 24GiB 16 2 5 3GiB "$(( $(left) - 10 ))" "--lora-r 16" ;;
     tests)
         timeout 150 python3 -m pytest -q -m gpu tests/test_engine_cuda.py -k "backward_step or reads_outside or close_brings" -p no:cacheprovider \
             2>&1 | tail -5 | tee -a "$out/log.txt" ;;
-    *) echo "gpu_scale.sh: unknown part $part (tests, ours24, torch, half, ours12, ds)"; exit 2 ;;
+    *) echo "gpu_scale.sh: unknown part $part (tests, ours24, torch, half, ours12, ds, lora)"; exit 2 ;;
     esac
 done
 python3 bench/gpu_scale.py report $(ls "$out"/run-*.json "$out"/ds-*.json "$out"/torch-*.json 2>/dev/null) --out "$out" \
