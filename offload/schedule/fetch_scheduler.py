@@ -276,7 +276,7 @@ class FetchScheduler:
     # (Note [backward release]) never releases it. Its weights are read in backward by the nodes of its use:
     # those on the way from the use's output to its inputs (e.g. x @ W for the gradient of x) and those on
     # the way to the use's trainable parameters (e.g. a LoRA adapter's, or a weight-only branch such as a
-    # norm of W + BA). Once the gradients of every input that needs one are complete (a multi-grad hook on
+    # norm of W + BA). Once the gradients of every input that needs one are complete (a hook on each of
     # them) and the use's trainable groups have all their gradients, none of those nodes is left to run, and
     # the frozen group goes home. A use whose inputs need no gradient (the first block after a frozen
     # embedding) waits for its trainable groups only; one with neither has no backward. A frozen group
@@ -285,11 +285,24 @@ class FetchScheduler:
     def _signal_when_past(self, needed: tuple[int, ...], inputs: object) -> bool:
         """Registers the release of the use's frozen groups for when the gradients of its ``inputs`` (a
         pytree) are complete; False if none of them needs a gradient."""
-        tensors = [t for t in _pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor) and t.requires_grad]
+        tensors = list({id(t): t for t in _pytree.tree_leaves(inputs)
+                        if isinstance(t, torch.Tensor) and t.requires_grad}.values())
         if not tensors:
             return False
-        torch.autograd.graph.register_multi_grad_hook(
-            tensors, lambda grads: self._frozen_use_past(needed, inputs_done=True), mode="all")
+        # One tensor hook each and a count, holding nothing of the graph. (torch's register_multi_grad_hook
+        # keeps the tensors' grad_fn nodes in the hooks it puts on those same tensors: a cycle through C++
+        # that Python's collector cannot break, so every step's graph and activations stayed alive.) An input
+        # whose gradient backward does not compute leaves the count above zero: the frozen groups then stay
+        # to the end of backward.
+        left = [len(tensors)]
+
+        def on_input_grad(grad: torch.Tensor) -> None:
+            left[0] -= 1
+            if left[0] == 0:
+                self._frozen_use_past(needed, inputs_done=True)
+
+        for tensor in tensors:
+            tensor.register_hook(on_input_grad)
         return True
 
     def _frozen_use_past(self, needed: tuple[int, ...], inputs_done: bool = False) -> None:
