@@ -486,22 +486,33 @@ def write_record(out: str, name: str, record: dict, table: str, command: str) ->
         f"raw records: `{name}.json`\n\n{table}\n")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[2:]),
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="bench", required=True)
+def common_args(default_dir: str) -> argparse.ArgumentParser:
+    """The flags every benchmark of this script (and of bench/lora.py) takes, as a parent parser."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--dir", default="/tmp/offload-bench-finetune", help="scratch directory (models, swap)")
+    common.add_argument("--dir", default=default_dir, help="scratch directory (models, swap)")
     common.add_argument("--out", help="write <bench>.json and <bench>.md records into this directory")
     common.add_argument("--threads", type=int, default=2)
     common.add_argument("--keep", action="store_true", help="keep the big files under --dir")
     common.add_argument("--name", help="the records' file name (default: the benchmark's)")
-    step = sub.add_parser("step", parents=[common], help="offload train vs pre-tokenized training, interleaved")
+    return common
+
+
+def add_step_args(step: argparse.ArgumentParser) -> None:
+    """The flags of an interleaved step benchmark: model size, rounds, warm-up and measured steps, tokens."""
     step.add_argument("--size", choices=["300m", "tiny"], default="300m")
     step.add_argument("--rounds", type=int, default=5)
     step.add_argument("--warmup", type=int, default=2)
     step.add_argument("--steps", type=int, default=4, help="measured steps per run")
     step.add_argument("--seq", type=int, default=512)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[2:]),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="bench", required=True)
+    common = common_args("/tmp/offload-bench-finetune")
+    add_step_args(sub.add_parser("step", parents=[common], help="offload train vs pre-tokenized training, "
+                                                                  "interleaved"))
     tok = sub.add_parser("tokenize", parents=[common], help="tokenizing a large JSONL file")
     tok.add_argument("--size", choices=["300m", "tiny"], default="300m", help="whose tokenizer")
     tok.add_argument("--mb", type=float, default=1000)

@@ -18,6 +18,7 @@ pytest.importorskip("peft", reason="LoRA training needs peft (pip install 'offlo
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 
 import hf_model_dir  # noqa: E402
+from test_finetune_cli import _one_error  # noqa: E402  (one definition of a CLI run that failed on one line)
 
 FAST = ["--batch", "4", "--seq-len", "32", "--no-sample", "--log-every", "1", "--dtype", "fp32"]
 LINEAR_NAMES = "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head"
@@ -54,12 +55,6 @@ def _train(tmp_path: Path, *flags: str, check: bool = True, without_peft: bool =
     return done
 
 
-def _one_error(done: subprocess.CompletedProcess) -> str:
-    assert done.returncode == 1, done.stdout[-2000:]
-    assert "Traceback" not in done.stderr and "step=" not in done.stdout
-    lines = [line for line in done.stderr.splitlines() if line.startswith("offload train: error:")]
-    assert len(lines) == 1, done.stderr[-2000:]
-    return lines[0]
 
 
 def _base(model_dir: Path):

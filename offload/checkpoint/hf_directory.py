@@ -323,3 +323,19 @@ def _fsync_tree(root: Path) -> None:
             fsync_dir(Path(directory))
         except OSError as e:
             raise OSError(e.errno, f"fsync of {directory}: {e.strerror}", directory) from None
+
+
+def write_small_files(directory: StagedDirectory, hf_config, generation_config, tokenizer,
+                      extra: dict[str, bytes]) -> None:
+    """A model directory's files beside its weights, into ``directory``'s staging: ``config.json`` (from
+    ``hf_config``), the generation config, the tokenizer's files and ``extra`` (name -> bytes); each None (or
+    empty) is left out."""
+    staging = str(directory.path)
+    if hf_config is not None:
+        hf_config.save_pretrained(staging)
+    if generation_config is not None:
+        generation_config.save_pretrained(staging)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
+    for name, data in extra.items():
+        directory.write_file(name, data)

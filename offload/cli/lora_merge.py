@@ -27,7 +27,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from offload.checkpoint.hf_directory import INDEX_FILE, ShardWriter, StagedDirectory, parse_max_shard_size, plan_shards
+from offload.checkpoint.hf_directory import (INDEX_FILE, ShardWriter, StagedDirectory, parse_max_shard_size, plan_shards,
+                                             write_small_files)
 from offload.cli.lora import ADAPTER
 from offload.errors import ConfigError
 from offload.storage.io_engine import IoEngine
@@ -198,16 +199,11 @@ def _write_small_files(directory: StagedDirectory, base: nn.Module, dtype: torch
                        generation_config: Any, extra_files: dict[str, bytes]) -> None:
     """config.json (the base model's, with the written dtype and architecture, as save_pretrained sets them),
     the generation config, the tokenizer and ``extra_files``."""
-    staging = str(directory.path)
     config = getattr(base, "config", None)
     if config is not None and hasattr(config, "save_pretrained"):
         config = copy.deepcopy(config)
         config.dtype = str(dtype).removeprefix("torch.")
         config.architectures = [type(base).__name__]
-        config.save_pretrained(staging)
-    if generation_config is not None:
-        generation_config.save_pretrained(staging)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(staging)
-    for name, data in extra_files.items():
-        directory.write_file(name, data)
+    else:
+        config = None
+    write_small_files(directory, config, generation_config, tokenizer, extra_files)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from offload.checkpoint.hf_directory import (INDEX_FILE, ShardPlan, ShardWriter, StagedDirectory, parse_max_shard_size,
-                                             plan_shards)
+                                             plan_shards, write_small_files)
 from offload.checkpoint.tensor_file import DTYPE_NAMES
 from offload.engine.checkpoint_load import other_tensors
 from offload.errors import ConfigError
@@ -182,15 +182,7 @@ class _Output:
 
     def write_small_files(self, hf_config: Any, generation_config: Any, tokenizer: Any,
                           extra: dict[str, bytes]) -> None:
-        staging = str(self.directory.path)
-        if hf_config is not None:
-            hf_config.save_pretrained(staging)
-        if generation_config is not None:
-            generation_config.save_pretrained(staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        for name, data in extra.items():
-            self.directory.write_file(name, data)
+        write_small_files(self.directory, hf_config, generation_config, tokenizer, extra)
 
     def open_weights(self) -> None:
         """Creates (and preallocates) every shard file, and the index when there are several."""
