@@ -82,7 +82,8 @@ def _apply(state: TrainingState, plan: checkpoint_meta.LoadPlan, scaler: Any, re
         state.param_steps[g] = [plan.param_steps[slot.name] for slot in group.slots]
     state.scaler = scaler
     for group, saved in zip(state.param_groups, plan.hyper):
-        group.update({"lr": saved.lr, "betas": saved.betas, "eps": saved.eps, "weight_decay": saved.weight_decay})
+        group.update({"lr": saved.lr, "betas": saved.betas, "eps": saved.eps, "weight_decay": saved.weight_decay,
+                      **saved.scheduler_keys})
     if restore_rng:
         _restore_rng(plan)
 

@@ -18,7 +18,7 @@ import json
 import math
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,8 @@ class HyperParams:
     betas: tuple[float, float]
     eps: float
     weight_decay: float
+    # the other numbers kept in the group (an lr scheduler's: initial_lr, max_lr, ...), restored as they are
+    scheduler_keys: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -140,9 +142,11 @@ def _hyper(path: Path, groups: Any, group_names: list[list[str]]) -> list[HyperP
         betas = fields.child("betas")
         if not isinstance(betas, list) or len(betas) != 2:
             fields.fail(f"betas: expected two numbers, got {betas!r}")
+        others = {key: _number(path, f"param_groups[{i}].{key}", value, -math.inf) for key, value in group.items()
+                  if key not in ("names", "lr", "betas", "eps", "weight_decay")}
         out.append(HyperParams(tuple(names), fields.number("lr"),
                                tuple(_number(path, f"param_groups[{i}].betas", b) for b in betas),
-                               fields.number("eps"), fields.number("weight_decay")))
+                               fields.number("eps"), fields.number("weight_decay"), others))
     if [sorted(h.names) for h in out] != [sorted(names) for names in group_names]:
         raise CheckpointError(f"{path}: param_groups: the parameter groups differ from the engine's "
                               f"({len(out)} saved, {len(group_names)} now, or other members)")

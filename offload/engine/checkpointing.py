@@ -29,6 +29,7 @@ import base64
 import dataclasses
 import json
 import logging
+import math
 import random
 import sys
 import time
@@ -276,14 +277,30 @@ def _meta(state: TrainingState, keys: list[list[str]], extra: dict[str, Any]) ->
         "param_steps": {slot.name: state.param_steps[g][i] for g, group in enumerate(state.groups)
                         for i, slot in enumerate(group.slots)},
         "loss_scaler": state.scaler.state_dict(),
-        "param_groups": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items()}
-                         for group in state.param_groups],
+        "param_groups": [_group_meta(group) for group in state.param_groups],
         "config": dataclasses.asdict(state.config),
         "state_dict_keys": keys,
         FINGERPRINT_KEY: frozen_fingerprint(state),
         "rng": _rng_states(),
         "extra": extra,
     }
+
+
+def _group_meta(group: dict[str, Any]) -> dict[str, Any]:
+    """A param group as meta.json keeps it: names, hyper-parameters, and the numbers an lr scheduler keeps in
+    the group (``initial_lr``, ``max_lr``...: a scheduler built after ``load`` starts from them, as after
+    torch's ``optimizer.load_state_dict``). Other values are not JSON and are left out."""
+    out: dict[str, Any] = {"names": list(group["names"])}
+    for key, value in group.items():
+        if key in ("params", "names"):
+            continue
+        if key == "betas":
+            out[key] = [float(b) for b in value]
+        elif isinstance(value, torch.Tensor) and value.numel() == 1:
+            out[key] = value.item()
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[key] = value
+    return out
 
 
 def _hf_config_json(model: torch.nn.Module) -> str | None:

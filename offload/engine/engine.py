@@ -26,7 +26,7 @@ from offload.exit_signals import terminate_on_signals
 from offload.layout.flat_group import FlatGroup, build_flat_group
 from offload.layout.meta_init import materializers_for
 from offload.layout.partition import ModelPartition, partition_model
-from offload.optim.hyper import resolve_param_groups
+from offload.optim.hyper import resolve_param_groups, validated_hyper
 from offload.optim.loss_scale import LossScaler
 from offload.ranks import Ranks
 from offload.schedule.weights import Weights
@@ -69,9 +69,7 @@ class Engine:
         self.config = config = config if config is not None else Config()
         if not isinstance(config, Config):
             raise ConfigError(f"config: expected an offload.Config; got {type(config).__name__}")
-        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and
-                                              math.isfinite(max_grad_norm) and max_grad_norm > 0):
-            raise ConfigError(f"max_grad_norm: expected None or a positive number; got {max_grad_norm!r}")
+        _check_max_grad_norm(max_grad_norm)
         self.model = model
         self.device = torch.device(config.device)
         try:
@@ -86,6 +84,7 @@ class Engine:
             raise ConfigError("model: it has no trainable parameters (every parameter has requires_grad=False)")
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         self.param_groups, hyper_of = resolve_param_groups(model, trainable, param_groups, defaults)
+        self._defaults = validated_hyper("", defaults)  # (engine.optimizer's defaults)
         self.groups = [build_flat_group(i, spec, hyper_of, ranks.rank, ranks.world)
                        for i, spec in enumerate(partition.groups)]
         self.frozen_groups, resident_frozen = _frozen_groups(partition, config, ranks, len(self.groups))
@@ -121,6 +120,8 @@ class Engine:
         # An engine dropped without close() still removes its hooks and swap files (the hooks hold the
         # gradient stream, not the engine, so the engine can be collected).
         self._finalizer = weakref.finalize(self, parts.release)
+
+    _optimizer_view = None  # engine.optimizer, made on first use (Note [the optimizer view], optimizer_view.py)
 
     # ---- the parts a caller may look at ---------------------------------------------------------------------
 
@@ -192,7 +193,9 @@ class Engine:
         [overlapped step]); ``StepInfo.overlapped`` is then True and the Adam / I/O times of the step are
         added to ``engine.stats()`` when it completes. The result is the same either way."""
         self._check_usable("a step")
-        return self._runner.step()
+        info = self._runner.step()
+        self._mark_step_taken()
+        return info
 
     def backward_step(self, loss: torch.Tensor) -> StepInfo:
         """``backward(loss)`` then ``step()`` in one call, with the same result. When no group's update depends
@@ -210,7 +213,34 @@ class Engine:
         loss = self._checked_loss(loss)
         # (the runner joins the last step first, then runs the backward with its queue of updates in flight:
         # a backward that joined what is in flight would wait for that queue, Note [updates during backward])
-        return self._runner.backward_step(lambda: self._backward(loss))
+        info = self._runner.backward_step(lambda: self._backward(loss))
+        self._mark_step_taken()
+        return info
+
+    def zero_grad(self) -> None:
+        """Drops the gradients accumulated by ``backward`` since the last step (a step starts a new
+        accumulation by itself, so after one this does nothing)."""
+        self._check_usable("zero_grad")
+        self._runner.drop_gradients()
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """A ``torch.optim.Optimizer`` view of the engine (``offload.engine.optimizer_view``): its
+        ``param_groups`` are the engine's, so any ``torch.optim.lr_scheduler`` attached to it drives every
+        group's learning rate; ``step()`` and ``zero_grad()`` are the engine's; ``state_dict()`` gives the Adam
+        state in torch.optim.AdamW's format. The same object for the life of the engine."""
+        from offload.engine.optimizer_view import EngineOptimizer
+
+        if self._optimizer_view is None:
+            self._optimizer_view = EngineOptimizer(self, dict(self._defaults))
+        return self._optimizer_view
+
+    def _mark_step_taken(self) -> None:
+        # torch's lr schedulers warn when they step before their optimizer did, and learn that it did from an
+        # ``_opt_called`` flag on the optimizer (set by the wrapper they put on its step()): a loop that calls
+        # engine.step() rather than engine.optimizer.step() stepped the optimizer too.
+        if self._optimizer_view is not None:
+            self._optimizer_view._opt_called = True
 
     @property
     def lr(self) -> float:
@@ -325,6 +355,12 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_max_grad_norm(max_grad_norm: Any) -> None:
+    if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and
+                                          math.isfinite(max_grad_norm) and max_grad_norm > 0):
+        raise ConfigError(f"max_grad_norm: expected None or a positive number; got {max_grad_norm!r}")
 
 
 def _frozen_groups(partition: ModelPartition, config: Config, ranks: Ranks, first_index: int

@@ -23,6 +23,7 @@ from offload.engine.types import StepInfo
 from offload.layout.flat_group import shard_spans
 from offload.optim.background_step import BackgroundStep
 from offload.optim.group_stepper import GroupUpdate, Segment, StepCounters
+from offload.optim.hyper import step_hyper
 from offload.optim.state_store import FP32_BYTES, GroupState, StatePlacement
 from offload.optim.update_queue import UpdateQueue
 from offload.timeline import Timeline
@@ -78,6 +79,10 @@ class UpdateRunner:
         self.fp16 = state.config.torch_dtype == torch.float16
         self.totals = UpdateTotals()
         self.arrival_order: list[int] = []  # groups in the order the last backward_step submitted them
+        # the param groups' hyper-parameters as the step being built uses them: read (and checked) once when
+        # step() or backward_step() is called, so the values in force at that call are the step's, also for
+        # updates that run later, overlapping the next forward (Note [overlapped step])
+        self.hyper: list[dict] = []
 
     # ---- the optimizer step --------------------------------------------------------------------------------
 
@@ -85,6 +90,7 @@ class UpdateRunner:
         """engine.step(): see its docstring."""
         state, grads = self.state, self.parts.grads
         self.sync(keep_read_ahead=True)
+        self.hyper = step_hyper(state.param_groups)  # (raises before anything changes)
         start = time.perf_counter()
         grads.finish()
         if not grads.any_received():
@@ -144,6 +150,15 @@ class UpdateRunner:
                         grad_bytes_to_host=grad_bytes, groups_on_nvme=counters.groups_on_nvme,
                         overlapped=overlapped)
 
+    def drop_gradients(self) -> None:
+        """engine.zero_grad(): the gradients accumulated since the last step are forgotten (the next backward's
+        overwrite the accumulators)."""
+        self.sync(keep_read_ahead=True)  # (a step in flight still reads the accumulators)
+        grads = self.parts.grads
+        if grads.any_received():
+            grads.finish()
+            grads.reset()
+
     # ---- updates during backward (Note [updates during backward], above) -------------------------------------
 
     def can_update_during_backward(self) -> bool:
@@ -155,6 +170,7 @@ class UpdateRunner:
         """Runs ``backward`` (the engine's backward of the loss) with each group's update submitted as soon as
         its gradients are complete; returns the step's record. Requires ``can_update_during_backward``."""
         self.sync(keep_read_ahead=True)
+        self.hyper = step_hyper(self.state.param_groups)  # (the values in force now; raises before the backward)
         start = time.perf_counter()
         offloaded = self.parts.offloaded
         expect_next = self._expected_next()
@@ -368,7 +384,7 @@ class UpdateRunner:
             if not received[i]:
                 continue
             step = self.state.param_steps[g][i] + 1
-            hyper = self.state.param_groups[slot.hyper_index]
+            hyper = self.hyper[slot.hyper_index]
             last = segments[-1] if segments else None
             contiguous = last is not None and received[i - 1] and group.slots[i - 1].hyper_index == slot.hyper_index
             if contiguous and last.step == step:

@@ -13,7 +13,9 @@ from offload.optim.cpu_adam import _check_hyper
 HYPER_KEYS = ("lr", "betas", "eps", "weight_decay")
 
 
-def _validated(where: str, values: dict[str, Any]) -> dict[str, Any]:
+def validated_hyper(where: str, values: dict[str, Any]) -> dict[str, Any]:
+    """``values``' lr, betas, eps and weight_decay as floats (betas a tuple); raises ConfigError naming
+    ``where`` + the field for a value torch would reject."""
     betas = values["betas"]
     try:
         beta1, beta2 = (float(b) for b in betas)
@@ -31,7 +33,8 @@ def _validated(where: str, values: dict[str, Any]) -> dict[str, Any]:
 def resolve_param_groups(model: nn.Module, trainable: list[tuple[str, nn.Parameter]],
                          param_groups: list[dict[str, Any]] | None,
                          defaults: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[int, int]]:
-    """The hyper-parameter groups (dicts with ``lr``, ``betas``, ``eps``, ``weight_decay`` and ``names``) and
+    """The hyper-parameter groups (dicts with ``lr``, ``betas``, ``eps``, ``weight_decay``, ``names`` and
+    ``params``, the parameters under those names: torch's ``param_groups`` layout, see optimizer_view.py) and
     for every trainable parameter (by ``id``) the index of its group.
 
     Entries of ``param_groups`` name their parameters as tensors of ``model`` or by qualified name; keys they
@@ -39,7 +42,7 @@ def resolve_param_groups(model: nn.Module, trainable: list[tuple[str, nn.Paramet
     Engine's arguments. A parameter listed twice, a tensor that is not a trainable parameter of the model, or an
     unknown key raise :class:`ConfigError`.
     """
-    base = _validated("", defaults)
+    base = validated_hyper("", defaults)
     by_name = dict(trainable)
     by_id = {id(p): name for name, p in trainable}
     frozen = {id(p) for p in model.parameters() if not p.requires_grad}
@@ -56,7 +59,7 @@ def resolve_param_groups(model: nn.Module, trainable: list[tuple[str, nn.Paramet
                 close = difflib.get_close_matches(key, HYPER_KEYS, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise ConfigError(f"{where}{key}: unknown key; accepted: params, {', '.join(HYPER_KEYS)}{hint}")
-        hyper = _validated(where, {**base, **{k: v for k, v in entry.items() if k != "params"}})
+        hyper = validated_hyper(where, {**base, **{k: v for k, v in entry.items() if k != "params"}})
         names = []
         for item in entry["params"]:
             if (item in frozen_names) if isinstance(item, str) else (id(item) in frozen):
@@ -69,10 +72,16 @@ def resolve_param_groups(model: nn.Module, trainable: list[tuple[str, nn.Paramet
                 raise ConfigError(f"{where}params: parameter {name!r} appears in more than one group")
             index_of[id(by_name[name])] = len(groups)
             names.append(name)
-        groups.append({**hyper, "names": names})
+        groups.append({**hyper, "names": names, "params": [by_name[n] for n in names]})
     rest = [name for name, p in trainable if id(p) not in index_of]
     if rest or not groups:
         for name in rest:
             index_of[id(by_name[name])] = len(groups)
-        groups.append({**base, "names": rest})
+        groups.append({**base, "names": rest, "params": [by_name[n] for n in rest]})
     return groups, index_of
+
+
+def step_hyper(param_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each group's hyper-parameters as a step uses them (floats), read once per step: whatever set them (a
+    scheduler, ``engine.lr``, a callback) is checked here, before any update, with the group named."""
+    return [validated_hyper(f"engine.optimizer.param_groups[{k}].", group) for k, group in enumerate(param_groups)]
