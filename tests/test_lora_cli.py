@@ -151,7 +151,7 @@ def test_save_adapter_and_save_merged_from_one_engine_match_peft(tmp_path, model
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from offload.cli.lora_adapter import save_adapter
+    from offload.engine.peft_adapter import save_adapter
     from offload.cli.lora_merge import save_merged
 
     torch.manual_seed(0)

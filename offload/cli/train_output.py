@@ -1,6 +1,6 @@
 """Saver: what an `offload train` job writes as it goes: checkpoints (``--checkpoint-dir``, to resume exactly)
 and the Hugging Face model directory (``--output``, to use the model), each every N steps and at the end. A LoRA
-run's ``--output`` is a peft adapter directory (lora_adapter.py), or with ``--merge-lora`` the merged model
+run's ``--output`` is a peft adapter directory (offload/engine/peft_adapter.py), or with ``--merge-lora`` the merged model
 (lora_merge.py).
 
 The model directory also holds ``offload_run.json``: which model and data it came from, at which step, with
@@ -19,7 +19,7 @@ import torch
 
 from offload.cli.launch import Launch
 from offload.cli.lora import base_model_name
-from offload.cli.lora_adapter import save_adapter
+from offload.engine.peft_adapter import save_adapter
 from offload.cli.lora_merge import save_merged
 from offload.cli.model_source import ModelSource
 from offload.cli.outputs import check_writable_dir
