@@ -1,0 +1,1 @@
+"""Integrations with training frameworks: ``offload.integrations.hf.OffloadTrainer`` (Hugging Face Trainer)."""
