@@ -49,13 +49,14 @@ from offload.integrations.hf_arguments import check_arguments, engine_kwargs, re
 log = logging.getLogger("offload")
 
 ENGINE_CHECKPOINT = "offload"  # the engine's checkpoint inside checkpoint-N
+# the Trainer's methods overridden below: a transformers without one of them would run its own code there
 _OVERRIDDEN = ("training_step", "create_optimizer", "create_accelerator_and_postprocess", "_move_model_to_device",
                "_clip_grad_norm", "_get_grad_norm", "_maybe_log_save_evaluate", "_save_optimizer_and_scheduler",
                "_load_from_checkpoint", "_load_optimizer_and_scheduler", "_load_best_model", "save_model")
 _missing = [name for name in _OVERRIDDEN if not hasattr(Trainer, name)]
 if _missing:
     raise ImportError(f"offload.integrations.hf: transformers {transformers.__version__}'s Trainer has no "
-                      f"{', '.join(_missing)}; OffloadTrainer supports transformers 4.56 to 5.x")
+                      f"{', '.join(_missing)}, which OffloadTrainer replaces; it is tested with transformers 5.25")
 
 
 class OffloadTrainer(Trainer):
