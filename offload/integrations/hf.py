@@ -24,6 +24,7 @@ methods overridden here are checked to exist at import, so an incompatible trans
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import os
 import shutil
@@ -148,8 +149,6 @@ class OffloadTrainer(Trainer):
             _write_beside(Path(output_dir), self._write_model)
 
     def _write_model(self, directory: Path, overwrite: bool) -> None:
-        import io
-
         buffer = io.BytesIO()
         torch.save(self.args, buffer)
         extra = {TRAINING_ARGS_NAME: buffer.getvalue()}
