@@ -3,6 +3,7 @@ ids cut from a text file (by default the text that ships with offload)."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
@@ -11,6 +12,18 @@ import transformers
 import offload
 
 CORPUS = Path(offload.__file__).parent / "data" / "corpus.txt"
+
+
+def arguments(description: str) -> argparse.ArgumentParser:
+    """The flags both examples take."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--model", help="a Hugging Face model directory (default: a small Llama built here)")
+    ap.add_argument("--data", help="a UTF-8 text file (default: the text that ships with offload)")
+    ap.add_argument("--nvme-dir", help="swap directory for parameters and optimizer state (default: a temp dir)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--out", help="write the fine-tuned model here (a Hugging Face model directory)")
+    return ap
 
 
 def load_model(model_dir: str | None) -> tuple[torch.nn.Module, object | None]:

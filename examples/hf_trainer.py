@@ -11,25 +11,18 @@ logging, evaluation, checkpoints and ``resume_from_checkpoint``) mean what they 
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 
 from transformers import TrainingArguments
 
 import offload
-from common import load_model, token_blocks
+from common import arguments, load_model, token_blocks
 from offload.integrations.hf import OffloadTrainer  # offload: was from transformers import Trainer
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    ap.add_argument("--model", help="a Hugging Face model directory (default: a small Llama built here)")
-    ap.add_argument("--data", help="a UTF-8 text file (default: the text that ships with offload)")
-    ap.add_argument("--nvme-dir", help="swap directory for parameters and optimizer state (default: a temp dir)")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--seq-len", type=int, default=128)
+    ap = arguments(__doc__.splitlines()[1])
     ap.add_argument("--run-dir", default="trainer-run", help="the Trainer's output_dir (logs, checkpoints)")
-    ap.add_argument("--out", help="write the fine-tuned model here (a Hugging Face model directory)")
     a = ap.parse_args()
 
     model, tokenizer = load_model(a.model)

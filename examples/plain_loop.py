@@ -11,26 +11,19 @@ and the backward is ``engine.backward(loss)``. The result is the same trajectory
 
 from __future__ import annotations
 
-import argparse
 import math
 import tempfile
 
 import torch
 
 import offload
-from common import load_model, token_blocks
+from common import arguments, load_model, token_blocks
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    ap.add_argument("--model", help="a Hugging Face model directory (default: a small Llama built here)")
-    ap.add_argument("--data", help="a UTF-8 text file (default: the text that ships with offload)")
-    ap.add_argument("--nvme-dir", help="swap directory for parameters and optimizer state (default: a temp dir)")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--seq-len", type=int, default=128)
+    ap = arguments(__doc__.splitlines()[1])
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--out", help="write the fine-tuned model here (a Hugging Face model directory)")
     a = ap.parse_args()
 
     model, tokenizer = load_model(a.model)
