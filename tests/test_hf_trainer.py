@@ -156,6 +156,10 @@ def test_bf16_in_the_arguments_is_the_engines_compute_dtype(tmp_path):
     ({"bf16": True}, {}, r"TrainingArguments.bf16=True with offload_config.dtype='fp32'"),
     ({"bf16_full_eval": True}, {}, r"TrainingArguments.bf16_full_eval=True"),
     ({}, {"model_init": tiny_llama}, r"model_init: the engine is built over one model"),
+    ({"push_to_hub": True}, {}, r"TrainingArguments.push_to_hub=True"),
+    ({"auto_find_batch_size": True}, {}, r"TrainingArguments.auto_find_batch_size=True"),
+    ({"load_best_model_at_end": True, "save_only_model": True, "eval_strategy": "steps", "save_strategy": "steps"},
+     {}, r"load_best_model_at_end with save_only_model"),
     ({}, {"optimizers": (torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), None)},
      r"optimizers / optimizer_cls_and_kwargs"),
 ])

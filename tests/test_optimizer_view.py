@@ -240,6 +240,7 @@ def test_load_state_dict_checks_everything_before_changing_anything():
             (bad(lambda sd: sd["param_groups"][0].__setitem__("amsgrad", True)), "amsgrad=True is not supported"),
             (bad(lambda sd: sd["param_groups"][0].__setitem__("lr", -1.0)), "Invalid learning rate: -1.0"),
             (bad(lambda sd: sd["state"].__setitem__(99, sd["state"][0])), "state.99. belongs to no parameter"),
+            (bad(lambda sd: sd["param_groups"][0]["params"].__setitem__(1, 0)), "lists parameter 0 a second time"),
             ({"state": {}}, "expected a dict with 'state' and 'param_groups'"),
         ]
         for sd, match in cases:
@@ -251,8 +252,8 @@ def test_load_state_dict_checks_everything_before_changing_anything():
 
 
 def test_engine_save_keeps_what_a_scheduler_put_in_the_groups(tmp_path):
-    """A scheduler built after engine.load continues from the saved initial_lr, as after torch's
-    optimizer.load_state_dict: the resumed run has the straight run's learning rates."""
+    """torch's resume order (build the optimizer and the scheduler, load the optimizer's state, then the
+    scheduler's) continues the straight run: engine.load restores lr and the scheduler's keys (initial_lr)."""
     data = batches("mlp", 6, micro=1)
     lrs = {}
     for run in ("straight", "resumed"):
@@ -263,25 +264,35 @@ def test_engine_save_keeps_what_a_scheduler_put_in_the_groups(tmp_path):
             for i, step in enumerate(data):
                 if run == "resumed" and i == 3:
                     engine.save(tmp_path / "ckpt")
+                    saved_scheduler = scheduler.state_dict()
                     engine.close()
-                    model = mlp(seed=5)  # other weights: the checkpoint brings them back
+                    model = mlp(seed=5)  # other weights and another lr: the checkpoint brings them back
                     engine = offload.Engine(model, offload.Config(device="cpu", dtype="fp32"), lr=123.0)
+                    scheduler = lambda_warmup(engine.optimizer)
                     engine.load(tmp_path / "ckpt")
                     assert engine.param_groups[0]["initial_lr"] == LR
-                    scheduler = lambda_warmup(engine.optimizer)
                     scheduler.load_state_dict(saved_scheduler)
-                    engine.lr = saved_lr  # (what the checkpoint restored and building the scheduler reset)
                 lrs[run].append(engine.lr)
                 engine.backward(loss_of("mlp", engine, step[0]))
                 engine.optimizer.step()
                 scheduler.step()
-                if run == "resumed" and i == 2:
-                    saved_scheduler, saved_lr = scheduler.state_dict(), engine.lr
             final = engine.state_dict()
             engine.close()
         lrs[run + "_final"] = final
     assert lrs["straight"] == lrs["resumed"]
     assert all(torch.equal(lrs["straight_final"][k], lrs["resumed_final"][k]) for k in lrs["straight_final"])
+
+
+def test_zero_grad_right_after_a_step_does_not_wait_for_the_overlapped_update(tmp_path):
+    config = offload.Config(device="cpu", dtype="fp32", params="nvme", optimizer="nvme", nvme_dir=tmp_path)
+    data = batches("mlp", 2, micro=1)
+    with offload.Engine(mlp(), config, lr=LR) as engine:
+        for step in data:
+            engine.backward(loss_of("mlp", engine, step[0]))
+            engine.optimizer.step()
+            engine.optimizer.zero_grad()
+            assert engine.optimizer.last_step.overlapped
+            assert engine._parts.inflight is not None  # (still running: zero_grad had nothing to drop)
 
 
 def test_several_ranks_point_to_engine_save():

@@ -288,17 +288,19 @@ def _meta(state: TrainingState, keys: list[list[str]], extra: dict[str, Any]) ->
 
 def _group_meta(group: dict[str, Any]) -> dict[str, Any]:
     """A param group as meta.json keeps it: names, hyper-parameters, and the numbers an lr scheduler keeps in
-    the group (``initial_lr``, ``max_lr``...: a scheduler built after ``load`` starts from them, as after
-    torch's ``optimizer.load_state_dict``). Other values are not JSON and are left out."""
+    the group (``initial_lr``, ``max_lr``...), restored by ``load`` as torch's ``optimizer.load_state_dict``
+    restores them: a scheduler built before ``load`` whose ``load_state_dict`` follows continues where it was.
+    Other values are not JSON and are left out."""
     out: dict[str, Any] = {"names": list(group["names"])}
     for key, value in group.items():
         if key in ("params", "names"):
             continue
         if key == "betas":
             out[key] = [float(b) for b in value]
-        elif isinstance(value, torch.Tensor) and value.numel() == 1:
-            out[key] = value.item()
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            continue
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+            value = value.item()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             out[key] = value
     return out
 

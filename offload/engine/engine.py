@@ -218,8 +218,8 @@ class Engine:
         return info
 
     def zero_grad(self) -> None:
-        """Drops the gradients accumulated by ``backward`` since the last step (a step starts a new
-        accumulation by itself, so after one this does nothing)."""
+        """Drops the gradients accumulated by ``backward`` since the last step. A step starts a new accumulation
+        by itself, so right after one this does nothing (and does not wait for the update in flight)."""
         self._check_usable("zero_grad")
         self._runner.drop_gradients()
 

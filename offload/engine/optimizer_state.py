@@ -114,6 +114,8 @@ def _checked(state: TrainingState, state_dict: Any) -> tuple[list[dict[str, Any]
             if key not in saved:
                 raise ValueError(f"{where}: param_groups[{k}] has no {key!r}")
         for saved_id in params:
+            if saved_id in index_of:
+                raise ValueError(f"{where}: param_groups[{k}] lists parameter {saved_id!r} a second time")
             index_of[saved_id] = len(index_of)
     if not isinstance(saved_state, dict):
         raise ValueError(f"{where}: 'state' must be a dict, got {type(saved_state).__name__}")
@@ -154,7 +156,8 @@ def load_state_dict(state: TrainingState, state_dict: dict[str, Any]) -> None:
     for index, (g, i) in enumerate(_slots(state)):
         if index in by_index:
             entries[(g, i)] = by_index[index]
-    state.grads.reset()  # (gradients accumulated before the load belong to the state it replaces)
+    state.grads.finish()  # (gradients accumulated before the load belong to the state it replaces: copies in
+    state.grads.reset()   # flight land first, then are forgotten)
     try:
         state.quiesce()
         for gstate in state.store.states:

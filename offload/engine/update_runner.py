@@ -152,12 +152,11 @@ class UpdateRunner:
 
     def drop_gradients(self) -> None:
         """engine.zero_grad(): the gradients accumulated since the last step are forgotten (the next backward's
-        overwrite the accumulators)."""
-        self.sync(keep_read_ahead=True)  # (a step in flight still reads the accumulators)
-        grads = self.parts.grads
-        if grads.any_received():
-            grads.finish()
-            grads.reset()
+        overwrite the accumulators). Right after a step there are none (it started a new accumulation), and an
+        update still overlapping the next forward is not waited for; once a backward ran, it has joined it."""
+        if self.parts.grads.any_received():
+            self.parts.grads.finish()
+            self.parts.grads.reset()
 
     # ---- updates during backward (Note [updates during backward], above) -------------------------------------
 

@@ -79,13 +79,14 @@ class OffloadTrainer(Trainer):
         if args is None:
             args = transformers.TrainingArguments(output_dir="trainer_output")
         check_arguments(args, config, trainer_kwargs)
-        if args.bf16 or args.fp16:  # (the same dtype as the engine's: check_arguments made sure)
-            # the engine computes in config.dtype and scales fp16 losses itself: the Trainer's autocast and
-            # GradScaler would do it a second time
+        if args.bf16 or args.fp16 or getattr(args, "mixed_precision", "no") != "no":
+            # (the same dtype as the engine's: check_arguments made sure) the engine computes in config.dtype
+            # and scales fp16 losses itself: the Trainer's autocast and GradScaler would do it a second time
             args = dataclasses.replace(args, bf16=False, fp16=False)
+            args.mixed_precision = "no"  # (__post_init__ takes it from ACCELERATE_MIXED_PRECISION too)
         self.offload_config = config
         self.engine: Engine | None = None
-        self._restored_lrs: list[float] | None = None
+        self._restored_groups: list[dict[str, Any]] | None = None
         super().__init__(model=model, args=args, **trainer_kwargs)
         self.engine = Engine(model, config, **engine_kwargs(self.args, self.get_decay_parameter_names(model), model))
 
@@ -114,6 +115,9 @@ class OffloadTrainer(Trainer):
         with self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
         del inputs
+        every = self.args.torch_empty_cache_steps
+        if every and self.state.global_step % every == 0 and self.engine.device.type == "cuda":
+            torch.cuda.empty_cache()
         scaled = getattr(self, "loss_is_scaled_for_ga", None)
         if scaled is None:
             scaled = (getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None) \
@@ -168,8 +172,10 @@ class OffloadTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         self.engine.load(_engine_checkpoint(resume_from_checkpoint), restore_rng=False)  # (the Trainer's RNG)
-        # building the scheduler (after this) sets every group's lr to the schedule's first value
-        self._restored_lrs = [group["lr"] for group in self.engine.param_groups]
+        # the Trainer builds its scheduler after this, which sets every group's lr (and maybe more) to the
+        # schedule's first values: what the checkpoint holds is put back once the scheduler's state is loaded
+        self._restored_groups = [{k: v for k, v in group.items() if k not in ("params", "names")}
+                                 for group in self.engine.param_groups]
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint is None:
@@ -177,10 +183,10 @@ class OffloadTrainer(Trainer):
         path = os.path.join(checkpoint, SCHEDULER_NAME)
         if os.path.isfile(path) and self.lr_scheduler is not None:
             self.lr_scheduler.load_state_dict(torch.load(path, weights_only=True))
-        if self._restored_lrs is not None:
-            for group, lr in zip(self.engine.param_groups, self._restored_lrs):
-                group["lr"] = lr  # (as torch's optimizer.load_state_dict would have set it)
-            self._restored_lrs = None
+        if self._restored_groups is not None:
+            for group, saved in zip(self.engine.param_groups, self._restored_groups):
+                group.update(saved)  # (as torch's optimizer.load_state_dict, which follows there, would)
+            self._restored_groups = None
 
     def _load_best_model(self) -> None:
         best = self.state.best_model_checkpoint
@@ -208,8 +214,8 @@ def _write_beside(target: Path, write: Any) -> None:
         return
     staged = target / f".offload-save-{os.getpid()}"
     shutil.rmtree(staged, ignore_errors=True)
-    write(staged, False)
     try:
+        write(staged, False)
         new = {p.name for p in staged.iterdir()}
         for old in target.iterdir():
             if old.is_file() and old.name not in new and _is_weights_file(old.name):

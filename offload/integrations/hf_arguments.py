@@ -62,12 +62,21 @@ def check_arguments(args: Any, config: Config, trainer_kwargs: dict[str, Any]) -
         if getattr(args, flag, False) and config.dtype != dtype:
             refuse(f"TrainingArguments.{flag}=True with offload_config.dtype={config.dtype!r}",
                    f"the engine computes in offload_config.dtype; set dtype={dtype!r} there, or leave {flag} out")
+    if getattr(args, "push_to_hub", False):
+        refuse("TrainingArguments.push_to_hub=True", "a checkpoint here is the engine's state, not a model to "
+               "publish; push the directory trainer.save_model(DIR) writes")
+    if getattr(args, "auto_find_batch_size", False):
+        refuse("TrainingArguments.auto_find_batch_size=True", "the engine is built (and its memory budgeted) once; "
+               "set per_device_train_batch_size, and use `offload estimate` to size it")
+    if getattr(args, "load_best_model_at_end", False) and getattr(args, "save_only_model", False):
+        refuse("load_best_model_at_end with save_only_model", "the best model is loaded from the engine's "
+               "checkpoint, which save_only_model leaves out")
     world = getattr(args, "world_size", 1)
     if world > 1 or getattr(args, "n_gpu", 1) > 1:
         refuse(f"{max(world, args.n_gpu)} processes or GPUs", "OffloadTrainer trains in one process on one "
                "device; set CUDA_VISIBLE_DEVICES to one GPU and run without torchrun/accelerate launch")
     device = getattr(args, "device", None)
-    if device is not None and torch.device(device).type != torch.device(config.device).type:
+    if device is not None and _normal(device) != _normal(config.device):
         refuse(f"offload_config.device={config.device!r} while TrainingArguments puts batches on {device}",
                "use Config(device=...) matching it (or TrainingArguments(use_cpu=True) for the CPU)")
     if trainer_kwargs.get("model_init") is not None:
@@ -75,6 +84,11 @@ def check_arguments(args: Any, config: Config, trainer_kwargs: dict[str, Any]) -
     optimizers = trainer_kwargs.get("optimizers") or (None, None)
     if any(o is not None for o in optimizers) or trainer_kwargs.get("optimizer_cls_and_kwargs") is not None:
         refuse("optimizers / optimizer_cls_and_kwargs", "the optimizer is the engine's (trainer.engine.optimizer); choose the schedule with lr_scheduler_type and lr_scheduler_kwargs")
+
+
+def _normal(device: Any) -> torch.device:
+    device = torch.device(device)
+    return torch.device(device.type, 0) if device.type == "cuda" and device.index is None else device
 
 
 def engine_kwargs(args: Any, decay_names: list[str], model: torch.nn.Module) -> dict[str, Any]:
