@@ -486,6 +486,31 @@ def write_record(out: str, name: str, record: dict, table: str, command: str) ->
         f"raw records: `{name}.json`\n\n{table}\n")
 
 
+BULKY = ("runs", "stdout", "rss_trace", "stdout_times")  # record fields the printed summary leaves out
+
+
+def run_recorded(a, script: str, bench, argv: list[str] | None, name: str) -> int:
+    """Runs ``bench(a)`` (which returns a record and its table) in ``a.dir``, stamps the record with the
+    machine, the wall time and the command (``script`` and ``argv``), and publishes it under ``name``."""
+    Path(a.dir).mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    about = machine(a.dir)
+    record, table = bench(a)
+    record.update(machine=about, bench_wall_s=time.perf_counter() - started,
+                  command="python3 " + " ".join([os.path.relpath(script, REPO), *(argv or sys.argv[1:])]))
+    return publish(a.out, name, record, table)
+
+
+def publish(out: str | None, name: str, record: dict, table: str) -> int:
+    """Prints the record's summary (without its bulky fields) and table, writes ``<name>.json`` and
+    ``<name>.md`` into ``out`` when given; returns the exit status (1 when the record says it failed)."""
+    print(json.dumps({k: v for k, v in record.items() if k not in BULKY}))
+    print(table)
+    if out:
+        write_record(out, name, record, table, record["command"])
+    return 1 if record.get("failed") else 0
+
+
 def common_args(default_dir: str) -> argparse.ArgumentParser:
     """The flags every benchmark of this script (and of bench/lora.py) takes, as a parent parser."""
     common = argparse.ArgumentParser(add_help=False)
@@ -538,17 +563,8 @@ def main(argv: list[str] | None = None) -> int:
         return tokenize_worker(a)
     if a.bench == "_load-check":
         return load_check(a)
-    Path(a.dir).mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    about = machine(a.dir)
-    record, table = {"step": bench_step, "tokenize": bench_tokenize, "scale": bench_scale}[a.bench](a)
-    record.update(machine=about, bench_wall_s=time.perf_counter() - started,
-                  command="python3 " + " ".join([os.path.relpath(__file__, REPO), *(argv or sys.argv[1:])]))
-    print(json.dumps({k: v for k, v in record.items() if k not in ("runs", "stdout", "rss_trace", "stdout_times")}))
-    print(table)
-    if a.out:
-        write_record(a.out, a.name or a.bench, record, table, record["command"])
-    return 1 if record.get("failed") else 0
+    bench = {"step": bench_step, "tokenize": bench_tokenize, "scale": bench_scale}[a.bench]
+    return run_recorded(a, __file__, bench, argv, a.name or a.bench)
 
 
 if __name__ == "__main__":

@@ -232,17 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if a.bench == "_torch-worker":
         return torch_worker(a)
-    Path(a.dir).mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    about = finetune.machine(a.dir)
-    record, table = {"step": bench_step, "scale": bench_scale}[a.bench](a)
-    record.update(machine=about, bench_wall_s=time.perf_counter() - started,
-                  command="python3 " + " ".join([os.path.relpath(__file__, finetune.REPO), *(argv or sys.argv[1:])]))
-    print(json.dumps({k: v for k, v in record.items() if k not in ("runs", "stdout")}))
-    print(table)
-    if a.out:
-        finetune.write_record(a.out, a.name or a.bench, record, table, record["command"])
-    return 1 if record.get("failed") else 0
+    return finetune.run_recorded(a, __file__, {"step": bench_step, "scale": bench_scale}[a.bench], argv,
+                                 a.name or a.bench)
 
 
 if __name__ == "__main__":

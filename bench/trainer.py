@@ -160,11 +160,7 @@ def pool(a) -> int:
     record, table = summarize(runs)
     record.update(machine=records[-1]["machine"], pooled=a.records,
                   command="python3 bench/trainer.py pool " + " ".join(a.records))
-    print(json.dumps({k: v for k, v in record.items() if k != "runs"}))
-    print(table)
-    if a.out:
-        finetune.write_record(a.out, a.name, record, table, record["command"])
-    return 0
+    return finetune.publish(a.out, a.name, record, table)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -196,17 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         return worker(a)
     if a.bench == "pool":
         return pool(a)
-    Path(a.dir).mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    about = finetune.machine(a.dir)
-    record, table = bench(a)
-    record.update(machine=about, bench_wall_s=time.perf_counter() - started,
-                  command="python3 " + " ".join([os.path.relpath(__file__, finetune.REPO), *(argv or sys.argv[1:])]))
-    print(json.dumps({k: v for k, v in record.items() if k != "runs"}))
-    print(table)
-    if a.out:
-        finetune.write_record(a.out, a.name or "trainer", record, table, record["command"])
-    return 1 if record.get("failed") else 0
+    return finetune.run_recorded(a, __file__, bench, argv, a.name or "trainer")
 
 
 if __name__ == "__main__":
