@@ -18,7 +18,6 @@ import torch
 from offload.engine.state_fill import fill_group
 from offload.engine.training_state import TrainingState
 from offload.optim.hyper import HYPER_KEYS, validated_hyper
-from offload.optim.state_store import STATE_PARTS, StatePlacement, chunks, split_state
 
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 # group keys a state dict may carry that this engine cannot honour (torch.optim.AdamW's flags), with the value
@@ -40,24 +39,6 @@ def _slots(state: TrainingState) -> list[tuple[int, int]]:
     return [where[name] for hyper in state.param_groups for name in hyper["names"]]
 
 
-def _read_moments(state: TrainingState, g: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Group g's exp_avg and exp_avg_sq: new fp32 CPU tensors (NVMe: through staging slot 0, chunk by chunk)."""
-    gstate, store = state.store.states[g], state.store
-    numel = gstate.group.shard_numel
-    if gstate.placement is StatePlacement.HOST:
-        _, m, v = split_state(gstate.state_host.view(torch.float32), numel)
-        return m.clone(), v.clone()
-    m, v = torch.empty(numel, dtype=torch.float32), torch.empty(numel, dtype=torch.float32)
-    for start, end in chunks(numel, store.chunk_elements):
-        staging = store.staging[0].view(torch.float32)[:STATE_PARTS * (end - start)]
-        for handle in store.transfer("read", gstate, start, end, staging, parts=(1, 2)):
-            store.swap.wait(handle)
-        _, m_stage, v_stage = split_state(staging, end - start)
-        m[start:end].copy_(m_stage)
-        v[start:end].copy_(v_stage)
-    return m, v
-
-
 def state_dict(state: TrainingState) -> dict[str, Any]:
     """See the module docstring. ``state`` is quiescent."""
     _single_rank(state, "state_dict()")
@@ -66,12 +47,12 @@ def state_dict(state: TrainingState) -> dict[str, Any]:
     by_group: dict[int, list[tuple[int, int]]] = {}
     for index, (g, i) in enumerate(slots):
         by_group.setdefault(g, []).append((index, i))
-    for g in sorted(by_group):  # (one group's moments read at a time; the slices below are copies)
+    for g in sorted(by_group):  # (the slices below are copies)
         group = state.groups[g]
         steps = state.param_steps[g]
         if not any(steps[i] for _, i in by_group[g]):
             continue  # as torch: a parameter that was never updated has no state
-        m, v = _read_moments(state, g)
+        m, v = state.store.read_parts(state.store.states[g], (1, 2))  # (one group's moments at a time)
         for index, i in by_group[g]:
             if steps[i]:
                 slot = group.slots[i]
@@ -88,8 +69,10 @@ def state_dict(state: TrainingState) -> dict[str, Any]:
     return {"state": out_state, "param_groups": groups_out}
 
 
-def _checked(state: TrainingState, state_dict: Any) -> tuple[list[dict[str, Any]], dict[int, dict[str, Any]]]:
-    """The state dict's groups and state, checked against the engine; raises ValueError naming the entry."""
+def _checked(state: TrainingState, state_dict: Any
+             ) -> tuple[list[dict[str, Any]], dict[tuple[int, int], dict[str, Any]]]:
+    """The state dict's groups, and its state by (group, slot) of the engine; checked against the engine,
+    raising ValueError naming the entry."""
     where = "engine.optimizer.load_state_dict"
     if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
         raise ValueError(f"{where}: expected a dict with 'state' and 'param_groups' (an optimizer's state_dict())")
@@ -119,7 +102,7 @@ def _checked(state: TrainingState, state_dict: Any) -> tuple[list[dict[str, Any]
             index_of[saved_id] = len(index_of)
     if not isinstance(saved_state, dict):
         raise ValueError(f"{where}: 'state' must be a dict, got {type(saved_state).__name__}")
-    by_index: dict[int, dict[str, Any]] = {}
+    entries: dict[tuple[int, int], dict[str, Any]] = {}
     for saved_id, entry in saved_state.items():
         if saved_id not in index_of:
             raise ValueError(f"{where}: state[{saved_id!r}] belongs to no parameter of param_groups")
@@ -138,8 +121,8 @@ def _checked(state: TrainingState, state_dict: Any) -> tuple[list[dict[str, Any]
                 raise ValueError(f"{where}: {name}.{key}: expected a floating-point tensor of {slot.numel} "
                                  f"elements (shape {tuple(slot.shape)}), got "
                                  f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
-        by_index[index] = {"step": int(step), **{key: entry[key] for key in _MOMENTS}}
-    return groups, by_index
+        entries[(g, i)] = {"step": int(step), **{key: entry[key] for key in _MOMENTS}}
+    return groups, entries
 
 
 def load_state_dict(state: TrainingState, state_dict: dict[str, Any]) -> None:
@@ -147,15 +130,11 @@ def load_state_dict(state: TrainingState, state_dict: dict[str, Any]) -> None:
     state for start afresh (zero moments, step 0), as in torch. Everything is checked before anything changes;
     a failure while writing (an I/O error) leaves the engine failed. ``state`` is quiescent."""
     _single_rank(state, "load_state_dict()")
-    groups, by_index = _checked(state, state_dict)
+    groups, entries = _checked(state, state_dict)
     dropped = {"params", "names", *_FIXED_FLAGS, *_IMPLEMENTATION_FLAGS}
     hyper = [{k: v for k, v in saved.items() if k not in dropped} for saved in groups]
     for k, values in enumerate(hyper):
         values.update(validated_hyper(f"engine.optimizer.load_state_dict: param_groups[{k}].", values))
-    entries: dict[tuple[int, int], dict[str, Any]] = {}
-    for index, (g, i) in enumerate(_slots(state)):
-        if index in by_index:
-            entries[(g, i)] = by_index[index]
     state.grads.finish()  # (gradients accumulated before the load belong to the state it replaces: copies in
     state.grads.reset()   # flight land first, then are forgotten)
     try:

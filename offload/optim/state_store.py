@@ -154,16 +154,26 @@ class OptimizerStateStore:
         return state
 
     def read_master(self, state: GroupState) -> torch.Tensor:
-        """A new fp32 CPU tensor with the group's master weights (this rank's shard). For an NVMe group this
-        reads through staging slot 0, so it must not run while a step is in progress."""
+        """A new fp32 CPU tensor with the group's master weights (this rank's shard); see ``read_parts``."""
+        return self.read_parts(state, (0,))[0]
+
+    def read_parts(self, state: GroupState, parts: tuple[int, ...]) -> list[torch.Tensor]:
+        """New fp32 CPU tensors with the group's ``parts`` (0: master, 1: m, 2: v) of this rank's shard, in
+        that order. For an NVMe group this reads through staging slot 0, chunk by chunk, so it must not run
+        while a step is in progress."""
+        numel = state.group.shard_numel
         if state.placement is StatePlacement.HOST:
-            return split_state(state.state_host.view(torch.float32), state.group.shard_numel)[0].clone()
-        master = torch.empty(state.group.shard_numel, dtype=torch.float32)
-        for start, end in chunks(state.group.shard_numel, self.chunk_elements):
-            master_stage = self.staging[0].view(torch.float32)[:end - start]
-            self.swap.wait(self.swap.read(state.state_nvme, start * FP32_BYTES, master_stage))
-            master[start:end].copy_(master_stage)
-        return master
+            in_host = split_state(state.state_host.view(torch.float32), numel)
+            return [in_host[part].clone() for part in parts]
+        out = [torch.empty(numel, dtype=torch.float32) for _ in parts]
+        for start, end in chunks(numel, self.chunk_elements):
+            staging = self.staging[0].view(torch.float32)[:STATE_PARTS * (end - start)]
+            for handle in self.transfer("read", state, start, end, staging, parts=parts):
+                self.swap.wait(handle)
+            staged = split_state(staging, end - start)
+            for tensor, part in zip(out, parts):
+                tensor[start:end].copy_(staged[part])
+        return out
 
     def transfer(self, op: str, state: GroupState, start: int, end: int, staging: torch.Tensor,
                  grad_nvme: SwapFile | None = None, master: torch.Tensor | None = None,
