@@ -45,6 +45,7 @@ from offload.checkpoint.hf_directory import fsync_dir
 from offload.config import Config
 from offload.engine import Engine
 from offload.engine.hf_save import save_pretrained
+from offload.engine.peft_adapter import save_adapter
 from offload.integrations.hf_arguments import check_arguments, engine_kwargs, resolve_config
 
 log = logging.getLogger("offload")
@@ -157,8 +158,6 @@ class OffloadTrainer(Trainer):
         torch.save(self.args, buffer)
         extra = {TRAINING_ARGS_NAME: buffer.getvalue()}
         if hasattr(self.engine.model, "peft_config"):
-            from offload.engine.peft_adapter import save_adapter
-
             save_adapter(self.engine, directory, tokenizer=self.processing_class, extra_files=extra,
                          overwrite=overwrite)
         else:
