@@ -332,9 +332,14 @@ def test_the_loss_of_a_step_weights_micro_batches_by_their_trained_tokens(tmp_pa
     the loss a mean over the step's trained tokens their losses and weights agree."""
     flags = ["--model", str(model_dir), "--data", str(data["pc"]), "--steps", "4", "--dtype", "fp32", "--lr",
              "1e-3", "--seq-len", "32", "--no-sample", "--log-every", "1", "--params", "cpu", "--optimizer", "cpu"]
-    one = _train(tmp_path, *flags, "--batch", "8", "--output", str(tmp_path / "one"))
-    two = _train(tmp_path, *flags, "--batch", "4", "--grad-accum", "2", "--output", str(tmp_path / "two"))
-    assert _losses(one.stdout) == pytest.approx(_losses(two.stdout), rel=1e-5)
+    _train(tmp_path, *flags, "--batch", "8", "--output", str(tmp_path / "one"), "--metrics", str(tmp_path / "1.jsonl"))
+    _train(tmp_path, *flags, "--batch", "4", "--grad-accum", "2", "--output", str(tmp_path / "two"), "--metrics",
+           str(tmp_path / "2.jsonl"))
+
+    def losses(metrics: Path) -> list[float]:  # (the metrics' losses are not rounded as the printed ones are)
+        return [r["loss"] for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r]
+    assert len(losses(tmp_path / "1.jsonl")) == 4
+    assert losses(tmp_path / "1.jsonl") == pytest.approx(losses(tmp_path / "2.jsonl"), rel=1e-5)
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)

@@ -192,6 +192,27 @@ def test_a_peft_model_on_the_meta_device_loads_its_base_checkpoint(tmp_path, mon
     assert losses[-1] < losses[0]
 
 
+def test_a_peft_model_built_from_its_base_checkpoint_has_the_adapters_peft_gives_it(tmp_path):
+    """Engine(init_empty(get_peft_model(...)), pretrained=base): the base is read into the frozen groups on NVMe
+    and the replay makes only the adapters, drawing nothing for the base, so they come out exactly as peft
+    makes them on a model from ``from_pretrained`` (Note [values provided elsewhere])."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama(seed=7, layers=4, hidden=64, tied=False).save_pretrained(tmp_path / "base")
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    model = offload.init_empty(lambda: peft.get_peft_model(tiny_llama(seed=0, layers=4, hidden=64, tied=False), lora))
+    with offload.Engine(model, config_for("nvme", tmp_path, frozen_bytes(model) // 3), lr=LR,
+                        pretrained=tmp_path / "base") as engine:
+        assert len(engine.frozen_groups) > 1
+        state = engine.state_dict()
+    torch.manual_seed(0)  # (the seed the build starts from)
+    expected = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32),
+                                   lora).state_dict()
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(state[k], v) for k, v in expected.items())
+    assert any("lora_A" in k and torch.count_nonzero(v) > 0 for k, v in state.items())
+
+
 def test_gathered_reads_and_edits_frozen_weights(tmp_path):
     model = lora_llama()
     layer = model.base_model.model.model.layers[1]

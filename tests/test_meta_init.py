@@ -1,4 +1,4 @@
-"""Models built on the meta device (offload.init_empty) and offload.load_pretrained."""
+"""Models built on the meta device (offload.init_empty), offload.load_pretrained and Engine(..., pretrained=)."""
 
 from __future__ import annotations
 
@@ -138,6 +138,49 @@ def test_load_pretrained_names_what_does_not_fit_and_changes_nothing(tmp_path):
         with pytest.raises(offload.CheckpointError, match="already trained"):
             offload.load_pretrained(engine, path)
     assert load_file(single)  # the file was only read
+
+
+@pytest.mark.parametrize("params,dtype", [("device", "fp32"), ("cpu", "bf16"), ("nvme", "fp32")])
+def test_an_engine_built_from_a_pretrained_checkpoint_computes_no_random_init(params, dtype, tmp_path, monkeypatch):
+    """Engine(..., pretrained=path): the same state as load_pretrained after the build, but each group is
+    filled from the checkpoint directly and the replay draws no random number for the weights it holds (Note
+    [values provided elsewhere]). A model that is not on the meta device has its values replaced."""
+    from offload.layout.meta_init import Materializer
+
+    plain, path = _saved(tmp_path)
+    replays = []
+    init = Materializer.__init__
+    monkeypatch.setattr(Materializer, "__init__", lambda self, *a, **k: (replays.append(self), init(self, *a, **k))[1])
+    config = offload.Config(device="cpu", dtype=dtype, params=params, optimizer="nvme", nvme_dir=tmp_path / "swap")
+    expected = plain.state_dict()  # (the fp32 masters: as in the checkpoint, whatever the compute dtype)
+    for model in (offload.init_empty(_llama), _llama()):
+        with offload.Engine(model, config, pretrained=path) as engine:
+            state = engine.state_dict()
+            engine.backward(engine(input_ids=torch.arange(8).view(1, 8), labels=torch.arange(8).view(1, 8)).loss)
+            engine.step()  # and it trains from there
+        assert state.keys() == expected.keys()
+        assert all(torch.equal(state[k], v) for k, v in expected.items())
+    (replay,) = replays  # (the meta model's; _llama() reseeds its generator to 0 first thing)
+    assert torch.equal(replay._generator.get_state(), torch.Generator().manual_seed(0).get_state())
+
+
+def test_a_pretrained_checkpoint_that_does_not_fit_fails_before_the_engine_allocates(tmp_path):
+    from safetensors.torch import save_file
+
+    plain, _ = _saved(tmp_path, tied=False)
+    tensors = {k: v.contiguous() for k, v in plain.state_dict().items()}
+    tensors.pop("model.layers.1.mlp.up_proj.weight")
+    save_file(tensors, tmp_path / "edited.safetensors")
+    model = offload.init_empty(lambda: _llama(tied=False))
+    swap = tmp_path / "swap"
+    config = offload.Config(device="cpu", dtype="fp32", params="nvme", optimizer="nvme", nvme_dir=swap)
+    with pytest.raises(offload.CheckpointError, match=r"pretrained=.*edited.safetensors: the checkpoint does not "
+                                                      r"fit the model: missing 1 tensors \(model.layers.1.mlp.up_proj"):
+        offload.Engine(model, config, pretrained=tmp_path / "edited.safetensors")
+    assert not swap.exists() or not any(swap.iterdir())  # no swap file was made
+    assert all(p.is_meta for p in model.parameters())
+    with offload.Engine(model, config) as engine:  # the model is free for another engine
+        assert not any(p.is_meta for p in engine.model.parameters())
 
 
 def test_close_leaves_offloaded_weights_out_of_ram_when_asked_or_when_they_exceed_the_host_limit(tmp_path):

@@ -38,7 +38,9 @@ def max_group_bytes(model, dtype_bytes: int) -> int:
 @pytest.mark.parametrize("optimizer", ["cpu", "nvme"])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_matches_torch_adamw_within_a_quarter_of_the_model(params, optimizer, checkpointing, tmp_path):
-    data = batches("llama", 30, micro=2)
+    # (20 steps: from about step 23 on, this small model at lr 3e-3 amplifies the last-bit differences between
+    # the native Adam and torch's AdamW (which a device-resident engine shows as well) past 1e-5)
+    data = batches("llama", 20, micro=2)
     ref_losses, ref_state = reference_run("llama", llama(checkpointing), data, torch.float32, lr=LR,
                                           weight_decay=WEIGHT_DECAY, max_grad_norm=1.0, decay_groups=False)
     model = llama(checkpointing)

@@ -59,7 +59,12 @@ def llama_config(vocab_size: int, hidden: int = 64, layers: int = 2, intermediat
                        tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=2, dtype=dtype)
 
 
-def save_llama(out: Path, config, seed: int = 0, max_shard_bytes: int = 2 << 30) -> int:
+# (not 0, `offload train`'s default seed: a run that never read the saved weights would start from the same
+# values and pass for one that did)
+DEFAULT_SEED = 1
+
+
+def save_llama(out: Path, config, seed: int = DEFAULT_SEED, max_shard_bytes: int = 2 << 30) -> int:
     """Writes a randomly initialised Llama of ``config`` into ``out`` as ``save_pretrained`` lays it out, in
     ``config.dtype``: small models through ``save_pretrained`` itself, models over ``max_shard_bytes`` layer by
     layer (built on the meta device, each tensor initialised as transformers would: normal(0, 0.02), norms 1),
@@ -121,7 +126,7 @@ def _save_in_shards(out: Path, shape_model, dtype, seed: int, max_shard_bytes: i
 
 
 def make_model_dir(out: Path, hidden: int = 64, layers: int = 2, intermediate: int = 172, heads: int = 4,
-                   vocab_size: int = 512, dtype: str = "float32", tie: bool = False, seed: int = 0,
+                   vocab_size: int = 512, dtype: str = "float32", tie: bool = False, seed: int = DEFAULT_SEED,
                    max_shard_bytes: int = 2 << 30, max_positions: int = 512) -> int:
     """A whole model directory: tokenizer + Llama. Returns the parameter count."""
     tokenizer = save_tokenizer(out, vocab_size)

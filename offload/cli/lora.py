@@ -2,9 +2,10 @@
 
 The model is built as every `offload train` model is, under ``offload.init_empty`` on the meta device, with
 ``peft.get_peft_model`` applied inside the build: the adapters' creation and their random init (kaiming-uniform
-A, zero B) are then recorded in the same replay log as the base model's, so the engine materialises the LoRA
-model group by group, with exactly the adapter weights a normal build with this seed would have, and the frozen
-base never exists whole in RAM. The base's weights are streamed in afterwards by ``offload.load_pretrained``.
+A, zero B) are recorded in the same init log as the base model's. The engine then fills the model group by
+group, the frozen base read from the model directory (``Engine(..., pretrained=DIR)``) and only the adapters
+replayed from the log, drawing no random numbers for the base (as ``from_pretrained`` draws none for the
+weights it loads: Note [values provided elsewhere]); the base never exists whole in RAM.
 
 peft is an optional extra: it is imported only when a LoRA setting is given, and its absence is one error line.
 """

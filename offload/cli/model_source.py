@@ -4,7 +4,8 @@ Four kinds, tried in this order:
 - a preset (``tiny``, ``small``, ``medium``, ``large``): a Llama of that shape, random init, byte tokens;
 - a ``config.json`` file: that architecture, random init, byte tokens (its vocabulary must hold 256);
 - a Hugging Face model directory (``config.json``, ``model.safetensors`` or a sharded index, tokenizer files):
-  pretrained weights (streamed in by ``offload.load_pretrained``), its tokenizer, its generation config;
+  pretrained weights (read by the engine as it fills each group: ``Engine(..., pretrained=DIR)``), its
+  tokenizer, its generation config;
 - a hub id (``org/name``) whose snapshot is already in the local Hugging Face cache: that directory. Nothing
   is downloaded: a run that needs the network should not start one behind the user's back.
 """

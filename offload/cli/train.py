@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
         resumed = _checkpoint_extra(settings, job) if _resuming(args, settings) else None
         engine, timeline, peak_lr = _build_engine(args, settings, source, config, launch, lora)
         _header(engine, settings, source, job, config, launch, lora)
-        first = _load_weights(engine, settings, source, resumed)
+        first = _resume(engine, settings, resumed, peak_lr)
         log = RunLog(settings.metrics, settings.tensorboard, resumed_at=first if resumed else None, write=launch.main)
         saver = Saver(engine, settings, source, job, launch, first, schedule=_schedule(settings, peak_lr))
         loop = TrainLoop(engine, settings, job.train, job.evaluation, launch, log, peak_lr, saver.after_step)
@@ -190,9 +190,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _build_engine(args: argparse.Namespace, settings: TrainSettings, source: ModelSource, config: Config,
                   launch: Launch, lora: LoraPlan | None):
-    """The model, built on the meta device (the engine gives every group its initial weights, those of a
-    normal build with this seed, straight in its home, so the whole model is never in RAM), and its engine.
-    With ``lora``: the peft LoRA model of the base (see LoraPlan.builder), its base frozen."""
+    """The model, built on the meta device, and its engine, which gives every group its initial weights
+    straight in its home, so the whole model is never in RAM: a pretrained model's from its checkpoint (also
+    when resuming: a LoRA checkpoint holds no base), what the checkpoint lacks and a model from a config from
+    the replay of a normal build with this seed. With ``lora``: the peft LoRA model of the base (see
+    LoraPlan.builder), its base frozen."""
     import offload
 
     build = source.builder(settings.seed)
@@ -204,7 +206,8 @@ def _build_engine(args: argparse.Namespace, settings: TrainSettings, source: Mod
     engine = offload.Engine(model, config, lr=peak_lr, weight_decay=settings.weight_decay,
                             max_grad_norm=settings.max_grad_norm or None,
                             param_groups=[{"params": [p for p in model.parameters() if p.ndim < 2],
-                                           "weight_decay": 0.0}], timeline=timeline)
+                                           "weight_decay": 0.0}], timeline=timeline,
+                            pretrained=source.directory if source.pretrained else None)
     return engine, timeline, peak_lr
 
 
@@ -232,23 +235,19 @@ def _schedule(settings: TrainSettings, peak_lr: float) -> dict:
             "warmup_steps": settings.warmup()}
 
 
-def _load_weights(engine, settings: TrainSettings, source: ModelSource, resumed: dict | None) -> int:
-    """The run's starting point: the checkpoint's state (returns its step) or the pretrained weights (0)."""
-    import offload
-
+def _resume(engine, settings: TrainSettings, resumed: dict | None, peak_lr: float) -> int:
+    """The run's starting step: the checkpoint's, its state loaded, or 0 (the engine holds the weights to
+    start from)."""
     if resumed is not None:
         first = int(engine.load(settings.checkpoint_dir)["step"])
         print(f"  resumed from {settings.checkpoint_dir} at step {first}")
-        now = _schedule(settings, engine.lr)
+        now = _schedule(settings, peak_lr)
         was = resumed.get("schedule")
         if was is not None and was != now:
             changed = ", ".join(f"{k} {was.get(k)} -> {now[k]}" for k in now if was.get(k) != now[k])
             log.warning("  the learning-rate schedule differs from the checkpoint's run (%s): from here on the "
                         "run is not the one that was interrupted", changed)
         return first
-    if source.pretrained:
-        offload.load_pretrained(engine, source.directory)
-        print(f"  weights from {source.directory}")
     return 0
 
 
@@ -283,6 +282,8 @@ def _header(engine, settings: TrainSettings, source: ModelSource, job: TrainData
     if "nvme" in (config.params, config.optimizer):
         print(f"  io: {config.io.block_size / 2**20:g} MiB blocks, {config.io.threads} x {config.io.queue_depth} in "
               f"flight, direct={config.io.direct}")
+    if source.pretrained:
+        print(f"  weights from {source.directory}")
 
 
 def _has_checkpoint(path: str) -> bool:

@@ -1,7 +1,8 @@
 """build_parts: how an Engine allocates and fills its parts before it touches the model.
 
 The weights (device-resident or offloaded), the gradient accumulators, the optimizer state store and its
-placement, each group filled from the model's current values (or replayed from ``init_empty``). Every
+placement, each group filled from the model's current values (or, for a model on the meta device, from its
+value sources: a pretrained checkpoint, the ``init_empty`` replay). Every
 allocation happens here, so a budget or a disk that is too small fails at construction, not mid-training, and
 the model is changed only once all of it has succeeded (``build_parts`` returns the step that changes it).
 """
@@ -38,13 +39,14 @@ log = logging.getLogger("offload")
 
 def build_parts(parts: EngineParts, model: nn.Module, config: Config, groups: list[FlatGroup],
                 frozen_groups: list[FlatGroup], frozen: list[tuple[str, nn.Parameter]], ranks: Ranks,
-                timeline: Timeline, materializers: Any) -> Callable[[], None]:
+                timeline: Timeline, sources: Any) -> Callable[[], None]:
     """Allocates and fills every part into ``parts`` without touching the model; returns the step that points
     the model at them. A failure here (budget, disk space, I/O) therefore leaves the model exactly as it was
     (the caller releases ``parts``). ``frozen_groups``: the offloaded frozen parameters (Note [frozen groups]);
-    ``frozen``: the other frozen parameters, which stay whole on the device. ``materializers``: the
-    ``init_empty`` replay of a model built on the meta device, or None."""
-    return _PartsBuilder(parts, model, config, groups, frozen_groups, frozen, ranks, timeline, materializers).build()
+    ``frozen``: the other frozen parameters, which stay whole on the device. ``sources``: where the
+    values of a model built on the meta device come from (``value_sources``: a pretrained checkpoint, the
+    ``init_empty`` replay, each module's init), or None."""
+    return _PartsBuilder(parts, model, config, groups, frozen_groups, frozen, ranks, timeline, sources).build()
 
 
 class _PartsBuilder:
@@ -52,10 +54,10 @@ class _PartsBuilder:
 
     def __init__(self, parts: EngineParts, model: nn.Module, config: Config, groups: list[FlatGroup],
                  frozen_groups: list[FlatGroup], frozen: list[tuple[str, nn.Parameter]], ranks: Ranks,
-                 timeline: Timeline, materializers: Any) -> None:
+                 timeline: Timeline, sources: Any) -> None:
         self.parts, self.model, self.config, self.groups = parts, model, config, groups
         self.frozen_groups = frozen_groups
-        self.frozen, self.ranks, self.timeline, self.materializers = frozen, ranks, timeline, materializers
+        self.frozen, self.ranks, self.timeline, self.sources = frozen, ranks, timeline, sources
         self.pool = parts.pool
         self.device = torch.device(config.device)
         self.dtype = config.torch_dtype
@@ -75,14 +77,14 @@ class _PartsBuilder:
         grads.grad_swap = parts.grad_swap
         self._fill_groups(placement)
         self._fill_frozen_groups()
-        if self.materializers is not None:
-            self._replay_into_groups()
+        if self.sources is not None:
+            self._fill_from_sources()
         frozen = [(p, self._value(p, name).to(self.device, self.dtype if p.is_floating_point() else None))
                   for name, p in self.frozen]
         buffers = [(module, name, self._value(buffer, f"{path}.{name}" if path else name).to(self.device))
                    for path, module in self.model.named_modules()
                    for name, buffer in module._buffers.items() if buffer is not None]
-        self.materializers = None  # the replay log and anything it still holds go now
+        self.sources = None  # the replay log and anything it still holds go now (the caller closes a checkpoint)
         stepper = parts.stepper = GroupStepper(parts.store, self.timeline)
         # Note [master in memory], group_stepper.py: groups whose update may run on the weights in memory.
         # (Bound to the weights, not to the engine: the parts must not keep a dropped engine alive.)
@@ -230,14 +232,14 @@ class _PartsBuilder:
 
     def _fill_groups(self, placement: list[StatePlacement]) -> None:
         """Each group's optimizer state and weights, from the model's current values (group by group; for a
-        model on the meta device: zeros here, filled by ``_replay_into_groups``)."""
+        model on the meta device: zeros here, filled by ``_fill_from_sources``)."""
         store, offloaded = self.parts.store, self.parts.offloaded
         in_state = offloaded is not None and offloaded.weights_in_state
         # (several ranks: a master shard cannot be the device weights of a whole group)
         device_alias = self.config.params == "device" and self.device.type == "cpu" and not self.ranks.many
         alias_master = self.dtype == torch.float32 and (self.config.params == "cpu" or device_alias or in_state)
         for group, where in zip(self.groups, placement):
-            master = gather_fp32(group) if self.materializers is None else None  # (meta: zeros now, filled below)
+            master = gather_fp32(group) if self.sources is None else None  # (meta: zeros now, filled below)
             state = store.add(group, where, None if master is None else master[group.lo:group.hi])
             if in_state and where is StatePlacement.NVME:
                 offloaded.add(group, master, None, alias_file=state.state_nvme)
@@ -252,17 +254,18 @@ class _PartsBuilder:
 
     def _fill_frozen_groups(self) -> None:
         """Each frozen group's home, from the model's current values (for a model on the meta device: made
-        empty here, filled by ``_replay_into_groups``)."""
+        empty here, filled by ``_fill_from_sources``)."""
         weights = self.parts.offloaded
         for group in self.frozen_groups:  # (homes are made in index order, after the trainable groups')
-            weights.add(group, None if self.materializers is not None else self._flat_values(group), None)
+            weights.add(group, None if self.sources is not None else self._flat_values(group), None)
 
-    def _replay_into_groups(self) -> None:
-        """A model on the meta device: every group, trainable or frozen, filled in the order the replay finishes
-        its values (Note [replay]), one at a time, so that each value is handed on as soon as it is final (a
-        LoRA model's adapters are created after its whole base: filling them first would hold the base)."""
+    def _fill_from_sources(self) -> None:
+        """A model on the meta device: every group, trainable or frozen, filled in the order its sources finish
+        its values (those read from a checkpoint first, then as the replay finishes them: Note [replay]), one
+        at a time, so that each value is handed on as soon as it is final (a LoRA model's adapters are created
+        after its whole base: filling them first would hold the base)."""
         store, every = self.parts.store, self.groups + self.frozen_groups
-        for i in order_of_completion(self.materializers, every):
+        for i in order_of_completion(self.sources, every):
             group = every[i]
             if group.frozen:
                 self.parts.offloaded.load_weights(group.index, self._flat_values(group)[group.lo:group.hi], 0, True)
@@ -281,4 +284,4 @@ class _PartsBuilder:
 
     def _value(self, t: torch.Tensor, name: str) -> torch.Tensor:
         """``t`` itself, or for a meta tensor its materialised value."""
-        return meta_value(self.materializers, t, name) if t.is_meta else t.data
+        return meta_value(self.sources, t, name) if t.is_meta else t.data

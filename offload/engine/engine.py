@@ -5,6 +5,7 @@ A thin front over its parts (Note [the engine's parts]).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import weakref
@@ -18,14 +19,14 @@ from offload.engine import checkpoint_load, checkpointing, inspection
 from offload.engine.build import build_parts
 from offload.engine.inputs import cast_inputs
 from offload.engine.parts import EngineParts
+from offload.engine.pretrained import load_pretrained, meta_value_sources
 from offload.engine.training_state import TrainingState
 from offload.engine.types import EngineStats, StepInfo
 from offload.engine.update_runner import UpdateRunner
 from offload.errors import ConfigError
 from offload.exit_signals import terminate_on_signals
-from offload.layout.flat_group import FlatGroup, build_flat_group
-from offload.layout.meta_init import materializers_for
-from offload.layout.partition import ModelPartition, partition_model
+from offload.layout.flat_group import build_flat_group, frozen_groups, resident_bytes
+from offload.layout.partition import partition_model
 from offload.optim.hyper import resolve_param_groups, validated_hyper
 from offload.optim.loss_scale import LossScaler
 from offload.ranks import Ranks
@@ -59,23 +60,27 @@ class Engine:
     trainable ones (with offloaded parameters they are fetched and released by block too, and counted
     against ``device_memory_limit``), with no optimizer state, no gradients and no write-back.
     Everything is allocated here: a budget or disk that is too small fails now, not during training.
+    ``pretrained``: a Hugging Face safetensors checkpoint (directory or file) the weights start from, as with
+    ``offload.load_pretrained``; for a model on the meta device the groups are filled from it directly, so no
+    random initialisation is computed for the weights it holds and each home is written once (only a PEFT
+    model's adapters, or what the checkpoint lacks, come from the ``init_empty`` replay: Note [values provided
+    elsewhere]). A checkpoint that does not fit the model raises ``CheckpointError`` before anything is
+    allocated.
     """
 
     def __init__(self, model: nn.Module, config: Config | None = None, *, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  max_grad_norm: float | None = None, loss_scale: str | float = "dynamic",
                  param_groups: list[dict[str, Any]] | None = None, skip_nonfinite: bool = False,
-                 timeline: Timeline | None = None, process_group: Any = None) -> None:
+                 timeline: Timeline | None = None, process_group: Any = None,
+                 pretrained: str | os.PathLike | None = None) -> None:
         self.config = config = config if config is not None else Config()
         if not isinstance(config, Config):
             raise ConfigError(f"config: expected an offload.Config; got {type(config).__name__}")
         _check_max_grad_norm(max_grad_norm)
         self.model = model
         self.device = torch.device(config.device)
-        try:
-            self.ranks = ranks = Ranks.resolve(self.device, process_group)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        self.ranks = ranks = _resolve_ranks(self.device, process_group)
         self.dtype = config.torch_dtype
         self.timeline = timeline if timeline is not None else NO_TIMELINE
         partition = partition_model(model)
@@ -87,24 +92,22 @@ class Engine:
         self._defaults = validated_hyper("", defaults)  # (engine.optimizer's defaults)
         self.groups = [build_flat_group(i, spec, hyper_of, ranks.rank, ranks.world)
                        for i, spec in enumerate(partition.groups)]
-        self.frozen_groups, resident_frozen = _frozen_groups(partition, config, ranks, len(self.groups))
+        self.frozen_groups, resident_frozen = frozen_groups(partition, config.params != "device", ranks.rank,
+                                                            ranks.world, len(self.groups))
         # A model built on the meta device is materialised group by group (offload/layout/meta_init.py).
         on_meta = any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
-        lowp_bytes = torch.empty((), dtype=self.dtype).element_size()
-        frozen_bytes = sum(p.numel() * (lowp_bytes if p.is_floating_point() else p.element_size())
-                           for _, p in resident_frozen)  # these frozen parameters stay on the device
-        previous = _ENGINE_OF.get(model)
-        if previous is not None and previous() is not None and not previous()._closed:
-            raise ConfigError("model: it is already wrapped by an open offload.Engine; close that engine first")
-        terminate_on_signals()  # SIGTERM / SIGHUP unwind through close() (Note [termination signals])
-        self._parts = parts = EngineParts(HostPool(config.host_memory_limit, pin=self.device.type == "cuda"),
-                                          frozen_bytes)
-        try:
-            attach = build_parts(parts, model, config, self.groups, self.frozen_groups, resident_frozen, ranks,
-                                 self.timeline, materializers_for(model) if on_meta else None)
-        except BaseException:
-            parts.release()
-            raise
+        _check_not_wrapped(model)
+        # (a checkpoint is matched against the model as the sources are made, before anything is allocated)
+        with meta_value_sources(model, pretrained, config.io) if on_meta else contextlib.nullcontext() as sources:
+            terminate_on_signals()  # SIGTERM / SIGHUP unwind through close() (Note [termination signals])
+            self._parts = parts = EngineParts(HostPool(config.host_memory_limit, pin=self.device.type == "cuda"),
+                                              resident_bytes(resident_frozen, self.dtype))
+            try:
+                attach = build_parts(parts, model, config, self.groups, self.frozen_groups, resident_frozen,
+                                     ranks, self.timeline, sources)
+            except BaseException:
+                parts.release()
+                raise
         attach()  # nothing above changed the model; this (which cannot fail) does
         self._closed = False
         self._state = TrainingState(model, config, ranks, self.device, self.groups, self.frozen_groups,
@@ -120,6 +123,15 @@ class Engine:
         # An engine dropped without close() still removes its hooks and swap files (the hooks hold the
         # gradient stream, not the engine, so the engine can be collected).
         self._finalizer = weakref.finalize(self, parts.release)
+        if pretrained is not None and not on_meta:  # (a model with values: they are replaced)
+            self._load_pretrained_or_close(pretrained)
+
+    def _load_pretrained_or_close(self, path: str | os.PathLike) -> None:
+        try:
+            load_pretrained(self, path)
+        except BaseException:
+            self.close()
+            raise
 
     _optimizer_view = None  # engine.optimizer, made on first use (Note [the optimizer view], optimizer_view.py)
 
@@ -363,13 +375,15 @@ def _check_max_grad_norm(max_grad_norm: Any) -> None:
         raise ConfigError(f"max_grad_norm: expected None or a positive number; got {max_grad_norm!r}")
 
 
-def _frozen_groups(partition: ModelPartition, config: Config, ranks: Ranks, first_index: int
-                   ) -> tuple[list[FlatGroup], list[tuple[str, nn.Parameter]]]:
-    """With offloaded parameters, the frozen floating-point ones are offloaded too, in groups of their own
-    whose indices follow the trainable groups' (Note [frozen groups], flat_group.py). Returns those groups
-    and the frozen parameters that stay whole on the device (all of them with params="device")."""
-    groups = [] if config.params == "device" else [
-        build_flat_group(first_index + k, spec, {}, ranks.rank, ranks.world, frozen=True)
-        for k, spec in enumerate(partition.frozen_groups)]
-    in_groups = {id(slot.param) for group in groups for slot in group.slots}
-    return groups, [(n, p) for n, p in partition.frozen if id(p) not in in_groups]
+
+def _resolve_ranks(device: torch.device, process_group: Any) -> Ranks:
+    try:
+        return Ranks.resolve(device, process_group)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _check_not_wrapped(model: nn.Module) -> None:
+    previous = _ENGINE_OF.get(model)
+    if previous is not None and previous() is not None and not previous()._closed:
+        raise ConfigError("model: it is already wrapped by an open offload.Engine; close that engine first")

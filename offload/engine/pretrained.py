@@ -5,16 +5,21 @@ pread (no mapping of the file, so the process's RSS does not grow with the check
 the group's master (its host state, or a staging slot written to its NVMe state), and the compute-dtype weights
 are made from it where they live. At most one chunk of master weights (plus the dtype conversion buffer) is in
 memory at a time, whatever the model's size.
+
+``PretrainedValues`` serves ``Engine(model, config, pretrained=path)`` instead: a model on the meta device is
+then filled from the checkpoint as the engine is built, with no random initialisation computed for what the
+checkpoint holds and every home written once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
@@ -22,6 +27,7 @@ from offload.checkpoint.tensor_file import TensorFileReader
 from offload.engine.checkpoint_load import load_model_tensors, other_tensors
 from offload.engine.state_fill import fill_group
 from offload.errors import CheckpointError
+from offload.layout.meta_init import ValueSource, storage_key, value_sources
 from offload.optim.state_store import CHUNK_ELEMENTS, chunks
 from offload.storage.io_engine import IoEngine
 
@@ -71,12 +77,12 @@ def load_pretrained(engine: Engine, path: str | Path) -> None:
     io = IoEngine(state.config.io)
     readers: dict[Path, TensorFileReader] = {}
     try:
-        for file in dict.fromkeys(files.values()):
-            readers[file] = TensorFileReader(file, io)
-        where = {name: readers[file] for file in readers for name in readers[file].entries
-                 if files.get(name, files.get("")) == file}
-        targets = _targets(state)
-        _check(state, where, targets, path)
+        where = _open_files(files, io, readers)
+        targets = _targets(state.model)
+        targets["other"] = other_tensors(state)
+        slots = [(slot.param, slot.shape) for g in state.groups + state.frozen_groups for slot in g.slots]
+        _check(slots + [(t, t.shape) for t in targets["other"].values()], where, targets,
+               f"load_pretrained({path})")
         try:
             state.quiesce()
             state.frozen_fingerprint = None  # (the frozen values change here)
@@ -113,6 +119,16 @@ _PEFT_WRAPPERS = re.compile(r"\.(base_layer|original_module|modules_to_save\.[^.
 _PEFT_ADAPTER = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.")
 
 
+def _open_files(files: dict[str, Path], io: IoEngine, readers: dict[Path, TensorFileReader]
+                ) -> dict[str, TensorFileReader]:
+    """Opens each of the checkpoint's files into ``readers`` (the caller closes them, also when this fails
+    part-way); returns the reader of each tensor name."""
+    for file in dict.fromkeys(files.values()):
+        readers[file] = TensorFileReader(file, io)
+    return {name: readers[file] for file in readers for name in readers[file].entries
+            if files.get(name, files.get("")) == file}
+
+
 def _is_peft(model: torch.nn.Module) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "base_model")
 
@@ -124,25 +140,26 @@ def _names_in_checkpoint(key: str, peft: bool) -> list[str]:
     return [key, _PEFT_WRAPPERS.sub("", key[len(_PEFT_PREFIX):])]
 
 
-def _targets(state: TrainingState) -> dict:
+def _targets(model: torch.nn.Module) -> dict:
     """The checkpoint names each tensor of the model may be read from (its own names or, for a tied
-    parameter, any of its names; a PEFT model's also mapped to its base's), and the model's state_dict
-    entries in no group (buffers, frozen parameters that stay on the device)."""
-    peft = _is_peft(state.model)
+    parameter, any of its names; a PEFT model's also mapped to its base's), and its PEFT adapters."""
+    peft = _is_peft(model)
     names_of: dict[int, list[str]] = {}
     adapters: set[int] = set()
-    for key, value in state.model.state_dict(keep_vars=True).items():
+    for key, value in model.state_dict(keep_vars=True).items():
         names_of.setdefault(id(value), []).extend(_names_in_checkpoint(key, peft))
         if peft and value.requires_grad and _PEFT_ADAPTER.search(key):
             adapters.add(id(value))
-    return {"names": names_of, "other": other_tensors(state), "adapters": adapters}
+    return {"names": names_of, "adapters": adapters}
 
 
-def _check(state: TrainingState, where: dict[str, TensorFileReader], targets: dict, path: Path) -> None:
+def _check(tensors: list[tuple[torch.Tensor, torch.Size]], where: dict[str, TensorFileReader], targets: dict,
+           what: str) -> None:
+    """Raises CheckpointError (prefixed ``what``) unless every one of ``tensors`` but the PEFT adapters has a
+    name in the checkpoint, of its shape, and every tensor of the checkpoint has a place in the model; then
+    sets ``targets["source"]``: the checkpoint name each tensor reads from (None for an adapter)."""
     missing, mismatched, used = [], [], set()
-    slots = [(slot.param, slot.shape) for g in state.groups + state.frozen_groups for slot in g.slots]
-    others = [(t, t.shape) for t in targets["other"].values()]
-    for tensor, shape in slots + others:
+    for tensor, shape in tensors:
         names = targets["names"][id(tensor)]
         present = [n for n in names if n in where]
         used.update(names)
@@ -162,11 +179,10 @@ def _check(state: TrainingState, where: dict[str, TensorFileReader], targets: di
     if mismatched:
         problems.append(f"shape mismatch: {_some(mismatched)}")
     if problems:
-        raise CheckpointError(f"load_pretrained({path}): the checkpoint does not fit the model: "
-                              + "; ".join(problems))
+        raise CheckpointError(f"{what}: the checkpoint does not fit the model: " + "; ".join(problems))
     # each tensor reads from the first of its names the checkpoint has (an adapter absent from it: None)
     targets["source"] = {id(t): next((n for n in targets["names"][id(t)] if n in where), None)
-                         for t, _ in slots + others}
+                         for t, _ in tensors}
 
 
 def _fill_frozen(state: TrainingState, group, where: dict[str, TensorFileReader], targets: dict) -> None:
@@ -204,3 +220,75 @@ def _read_master(group, master: torch.Tensor, start: int, end: int, where: dict[
             staged = torch.empty(b - a, dtype=entry.dtype)
             reader.io.wait(reader.read(name, (a - slot.offset) * item, staged))
             out.copy_(staged)
+
+
+class PretrainedValues:
+    """The values of a model on the meta device from a Hugging Face safetensors checkpoint, for
+    ``Engine(model, config, pretrained=path)``: the first of the engine's value sources (Note [values provided
+    elsewhere], meta_init.py), so the groups are filled straight from the checkpoint and the init_empty replay
+    makes only what the checkpoint lacks (a PEFT model's adapters). The checkpoint is matched against the model
+    (names, shapes, as ``load_pretrained`` does) when this is made, before the engine allocates anything; each
+    tensor is then read whole when the engine asks for it (one group's values in memory at a time, as with
+    the replay), in the checkpoint's dtype (the engine converts it where it stores it)."""
+
+    def __init__(self, model: torch.nn.Module, path: str | Path, io_config) -> None:
+        self.path = Path(path)
+        files = checkpoint_files(self.path)
+        self._io = IoEngine(io_config)
+        self._readers: dict[Path, TensorFileReader] = {}
+        self.bytes_read, self.seconds = 0, 0.0
+        try:
+            self._where = _open_files(files, self._io, self._readers)
+            targets = _targets(model)
+            unique = {id(t): t for t in model.state_dict(keep_vars=True).values()}
+            _check([(t, t.shape) for t in unique.values()], self._where, targets, f"pretrained={self.path}")
+        except BaseException:
+            self.close()
+            raise
+        self._source: dict[int, str] = {i: name for i, name in targets["source"].items() if name is not None}
+        # the storages the replay leaves alone (Note [values provided elsewhere])
+        self.provided = frozenset(storage_key(t) for i, t in unique.items() if i in self._source)
+
+    def value(self, t: torch.Tensor) -> torch.Tensor | None:
+        name = self._source.get(id(t))
+        if name is None:
+            return None
+        start = time.perf_counter()
+        reader = self._where[name]
+        entry = reader.entry(name)
+        out = torch.empty(tuple(entry.shape), dtype=entry.dtype)
+        reader.wait(reader.read(name, 0, out))
+        self.bytes_read += entry.nbytes
+        self.seconds += time.perf_counter() - start
+        if out.dtype != t.dtype and not (isinstance(t, torch.nn.Parameter) and t.is_floating_point()):
+            out = out.to(t.dtype)  # (a buffer, or integer parameter, keeps its own dtype)
+        return out
+
+    def ready_at(self, t: torch.Tensor) -> float | None:
+        return -1 if id(t) in self._source else None
+
+    def why_not(self, t: torch.Tensor) -> str:
+        return f"{self.path} does not have it"
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
+        self._io.close()
+
+
+@contextlib.contextmanager
+def meta_value_sources(model: torch.nn.Module, pretrained: str | Path | None, io_config
+                       ) -> Iterator[list[ValueSource]]:
+    """The value sources of a model on the meta device (``value_sources``), with the checkpoint at
+    ``pretrained`` first when given: matched against the model on entry (a misfit raises here), closed on exit."""
+    if pretrained is None:
+        yield value_sources(model)
+        return
+    checkpoint = PretrainedValues(model, pretrained, io_config)
+    try:
+        yield value_sources(model, checkpoint, checkpoint.provided)
+    finally:
+        checkpoint.close()
+    log.info("offload: weights from %s (%.2f GB read in %.1f s)", checkpoint.path, checkpoint.bytes_read / 1e9,
+             checkpoint.seconds)

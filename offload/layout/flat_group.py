@@ -29,7 +29,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from offload.layout.partition import ParamGroupSpec
+from offload.layout.partition import ModelPartition, ParamGroupSpec
 
 # Each parameter starts on a multiple of 64 elements: whole cache lines in fp32 and in bf16, so SIMD loads and
 # the kernel's streaming stores of the low-precision copy are aligned.
@@ -135,3 +135,20 @@ def shard_spans(group: FlatGroup, spans: list[tuple[int, int]]) -> list[tuple[in
         if a < b:
             out.append((a - group.lo, b - group.lo))
     return out
+
+
+def frozen_groups(partition: ModelPartition, offloaded: bool, rank: int, world: int, first_index: int
+                  ) -> tuple[list[FlatGroup], list[tuple[str, nn.Parameter]]]:
+    """With ``offloaded`` parameters, the frozen floating-point ones are offloaded too, in groups of their own
+    whose indices follow the trainable groups' (Note [frozen groups]). Returns those groups and the frozen
+    parameters that stay whole on the device (all of them when not ``offloaded``)."""
+    groups = [build_flat_group(first_index + k, spec, {}, rank, world, frozen=True)
+              for k, spec in enumerate(partition.frozen_groups)] if offloaded else []
+    in_groups = {id(slot.param) for group in groups for slot in group.slots}
+    return groups, [(n, p) for n, p in partition.frozen if id(p) not in in_groups]
+
+
+def resident_bytes(resident_frozen: list[tuple[str, nn.Parameter]], dtype: torch.dtype) -> int:
+    """The device bytes of the frozen parameters that stay there (floating-point ones in ``dtype``)."""
+    lowp_bytes = torch.empty((), dtype=dtype).element_size()
+    return sum(p.numel() * (lowp_bytes if p.is_floating_point() else p.element_size()) for _, p in resident_frozen)

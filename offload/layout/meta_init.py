@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Callable, Iterator
+import math
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -76,7 +77,8 @@ class InitLog:
     rng_state: torch.Tensor       # torch's CPU generator state when the build started
 
 
-def _key(t: torch.Tensor) -> int:
+def storage_key(t: torch.Tensor) -> int:
+    """What identifies ``t``'s storage in an init log (tied parameters share one)."""
     return t.untyped_storage()._cdata
 
 
@@ -97,7 +99,7 @@ class _Recorder(TorchDispatchMode):
             isinstance(a, torch.Tensor) for a in args)
         if in_place or factory:
             target = args[0] if in_place else out
-            rest = tuple(_TensorArg(_key(a), _Geometry.of(a)) if isinstance(a, torch.Tensor) else a
+            rest = tuple(_TensorArg(storage_key(a), _Geometry.of(a)) if isinstance(a, torch.Tensor) else a
                          for a in (args[1:] if in_place else args))
             reseed = None
             if func.overloadpacket.__name__ in _RANDOM_INPLACE | _RANDOM_FACTORIES:
@@ -107,7 +109,7 @@ class _Recorder(TorchDispatchMode):
                 state = torch.get_rng_state()
                 if not torch.equal(state, self._rng_state):
                     reseed = self._rng_state = state
-            self.entries.append(_Entry(func, factory, _key(target), _Geometry.of(target), rest,
+            self.entries.append(_Entry(func, factory, storage_key(target), _Geometry.of(target), rest,
                                        {k: v for k, v in kwargs.items() if k not in ("device", "generator")},
                                        target.untyped_storage().nbytes(), reseed))
             self._alive.append(target)
@@ -161,15 +163,27 @@ def init_empty(build: Callable[[], nn.Module]) -> nn.Module:
 # and handed out; its real tensor lives only between those two points. Operations on tensors that belong to no
 # parameter or buffer matter only if they draw numbers. A live operation that reads a tensor the replay does
 # not have (e.g. copy_ from a computed temporary) makes that storage unreplayable: ``value`` then says so.
+#
+# Note [values provided elsewhere]: next to a pretrained checkpoint, the replay follows ``from_pretrained``,
+# which initialises none of the weights it loads: it runs only the operations on the storages it produces
+# itself. Those of the checkpoint's tensors, and dead temporaries (a weight replaced by a tied one), neither run
+# nor draw numbers. The values the replay still makes are then those the same code makes after a
+# ``from_pretrained`` that loaded everything else: a PEFT model's adapters come out as those of
+# ``torch.manual_seed(s); get_peft_model(AutoModel.from_pretrained(dir), config)`` (tests/test_meta_init.py),
+# not as in a normal build of the whole model, which draws the base's random init first.
 class Materializer:
-    def __init__(self, model: nn.Module, log: InitLog) -> None:
+    def __init__(self, model: nn.Module, log: InitLog, provided: frozenset[int] | None = None) -> None:
+        """``provided``: the storage keys (``storage_key``) of the tensors a pretrained checkpoint gives values
+        to (Note [values provided elsewhere]); None: the replay is that of a normal build."""
         self._entries = log.entries
         self._generator = torch.Generator()
         self._generator.set_state(log.rng_state)
+        self._from_checkpoint = provided is not None
+        provided = provided or frozenset()
         wanted: dict[int, int] = {}  # storage key -> nbytes, for every parameter and buffer storage
         for t in list(model.parameters()) + [b for b in model.buffers() if b is not None]:
-            if t.is_meta:
-                wanted[_key(t)] = t.untyped_storage().nbytes()
+            if t.is_meta and storage_key(t) not in provided:
+                wanted[storage_key(t)] = t.untyped_storage().nbytes()
         self._first_live: dict[int, int] = {}
         self._last: dict[int, int] = {}
         for i, e in enumerate(self._entries):
@@ -187,7 +201,7 @@ class Materializer:
         """Meta tensor ``t``'s value (a CPU tensor), replaying as far as needed; None if the log cannot produce
         it (no operation created it, or a live operation reads what the replay lacks). The value is handed
         out once: the materializer drops it."""
-        key = _key(t)
+        key = storage_key(t)
         while key not in self._final and key not in self._broken and self._next < len(self._entries) and \
                 self._next <= self._last.get(key, -1):
             self._run(self._next)
@@ -198,19 +212,22 @@ class Materializer:
         return real.as_strided(t.shape, t.stride(), t.storage_offset())
 
     def why_not(self, t: torch.Tensor) -> str:
-        return self._broken.get(_key(t), "no recorded operation creates it")
+        return self._broken.get(storage_key(t), "no recorded operation creates it")
 
-    def last_index(self, t: torch.Tensor) -> int:
-        """Where in the log ``t``'s value is final (past the end if the log does not produce it)."""
-        return self._last.get(_key(t), len(self._entries))
+    def ready_at(self, t: torch.Tensor) -> float | None:
+        """Where in the log ``t``'s value is final; None if the log does not produce it."""
+        return self._last.get(storage_key(t))
 
     def _run(self, i: int) -> None:
         e = self._entries[i]
+        random = e.name in _RANDOM_INPLACE or e.name in _RANDOM_FACTORIES
+        if random and e.reseed is not None:  # (also before an operation left out: the reseed still happened)
+            self._generator.set_state(e.reseed)
+        if self._from_checkpoint and e.storage not in self._last:
+            return  # (Note [values provided elsewhere])
         live = e.storage in self._first_live and i >= self._first_live[e.storage] and e.storage not in self._broken
         kwargs = dict(e.kwargs)
-        if e.name in _RANDOM_INPLACE or e.name in _RANDOM_FACTORIES:
-            if e.reseed is not None:
-                self._generator.set_state(e.reseed)
+        if random:
             kwargs["generator"] = self._generator
         if not live:
             if e.name in _RANDOM_FACTORIES or (e.name in _RANDOM_INPLACE and not e.factory):
@@ -279,12 +296,13 @@ class ModuleInit:
     back on the meta device. Deterministic given torch's generator and the order of the requests, but not a
     normal build's weights."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, provided: frozenset[int] | None = None) -> None:
         self._model = model
         self._owner = {id(t): m for m in model.modules()
                        for t in list(m.parameters(recurse=False)) + [b for b in m.buffers(recurse=False)
                                                                      if b is not None]}
         self._done: dict[int, torch.Tensor] = {}
+        self._provided = provided or frozenset()  # (their values are not kept: a checkpoint gives them)
 
     def value(self, t: torch.Tensor) -> torch.Tensor | None:
         if id(t) in self._done:
@@ -318,34 +336,58 @@ class ModuleInit:
                 else:
                     module._buffers[n] = v
         for n, v in values.items():
-            self._done[id(saved[n])] = v
+            if saved[n] is t or storage_key(saved[n]) not in self._provided:
+                self._done[id(saved[n])] = v
         return self._done.pop(id(t))
+
+    @staticmethod
+    def ready_at(t: torch.Tensor) -> float | None:
+        return None  # (on request, in any order)
 
     @staticmethod
     def why_not(t: torch.Tensor) -> str:
         return "its module has neither reset_parameters() nor a Hugging Face _init_weights"
 
 
-def materializers_for(model: nn.Module) -> list[Materializer | ModuleInit]:
-    """Where a meta model's values come from: its init_empty log if it has one, then each module's own init
-    (for what the log cannot replay, e.g. buffers computed from other tensors)."""
+class ValueSource(Protocol):
+    """Where values of a meta model's tensors come from: a pretrained checkpoint, the init_empty log, each
+    module's own init."""
+
+    def value(self, t: torch.Tensor) -> torch.Tensor | None:
+        """``t``'s value (a CPU tensor of its shape, any dtype), or None if this source does not produce it."""
+
+    def ready_at(self, t: torch.Tensor) -> float | None:
+        """How far this source must go before ``t``'s value is ready (-1: at once), None if it never is or
+        if any order will do."""
+
+    def why_not(self, t: torch.Tensor) -> str:
+        """Why ``value(t)`` is None."""
+
+
+def value_sources(model: nn.Module, checkpoint: ValueSource | None = None,
+                  provided: frozenset[int] | None = None) -> list[ValueSource]:
+    """Where a meta model's values come from: ``checkpoint`` (a pretrained one, giving the tensors whose
+    storages are ``provided``), then its init_empty log if it has one, then each module's own init (for what
+    the log cannot replay, e.g. buffers computed from other tensors)."""
     log = getattr(model, LOG_ATTRIBUTE, None)
-    return ([Materializer(model, log)] if isinstance(log, InitLog) else []) + [ModuleInit(model)]
+    return (([checkpoint] if checkpoint is not None else []) +
+            ([Materializer(model, log, provided)] if isinstance(log, InitLog) else []) +
+            [ModuleInit(model, provided)])
 
 
-def order_of_completion(sources: list[Materializer | ModuleInit], groups) -> list[int]:
-    """Group indices in the order a replay finishes their parameters (groups it cannot produce, last)."""
-    replay = next((s for s in sources if isinstance(s, Materializer)), None)
-    if replay is None:
-        return list(range(len(groups)))
+def order_of_completion(sources: list[ValueSource], groups) -> list[int]:
+    """Group indices in the order the sources finish their parameters: those of a checkpoint first, then as
+    the replay finishes them (groups no source orders, last)."""
+    def ready(t: torch.Tensor) -> float:
+        return next((at for at in (s.ready_at(t) for s in sources) if at is not None), math.inf)
 
-    def done_at(g: int) -> int:
-        return max(replay.last_index(slot.param) for slot in groups[g].slots)
+    def done_at(g: int) -> float:
+        return max(ready(slot.param) for slot in groups[g].slots)
     return sorted(range(len(groups)), key=done_at)
 
 
-def meta_value(sources: list[Materializer | ModuleInit], t: torch.Tensor, name: str) -> torch.Tensor:
-    """``t``'s value from the first source that can produce it (the log, then the module's own init)."""
+def meta_value(sources: list[ValueSource], t: torch.Tensor, name: str) -> torch.Tensor:
+    """``t``'s value from the first source that can produce it."""
     for source in sources:
         value = source.value(t)
         if value is not None:
