@@ -155,15 +155,17 @@ def with_lora(shape: ModelShape, r: int, targets: list[str] | str) -> ModelShape
                                frozen_grouped_numel=shape.numel)
 
 
-def activation_bytes(shape: ModelShape, batch: int, seq_len: int, dtype_bytes: int) -> int:
+def activation_bytes(shape: ModelShape, batch: int, seq_len: int, dtype_bytes: int,
+                     checkpointing: bool = False) -> int:
     """Peak bytes of activations: what autograd keeps for backward (per layer and token about 34 x hidden + 10 x
     intermediate bytes in bf16, and the attention scores where the attention keeps them; the logits and their
     fp32 loss terms), plus backward's working set on top (the gradients of about two layers' activations and of
-    the logits)."""
+    the logits). With ``checkpointing`` a layer keeps its input; backward recomputes one layer at a time."""
     tokens = batch * seq_len
     per_layer = tokens * (34 * shape.hidden + 10 * shape.intermediate + shape.heads * seq_len * 2) * dtype_bytes // 2
     logits = tokens * (shape.vocab * (dtype_bytes + 2 * FP32_BYTES) + 4 * shape.hidden)
-    return shape.layers * per_layer + logits + 2 * per_layer + logits
+    kept = shape.layers * (tokens * shape.hidden * dtype_bytes if checkpointing else per_layer)
+    return kept + logits + (3 if checkpointing else 2) * per_layer + logits
 
 
 # Note [what the estimate counts]: host buffers are the engine's HostPool allocations, each rounded to whole pages:
@@ -186,7 +188,7 @@ def estimate(shape: ModelShape, params: str, optimizer: str, gradients: str = "h
              device: str = "cpu",
              batch: int = 1, seq_len: int = 512, prefetch: int = 2, device_memory_limit: int | None = None,
              base_rss: int | None = None, model_in_ram: bool = True, ranks: int = 1,
-             host_memory_limit: int | None = None) -> Estimate:
+             host_memory_limit: int | None = None, activation_checkpointing: bool = False) -> Estimate:
     """One rank's figures when ``ranks`` share the state (one process: 1); see Note [what the estimate counts].
     With ``optimizer="nvme"`` and a ``host_memory_limit``, the groups whose state fits what the limit leaves stay
     in RAM, as the engine places them (``plan_placement``, Note [which state stays in RAM])."""
@@ -196,7 +198,7 @@ def estimate(shape: ModelShape, params: str, optimizer: str, gradients: str = "h
     pool = sum(parts.values())
     reduction = 2 * FP32_BYTES * max(layout.whole) if ranks > 1 else 0  # ShardReducer's buffers, on the device
     device_weights = _device_weights(layout, device_memory_limit)
-    activations = activation_bytes(shape, batch, seq_len, layout.element)
+    activations = activation_bytes(shape, batch, seq_len, layout.element, activation_checkpointing)
     base = psutil.Process().memory_info().rss if base_rss is None else base_rss
     model_fp32 = FP32_BYTES * (shape.numel + shape.frozen_numel) if model_in_ram else 0
     host_peak = _host_peak(layout, base, model_fp32, pool, device_weights, reduction, activations)

@@ -26,10 +26,15 @@ ap.add_argument("--batch", type=int, required=True)
 ap.add_argument("--seq-len", type=int, required=True)
 ap.add_argument("--dir", required=True)
 ap.add_argument("--host-memory-limit", type=int, default=None)
+ap.add_argument("--activation-checkpointing", action="store_true")
 a = ap.parse_args()
 
 base = psutil.Process().memory_info().rss
 model = resolve_model(a.model, a.seq_len).builder(0)()
+if a.activation_checkpointing:
+    from offload.cli.train_setup import enable_activation_checkpointing
+
+    enable_activation_checkpointing(model, a.model)
 config = offload.Config(device="cpu", dtype="bf16", params=a.params, optimizer=a.optimizer, nvme_dir=a.dir,
                         prefetch_layers=2, host_memory_limit=a.host_memory_limit)
 with offload.Engine(model, config, lr=1e-4, max_grad_norm=1.0) as engine:
@@ -40,7 +45,7 @@ with offload.Engine(model, config, lr=1e-4, max_grad_norm=1.0) as engine:
                 disk += entry.stat().st_blocks * 512
     ids = torch.randint(0, 256, (a.batch, a.seq_len), generator=torch.Generator().manual_seed(0))
     for _ in range(3):
-        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.backward(engine(input_ids=ids, labels=ids, use_cache=False).loss)
         engine.step()
     engine.synchronize()
     stats = engine.stats()

@@ -36,22 +36,24 @@ def _shape(spec: str):
         return shape_from_model(build(), spec)
 
 
-@pytest.mark.parametrize("params,optimizer,gradients", [("device", "cpu", "host"), ("cpu", "cpu", "host"),
-                                                        ("cpu", "nvme", "host"), ("nvme", "nvme", "host"),
-                                                        ("nvme", "nvme", "nvme")])
-def test_estimate_within_15_percent_of_a_real_run(params, optimizer, gradients, tmp_path):
+@pytest.mark.parametrize("params,optimizer,gradients,checkpointing", [
+    ("device", "cpu", "host", False), ("cpu", "cpu", "host", False), ("cpu", "nvme", "host", False),
+    ("nvme", "nvme", "host", False), ("nvme", "nvme", "nvme", False), ("nvme", "nvme", "host", True)])
+def test_estimate_within_15_percent_of_a_real_run(params, optimizer, gradients, checkpointing, tmp_path):
     spec = _model_file(tmp_path)
     shape = _shape(spec)
-    expected = estimate(shape, params, optimizer, gradients, batch=BATCH, seq_len=SEQ, base_rss=0)
+    kw = dict(batch=BATCH, seq_len=SEQ, activation_checkpointing=checkpointing)
+    expected = estimate(shape, params, optimizer, gradients, base_rss=0, **kw)
     cmd = [sys.executable, str(CHILD), "--model", spec, "--params", params, "--optimizer", optimizer,
            "--batch", str(BATCH), "--seq-len", str(SEQ), "--dir", str(tmp_path)]
+    cmd += ["--activation-checkpointing"] if checkpointing else []
     if gradients == "nvme":  # a host budget below the gradient accumulators sends them to NVMe
         cmd += ["--host-memory-limit", str(expected.host_pool_bytes * 6 // 5)]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     measured = json.loads(run.stdout.strip().splitlines()[-1])
     assert measured["gradients_on_nvme"] == (gradients == "nvme")
-    predicted = estimate(shape, params, optimizer, gradients, batch=BATCH, seq_len=SEQ, base_rss=measured["base"])
+    predicted = estimate(shape, params, optimizer, gradients, base_rss=measured["base"], **kw)
     assert predicted.host_peak_bytes == pytest.approx(measured["peak"], rel=0.15)
     assert predicted.host_pool_bytes == pytest.approx(measured["pool_peak"], rel=0.01)
     assert predicted.disk_bytes == pytest.approx(measured["disk"], rel=0.01, abs=1)

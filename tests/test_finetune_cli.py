@@ -345,6 +345,31 @@ def test_the_loss_of_a_step_weights_micro_batches_by_their_trained_tokens(tmp_pa
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_activation_checkpointing_trains_the_same_weights(tmp_path, model_dir, data, lora):
+    """--activation-checkpointing recomputes each block in backward (fp32: the same values), so the run's losses
+    and written weights are those of the run that keeps every activation; with LoRA too."""
+    if lora:
+        pytest.importorskip("peft", reason="LoRA needs peft")
+    flags = ["--model", str(model_dir), "--data", str(data["text"]), "--steps", "4", "--dtype", "fp32", "--lr",
+             "1e-3", "--params", "nvme", "--optimizer", "nvme", *FAST] + (["--lora-r", "4"] if lora else [])
+    kept = _train(tmp_path, *flags, "--output", str(tmp_path / "kept"), "--metrics", str(tmp_path / "kept.jsonl"))
+    recomputed = _train(tmp_path, *flags, "--activation-checkpointing", "--output", str(tmp_path / "recomputed"),
+                        "--metrics", str(tmp_path / "recomputed.jsonl"))
+    assert "activation checkpointing: each block recomputed in backward" in recomputed.stdout
+    assert "activation checkpointing" not in kept.stdout
+    assert "use_cache" not in recomputed.stderr  # (the training forward asks for no KV cache)
+
+    def losses(metrics: Path) -> list[float]:
+        return [r["loss"] for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r]
+    assert len(losses(tmp_path / "kept.jsonl")) == 4
+    assert losses(tmp_path / "recomputed.jsonl") == pytest.approx(losses(tmp_path / "kept.jsonl"), rel=1e-6)
+    a, b = _weights(tmp_path / "kept"), _weights(tmp_path / "recomputed")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
+
+
 def test_metrics_hold_the_schedule_and_a_resumed_run_rewrites_them_as_one_run(tmp_path, model_dir, data):
     from offload.cli.train_settings import TrainSettings
 

@@ -77,6 +77,21 @@ def test_offload_trainer_trains_like_trainer_with_adamw_torch(tmp_path):
     assert (tmp_path / "ours-model" / "training_args.bin").is_file()
 
 
+def test_activation_checkpointing_in_the_arguments_recomputes_through_the_engine(tmp_path):
+    """TrainingArguments(activation_checkpointing=True): the Trainer turns it on for the engine's model, whose
+    blocks are then recomputed in backward (fetched again from NVMe), with Trainer's own losses."""
+    ref = Trainer(model=tiny_llama(), args=arguments(tmp_path / "ref", activation_checkpointing=True),
+                  train_dataset=TokenRows())
+    ref.train()
+    ours = OffloadTrainer(model=tiny_llama(), args=arguments(tmp_path / "ours", activation_checkpointing=True),
+                          train_dataset=TokenRows(), offload_config=nvme(tmp_path))
+    ours.train()
+    assert all(layer.gradient_checkpointing for layer in ours.engine.model.model.layers)
+    (steps, values), (ref_steps, ref_values) = zip(*logged(ours)), zip(*logged(ref))
+    assert steps == ref_steps and len(steps) == 6
+    torch.testing.assert_close(torch.tensor(values), torch.tensor(ref_values), rtol=1e-5, atol=0)
+
+
 def test_resuming_from_checkpoint_3_logs_the_straight_runs_losses(tmp_path):
     straight = OffloadTrainer(model=tiny_llama(), args=arguments(tmp_path / "run", save_strategy="steps",
                                                                  save_steps=3),

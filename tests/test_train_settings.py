@@ -31,6 +31,7 @@ def test_flags_override_the_file_which_overrides_the_defaults(tmp_path):
     ("grad_accum = 0", "job.toml: train.grad_accum: expected a positive integer; got 0"),
     ('lr_schedule = "cosin"', "job.toml: train.lr_schedule: expected one of cosine, linear, constant; got 'cosin'"),
     ("overwrite = 1", "job.toml: train.overwrite: expected true or false; got 1"),
+    ('activation_checkpointing = "yes"', "job.toml: train.activation_checkpointing: expected true or false; got 'yes'"),
     ('max_shard_size = "0"', "job.toml: train.max_shard_size: must be a positive size"),
     ("stpes = 3", "job.toml: train.stpes: unknown key (did you mean 'train.steps'?)"),
 ])

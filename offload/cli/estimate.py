@@ -63,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-targets", default=None, metavar="NAMES",
                         help="with --lora-r: the adapted linear layers, as offload train takes them (default "
                              "all-linear)")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="as offload train --activation-checkpointing: each block keeps only its input and is "
+                             "recomputed in backward")
     parser.add_argument("--json", action="store_true", help="print one JSON record instead of the table")
 
 
@@ -150,7 +153,8 @@ def run(args: argparse.Namespace) -> int:
     bandwidth = tuned_bandwidths(args.config)
     estimates = [estimate(shape, p, o, gr, dtype=args.dtype, device=device, batch=args.batch, seq_len=args.seq_len,
                           prefetch=args.prefetch_layers, device_memory_limit=limit, model_in_ram=args.model_in_ram,
-                          ranks=args.ranks, host_memory_limit=budget.host_limit)
+                          ranks=args.ranks, host_memory_limit=budget.host_limit,
+                          activation_checkpointing=args.activation_checkpointing)
                  for p, o, gr in PLACEMENTS]
     best = recommend(estimates, budget.ram, budget.gpu, budget.disk, budget.host_limit)
     if args.json:
@@ -223,6 +227,7 @@ def _print_table(args: argparse.Namespace, shape: ModelShape, device: str, estim
     frozen = f" (a LoRA adapter of rank {args.lora_r}; {shape.frozen_numel / 1e6:.1f}M frozen)" if args.lora_r else ""
     print(f"{shape.name}: {shape.numel / 1e6:.1f}M trainable parameters in {len(shape.group_numels)} groups{frozen}, "
           f"{args.dtype}, {device}, batch {args.batch} x {args.seq_len} tokens"
+          + (", activation checkpointing" if args.activation_checkpointing else "")
           + (f" per rank; {args.ranks} ranks, every figure below is one rank's" if args.ranks > 1 else ""))
     print(f"planning for: RAM {ram / gib:.1f} GiB" + (f", GPU {gpu / gib:.1f} GiB" if gpu else "") +
           f", disk {disk / gib:.1f} GiB free in {budget.nvme_dir}")

@@ -27,7 +27,7 @@ from offload.cli.train_loop import TrainLoop, evaluating
 from offload.cli.train_output import Saver, check_output
 from offload.cli.train_settings import LR_PRETRAINED, LR_RANDOM_INIT, TrainSettings, add_flags
 from offload.cli.train_settings import resolve as resolve_settings
-from offload.cli.train_setup import make_config
+from offload.cli.train_setup import enable_activation_checkpointing, make_config
 from offload.checkpoint.directory import CheckpointDir
 from offload.config import Config
 from offload.errors import CheckpointError, ConfigError
@@ -201,6 +201,8 @@ def _build_engine(args: argparse.Namespace, settings: TrainSettings, source: Mod
     if lora is not None:
         build = lora.builder(build)
     model = offload.init_empty(build)
+    if settings.activation_checkpointing:
+        enable_activation_checkpointing(model, source.spec)
     timeline = offload.Timeline() if args.timeline and launch.main else None  # (only rank 0 writes it)
     peak_lr = settings.lr or (LR_PRETRAINED if source.pretrained else LR_RANDOM_INIT)
     engine = offload.Engine(model, config, lr=peak_lr, weight_decay=settings.weight_decay,
@@ -269,7 +271,9 @@ def _header(engine, settings: TrainSettings, source: ModelSource, job: TrainData
     if lora is not None:
         print(f"  {lora.describe(engine.model)}")
     print(f"  data: {job.train_data.describe()}; {job.train.num_blocks} blocks of {settings.seq_len} tokens, "
-          f"{settings.tokens_per_step} tokens per step ({settings.batch} x {settings.grad_accum} sequences)")
+          f"{settings.tokens_per_step} tokens per step ({settings.batch} x {settings.grad_accum} sequences)"
+          + ("; activation checkpointing: each block recomputed in backward" if settings.activation_checkpointing
+             else ""))
     if job.evaluation is not None:
         print(f"  eval: {job.eval_data.describe()}; {job.evaluation.num_blocks} blocks")
     if launch.world > 1:

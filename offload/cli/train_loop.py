@@ -149,13 +149,15 @@ class TrainLoop:
             ids, labels = launch.share(ids), launch.share(labels)
             count = trained_tokens(labels)
             if count:
-                weighted = engine(input_ids=ids, labels=labels).loss * (count * launch.world / max(total, 1))
+                # (no KV cache in training: nothing reads it, and activation checkpointing refuses one)
+                loss = engine(input_ids=ids, labels=labels, use_cache=False).loss
+                weighted = loss * (count * launch.world / max(total, 1))
             else:
                 # Nothing to learn in this share, but the backward must still reach every parameter (the
                 # engine's groups expect their gradients): one token's loss, weighted by zero.
                 one = torch.full_like(labels, -100)
                 one[0, -1] = ids[0, -1]
-                weighted = engine(input_ids=ids, labels=one).loss * 0.0
+                weighted = engine(input_ids=ids, labels=one, use_cache=False).loss * 0.0
             loss_sum += weighted.item()
             if k + 1 < len(micro):
                 engine.backward(weighted)
@@ -187,7 +189,7 @@ class TrainLoop:
                 count = trained_tokens(labels)
                 if not count:
                     continue
-                out = self.engine(input_ids=ids, labels=labels)
+                out = self.engine(input_ids=ids, labels=labels, use_cache=False)
                 loss_sum += out.loss.item() * count
                 tokens += count
         result = EvalResult(step, loss_sum / max(tokens, 1), tokens, time.perf_counter() - start)

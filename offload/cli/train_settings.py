@@ -57,6 +57,10 @@ class TrainSettings:
     max_grad_norm: float = _setting(1.0, "clip the global gradient norm to this; 0 turns clipping off (default 1)",
                                     "NORM")
     seed: int = _setting(0, "seed of the random init and of the data order (default 0)", "N")
+    activation_checkpointing: bool = _setting(False, "keep only each block's input in forward and recompute the "
+                                                     "block in backward (transformers' activation checkpointing): "
+                                                     "activation memory of one block instead of every block, for "
+                                                     "about a third more compute")
     eval_every: int = _setting(0, "evaluate every N steps (default: before the first step and after the last)", "N")
     token_cache: str | None = _setting(None, "where tokenized data is kept for the next run (default: beside the "
                                              "data, or under --nvme-dir when one is given)", "DIR")
@@ -114,8 +118,9 @@ class TrainSettings:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise SettingError(name, f"{_label(name)}: expected a non-empty string; got {value!r}")
-        if not isinstance(self.overwrite, bool):
-            raise SettingError("overwrite", f"{_label('overwrite')}: expected true or false; got {self.overwrite!r}")
+        for name in ("overwrite", "activation_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise SettingError(name, f"{_label(name)}: expected true or false; got {getattr(self, name)!r}")
         if self.save_every and not self.output:
             raise SettingError("save_every", f"{_label('save_every')}: needs --output (where to write the model)")
         if self.checkpoint_every and not self.checkpoint_dir:

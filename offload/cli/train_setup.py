@@ -63,3 +63,20 @@ def make_config(args: argparse.Namespace, scratch_dir: str | None) -> Config:
         if getattr(args, flag) is not None:
             changes[flag] = getattr(args, flag)
     return base.replace(**changes)
+
+
+def enable_activation_checkpointing(model: torch.nn.Module, spec: str) -> None:
+    """Turns on transformers' activation checkpointing of ``model`` (a Hugging Face model, or a peft model of
+    one): each decoder layer keeps its input and is recomputed in backward. Non-reentrant
+    (``torch.utils.checkpoint`` with ``use_reentrant=False``), which needs no input that requires grad, so a
+    LoRA model's frozen embeddings are fine. Raises ConfigError for a model transformers cannot checkpoint."""
+    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model  # (under a peft model)
+    if not getattr(hf_model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"--activation-checkpointing: {spec}: {type(hf_model).__name__} does not support "
+                          "activation checkpointing in transformers")
+    kwargs = {"use_reentrant": False}
+    if hasattr(hf_model, "activation_checkpointing_enable"):  # (transformers >= 5.x's name)
+        hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.train()  # (transformers checkpoints only in training mode; evaluation switches to eval and back)
