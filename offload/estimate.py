@@ -160,12 +160,12 @@ def activation_bytes(shape: ModelShape, batch: int, seq_len: int, dtype_bytes: i
     """Peak bytes of activations: what autograd keeps for backward (per layer and token about 34 x hidden + 10 x
     intermediate bytes in bf16, and the attention scores where the attention keeps them; the logits and their
     fp32 loss terms), plus backward's working set on top (the gradients of about two layers' activations and of
-    the logits). With ``checkpointing`` a layer keeps its input; backward recomputes one layer at a time."""
+    the logits). With ``checkpointing`` a layer keeps its input; backward recomputes a layer at a time (+2 layers)."""
     tokens = batch * seq_len
     per_layer = tokens * (34 * shape.hidden + 10 * shape.intermediate + shape.heads * seq_len * 2) * dtype_bytes // 2
     logits = tokens * (shape.vocab * (dtype_bytes + 2 * FP32_BYTES) + 4 * shape.hidden)
     kept = shape.layers * (tokens * shape.hidden * dtype_bytes if checkpointing else per_layer)
-    return kept + logits + (3 if checkpointing else 2) * per_layer + logits
+    return kept + logits + (4 if checkpointing else 2) * per_layer + logits
 
 
 # Note [what the estimate counts]: host buffers are the engine's HostPool allocations, each rounded to whole pages:

@@ -8,13 +8,13 @@ import argparse
 import importlib
 import json
 import os
-import resource
 
 import psutil
 import torch
 
 import offload
 from offload.cli.model_source import resolve_model
+from peak_rss import own_peak_rss
 
 importlib.import_module("transformers.models.llama.modeling_llama")  # the model code, as the estimate has it
 
@@ -49,6 +49,6 @@ with offload.Engine(model, config, lr=1e-4, max_grad_norm=1.0) as engine:
         engine.step()
     engine.synchronize()
     stats = engine.stats()
-print(json.dumps({"base": base, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+print(json.dumps({"base": base, "peak": own_peak_rss(),  # (Note [a child's peak RSS])
                   "pool_peak": stats.host_bytes_peak, "disk": disk, "gradients_on_nvme": stats.gradients_on_nvme,
                   "state_groups_in_ram": stats.optimizer_groups_on_host}))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import resource
 
 import psutil
 import torch
@@ -16,6 +15,7 @@ import torch.distributed as dist
 
 import offload
 from engine_reference import loss_of, tiny_llama
+from peak_rss import own_peak_rss
 
 
 def global_batches(steps: int, rows: int, seed: int = 1) -> list[dict]:
@@ -115,5 +115,5 @@ def _train(rank: int, world: int, job: dict) -> dict:
         if job.get("save"):
             engine.save(job["save"], extra={"rank_count": world})
     result["losses"] = losses
-    result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result["peak_rss"] = own_peak_rss()  # (Note [a child's peak RSS], peak_rss.py)
     return result

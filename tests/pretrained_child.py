@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import sys
 
 import psutil
@@ -13,6 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import offload
+from peak_rss import own_peak_rss
 
 config_dir, checkpoint, swap, limit = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 config = AutoConfig.from_pretrained(config_dir)
@@ -32,7 +32,7 @@ with offload.Engine(model, cfg, lr=1e-4) as engine:
         engine.step()
         losses.append(loss.item())
     gradients_on_nvme = engine.stats().gradients_on_nvme
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = own_peak_rss()  # (Note [a child's peak RSS], peak_rss.py)
 assert all(math.isfinite(x) for x in losses)
 print(json.dumps({"params": sum(p.numel() for p in model.parameters()), "start": start, "peak": peak,
                   "peak_above_start": peak - start, "losses": losses, "gradients_on_nvme": gradients_on_nvme}))

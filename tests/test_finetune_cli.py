@@ -55,6 +55,11 @@ def data(tmp_path_factory) -> dict[str, Path]:
     return files
 
 
+def _metric_losses(metrics: Path) -> list[float]:
+    """The step losses of a --metrics file (not rounded, as the printed ones are)."""
+    return [r["loss"] for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r]
+
+
 def _train(tmp_path: Path, *flags: str, check: bool = True) -> subprocess.CompletedProcess:
     env = dict(os.environ, TMPDIR=str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir(exist_ok=True)
@@ -335,11 +340,8 @@ def test_the_loss_of_a_step_weights_micro_batches_by_their_trained_tokens(tmp_pa
     _train(tmp_path, *flags, "--batch", "8", "--output", str(tmp_path / "one"), "--metrics", str(tmp_path / "1.jsonl"))
     _train(tmp_path, *flags, "--batch", "4", "--grad-accum", "2", "--output", str(tmp_path / "two"), "--metrics",
            str(tmp_path / "2.jsonl"))
-
-    def losses(metrics: Path) -> list[float]:  # (the metrics' losses are not rounded as the printed ones are)
-        return [r["loss"] for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r]
-    assert len(losses(tmp_path / "1.jsonl")) == 4
-    assert losses(tmp_path / "1.jsonl") == pytest.approx(losses(tmp_path / "2.jsonl"), rel=1e-5)
+    assert len(_metric_losses(tmp_path / "1.jsonl")) == 4
+    assert _metric_losses(tmp_path / "1.jsonl") == pytest.approx(_metric_losses(tmp_path / "2.jsonl"), rel=1e-5)
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)
@@ -359,11 +361,9 @@ def test_activation_checkpointing_trains_the_same_weights(tmp_path, model_dir, d
     assert "activation checkpointing: each block recomputed in backward" in recomputed.stdout
     assert "activation checkpointing" not in kept.stdout
     assert "use_cache" not in recomputed.stderr  # (the training forward asks for no KV cache)
-
-    def losses(metrics: Path) -> list[float]:
-        return [r["loss"] for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r]
-    assert len(losses(tmp_path / "kept.jsonl")) == 4
-    assert losses(tmp_path / "recomputed.jsonl") == pytest.approx(losses(tmp_path / "kept.jsonl"), rel=1e-6)
+    assert len(_metric_losses(tmp_path / "kept.jsonl")) == 4
+    assert _metric_losses(tmp_path / "recomputed.jsonl") == pytest.approx(_metric_losses(tmp_path / "kept.jsonl"),
+                                                                          rel=1e-6)
     a, b = _weights(tmp_path / "kept"), _weights(tmp_path / "recomputed")
     assert a.keys() == b.keys()
     for key in a:
