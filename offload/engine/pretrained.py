@@ -287,7 +287,7 @@ def meta_value_sources(model: torch.nn.Module, pretrained: str | Path | None, io
         return
     checkpoint = PretrainedValues(model, pretrained, io_config)
     try:
-        yield value_sources(model, checkpoint, checkpoint.provided)
+        yield value_sources(model, checkpoint)
     finally:
         checkpoint.close()
     log.info("offload: weights from %s (%.2f GB read in %.1f s)", checkpoint.path, checkpoint.bytes_read / 1e9,

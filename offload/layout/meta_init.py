@@ -364,12 +364,13 @@ class ValueSource(Protocol):
         """Why ``value(t)`` is None."""
 
 
-def value_sources(model: nn.Module, checkpoint: ValueSource | None = None,
-                  provided: frozenset[int] | None = None) -> list[ValueSource]:
-    """Where a meta model's values come from: ``checkpoint`` (a pretrained one, giving the tensors whose
-    storages are ``provided``), then its init_empty log if it has one, then each module's own init (for what
-    the log cannot replay, e.g. buffers computed from other tensors)."""
+def value_sources(model: nn.Module, checkpoint: Any = None) -> list[ValueSource]:
+    """Where a meta model's values come from: ``checkpoint`` (a pretrained one, a ValueSource whose
+    ``provided`` holds the storage keys of the tensors it gives values to), then its init_empty log if it has
+    one, then each module's own init (for what the log cannot replay, e.g. buffers computed from other
+    tensors)."""
     log = getattr(model, LOG_ATTRIBUTE, None)
+    provided = checkpoint.provided if checkpoint is not None else None
     return (([checkpoint] if checkpoint is not None else []) +
             ([Materializer(model, log, provided)] if isinstance(log, InitLog) else []) +
             [ModuleInit(model, provided)])
